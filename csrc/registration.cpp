@@ -1,0 +1,13 @@
+// Registers the CPU kernels of the gpt1:: ops with the dispatcher.
+//
+// The schemas are defined once, in Python (engine/ops.py), not with TORCH_LIBRARY here: the
+// CUDA path (Triton) must work on machines where this extension was never built, so the
+// extension cannot own them. It only adds the CPU implementations.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_IMPL(gpt1, CPU, m) {
+  m.impl("add_layernorm_fwd", &gpt1::add_layernorm_fwd);
+  m.impl("add_layernorm_bwd", &gpt1::add_layernorm_bwd);
+}

@@ -1,0 +1,20 @@
+"""How the C++ extension is built: one spec shared by setup.py (ahead of time) and the
+JIT loader in engine.ops (where the package was not pip-installed, as on the GPU machine)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+
+
+def sources() -> list[str]:
+    """Every C++ file in csrc/, sorted so builds are reproducible."""
+    return sorted(str(p) for p in CSRC.glob("*.cpp"))
+
+
+# -O3 and OpenMP (at::parallel_for runs on OpenMP in torch's CPU builds; without -fopenmp
+# its pragma is ignored and every kernel runs on one thread). No -march=native: the
+# binary may run on another machine than the one that built it.
+CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+LD_FLAGS = ["-fopenmp"]

@@ -1,0 +1,28 @@
+"""Builds the C++ extension engine._C (CPU kernels of the gpt1:: ops) from csrc/.
+
+    pip install --no-build-isolation -e .      # torch must already be installed
+
+Where the package is used from a checkout without installing (PYTHONPATH only),
+engine.ops JIT-builds the same sources with torch.utils.cpp_extension.load.
+"""
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
+from _build import CXX_FLAGS, LD_FLAGS, sources  # noqa: E402  (engine/ itself imports torch lazily)
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
+
+setup(
+    ext_modules=[
+        CppExtension(
+            "engine._C",
+            [str(Path(s).relative_to(Path(__file__).resolve().parent)) for s in sources()],
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=LD_FLAGS,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,44 @@
+"""Tolerances, in one place, each with its reason; and the comparisons that use them."""
+from __future__ import annotations
+
+import torch
+
+# fp32 kernels against the fp32 reference differ only in accumulation order. Error is
+# measured relative to the tensor's scale: |a - e| <= FP32_TOL * max(1, max|e|).
+FP32_TOL = 1e-5
+
+# float64 kernels (C++ gradcheck shapes) against the float64 reference: same reasoning.
+FP64_TOL = 1e-10
+
+# Low precision (bf16/fp16), the FlashAttention rule: against the fp32 reference, the
+# kernel's error may be at most FA_SLACK x the error of PyTorch's own computation in that
+# dtype. FA_FLOOR absorbs the case where PyTorch's error is exactly 0 (e.g. T = 1 attention,
+# where the output is V itself): one unit in the last place of bf16 at scale 1.
+FA_SLACK = 2.0
+FA_FLOOR = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> None:
+    """fp32 / fp64 comparison at the tolerance of the dtype (see FP32_TOL / FP64_TOL)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    tol = FP64_TOL if expected.dtype == torch.float64 else FP32_TOL
+    scale = max(1.0, expected.double().abs().max().item()) if expected.numel() else 1.0
+    err = max_err(actual, expected)
+    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.0e} x scale {scale:.3g}"
+
+
+def assert_fa_rule(actual: torch.Tensor, ref_fp32: torch.Tensor, pytorch_lowp: torch.Tensor, name: str = "tensor") -> None:
+    """FlashAttention rule: err(actual, ref) <= FA_SLACK * err(pytorch_lowp, ref) (+ floor)."""
+    assert actual.shape == ref_fp32.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref_fp32.shape)}"
+    assert torch.isfinite(actual.float()).all(), f"{name}: non-finite values"
+    err = max_err(actual, ref_fp32)
+    base = max_err(pytorch_lowp, ref_fp32)
+    floor = FA_FLOOR.get(actual.dtype, 0.0) * max(1.0, ref_fp32.double().abs().max().item())
+    assert err <= FA_SLACK * base + floor, (
+        f"{name}: error {err:.3e} > {FA_SLACK} x PyTorch's {actual.dtype} error {base:.3e} (+ floor {floor:.1e})"
+    )
