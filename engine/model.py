@@ -1,0 +1,274 @@
+"""GPT1: the lean decoder users import; a drop-in nn.Module in the Hugging Face layout.
+
+    model = GPT1(GPT1Config.from_name("gpt1"), fused=True)
+    out = model(input_ids, labels=input_ids)        # out.loss, out.hidden_states
+    model.generate(prompt, max_new_tokens=50, top_k=40)
+
+Every op with a fused kernel goes through one namespace chosen at construction:
+``engine.ops`` (fused: C++ on CPU, Triton on CUDA, picked by the dispatcher) or
+``engine.reference`` (plain PyTorch). Parameter names match transformers' OpenAIGPTModel
+(weights in nn.Linear layout), so ``state_dict``s move between this, ``ReferenceGPT1`` and HF.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops, reference
+from .config import GPT1Config
+from .reference import init_weights
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class GPT1Output:
+    """loss: mean next-token CE (None without labels/targets); logits: (B, T, V), computed only
+    when asked for or when there is no loss (the fused LM-head loss never builds them);
+    hidden_states: (B, T, C), the last block's output (what task heads read)."""
+
+    loss: Tensor | None
+    logits: Tensor | None
+    hidden_states: Tensor
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding: (n_layer, B, H, n_positions, D)."""
+
+    k: Tensor
+    v: Tensor
+    length: int = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT1Config) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT1Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
+        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+
+
+class Block(nn.Module):
+    """Post-LN: n = LN(x + drop(attn(x))); h = LN(n + drop(mlp(n))). Dropout of the residual
+    branches happens inside add_layernorm (fused: no mask tensor)."""
+
+    def __init__(self, cfg: GPT1Config, fn: ModuleType, index: int) -> None:
+        super().__init__()
+        self.cfg, self.fn, self.index = cfg, fn, index
+        self.attn = Attention(cfg)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        cfg, fn = self.cfg, self.fn
+        resid_p = cfg.resid_pdrop if self.training else 0.0
+        eps = cfg.layer_norm_epsilon
+        qkv = self.attn.c_attn(x)  # (B, T, 3C)
+        if cache is None:
+            a = fn.causal_attention(qkv, cfg.n_head, cfg.attn_pdrop if self.training else 0.0)
+        else:
+            a = self._attend_cached(qkv, cache)
+        n = fn.add_layernorm(x, self.attn.c_proj(a), self.ln_1.weight, self.ln_1.bias, eps, resid_p)
+        m = self.mlp.c_proj(fn.linear_gelu(n, self.mlp.c_fc.weight, self.mlp.c_fc.bias, cfg.gelu_approximate))
+        return fn.add_layernorm(n, m, self.ln_2.weight, self.ln_2.bias, eps, resid_p)
+
+    def _attend_cached(self, qkv: Tensor, cache: KVCache) -> Tensor:
+        """Decoding: store this step's K/V, attend over everything cached so far. One query
+        against the cache is a matrix-vector product; SDPA serves it on every device."""
+        B, T, _ = qkv.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        start, end = cache.length, cache.length + T
+        cache.k[self.index, :, :, start:end] = k
+        cache.v[self.index, :, :, start:end] = v
+        # A prompt (start == 0) is causal within itself; a single new token sees all the cache.
+        a = F.scaled_dot_product_attention(
+            q, cache.k[self.index, :, :, :end], cache.v[self.index, :, :, :end], is_causal=T > 1
+        )
+        return a.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
+
+
+class GPT1(nn.Module):
+    """GPT-1 decoder with a tied LM head. ``fused=True`` runs engine.ops, else engine.reference."""
+
+    def __init__(self, config: GPT1Config, fused: bool = True) -> None:
+        super().__init__()
+        if not isinstance(config, GPT1Config):
+            raise TypeError(f"GPT1 expects a GPT1Config, got {type(config).__name__}")
+        self.config = dataclasses.replace(config)  # our own copy: resize_token_embeddings edits it
+        self.fused = bool(fused)
+        self.fn = fn = ops if self.fused else reference
+        self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.positions_embed = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config, fn, i) for i in range(config.n_layer))
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    # ---- forward ----------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        *,
+        targets: Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> GPT1Output:
+        """input_ids (B, T). ``labels`` (B, T) are shifted inside (position t predicts labels[t+1],
+        as transformers); ``targets`` (B, T) are already aligned (position t predicts targets[t]).
+        Entries equal to -100 are ignored by the loss."""
+        self._check_tokens(input_ids, "input_ids")
+        if labels is not None and targets is not None:
+            raise ValueError("pass labels (shifted inside) or targets (already aligned), not both")
+        if labels is not None:
+            self._check_tokens(labels, "labels", like=input_ids, allow_ignore=True)
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the last position predicts nothing
+        elif targets is not None:
+            self._check_tokens(targets, "targets", like=input_ids, allow_ignore=True)
+
+        x = self._embed(input_ids, 0)
+        for block in self.h:
+            x = block(x)
+
+        loss = None
+        if targets is not None:
+            loss = self.fn.linear_cross_entropy(x, self.tokens_embed.weight, targets.long(), IGNORE_INDEX)
+        if return_logits is None:
+            return_logits = loss is None
+        logits = F.linear(x, self.tokens_embed.weight) if return_logits else None
+        return GPT1Output(loss=loss, logits=logits, hidden_states=x)
+
+    def _embed(self, input_ids: Tensor, start: int) -> Tensor:
+        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        return self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))
+
+    def _check_tokens(
+        self, ids: Tensor, name: str, like: Tensor | None = None, allow_ignore: bool = False
+    ) -> None:
+        """Bad ids become a ValueError here, never an out-of-bounds read or device-side assert."""
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must hold int64 or int32 token ids, got dtype {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, seq_len), got shape {tuple(ids.shape)}")
+        if like is not None and ids.shape != like.shape:
+            raise ValueError(f"{name} shape {tuple(ids.shape)} must equal input_ids shape {tuple(like.shape)}")
+        T, P, V = ids.shape[1], self.config.n_positions, self.config.vocab_size
+        if T == 0:
+            raise ValueError(f"{name} is empty (seq_len 0)")
+        if T > P:
+            raise ValueError(f"{name} has seq_len {T}, longer than n_positions={P}")
+        if torch.compiler.is_compiling():
+            return  # value checks need a host sync, which would break the graph
+        bad = (ids < 0) | (ids >= V)
+        if allow_ignore:
+            bad &= ids != IGNORE_INDEX
+        if bad.any():
+            value = ids[bad][0].item()
+            allowed = f"[0, {V}) or {IGNORE_INDEX}" if allow_ignore else f"[0, {V})"
+            raise ValueError(f"{name} holds token id {value}, outside {allowed} (vocab_size={V})")
+
+    # ---- generation -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples max_new_tokens after input_ids (B, T) with a KV cache; returns (B, T + new).
+        temperature 0 is greedy; top_k keeps the k most likely tokens. Dropout is off."""
+        self._check_tokens(input_ids, "input_ids")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        B, T = input_ids.shape
+        cfg = self.config
+        if T + max_new_tokens > cfg.n_positions:
+            raise ValueError(
+                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds n_positions={cfg.n_positions}"
+            )
+        if max_new_tokens == 0:
+            return input_ids
+        p = self.tokens_embed.weight
+        shape = (cfg.n_layer, B, cfg.n_head, T + max_new_tokens, cfg.head_dim)
+        cache = KVCache(p.new_empty(shape), p.new_empty(shape))
+        was_training = self.training
+        self.eval()
+        try:
+            tokens, step = [input_ids], input_ids
+            for _ in range(max_new_tokens):
+                x = self._embed(step, cache.length)
+                for block in self.h:
+                    x = block(x, cache)
+                cache.length += step.shape[1]
+                logits = F.linear(x[:, -1], self.tokens_embed.weight).float()  # (B, V)
+                step = _sample(logits, temperature, top_k, generator).to(input_ids.dtype)
+                tokens.append(step)
+        finally:
+            self.train(was_training)
+        return torch.cat(tokens, dim=1)
+
+    # ---- vocabulary and Hugging Face I/O -------------------------------------------------
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grows (or shrinks) the tied embedding; new rows are N(0, initializer_range)."""
+        old = self.tokens_embed
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        new = nn.Embedding(vocab_size, self.config.n_embd, device=old.weight.device, dtype=old.weight.dtype)
+        init_weights(new, self.config.initializer_range)
+        with torch.no_grad():
+            n = min(vocab_size, old.num_embeddings)
+            new.weight[:n] = old.weight[:n]
+        self.tokens_embed = new
+        self.config.vocab_size = vocab_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, fused: bool = True) -> "GPT1":
+        """Loads a directory in transformers' openai-gpt layout (config.json + model.safetensors,
+        or pytorch_model.bin read with torch.load(weights_only=True))."""
+        from .hf import load_pretrained
+
+        config, state_dict = load_pretrained(path)
+        model = cls(config, fused=fused)
+        model.load_state_dict(state_dict)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Writes config.json + model.safetensors in the openai-gpt layout, atomically."""
+        from .hf import save_pretrained
+
+        save_pretrained(self.config, self.state_dict(), path)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Next token (B, 1) from logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)

@@ -1,0 +1,84 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.tokenizer import BPETokenizer
+
+GPT1_BPE = Path(__file__).resolve().parents[3] / "shared" / "gpt1-bpe"
+ENCODER, MERGES = GPT1_BPE / "encoder_bpe_40000.json", GPT1_BPE / "vocab_40000.bpe"
+needs_gpt1_files = pytest.mark.skipif(not ENCODER.is_file(), reason="GPT-1's BPE files are not in ../shared/gpt1-bpe")
+
+TEXTS = [
+    "Hello, World! It's a test.",
+    "ROMEO: But, soft! what light through yonder window breaks?",
+    "Naïve café — “quotes” and 123,456.78\nnew line\ttab",
+    "unbalanced \" quote and 'apostrophes' don't won't",
+    "日本語 ☃ x",
+    "",
+]
+
+
+@needs_gpt1_files
+def test_gpt1_files_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    ours = BPETokenizer.from_gpt1_files(ENCODER, MERGES)
+    vocab = json.loads(ENCODER.read_text())
+    merges = [tuple(line.split()) for line in MERGES.read_text().split("\n")[1:] if line]
+    if int(transformers.__version__.split(".")[0]) >= 5:  # v5 builds the fast tokenizer from vocab + merges
+        hf = transformers.OpenAIGPTTokenizer(vocab=vocab, merges=merges)
+    else:
+        hf = transformers.OpenAIGPTTokenizerFast(vocab_file=str(ENCODER), merges_file=str(MERGES))
+    assert hf.encode("hello world", add_special_tokens=False) != [0, 0], "transformers built an empty vocabulary" 
+    assert ours.vocab_size == 40478
+    for text in TEXTS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+    assert ours.encode_batch(TEXTS) == [ours.encode(t) for t in TEXTS]
+
+
+@needs_gpt1_files
+def test_gpt1_files_round_trip_and_specials(tmp_path):
+    tok = BPETokenizer.from_gpt1_files(ENCODER, MERGES)
+    assert tok.decode(tok.encode("ROMEO: But, soft!")) == "romeo : but , soft !"
+    sp = tok.add_special_tokens()
+    assert (sp.start, sp.delimiter, sp.classify, sp.pad) == (40478, 40479, 40480, 40481)
+    assert tok.add_special_tokens() == sp and tok.vocab_size == 40482  # idempotent
+    tok.save(tmp_path / "tok.json")
+    again = BPETokenizer.load(tmp_path / "tok.json")
+    assert again.special_tokens() == sp and again.encode(TEXTS[1]) == tok.encode(TEXTS[1])
+
+
+def test_train_from_texts_and_files(tmp_path):
+    corpus = ["the quick brown fox jumps over the lazy dog"] * 50 + ["to be or not to be, that is the question"] * 50
+    tok = BPETokenizer.train(texts=corpus, vocab_size=120)
+    assert 30 < tok.vocab_size <= 120 and tok.id_to_token(0) == "<unk>"  # capped: few merges reach min_frequency
+    ids = tok.encode("The lazy fox!")
+    assert tok.decode(ids) == "the lazy fox !"
+    assert [tok.id_to_token(i) for i in tok.encode("lazy")] == ["lazy</w>"]  # a frequent word is one token
+    (tmp_path / "a.txt").write_text("\n".join(corpus))
+    from_files = BPETokenizer.train([tmp_path / "a.txt"], vocab_size=120)
+    assert from_files.encode("the question") == tok.encode("the question")
+    with pytest.raises(ValueError, match="special tokens"):
+        tok.special_tokens()
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        BPETokenizer.from_gpt1_files(tmp_path / "enc.json", tmp_path / "vocab.bpe")
+    (tmp_path / "enc.json").write_text("{broken")
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\na b\n")
+    with pytest.raises(ValueError, match="not a JSON"):
+        BPETokenizer.from_gpt1_files(tmp_path / "enc.json", tmp_path / "vocab.bpe")
+    (tmp_path / "enc.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2}))
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\na b c\n")
+    with pytest.raises(ValueError, match="vocab.bpe:2"):
+        BPETokenizer.from_gpt1_files(tmp_path / "enc.json", tmp_path / "vocab.bpe")
+    with pytest.raises(FileNotFoundError):
+        BPETokenizer.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a valid tokenizer"):
+        BPETokenizer.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="exactly one"):
+        BPETokenizer.train()
+    with pytest.raises(FileNotFoundError):
+        BPETokenizer.train([tmp_path / "missing.txt"])
