@@ -52,8 +52,7 @@ def test_train_from_texts_and_files(tmp_path):
     corpus = ["the quick brown fox jumps over the lazy dog"] * 50 + ["to be or not to be, that is the question"] * 50
     tok = BPETokenizer.train(texts=corpus, vocab_size=120)
     assert 30 < tok.vocab_size <= 120 and tok.id_to_token(0) == "<unk>"  # capped: few merges reach min_frequency
-    ids = tok.encode("The lazy fox!")
-    assert tok.decode(ids) == "the lazy fox !"
+    assert tok.decode(tok.encode("The lazy fox, be!")) == "the lazy fox , be <unk>"  # "!" never seen
     assert [tok.id_to_token(i) for i in tok.encode("lazy")] == ["lazy</w>"]  # a frequent word is one token
     (tmp_path / "a.txt").write_text("\n".join(corpus))
     from_files = BPETokenizer.train([tmp_path / "a.txt"], vocab_size=120)
