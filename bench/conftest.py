@@ -1,0 +1,80 @@
+"""Shared benchmark set-up: shapes, providers, and a side-by-side summary table.
+
+Every benchmark records (group, provider, seconds, work, unit) through the `record`
+fixture; at the end of the run the summary prints each group's providers side by side in
+physical units (GB/s for memory-bound ops, GFLOP/s for matmul-bound ones, tokens/s for a
+training step) with the ratios fused/eager and fused/compile (speed-ups, > 1 is faster).
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+_RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The small preset at a realistic 2-core training shape (override with BENCH_* env vars)."""
+
+    B: int = int(os.environ.get("BENCH_B", 8))
+    T: int = int(os.environ.get("BENCH_T", 256))
+    C: int = int(os.environ.get("BENCH_C", 256))
+    H: int = int(os.environ.get("BENCH_H", 4))
+    V: int = int(os.environ.get("BENCH_V", 8192))
+
+    @property
+    def F(self) -> int:
+        return 4 * self.C
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+
+SHAPES = Shapes()
+
+
+def fused_cpu_error() -> str | None:
+    import engine.ops
+
+    return engine.ops.cpu_kernels_error()
+
+
+@pytest.fixture
+def record():
+    """record(group, provider, seconds, work=None, unit=None, **extra)."""
+
+    def _record(group: str, provider: str, seconds: float, work: float | None = None, unit: str | None = None, **extra):
+        _RESULTS[group][provider] = dict(seconds=seconds, work=work, unit=unit, **extra)
+
+    return _record
+
+
+def _rate(r: dict) -> str:
+    if not r.get("work"):
+        return ""
+    return f"{r['work'] / r['seconds']:,.1f} {r['unit']}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("GPT-1 engine benchmarks: providers side by side")
+    tr.write_line(f"shapes: {SHAPES} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    for group in sorted(_RESULTS):
+        rows = _RESULTS[group]
+        tr.write_line("")
+        tr.write_line(group)
+        for provider, r in rows.items():
+            extra = "".join(f"  {k}={v}" for k, v in r.items() if k not in ("seconds", "work", "unit"))
+            tr.write_line(f"  {provider:<10} {r['seconds'] * 1e3:10.3f} ms  {_rate(r):>22}{extra}")
+        fused = rows.get("fused")
+        for base in ("eager", "compile", "sdpa", "hf"):
+            if fused and base in rows:
+                tr.write_line(f"  fused / {base:<8} {rows[base]['seconds'] / fused['seconds']:6.2f}x faster")
