@@ -322,6 +322,12 @@ torch.library.register_autograd(
 # ---- functional API: what GPT1(fused=True) calls; same signatures as engine.reference ----
 
 
+def _ensure_kernels(t: Tensor) -> None:
+    """CPU kernels are loaded (or JIT-built) on first CPU use only: CUDA never needs them."""
+    if t.device.type == "cpu":
+        load_cpu_kernels()
+
+
 def _autocast(device_type: str, *tensors: Tensor) -> tuple[Tensor, ...]:
     """Casts floating inputs to the autocast dtype when autocast is on (as F.linear would)."""
     if torch.is_autocast_enabled(device_type):
@@ -350,7 +356,7 @@ def causal_attention(qkv: Tensor, n_head: int, dropout_p: float = 0.0) -> Tensor
             f"got shape {tuple(qkv.shape)}"
         )
     _check_dropout("causal_attention", dropout_p)
-    load_cpu_kernels()
+    _ensure_kernels(qkv)
     (qkv,) = _autocast(qkv.device.type, qkv)
     out, _ = torch.ops.gpt1.attention_fwd(qkv.contiguous(), n_head, dropout_p, new_seed(qkv, dropout_p))
     return out
@@ -368,7 +374,7 @@ def add_layernorm(
             f"add_layernorm: weight and bias must be ({C},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
         )
     _check_dropout("add_layernorm", dropout_p)
-    load_cpu_kernels()
+    _ensure_kernels(x)
     x, residual = _autocast(x.device.type, x, residual)
     y, _, _ = torch.ops.gpt1.add_layernorm_fwd(
         x.reshape(-1, C).contiguous(), residual.reshape(-1, C).contiguous(), weight, bias, eps,
@@ -386,7 +392,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, approximate: str = "tan
         )
     if approximate not in ("tanh", "none"):
         raise ValueError(f"linear_gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
-    load_cpu_kernels()
+    _ensure_kernels(x)
     x, weight, bias = _autocast(x.device.type, x, weight, bias)
     y, _ = torch.ops.gpt1.linear_gelu_fwd(x.reshape(-1, C).contiguous(), weight, bias, approximate)
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -403,7 +409,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
         )
     if targets.dtype != torch.int64:
         raise ValueError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
-    load_cpu_kernels()
+    _ensure_kernels(hidden)
     hidden, weight = _autocast(hidden.device.type, hidden, weight)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, _, _ = torch.ops.gpt1.linear_cross_entropy_fwd(
