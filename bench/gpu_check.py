@@ -1,0 +1,361 @@
+"""One-shot GPU check: correctness of every fused op and of a full GPT-1 step, then timings.
+
+    python bench/gpu_check.py                  # on the GPU machine (< 8 minutes on an H200)
+    python bench/gpu_check.py --smoke          # tiny shapes on CPU through the Triton
+                                               # interpreter: checks this script itself
+
+(a) Correctness, bf16 against the fp32 reference by the FlashAttention rule (error of the
+    fused op ≤ 2× the error of PyTorch's own bf16 computation): each op's output and every
+    gradient; dropout masks regenerated identically in backward; a full GPT-1 (117M)
+    training step's loss and gradients.
+(b) Timings, side by side in one run: attention fwd / bwd / fwd+bwd in TFLOP/s
+    (FlashAttention's formula: fwd 4·B·T²·H·D, halved when causal; bwd 2.5× fwd) against
+    scaled_dot_product_attention; add+LayerNorm fwd+bwd in GB/s against eager and a
+    device-to-device copy; the FFN's first projection (both candidates) against the matmul
+    alone; the training step (B×T = 32×512, bf16 autocast, fused AdamW) in tokens/s, MFU and
+    peak memory for fused, reference eager and torch.compile(reference).
+Prints a table and writes JSON (default bench/results/<device>-<date>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense tensor-core peaks
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1 (tests this script)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<device>-<date>.json)")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile(reference) step")
+    return p.parse_args()
+
+
+ARGS = _parse()
+if ARGS.smoke:  # before triton or engine are imported
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["GPT1_CPU_KERNELS"] = "triton"
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from engine import GPT1, GPT1Config, ops, reference  # noqa: E402
+
+DEV = "cpu" if ARGS.smoke else "cuda"
+BF16 = torch.bfloat16
+RESULTS: dict = {"checks": {}, "timings": {}, "errors": []}
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def fa_rule(name: str, fused: torch.Tensor, ref32: torch.Tensor, pt_lowp: torch.Tensor, floor: float = 2.0**-8) -> bool:
+    """Records and returns err(fused) ≤ 2·err(PyTorch bf16) (+ one bf16 ulp at the tensor's scale)."""
+    e, base = err(fused, ref32), err(pt_lowp, ref32)
+    tol = 2 * base + floor * max(1.0, ref32.abs().max().item())
+    ok = bool(torch.isfinite(fused.float()).all()) and e <= tol
+    RESULTS["checks"][name] = dict(err=e, pytorch_bf16_err=base, ok=ok)
+    return ok
+
+
+def bench(fn, rounds: int = 20) -> float:
+    """Median seconds of fn(); CUDA: triton.testing.do_bench (L2 flushed, synchronised)."""
+    if DEV == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()
+    ts = []
+    for _ in range(max(2, rounds // 10)):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def section(name: str):
+    """Runs one part of the check; an exception is recorded and the rest still runs."""
+
+    def wrap(fn):
+        def run():
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 — keep going, report at the end
+                RESULTS["errors"].append(f"{name}: {type(e).__name__}: {e}")
+                traceback.print_exc()
+            print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
+
+        return run
+
+    return wrap
+
+
+def grads_of(fn, inputs, upstream):
+    for t in inputs:
+        t.grad = None
+    out = fn()
+    out.backward(upstream)
+    return out.detach(), [t.grad.detach().clone() for t in inputs]
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+# ---- (a) correctness ---------------------------------------------------------------------
+
+S = dict(B=2, T=67, H=2, D=16, C=48, F=192, N=67, V=211) if ARGS.smoke else dict(B=4, T=509, H=12, D=64, C=768, F=3072, N=2048, V=40478)
+
+
+def check_op(name, fused_fn, ref_fn, make_inputs):
+    """fused in bf16 vs reference in fp32 (upcast) and reference in bf16, out and every grad."""
+    torch.manual_seed(0)
+    base = make_inputs()
+    lowp = [leaf(t.to(BF16)) if t.is_floating_point() else t for t in base]
+    full = [leaf(t.float()) if t.is_floating_point() else t for t in base]
+    diff = [i for i, t in enumerate(base) if t.is_floating_point()]
+    out_probe = ref_fn(*full)
+    upstream = torch.randn_like(out_probe.float())
+    out_f, g_f = grads_of(lambda: fused_fn(*lowp), [lowp[i] for i in diff], upstream.to(BF16) if out_probe.ndim else upstream)
+    out_r, g_r = grads_of(lambda: ref_fn(*full), [full[i] for i in diff], upstream)
+    lowp2 = [leaf(t.to(BF16)) if t.is_floating_point() else t for t in base]
+    out_p, g_p = grads_of(lambda: ref_fn(*lowp2), [lowp2[i] for i in diff], upstream.to(BF16) if out_probe.ndim else upstream)
+    fa_rule(f"{name} out", out_f, out_r, out_p)
+    for k, (a, b, c) in enumerate(zip(g_f, g_r, g_p)):
+        fa_rule(f"{name} grad[{diff[k]}]", a, b, c)
+
+
+@section("ops bf16 vs fp32 reference")
+def check_ops():
+    B, T, H, D, C, Fh, N, V = (S[k] for k in "B T H D C F N V".split())
+    rand = lambda *s, scale=1.0: torch.randn(*s, device=DEV) * scale  # noqa: E731
+    check_op("attention", lambda q: ops.causal_attention(q, H), lambda q: reference.causal_attention(q, H), lambda: [rand(B, T, 3 * H * D)])
+    check_op("add_layernorm", ops.add_layernorm, reference.add_layernorm, lambda: [rand(N, C), rand(N, C), 1 + rand(C, scale=0.1), rand(C, scale=0.1)])
+    check_op("linear_gelu", ops.linear_gelu, reference.linear_gelu, lambda: [rand(N, C), rand(Fh, C, scale=C**-0.5), rand(Fh, scale=0.1)])
+    targets = torch.randint(0, V, (N,), device=DEV)
+    targets[::7] = -100
+    check_op("linear_cross_entropy", lambda h, w: ops.linear_cross_entropy(h, w, targets), lambda h, w: reference.linear_cross_entropy(h, w, targets), lambda: [rand(N, C), rand(V, C, scale=0.02)])
+
+
+@section("dropout masks")
+def check_dropout():
+    """fp32 fused with dropout == the reference fed the kernel's exported mask (fwd + grads)."""
+    B, T, H, D, C, N = (S[k] for k in "B T H D C N".split())
+    p = 0.1
+    seed = torch.tensor([1234], device=DEV, dtype=torch.int64)
+    qkv = torch.randn(B, T, 3 * H * D, device=DEV)
+    mask = torch.ops.gpt1.attention_dropout_mask(seed, B, H, T, p)
+    a, lse = torch.ops.gpt1.attention_fwd(qkv, H, p, seed)
+    g = torch.randn_like(a)
+    dq = torch.ops.gpt1.attention_bwd(g, qkv, a, lse, H, p, seed)
+    q = leaf(qkv)
+    r = reference.causal_attention(q, H, p, dropout_mask=mask)
+    r.backward(g)
+    RESULTS["checks"]["attention dropout fwd (fp32, kernel mask)"] = dict(err=err(a, r), ok=err(a, r) < 1e-4)
+    RESULTS["checks"]["attention dropout bwd (fp32, kernel mask)"] = dict(err=err(dq, q.grad), ok=err(dq, q.grad) < 1e-4)
+    keep = mask.tril().sum().item() / (B * H * T * (T + 1) / 2)
+    RESULTS["checks"]["attention keep rate"] = dict(value=keep, ok=abs(keep - (1 - p)) < 0.01)
+    x, res = torch.randn(N, C, device=DEV), torch.randn(N, C, device=DEV)
+    w, b = torch.ones(C, device=DEV), torch.zeros(C, device=DEV)
+    m = torch.ops.gpt1.add_layernorm_dropout_mask(seed, N, C, p)
+    y, _, _ = torch.ops.gpt1.add_layernorm_fwd(x, res, w, b, 1e-5, p, seed)
+    yr = reference.add_layernorm(x, res, w, b, 1e-5, p, dropout_mask=m)
+    RESULTS["checks"]["add_layernorm dropout fwd (fp32, kernel mask)"] = dict(err=err(y, yr), ok=err(y, yr) < 1e-4)
+
+
+@section("GPT-1 step bf16 vs fp32")
+def check_model():
+    """A full training step's loss and gradients: fused bf16-autocast vs reference fp32,
+    against the reference's own bf16-autocast error (relative L2 per parameter, 2x rule)."""
+    cfg = GPT1Config.from_name("gpt1-tiny" if ARGS.smoke else "gpt1", attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    B, T = (2, 32) if ARGS.smoke else (4, 512)
+    torch.manual_seed(0)
+    ref = GPT1(cfg, fused=False).to(DEV)
+    fused = GPT1(cfg, fused=True).to(DEV)
+    fused.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=DEV)
+
+    def run(model, autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEV, dtype=BF16, enabled=autocast):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    l32, g32 = run(ref, False)
+    lpt, gpt = run(ref, True)
+    lf, gf = run(fused, True)
+    fa_rule("gpt1 step loss", lf, l32, lpt, floor=1e-3)
+    worst = (0.0, "")
+    ok = True
+    for n in g32:
+        rel = lambda g: ((g - g32[n]).norm() / g32[n].norm().clamp_min(1e-12)).item()  # noqa: E731
+        e, base = rel(gf[n]), rel(gpt[n])
+        ok &= e <= 2 * base + 1e-3
+        worst = max(worst, (e / max(base, 1e-12), n))
+    RESULTS["checks"]["gpt1 step grads (rel L2, all params)"] = dict(ok=ok, worst_ratio_to_pytorch=worst[0], worst_param=worst[1])
+
+
+# ---- (b) timings -------------------------------------------------------------------------
+
+TB = dict(B=2, T=64, H=2, D=16, N=128, C=48, F=192) if ARGS.smoke else dict(B=32, T=512, H=12, D=64, N=32 * 512, C=768, F=3072)
+
+
+@section("attention timing")
+def time_attention():
+    B, T, H, D = (TB[k] for k in "B T H D".split())
+    qkv = torch.randn(B, T, 3 * H * D, device=DEV, dtype=BF16, requires_grad=True)
+    fwd_flop = 4 * B * T * T * H * D / 2
+    g = torch.randn(B, T, H * D, device=DEV, dtype=BF16)
+
+    def sdpa(x, p=0.0):
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p).transpose(1, 2).reshape(B, T, H * D)
+
+    rows = {}
+    for name, fn in (("fused", lambda: ops.causal_attention(qkv, H)), ("sdpa", lambda: sdpa(qkv)),
+                     ("fused p=0.1", lambda: ops.causal_attention(qkv, H, 0.1)),
+                     ("sdpa p=0.1", lambda: sdpa(qkv, 0.1))):
+        with torch.no_grad():
+            t_f = bench(fn)
+        out = fn()
+        t_b = bench(lambda: torch.autograd.grad(out, qkv, g, retain_graph=True))
+        t_fb = bench(lambda: torch.autograd.grad(fn(), qkv, g))
+        rows[name] = dict(fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_bwd_ms=t_fb * 1e3,
+                          fwd_tflops=fwd_flop / t_f / 1e12, bwd_tflops=2.5 * fwd_flop / t_b / 1e12,
+                          fwd_bwd_tflops=3.5 * fwd_flop / t_fb / 1e12)
+    RESULTS["timings"]["attention (bf16, causal)"] = dict(shape=dict(B=B, T=T, H=H, D=D), **rows)
+
+
+@section("add+LayerNorm timing")
+def time_layernorm():
+    N, C = TB["N"], TB["C"]
+    x = torch.randn(N, C, device=DEV, dtype=BF16, requires_grad=True)
+    r = torch.randn(N, C, device=DEV, dtype=BF16, requires_grad=True)
+    w = torch.ones(C, device=DEV, requires_grad=True)
+    b = torch.zeros(C, device=DEV, requires_grad=True)
+    g = torch.randn(N, C, device=DEV, dtype=BF16)
+    # compulsory traffic, bytes: fwd reads x, r, writes y; bwd reads dy, x, r, writes dx, dr
+    nbytes = (3 + 5) * N * C * 2
+    rows = {}
+    for p in (0.0, 0.1):
+        def fused():
+            return torch.autograd.grad(ops.add_layernorm(x, r, w, b, 1e-5, p), (x, r, w, b), g)
+
+        def eager():
+            y = F.layer_norm(x + F.dropout(r, p), (C,), w, b, 1e-5)
+            return torch.autograd.grad(y, (x, r, w, b), g)
+
+        for name, fn in (("fused", fused), ("eager", eager)):
+            t = bench(fn)
+            rows[f"{name} p={p}"] = dict(fwd_bwd_ms=t * 1e3, gbps=nbytes / t / 1e9)
+    src = torch.empty(nbytes // 2, device=DEV, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    rows["device copy"] = dict(ms=t * 1e3, gbps=2 * src.numel() / t / 1e9)
+    RESULTS["timings"]["add+LayerNorm fwd+bwd (bf16)"] = dict(shape=dict(N=N, C=C), **rows)
+
+
+@section("FFN timing")
+def time_ffn():
+    import kernels.linear_gelu as klg
+
+    N, C, Fh = TB["N"], TB["C"], TB["F"]
+    x = torch.randn(N, C, device=DEV, dtype=BF16)
+    w = torch.randn(Fh, C, device=DEV, dtype=BF16) * C**-0.5
+    b = torch.zeros(Fh, device=DEV, dtype=BF16)
+    rows = {"matmul only (x Wᵀ)": dict(ms=bench(lambda: x @ w.t()) * 1e3)}
+    for name in klg.CANDIDATES:
+        fn = klg.CANDIDATES[name]
+        rows[f"fused fwd: {name}"] = dict(ms=bench(lambda: fn(x, w, b, "tanh")) * 1e3)
+    rows["eager addmm + gelu"] = dict(ms=bench(lambda: F.gelu(torch.addmm(b, x, w.t()), approximate="tanh")) * 1e3)
+    rows["default"] = klg.DEFAULT_IMPL
+    RESULTS["timings"]["FFN c_fc + bias + GELU fwd (bf16)"] = dict(shape=dict(N=N, C=C, F=Fh), **rows)
+
+
+def _mfu(cfg: GPT1Config, T: int, tokens_per_s: float) -> float:
+    """PaLM's estimate: 6 FLOPs per matmul parameter per token (the tied head counts, position
+    table does not) + 12·L·C·T for attention scores, over the bf16 dense peak."""
+    name = torch.cuda.get_device_name() if DEV == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    if peak is None:
+        return float("nan")
+    flops_per_token = 6 * (cfg.num_parameters() - cfg.n_positions * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * T
+    return flops_per_token * tokens_per_s / peak
+
+
+@section("training step timing")
+def time_step():
+    cfg = GPT1Config.from_name("gpt1-tiny" if ARGS.smoke else "gpt1")
+    B, T = (2, 32) if ARGS.smoke else (32, 512)
+    providers = ["fused", "eager"] + ([] if ARGS.skip_compile else ["compile"])
+    rows = {}
+    for provider in providers:
+        torch.manual_seed(0)
+        model = GPT1(cfg, fused=provider == "fused").to(DEV).train()
+        run = torch.compile(model) if provider == "compile" else model
+        opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01, fused=DEV == "cuda")
+        ids = torch.randint(0, cfg.vocab_size, (B, T), device=DEV)
+
+        def step():
+            with torch.autocast(DEV, dtype=BF16, enabled=DEV == "cuda"):
+                loss = run(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(3):  # warm-up: autotuning, compilation, optimizer state
+            step()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = bench(step, rounds=10)
+        tps = B * T / t
+        peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
+        rows[provider] = dict(step_ms=t * 1e3, tokens_per_s=tps, mfu=_mfu(cfg, T, tps), peak_gib=peak)
+        del model, run, opt
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    if "fused" in rows and "eager" in rows:
+        rows["fused / eager speed"] = rows["fused"]["tokens_per_s"] / rows["eager"]["tokens_per_s"]
+        rows["fused / eager peak memory"] = rows["fused"]["peak_gib"] / rows["eager"]["peak_gib"] if DEV == "cuda" else None
+    RESULTS["timings"]["training step (gpt1, bf16 autocast, fused AdamW)"] = dict(shape=dict(B=B, T=T), **rows)
+
+
+def main() -> int:
+    import triton
+
+    t0 = time.perf_counter()
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (triton interpreter, smoke)"
+    RESULTS.update(device=name, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                   torch=torch.__version__, triton=triton.__version__, smoke=ARGS.smoke)
+    for part in (check_ops, check_dropout, check_model, time_attention, time_layernorm, time_ffn, time_step):
+        part()
+    RESULTS["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(RESULTS, indent=2, default=str))
+    failed = [k for k, v in RESULTS["checks"].items() if not v.get("ok")]
+    print(f"\nchecks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed {failed}; errors: {len(RESULTS['errors'])}")
+    out = ARGS.out or ROOT / "bench" / "results" / f"{name.replace(' ', '_')}-{_dt.date.today()}.json"
+    if not ARGS.smoke or ARGS.out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+        print(f"wrote {out}")
+    return 1 if failed or RESULTS["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
