@@ -265,14 +265,14 @@ def linear_gelu_fwd_cublas(x: Tensor, weight: Tensor, bias: Tensor, approximate:
     return _gelu_elementwise(pre, approximate), pre
 
 
-IMPLS = {"cublas": linear_gelu_fwd_cublas, "triton": linear_gelu_fwd_triton_matmul}
+CANDIDATES = {"cublas": linear_gelu_fwd_cublas, "triton": linear_gelu_fwd_triton_matmul}
 
 
 def linear_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
-    """(y, pre): y = GELU(x Wᵀ + b), pre saved for backward; by IMPLS[DEFAULT_IMPL]."""
-    if DEFAULT_IMPL not in IMPLS:
-        raise ValueError(f"kernels.linear_gelu.DEFAULT_IMPL must be one of {sorted(IMPLS)}, got {DEFAULT_IMPL!r}")
-    return IMPLS[DEFAULT_IMPL](x, weight, bias, approximate)
+    """(y, pre): y = GELU(x Wᵀ + b), pre saved for backward; by CANDIDATES[DEFAULT_IMPL]."""
+    if DEFAULT_IMPL not in CANDIDATES:
+        raise ValueError(f"kernels.linear_gelu.DEFAULT_IMPL must be one of {sorted(CANDIDATES)}, got {DEFAULT_IMPL!r}")
+    return CANDIDATES[DEFAULT_IMPL](x, weight, bias, approximate)
 
 
 def linear_gelu_bwd(

@@ -17,7 +17,7 @@ import torch
 from engine import reference
 from helpers import assert_close, assert_fa_rule
 from kernels import linear_gelu as kernel
-from kernels.linear_gelu import IMPLS, linear_gelu_bwd, linear_gelu_fwd
+from kernels.linear_gelu import CANDIDATES, linear_gelu_bwd, linear_gelu_fwd
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAD_NAMES = ("grad_x", "grad_weight", "grad_bias")
@@ -48,7 +48,7 @@ def run_exact_reference(x, w, b, dy, approximate):
 
 
 def run_kernel(impl, x, w, b, dy, approximate):
-    y, pre = IMPLS[impl](x, w, b, approximate)
+    y, pre = CANDIDATES[impl](x, w, b, approximate)
     return y, pre, list(linear_gelu_bwd(dy, x, w, pre, approximate))
 
 
@@ -85,9 +85,9 @@ def test_low_precision_fa_rule(impl, dtype, approximate, N, C, F):
 
 def test_fp32_bias_with_low_precision_inputs():
     x, w, b, dy = make_inputs(9, 48, 192, torch.bfloat16)
-    for impl in IMPLS:
-        y, _ = IMPLS[impl](x, w, b.float(), "tanh")
-        y_same, _ = IMPLS[impl](x, w, b, "tanh")  # b is exactly representable in bf16
+    for impl in CANDIDATES:
+        y, _ = CANDIDATES[impl](x, w, b.float(), "tanh")
+        y_same, _ = CANDIDATES[impl](x, w, b, "tanh")  # b is exactly representable in bf16
         assert y.dtype == torch.bfloat16
         assert torch.equal(y, y_same), impl
 
@@ -95,7 +95,7 @@ def test_fp32_bias_with_low_precision_inputs():
 def test_grad_bias_deterministic_across_groups(monkeypatch):
     monkeypatch.setattr(kernel, "_MAX_GROUPS", 3)  # 5 row tiles of 32 → 3 groups, the last partial
     x, w, b, dy = make_inputs(150, 48, 192, torch.float32)
-    _, pre = IMPLS["cublas"](x, w, b, "tanh")
+    _, pre = CANDIDATES["cublas"](x, w, b, "tanh")
     first = linear_gelu_bwd(dy, x, w, pre, "tanh")
     again = linear_gelu_bwd(dy, x, w, pre, "tanh")
     for got, same in zip(first, again):
@@ -107,10 +107,10 @@ def test_grad_bias_deterministic_across_groups(monkeypatch):
 
 def test_default_impl_dispatch(monkeypatch):
     x, w, b, _ = make_inputs(7, 48, 37, torch.float32)
-    for impl in IMPLS:
+    for impl in CANDIDATES:
         monkeypatch.setattr(kernel, "DEFAULT_IMPL", impl)
         y, pre = linear_gelu_fwd(x, w, b, "tanh")
-        want_y, want_pre = IMPLS[impl](x, w, b, "tanh")
+        want_y, want_pre = CANDIDATES[impl](x, w, b, "tanh")
         assert torch.equal(y, want_y) and torch.equal(pre, want_pre)
     monkeypatch.setattr(kernel, "DEFAULT_IMPL", "cutlass")
     with pytest.raises(ValueError, match="DEFAULT_IMPL must be one of"):
@@ -133,11 +133,11 @@ BAD_FORWARD = {  # case → (arguments, expected message)
 def test_bad_forward_inputs_raise(impl, case):
     args, message = BAD_FORWARD[case]
     with pytest.raises(ValueError, match=re.escape(message)):
-        IMPLS[impl](*args)
+        CANDIDATES[impl](*args)
 
 
 def test_bad_backward_inputs_raise():
-    _, pre = IMPLS["cublas"](_X, _W, _B, "tanh")
+    _, pre = CANDIDATES["cublas"](_X, _W, _B, "tanh")
     with pytest.raises(ValueError, match=re.escape("grad_y must be (4, 12) torch.float32")):
         linear_gelu_bwd(_DY[:, :5], _X, _W, pre, "tanh")
     with pytest.raises(ValueError, match=re.escape("pre must be (4, 12) torch.float32")):
