@@ -18,6 +18,7 @@ from kernels.add_layernorm import add_layernorm_bwd, add_layernorm_dropout_mask,
 
 ROOT = Path(__file__).resolve().parents[2]
 EPS = 1e-5
+GRAD_NAMES = ("grad_x", "grad_residual", "grad_weight", "grad_bias")
 
 
 def make_inputs(N: int, C: int, dtype: torch.dtype, param_dtype: torch.dtype, seed: int = 0):
@@ -79,7 +80,7 @@ def test_fp32_forward_and_grads(N, C, p):
     s = x.double() + (r.double() * mask / (1 - p) if p > 0 else r.double())
     assert_close(mean, s.mean(1).float(), "mean")
     assert_close(rstd, (s.var(1, unbiased=False) + EPS).rsqrt().float(), "rstd")
-    for name, got, want in zip(("grad_x", "grad_residual", "grad_weight", "grad_bias"), grads, grads_ref):
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
         assert_close(got, want, name)
 
 
@@ -96,7 +97,7 @@ def test_low_precision_fa_rule(dtype, param_dtype, N, C, p):
     y_low, grads_low = run_reference(x, r, w, b, dy, p, mask)
     assert y.dtype == dtype and grads[2].dtype == param_dtype
     assert_fa_rule(y, y_ref, y_low, "y")
-    for name, got, want, low in zip(("grad_x", "grad_residual", "grad_weight", "grad_bias"), grads, grads_ref, grads_low):
+    for name, got, want, low in zip(GRAD_NAMES, grads, grads_ref, grads_low):
         if got.dtype == torch.float32:  # float32 gain/bias: both sides compute it in float32
             assert_close(got, want, name)
         else:
@@ -148,7 +149,7 @@ def test_grad_weight_deterministic_across_groups(monkeypatch):
     for got, again in zip(grads, grads_again):
         assert torch.equal(got, again), "two identical backward runs differ"
     _, grads_ref = run_exact_reference(x, r, w, b, dy, 0.2, add_layernorm_dropout_mask(seed, N, C, 0.2))
-    for name, got, want in zip(("grad_x", "grad_residual", "grad_weight", "grad_bias"), grads, grads_ref):
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
         assert_close(got, want, name)
 
 
@@ -221,5 +222,5 @@ def test_through_engine_ops_with_triton_cpu_kernels(tmp_path):
     for p, (y, grads, mask) in out.items():
         y_ref, grads_ref = run_exact_reference(x, r, w, b, dy, p, mask)
         assert_close(y, y_ref, f"y (p={p})")
-        for name, got, want in zip(("grad_x", "grad_residual", "grad_weight", "grad_bias"), grads, grads_ref):
+        for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
             assert_close(got, want, f"{name} (p={p})")

@@ -103,7 +103,10 @@ def test_low_precision_fa_rule(dtype, chunk_rows):
 _H, _W, _T = make_inputs(4, 8, 11, torch.float32, n_ignored=1)
 BAD = {  # case → (arguments, expected message)
     "target = V": ((_H, _W, torch.tensor([0, 11, 3, IGNORE]), IGNORE, True), "got targets[1] = 11"),
-    "negative target": ((_H, _W, torch.tensor([0, 1, -1, IGNORE]), IGNORE, False), "in [0, 11) or ignore_index=-100, got targets[2] = -1"),
+    "negative target": (
+        (_H, _W, torch.tensor([0, 1, -1, IGNORE]), IGNORE, False),
+        "in [0, 11) or ignore_index=-100, got targets[2] = -1",
+    ),
     "1-D hidden": ((_H[0], _W, _T, IGNORE, True), "hidden must be 2-D (N, C ≥ 1)"),
     "weight width": ((_H, _W[:, :5], _T, IGNORE, True), "weight must be (V ≥ 1, 8) torch.float32"),
     "weight dtype": ((_H, _W.double(), _T, IGNORE, True), "got torch.float64 of shape (11, 8)"),
