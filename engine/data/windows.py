@@ -1,0 +1,70 @@
+"""(n_ctx + 1)-token windows over a token array: random ones to train on, fixed ones to validate.
+
+A window of seq_len + 1 tokens gives inputs w[:-1] and aligned targets w[1:]
+(``GPT1(ids, targets=...)``). Training windows are a pure function of (seed, update,
+sample index), so any process can produce any slice of any update's batch: processes read
+different slices of the same global batch, and a resumed run reads exactly what the
+interrupted one would have.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def check_length(tokens: np.ndarray, window: int, split: str) -> None:
+    if len(tokens) < window:
+        raise ValueError(
+            f"the {split} split has {len(tokens)} tokens, shorter than one window "
+            f"(seq_len + 1 = {window} tokens): use more text or a smaller --seq-len"
+        )
+
+
+def gather(tokens: np.ndarray, starts: np.ndarray, window: int) -> Tensor:
+    """(len(starts), window) int64 tensor of tokens[s : s + window] for each start."""
+    idx = starts[:, None] + np.arange(window)[None, :]
+    return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+
+
+class RandomWindows:
+    """Training batches: sample j of update `step` starts at the j-th of `batch_size` offsets
+    drawn uniformly from [0, len - window] by PCG64 seeded with (seed, step).
+
+    Called as ``windows(step, start, count)`` (engine.train's BatchFn): samples
+    [start, start + count) of that update, shape (count, window)."""
+
+    def __init__(self, tokens: np.ndarray, window: int, batch_size: int, seed: int) -> None:
+        check_length(tokens, window, "training")
+        self.tokens, self.window, self.batch_size, self.seed = tokens, window, batch_size, seed
+
+    def offsets(self, step: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
+        return rng.integers(0, len(self.tokens) - self.window + 1, size=self.batch_size)
+
+    def __call__(self, step: int, start: int, count: int) -> Tensor:
+        if not 0 <= start and start + count <= self.batch_size:
+            raise ValueError(f"samples [{start}, {start + count}) outside the batch of {self.batch_size}")
+        return gather(self.tokens, self.offsets(step)[start : start + count], self.window)
+
+
+def eval_starts(n_tokens: int, window: int, max_windows: int | None = None) -> np.ndarray:
+    """Starts of non-overlapping windows that share one token (stride window - 1), so each
+    token is predicted once; `max_windows` of them spread evenly over the split if given."""
+    starts = np.arange(0, n_tokens - window + 1, window - 1)
+    if max_windows is not None and len(starts) > max_windows:
+        starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(np.int64)]
+    return starts
+
+
+def eval_batches(
+    tokens: np.ndarray, window: int, batch_size: int, *, rank: int = 0, world_size: int = 1, max_windows: int | None = None
+) -> Iterator[Tensor]:
+    """Validation batches (batch_size, window): process `rank` takes every world_size-th
+    window of `eval_starts`, so processes together cover each window once."""
+    check_length(tokens, window, "validation")
+    starts = eval_starts(len(tokens), window, max_windows)[rank::world_size]
+    for i in range(0, len(starts), batch_size):
+        yield gather(tokens, starts[i : i + batch_size], window)

@@ -1,0 +1,419 @@
+"""`python -m engine.pretrain`: GPT-1 language-model pretraining (the paper's §3.1 objective).
+
+    python -m engine.pretrain --fused                      # embedded Shakespeare, ~5 min on 2 CPU cores
+    python -m engine.pretrain --data books/ --preset gpt1 --out runs/books
+    python -m engine.pretrain --resume runs/books          # continue exactly where it stopped
+    torchrun --nproc_per_node=8 -m engine.pretrain --data books/ --out runs/books
+
+Without --data it trains on Shakespeare's works shipped by the `shakespeare` package (whole
+works held out for validation), with a BPE tokenizer trained on the training works and
+cached. On a CPU-only machine the defaults (preset, batch, steps) are sized to finish in
+about five minutes on two cores; on CUDA they train the paper's model (gpt1 preset, 64 ×
+512-token batches). Every default can be overridden; --help lists them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .train import (
+    RUN_CONFIG,
+    ArgumentParser,
+    TrainConfig,
+    UserError,
+    add_dataclass_args,
+    clear_run_dir,
+    dataclass_kwargs,
+    prepare_run_dir,
+    resolve_device,
+    run_cli,
+)
+
+# Defaults that depend on the device. CPU: gpt1-small (4 layers, 256 wide) on 16 × 128-token
+# batches; the paper's 2000-update warm-up is longer than the whole run, so the warm-up is
+# 10% of it (TrainConfig's rule). CUDA: the paper's model and batch.
+CPU_DEFAULTS: dict[str, Any] = dict(
+    preset="gpt1-small", seq_len=128, batch_size=16, max_steps=300, eval_every=50, checkpoint_every=100,
+    log_every=10, eval_windows=64, final_eval_windows=512,
+)
+CUDA_DEFAULTS: dict[str, Any] = dict(
+    preset="gpt1", seq_len=512, batch_size=64, max_steps=2000, eval_every=200, checkpoint_every=500,
+    log_every=10, eval_windows=256, final_eval_windows=None,
+)
+# What --resume may change; anything else would silently make a different run.
+RESUME_OVERRIDES = {
+    "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "prefetch", "compile",
+    "fused", "device", "peak_tflops", "eval_windows", "final_eval_windows", "sample_tokens", "prompt", "cache_dir",
+    "max_bad_steps",
+}
+
+
+@dataclass
+class PretrainConfig:
+    """Data, tokenizer and model."""
+
+    data: list[str] | None = field(default=None, metadata={"help": "text files (.txt/.md), .jsonl files, directories or globs (default: the embedded Shakespeare corpus)"})
+    val_data: list[str] | None = field(default=None, metadata={"help": "validation files (default: held out from --data: whole documents, or paragraphs when there are few)"})
+    text_field: str = field(default="text", metadata={"help": "JSONL field holding the text"})
+    val_fraction: float = field(default=0.05, metadata={"help": "share of --data held out for validation when --val-data is not given"})
+    tokenizer: list[str] | None = field(default=None, metadata={"help": "a tokenizer.json, or GPT-1's encoder_bpe_40000.json and vocab_40000.bpe (two paths or their directory) (default: train a BPE on the training split, cached)"})
+    vocab_size: int = field(default=8192, metadata={"help": "vocabulary of the BPE trained when --tokenizer is not given"})
+    cache_dir: str | None = field(default=None, metadata={"help": "where tokenizers and token shards are cached (default: $GPT1_CACHE_DIR or ~/.cache/gpt1-engine)"})
+    preset: str | None = field(default=None, metadata={"help": "model size: gpt1 (the paper's), gpt1-medium, gpt1-small, gpt1-tiny (default: gpt1 on CUDA, gpt1-small on CPU)"})
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per training sequence (n_ctx), at most the preset's n_positions (default: 512 on CUDA, 128 on CPU)"})
+    dropout: float | None = field(default=None, metadata={"help": "residual, embedding and attention dropout (default: the preset's, 0.1 as the paper)"})
+    eval_windows: int | None = field(default=None, metadata={"help": "validation windows per periodic evaluation, spread over the split (default: 256 on CUDA, 64 on CPU)"})
+    final_eval_windows: int | None = field(default=None, metadata={"help": "validation windows of the final evaluation (default: all on CUDA, 512 on CPU)"})
+    sample_tokens: int = field(default=60, metadata={"help": "tokens sampled from the trained model at the end (0: none)"})
+    prompt: str = field(default="to be, or not to be", metadata={"help": "the sample's prompt"})
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "eval_windows", "final_eval_windows"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.vocab_size < 2:
+            raise ValueError(f"--vocab-size must be at least 2, got {self.vocab_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        if self.tokenizer is not None and not 1 <= len(self.tokenizer) <= 2:
+            raise ValueError(f"--tokenizer takes one or two paths, got {len(self.tokenizer)}")
+        if self.preset is not None:
+            from .config import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m engine.pretrain",
+        description="Pretrain GPT-1 (next-token prediction) on text: the embedded Shakespeare corpus by default.",
+    )
+    auto = "auto"
+    add_dataclass_args(parser, PretrainConfig)
+    add_dataclass_args(
+        parser, TrainConfig,
+        defaults={"out": "runs/pretrain", "max_steps": None, "batch_size": None, "eval_every": None, "checkpoint_every": None, "log_every": None},
+        helps={
+            "max_steps": f"optimizer updates in the whole run (default: {auto}: {CUDA_DEFAULTS['max_steps']} on CUDA, {CPU_DEFAULTS['max_steps']} on CPU)",
+            "batch_size": f"sequences per update over all processes and accumulation steps (default: {auto}: 64 as the paper on CUDA, {CPU_DEFAULTS['batch_size']} on CPU)",
+            "eval_every": f"validate every N updates; 0: only at the end (default: {auto}: {CUDA_DEFAULTS['eval_every']} on CUDA, {CPU_DEFAULTS['eval_every']} on CPU)",
+            "checkpoint_every": f"checkpoint every N updates; 0: only at the end (default: {auto}: {CUDA_DEFAULTS['checkpoint_every']} on CUDA, {CPU_DEFAULTS['checkpoint_every']} on CPU)",
+            "log_every": "log train loss and throughput every N updates (default: 10)",
+        },
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (its saved settings apply)")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    run.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and exit after update STEP without changing the schedule (split a run into sessions)")
+    return parser
+
+
+def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig, Any]:
+    """Parses argv and fills every 'auto' value: the configs as this run will use them."""
+    ns = build_parser().parse_args(argv)
+    given_p, given_t = dataclass_kwargs(PretrainConfig, ns), dataclass_kwargs(TrainConfig, ns)
+    if ns.stop_at is not None and ns.stop_at <= 0:
+        raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
+    if ns.resume:
+        run = Path(ns.resume)
+        if "out" in given_t and Path(given_t["out"]) != run:
+            raise UserError(f"--out {given_t['out']} differs from --resume {run}; a resumed run stays in its directory")
+        saved_path = run / RUN_CONFIG
+        if not saved_path.is_file():
+            raise UserError(f"--resume {run}: no {RUN_CONFIG} there (not a run directory)")
+        saved = json.loads(saved_path.read_text())
+        changed = sorted(k for k, v in {**given_p, **given_t}.items() if k not in RESUME_OVERRIDES
+                         and {**saved["pretrain"], **saved["train"]}.get(k, v) != v)
+        if changed:
+            raise UserError(f"--resume cannot change {', '.join('--' + c.replace('_', '-') for c in changed)} "
+                            f"(only run-control flags such as --max-steps); start a new run instead")
+        pcfg = PretrainConfig(**{**saved["pretrain"], **given_p})
+        tcfg = TrainConfig(**{**saved["train"], **given_t, "out": str(run)})
+        return pcfg, tcfg, ns
+    device = resolve_device(given_t.get("device", "auto"))
+    defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    p_names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    t_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    pcfg = PretrainConfig(**{**{k: v for k, v in defaults.items() if k in p_names}, **given_p})
+    from .config import PRESETS
+
+    n_positions = PRESETS[pcfg.preset].get("n_positions", 512)
+    if "seq_len" not in given_p:
+        pcfg.seq_len = min(pcfg.seq_len, n_positions)
+    tcfg = TrainConfig(**{"out": "runs/pretrain", **{k: v for k, v in defaults.items() if k in t_names}, **given_t})
+    return pcfg, tcfg, ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    pcfg, tcfg, ns = resolve_configs(argv)
+    from .train import setup_distributed, teardown_distributed
+
+    dist = setup_distributed(tcfg.device)
+    try:
+        return _pretrain(pcfg, tcfg, ns, dist)
+    finally:
+        teardown_distributed()
+
+
+def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> int:
+    import torch
+
+    from .config import GPT1Config
+    from .data.shards import default_cache_dir
+    from .data.windows import RandomWindows, check_length, eval_batches
+    from .model import GPT1
+    from .train import LOSS_PLOT, METRICS, Trainer, flops_per_token
+
+    out = Path(tcfg.out)
+    resume_from = prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
+    say = (lambda *a: print(*a, flush=True)) if dist.is_main else (lambda *a: None)
+
+    # ---- data and tokenizer: prepared by rank 0 into the cache, read by every rank ------
+    cache = Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir()
+    corpus = _Corpus(pcfg)
+    if not dist.is_main:
+        dist.barrier()
+    try:
+        tokenizer, tok_note = corpus.tokenizer(cache, say)
+        shards, built = corpus.shards(cache, tokenizer, say)
+    finally:
+        if dist.is_main:
+            dist.barrier()
+
+    # ---- model --------------------------------------------------------------------------
+    overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
+    if pcfg.dropout is not None:
+        overrides.update(resid_pdrop=pcfg.dropout, embd_pdrop=pcfg.dropout, attn_pdrop=pcfg.dropout)
+    mcfg = GPT1Config.from_name(pcfg.preset, **overrides)
+    if pcfg.seq_len > mcfg.n_positions:
+        raise ValueError(f"--seq-len {pcfg.seq_len} exceeds the {pcfg.preset} preset's n_positions ({mcfg.n_positions})")
+    window = pcfg.seq_len + 1
+    check_length(shards.train, window, "training")
+    check_length(shards.val, window, "validation")
+    if tcfg.fused and dist.device.type == "cpu":
+        from . import ops
+
+        reason = ops.cpu_kernels_error()
+        if reason is not None:
+            raise UserError(f"--fused: {reason}")
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank and every run
+    model = GPT1(mcfg, fused=tcfg.fused)
+
+    # ---- the run directory: written only now that every input checked out ---------------
+    if dist.is_main:
+        if ns.overwrite:
+            clear_run_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+        from .fileio import atomic_write_text
+
+        atomic_write_text(out / RUN_CONFIG, json.dumps({"pretrain": dataclasses.asdict(pcfg), "train": dataclasses.asdict(tcfg)}, indent=2) + "\n")
+        tokenizer.save(out / "tokenizer.json")
+    dist.barrier()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(_describe(pcfg, tcfg, mcfg, dist, n_params, corpus, shards, tok_note, built, resume_from))
+
+    # ---- train --------------------------------------------------------------------------
+    def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return m(batch[:, :-1], targets=batch[:, 1:]).loss
+
+    micro = tcfg.micro_batch_size or tcfg.batch_size // dist.world_size
+
+    def evaluate(trainer: Trainer, max_windows: int | None = pcfg.eval_windows, prefix: str = "val") -> dict[str, float]:
+        batches = eval_batches(shards.val, window, micro, rank=dist.rank, world_size=dist.world_size, max_windows=max_windows)
+        loss = trainer.eval_loss(batches)
+        return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0))}
+
+    trainer = Trainer(
+        model, tcfg, loss_fn, RandomWindows(shards.train, window, tcfg.batch_size, tcfg.seed),
+        evaluate=evaluate, dist=dist, tokens_per_sample=pcfg.seq_len,
+        flops_per_token=flops_per_token(n_params, mcfg.n_layer, mcfg.n_embd, pcfg.seq_len),
+        resume_from=resume_from,
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit(stop_at=ns.stop_at)
+    wall = time.perf_counter() - t0
+    if result.status == "diverged":
+        return 1
+    if result.status == "interrupted":
+        return 128 + (result.signal or 0)
+    if result.status == "stopped":
+        say(f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}")
+        return 0
+
+    # ---- final evaluation, sample, summary ----------------------------------------------
+    model.eval()
+    with torch.no_grad():
+        final = evaluate(trainer, pcfg.final_eval_windows, prefix="final_val")
+    trainer.log(final)
+    if dist.is_main:
+        trainer.metrics.plot(out / LOSS_PLOT)
+    sample = _sample(model, tokenizer, pcfg, tcfg, dist.device) if dist.is_main and pcfg.sample_tokens else None
+    if sample is not None:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(out / "samples.txt", sample + "\n")
+    tps = [r["tokens_per_s"] for r in result.metrics if "tokens_per_s" in r]
+    say("")
+    say(f"done: {result.step} updates in {wall:.0f} s" + (f", {sum(tps) / len(tps):,.0f} tokens/s on average" if tps else ""))
+    say(f"validation loss {final['final_val_loss']:.4f} nats/token (perplexity {final['final_val_ppl']:.1f}) "
+        f"vs the corpus' unigram entropy {shards.unigram_entropy:.4f} nats/token "
+        f"(unigram model on validation: {shards.val_unigram_cross_entropy:.4f})")
+    if sample is not None:
+        say(f"sample: {sample}")
+    say(f"run directory: {out}/")
+    say(f"  weights      {out}/config.json + model.safetensors   (GPT1.from_pretrained('{out}'))")
+    say(f"  tokenizer    {out}/tokenizer.json                    (BPETokenizer.load)")
+    say(f"  metrics      {out}/{METRICS}, {out}/{LOSS_PLOT}")
+    say(f"  checkpoints  {result.checkpoint}   (resume: python -m engine.pretrain --resume {out})")
+    if sample is not None:
+        say(f"  sample       {out}/samples.txt")
+    return 0
+
+
+class _Corpus:
+    """Where the text comes from (the embedded corpus or --data), read lazily: a warm cache
+    never opens the files."""
+
+    def __init__(self, pcfg: PretrainConfig) -> None:
+        from .data import corpus
+
+        self.pcfg = pcfg
+        self._docs: tuple[list[Any], list[Any]] | None = None
+        if pcfg.data is None:
+            if pcfg.val_data is not None:
+                raise UserError("--val-data needs --data (the embedded corpus has its own held-out works)")
+            self.train_files, self.val_files = corpus.shakespeare_split()
+            self.name = "shakespeare"
+            self.split = {"held_out_works": list(corpus.SHAKESPEARE_VALIDATION)}
+        else:
+            self.train_files = corpus.resolve_files(pcfg.data)
+            self.val_files = corpus.resolve_files(pcfg.val_data) if pcfg.val_data else []
+            both = {p.resolve() for p in self.train_files} & {p.resolve() for p in self.val_files}
+            if both:
+                raise UserError(f"{sorted(both)[0]} is in both --data and --val-data")
+            self.name = ", ".join(pcfg.data)
+            self.split = {"val_files": True} if pcfg.val_data else {"val_fraction": pcfg.val_fraction}
+        self.split["text_field"] = pcfg.text_field
+
+    def documents(self) -> tuple[list[Any], list[Any]]:
+        from .data import corpus
+
+        if self._docs is None:
+            if self.val_files:
+                train = corpus.read_documents(self.train_files, self.pcfg.text_field)
+                val = corpus.read_documents(self.val_files, self.pcfg.text_field)
+            else:
+                train, val = corpus.split_documents(corpus.read_documents(self.train_files, self.pcfg.text_field), self.pcfg.val_fraction)
+            self._docs = (train, val)
+        return self._docs
+
+    def key(self) -> dict[str, Any]:
+        from .data.shards import file_fingerprint
+
+        return {"train_files": file_fingerprint(self.train_files), "val_files": file_fingerprint(self.val_files), "split": self.split}
+
+    def tokenizer(self, cache: Path, say: Any) -> tuple[Any, str]:
+        from .tokenizer import BPETokenizer
+
+        spec = self.pcfg.tokenizer
+        if spec is not None:
+            return _load_tokenizer(spec), f"loaded from {' + '.join(spec)}"
+        from .data.shards import cache_key
+
+        path = cache / "tokenizers" / f"{cache_key({**self.key(), 'vocab_size': self.pcfg.vocab_size, 'kind': 'bpe'})}.json"
+        if path.is_file():
+            return BPETokenizer.load(path), f"BPE trained on the training split (cached: {path})"
+        say(f"training a {self.pcfg.vocab_size}-token BPE tokenizer on the training split ...")
+        train, _ = self.documents()
+        tok = BPETokenizer.train(texts=(d.text for d in train), vocab_size=self.pcfg.vocab_size)
+        tok.save(path)
+        return tok, f"BPE trained on the training split (saved: {path})"
+
+    def shards(self, cache: Path, tokenizer: Any, say: Any) -> tuple[Any, bool]:
+        from .data.shards import load_or_build_shards
+
+        def documents() -> tuple[list[Any], list[Any]]:
+            say("tokenising the corpus into token shards (once; cached) ...")
+            return self.documents()
+
+        return load_or_build_shards(cache, self.key(), documents, tokenizer)
+
+
+def _load_tokenizer(spec: list[str]) -> Any:
+    """One path: a tokenizer.json, or a directory holding tokenizer.json or GPT-1's two
+    vocabulary files. Two paths: GPT-1's encoder_bpe_40000.json and vocab_40000.bpe."""
+    from .tokenizer import BPETokenizer
+
+    paths = [Path(p) for p in spec]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"--tokenizer path not found: {p}")
+    if len(paths) == 2:
+        enc, bpe = sorted(paths, key=lambda p: p.suffix != ".json")
+        return BPETokenizer.from_gpt1_files(enc, bpe)
+    (p,) = paths
+    if p.is_file():
+        return BPETokenizer.load(p)
+    if (p / "tokenizer.json").is_file():
+        return BPETokenizer.load(p / "tokenizer.json")
+    enc, bpe = sorted(p.glob("encoder_bpe_*.json")), sorted(p.glob("vocab_*.bpe"))
+    if enc and bpe:
+        return BPETokenizer.from_gpt1_files(enc[0], bpe[0])
+    raise FileNotFoundError(f"--tokenizer {p}: no tokenizer.json or encoder_bpe_*.json + vocab_*.bpe in it")
+
+
+def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_params: int, corpus: _Corpus,
+              shards: Any, tok_note: str, built: bool, resume_from: Path | None) -> str:
+    import torch
+
+    micro = tcfg.micro_batch_size or tcfg.batch_size // dist.world_size
+    accum = tcfg.batch_size // dist.world_size // micro
+    device = f"{dist.device}" + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else f" ({torch.cuda.get_device_name(dist.device)})")
+    lines = [
+        "GPT-1 pretraining" + (f" — resuming {resume_from}" if resume_from else ""),
+        f"  device      {device}, {dist.world_size} process(es), {'fused kernels' if tcfg.fused else 'reference ops (--no-fused)'}"
+        + (", torch.compile" if tcfg.compile else ""),
+        f"  model       {pcfg.preset}: {mcfg.n_layer} layers, n_embd {mcfg.n_embd}, {mcfg.n_head} heads, "
+        f"n_positions {mcfg.n_positions}, vocab {mcfg.vocab_size}, dropout {mcfg.resid_pdrop} — {n_params / 1e6:.2f}M parameters",
+        f"  corpus      {corpus.name}: {len(corpus.train_files)} train files, "
+        + (f"held-out works {', '.join(corpus.split['held_out_works'])}" if "held_out_works" in corpus.split else f"validation {corpus.split}"),
+        f"  tokens      train {shards.meta['train_tokens']:,}, validation {shards.meta['val_tokens']:,} "
+        f"({'tokenised now' if built else 'cached'}: {shards.directory})",
+        f"  tokenizer   {tok_note}",
+        f"  batch       {tcfg.batch_size} × {pcfg.seq_len} tokens = {tcfg.batch_size * pcfg.seq_len:,} tokens/update "
+        f"({micro} per forward × {accum} accumulation × {dist.world_size} process(es))",
+        f"  schedule    AdamW lr {tcfg.lr:g}, betas ({tcfg.beta1}, {tcfg.beta2}), eps {tcfg.eps:g}, weight decay {tcfg.weight_decay}, "
+        f"clip {tcfg.grad_clip}; warm-up {tcfg.warmup_steps} then {tcfg.schedule} over {tcfg.max_steps} updates",
+        "  config      " + json.dumps({**dataclasses.asdict(pcfg), **dataclasses.asdict(tcfg)}),
+    ]
+    return "\n".join(lines)
+
+
+def _sample(model: Any, tokenizer: Any, pcfg: PretrainConfig, tcfg: TrainConfig, device: Any) -> str | None:
+    import torch
+
+    ids = tokenizer.encode(pcfg.prompt) or [0]
+    room = model.config.n_positions - len(ids)
+    if room <= 0:
+        return None
+    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
+    prompt = torch.tensor([ids], device=device)
+    out = model.generate(prompt, min(pcfg.sample_tokens, room), temperature=0.8, top_k=40, generator=gen)
+    return tokenizer.decode(out[0].tolist())
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
