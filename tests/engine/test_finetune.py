@@ -1,0 +1,160 @@
+"""The fine-tuning CLI end to end, on fixture files and a tiny "pretrained" run made here
+(GPT1(...).save_pretrained + a tokenizer), so nothing waits on the pretraining CLI."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import GPT1, GPT1Config
+from engine.finetune import add_task_tokens, batch_fn, main
+from engine.data.transforms import Encoded
+from engine.tokenizer import BPETokenizer
+from engine.train import run_cli
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+GLUE = FIX / "glue"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny run directory in the pretraining CLI's layout."""
+    texts = [line for f in sorted(FIX.rglob("*")) if f.is_file() for line in f.read_text(encoding="utf-8").split("\n")]
+    tok = BPETokenizer.train(texts=texts * 2, vocab_size=400)
+    run = tmp_path_factory.mktemp("pretrained")
+    tok.save(run / "tokenizer.json")
+    torch.manual_seed(0)
+    GPT1(GPT1Config(vocab_size=tok.vocab_size, n_positions=96, n_embd=32, n_layer=2, n_head=2), fused=False).save_pretrained(run)
+    return run
+
+
+def finetune(args: list[str]) -> int:
+    return run_cli(main, ["--no-fused", "--quiet", "--batch-size", "2", *args])
+
+
+def read_tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def test_end_to_end_entailment_then_eval_only(pretrained, tmp_path, capsys):
+    out = tmp_path / "rte"
+    rc = finetune(["--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained), "--out", str(out), "--max-steps", "4"])
+    assert rc == 0, capsys.readouterr().err
+    for name in ("config.json", "model.safetensors", "head.safetensors", "tokenizer.json", "task.json", "metrics.json",
+                 "metrics.jsonl", "loss.png", "dev_predictions.tsv"):
+        assert (out / name).is_file(), name
+    assert not (out / "best").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] == 4 and metrics["n_dev"] == 2 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["steps"] == 4 and metrics["dev"]["dev"]["n"] == 2
+    # GLUE's submission format for the unlabelled test file
+    sub = read_tsv(out / "predictions" / "RTE.tsv")
+    assert sub[0] == ["index", "prediction"] and [r[0] for r in sub[1:]] == ["0", "1"]
+    assert all(r[1] in ("entailment", "not_entailment") for r in sub[1:])
+    dev_pred = read_tsv(out / "dev_predictions.tsv")
+    assert dev_pred[0] == ["index", "prediction", "label"] and [r[2] for r in dev_pred[1:]] == ["entailment", "not_entailment"]
+    # the checkpoint is a Hugging Face layout GPT1 whose vocabulary holds the 4 task tokens
+    tok = BPETokenizer.load(out / "tokenizer.json")
+    assert GPT1.from_pretrained(out, fused=False).config.vocab_size == tok.vocab_size == BPETokenizer.load(pretrained / "tokenizer.json").vocab_size + 4
+    # re-evaluating the saved best checkpoint reproduces its metrics and predictions
+    capsys.readouterr()
+    assert finetune(["--eval-only", "--init", str(out)]) == 0
+    again = json.loads((out / "eval" / "metrics.json").read_text())
+    assert again["accuracy"] == metrics["accuracy"] and again["n_dev"] == 2
+    assert (out / "eval" / "dev_predictions.tsv").read_text() == (out / "dev_predictions.tsv").read_text()
+    assert "dev: accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task,folder,keys,submission", [
+    ("stsb", GLUE / "STS-B", ("pearson", "spearman"), "STS-B.tsv"),
+    ("mrpc", GLUE / "MRPC", ("f1", "accuracy"), "MRPC.tsv"),
+    ("cola", GLUE / "CoLA", ("matthews", "accuracy"), "CoLA.tsv"),
+    ("mnli", GLUE / "MNLI", ("accuracy",), "MNLI-m.tsv"),
+    ("swag", FIX / "swag", ("accuracy",), "swag.tsv"),
+    ("race", FIX / "race" / "RACE", ("accuracy",), None),
+])
+def test_each_kind_runs_and_reports_its_metrics(pretrained, tmp_path, task, folder, keys, submission):
+    out = tmp_path / task
+    assert finetune(["--task", task, "--data-dir", str(folder), "--init", str(pretrained), "--out", str(out), "--max-steps", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in keys:
+        assert isinstance(metrics[k], float), k
+    if submission:
+        rows = read_tsv(out / "predictions" / submission)
+        assert rows[0] == ["index", "prediction"] and len(rows) >= 2
+    if task == "stsb":
+        assert all(0.0 <= float(r[1]) <= 5.0 for r in rows[1:])
+    if task == "mnli":  # matched and mismatched dev sets, both test files
+        assert set(metrics["dev"]) == {"matched", "mismatched"} and metrics["n_dev"] == 2
+        assert (out / "predictions" / "MNLI-mm.tsv").is_file() and (out / "dev_predictions_mismatched.tsv").is_file()
+    if task == "race":  # the test split is labelled: scored, not submitted
+        assert metrics["test"]["test"]["n"] == 6
+
+
+def test_random_init_ablation_takes_the_runs_architecture(pretrained, tmp_path):
+    out = tmp_path / "none"
+    args = ["--task", "sst2", "--data-dir", str(GLUE / "SST-2"), "--init", "none", "--arch", str(pretrained), "--out", str(out), "--max-steps", "1"]
+    assert finetune(args) == 0
+    assert json.loads((out / "task.json").read_text())["init"].startswith("random init")
+    a = GPT1.from_pretrained(out, fused=False)
+    b = GPT1.from_pretrained(pretrained, fused=False)
+    assert a.config.n_layer == b.config.n_layer and a.config.vocab_size == b.config.vocab_size + 4
+
+
+def test_user_errors_are_one_line(pretrained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/pretrain here
+    cases = [
+        (["--task", "nope"], "unknown task 'nope'"),
+        ([], "no pretrained run at runs/pretrain (--init): make one with `python -m engine.pretrain --fused`"),
+        (["--task", "rte", "--init", str(pretrained)], "pass --data-dir"),
+        (["--task", "rte", "--data-dir", str(tmp_path), "--init", str(pretrained)], "task file not found"),
+        (["--task", "sst2", "--data-dir", str(GLUE / "SST-2"), "--init", str(pretrained), "--lm-coef", "-1"], "--lm-coef"),
+        (["--eval-only", "--init", str(pretrained)], "--eval-only needs --init RUN_DIR of a fine-tuned run"),
+    ]
+    for args, message in cases:
+        assert finetune(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    bad = tmp_path / "SST-2"
+    bad.mkdir()
+    (bad / "train.tsv").write_text("text\tlabel\nx\t1\n")
+    (bad / "dev.tsv").write_text("sentence\tlabel\nx\t1\n")
+    assert finetune(["--task", "sst2", "--data-dir", str(bad), "--init", str(pretrained)]) == 2
+    assert "train.tsv:1: header lacks column(s) ['sentence']" in capsys.readouterr().err
+
+
+def test_never_overwrites_a_finished_run(pretrained, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--task", "wnli", "--data-dir", str(GLUE / "WNLI"), "--init", str(pretrained), "--out", str(out), "--max-steps", "1"]
+    assert finetune(args) == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert finetune(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert finetune(args + ["--overwrite", "--seed", "3"]) == 0
+
+
+def test_add_task_tokens_appends_fresh_rows(pretrained):
+    body = GPT1.from_pretrained(pretrained, fused=False)
+    tok = BPETokenizer.load(pretrained / "tokenizer.json")
+    old = body.tokens_embed.weight.detach().clone()
+    add_task_tokens(body, tok)
+    sp = tok.special_tokens()
+    W = body.tokens_embed.weight.detach()
+    assert W.shape[0] == old.shape[0] + 4 == tok.vocab_size
+    assert torch.equal(W[: old.shape[0]], old)
+    assert (sp.start, sp.delimiter, sp.classify, sp.pad) == tuple(range(old.shape[0], old.shape[0] + 4))
+    assert W[old.shape[0]:].abs().sum() > 0 and W[old.shape[0]:].std() < 0.1  # N(0, 0.02) rows
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    items = [Encoded(((1, i, 3),), i % 2) for i in range(5)]
+    fetch = batch_fn(items, batch_size=2, seed=0, pad_id=0)
+    first = fetch(0, 0, 2)
+    assert torch.equal(first["input_ids"], batch_fn(items, 2, 0, 0)(0, 0, 2)["input_ids"])  # a fresh copy agrees
+    assert torch.equal(fetch(0, 1, 1)["input_ids"][0], first["input_ids"][1])  # a rank's slice of the same batch
+    fetch1 = batch_fn(items, batch_size=1, seed=0, pad_id=0)
+    orders = [[int(fetch1(s, 0, 1)["input_ids"][0, 0, 1]) for s in range(e * 5, e * 5 + 5)] for e in range(3)]
+    assert all(sorted(o) == [0, 1, 2, 3, 4] for o in orders)  # each example once per epoch
+    assert len({tuple(o) for o in orders}) > 1  # reshuffled every epoch
