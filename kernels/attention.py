@@ -1,0 +1,583 @@
+"""Fused causal attention over the packed QKV projection, with attention-probability dropout.
+
+Spec: engine/reference.py::causal_attention. Per head, with D the head size and scale 1/√D:
+
+    S = Q Kᵀ / √D (causal: S_ij = -inf for j > i),  P = softmax(S),  O = (P ∘ Z) V,
+    lse_i = log Σ_j exp(S_ij),  Z = keep / (1 - p)  (Z = 1 without dropout).
+
+Q, K and V are read straight out of qkv (B, T, 3C) by strides (head h: columns h·D + [0, D) of
+each third); O is written in (B, T, C), heads concatenated, as the output projection wants it.
+
+Forward (FlashAttention-2): one program per (query block of BLOCK_M rows, batch·head). It streams
+key blocks of BLOCK_N with an online softmax in fp32 (base 2: exp2 of log2e-scaled scores). Key
+blocks entirely above the diagonal are never visited (loop bound); those entirely below run
+without masks; only the BLOCK_M / BLOCK_N blocks on the diagonal are masked. The row logsumexp
+is saved, so backward recomputes P exactly instead of storing it.
+
+Backward: delta_i = Σ_j dO_ij O_ij (a small preprocessing kernel), then two passes without atomics,
+so dQKV is deterministic. dK/dV: one program per key block, looping over the query blocks at and
+below the diagonal. dQ: one program per query block, looping over the key blocks up to the
+diagonal (it recomputes S and dP a second time: the price of determinism). Derivatives:
+dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − delta), dQ = dS K / √D, dK = dSᵀ Q / √D.
+
+Dropout: no mask tensor exists. Keep draws are Philox4x32-7 (tl.philox) keyed by the seed (an int64
+(1,) tensor loaded in-kernel: no host sync) with counter (i, j // 8, b·H + h, 0): each word fits
+in 32 bits for any realistic shape, so counters never wrap or collide. One Philox call yields four
+32-bit words = eight 16-bit draws, for the eight columns 8·(j // 8) + 0..7; an element is dropped
+when its draw < round(p·2¹⁶) (so the realised drop rate is p to within 2⁻¹⁷), and kept
+probabilities are scaled by exactly 1/(1-p). The draw depends on (seed, b, h, i, j) only, never
+on block sizes, so forward, both backward passes and attention_dropout_mask (for tests) agree
+bit for bit whatever their tiles. Seven Philox rounds pass BigCrush (Salmon et al., SC'11); RNG
+is integer work that competes with the tensor cores, hence the 8 draws per call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HEAD_DIMS = (16, 32, 64, 128)
+_MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1 (and 2), which indexes batch·head
+_DRAW_BITS = 16  # bits per dropout draw: 8 draws per Philox4x32 call
+_INTERPRET = triton.knobs.runtime.interpret  # read when the @triton.jit below were created
+
+PHILOX_ROUNDS: tl.constexpr = tl.constexpr(7)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+# ---- shared device helpers --------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_MODE: tl.constexpr):
+    """acc + a @ b in fp32. DOT_MODE: "ieee" (fp32 inputs, exact products), "tf32" (the default
+    for fp16/bf16 inputs, where it changes nothing), "upcast" (bf16 under the Triton 3.6
+    interpreter, whose dot multiplies bf16 bit patterns as integers: bf16 products are exact in
+    fp32, so this is what the tensor cores compute)."""
+    if DOT_MODE == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_MODE)
+    return out
+
+
+@triton.jit
+def _dropout_draws(seed, bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """16-bit dropout draws (int32 in [0, 2¹⁶)) of rows offs_m × columns start_n + [0, BLOCK_N)
+    of head bh (= b·H + h). start_n and BLOCK_N are multiples of 8. Draw (i, j) is 16-bit half
+    (j % 8) % 2 (0: low) of word (j % 8) // 2 of Philox4x32-7(key = seed, counter = (i, j // 8, bh, 0))."""
+    GROUPS: tl.constexpr = BLOCK_N // 8
+    zero = tl.zeros((BLOCK_M, GROUPS), dtype=tl.int32)
+    c0 = offs_m[:, None] + zero  # query index i
+    c1 = (start_n // 8 + tl.arange(0, GROUPS))[None, :] + zero  # column group j // 8
+    c2 = bh + zero
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero, PHILOX_ROUNDS)
+    v0 = (r0 & 0xFFFF).to(tl.int32)
+    v1 = (r0 >> 16).to(tl.int32)
+    v2 = (r1 & 0xFFFF).to(tl.int32)
+    v3 = (r1 >> 16).to(tl.int32)
+    v4 = (r2 & 0xFFFF).to(tl.int32)
+    v5 = (r2 >> 16).to(tl.int32)
+    v6 = (r3 & 0xFFFF).to(tl.int32)
+    v7 = (r3 >> 16).to(tl.int32)
+    # Interleave to column 8·g + k, k = 4x + 2y + z: each join appends the next-faster axis.
+    a00 = tl.join(v0, v4)  # (M, G, 2) over x
+    a01 = tl.join(v1, v5)
+    a10 = tl.join(v2, v6)
+    a11 = tl.join(v3, v7)
+    b0 = tl.join(a00, a10)  # (M, G, 2, 2) over x, y
+    b1 = tl.join(a01, a11)
+    return tl.reshape(tl.join(b0, b1), (BLOCK_M, BLOCK_N))  # (M, G, 2, 2, 2) → (M, N)
+
+
+# ---- forward ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_base,  # K of this (batch, head), row 0; V is C columns further
+    offs_m, lo, hi, stride_t, T, C, qk_scale, seed, bh, drop_thresh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAGONAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi); masked iff DIAGONAL."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = k_base + offs_n[:, None] * stride_t + offs_d[None, :]
+        if DIAGONAL:
+            k = tl.load(ptrs, mask=offs_n[:, None] < T, other=0.0)
+            v = tl.load(ptrs + C, mask=offs_n[:, None] < T, other=0.0)
+        else:  # below the diagonal every key index is < start_m < T
+            k = tl.load(ptrs)
+            v = tl.load(ptrs + C)
+        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_MODE) * qk_scale
+        if DIAGONAL:
+            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees key 0 or its own first
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
+        if HAS_DROPOUT:
+            draws = _dropout_draws(seed, bh, offs_m, start_n, BLOCK_M, BLOCK_N)
+            p = tl.where(draws >= drop_thresh, p, 0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_MODE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    qkv_ptr,  # (B, T, 3C) packed Q | K | V, read by strides
+    out_ptr,  # (B, T, C) output O, heads concatenated, qkv's dtype
+    lse_ptr,  # (B, H, T) float32 row logsumexp of the scaled scores
+    seed_ptr,  # (1,) int64 dropout seed (unused without dropout)
+    stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
+    T, H, C,
+    sm_scale,  # 1/√D
+    drop_thresh,  # drop when the 16-bit draw < this
+    drop_scale,  # 1/(1-p)
+    T_BUCKET,  # next_power_of_2(T): the autotuning key
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (most key blocks) first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = qkv_ptr + b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    q = tl.load(q_base + offs_m[:, None] * stride_qkv_t + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    qk_scale = sm_scale * LOG2E
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    # key blocks strictly below the diagonal, then the BLOCK_M / BLOCK_N blocks on it
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, q_base + C, offs_m, 0, start_m, stride_qkv_t, T, C, qk_scale, seed, bh,
+        drop_thresh, HEAD_DIM, BLOCK_M, BLOCK_N, False, HAS_DROPOUT, DOT_MODE,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, q_base + C, offs_m, start_m, tl.minimum(start_m + BLOCK_M, T), stride_qkv_t,
+        T, C, qk_scale, seed, bh, drop_thresh, HEAD_DIM, BLOCK_M, BLOCK_N, True, HAS_DROPOUT, DOT_MODE,
+    )
+
+    out = acc * (drop_scale / l_i)[:, None]
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_out_b + offs_m[:, None] * stride_out_t + h * HEAD_DIM + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
+    lse = (m_i + tl.log2(l_i)) * LN2  # back from base 2 to natural log
+    tl.store(lse_ptr + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+# ---- backward ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    out_ptr,  # (B, T, C) forward output O
+    dout_ptr,  # (B, T, C) upstream gradient dO
+    delta_ptr,  # (B, H, T) float32 output: delta_i = Σ_d dO_id O_id, per head
+    stride_out_b, stride_out_t, stride_dout_b, stride_dout_t,
+    T, H,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = h * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    ok = offs_m[:, None] < T
+    o = tl.load(out_ptr + b.to(tl.int64) * stride_out_b + offs_m[:, None] * stride_out_t + cols[None, :], mask=ok, other=0.0)
+    do = tl.load(dout_ptr + b.to(tl.int64) * stride_dout_b + offs_m[:, None] * stride_dout_t + cols[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base,  # Q of this (batch, head), row 0
+    do_base,  # dO of this (batch, head), row 0
+    lse_base,  # lse of this (batch, head), row 0
+    delta_base,  # delta of this (batch, head), row 0
+    start_n, lo, hi, stride_qkv_t, stride_dout_t, T, qk_scale, seed, bh, drop_thresh, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAGONAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """Accumulates dK, dV of one key block over query blocks [lo, hi), in transposed (key-major)
+    orientation so that K and V stay the left operands; masked iff DIAGONAL."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        qT = tl.load(q_base + offs_m[None, :] * stride_qkv_t + offs_d[:, None], mask=row_ok[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dout_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # rows ≥ T: P = 0
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        # Pᵀ = exp(Sᵀ − lse), recomputed exactly from the saved row statistics
+        sT = _dot(k, qT, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_MODE) * qk_scale
+        pT = tl.exp2(sT - lse2[None, :])
+        if DIAGONAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        dpT = _dot(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_MODE)  # (dO Vᵀ)ᵀ
+        if HAS_DROPOUT:
+            keepT = tl.trans(_dropout_draws(seed, bh, offs_m, start_n, BLOCK_M, BLOCK_N)) >= drop_thresh
+            pzT = tl.where(keepT, pT * drop_scale, 0.0)  # (P ∘ Z)ᵀ
+            dpT = tl.where(keepT, dpT * drop_scale, 0.0)  # dP = (dO Vᵀ) ∘ Z
+        else:
+            pzT = pT
+        dv = _dot(pzT.to(do.dtype), do, dv, DOT_MODE)  # dV += (P ∘ Z)ᵀ dO
+        dsT = pT * (dpT - delta[None, :])  # dS = P ∘ (dP − delta)
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_MODE)  # dK += dSᵀ Q (· 1/√D later)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    qkv_ptr,  # (B, T, 3C) packed Q | K | V from the forward
+    dout_ptr,  # (B, T, C) upstream gradient dO
+    lse_ptr,  # (B, H, T) float32 row logsumexp saved by the forward
+    delta_ptr,  # (B, H, T) float32 rowsum(dO ∘ O) per head
+    seed_ptr,  # (1,) int64 dropout seed (unused without dropout)
+    dqkv_ptr,  # (B, T, 3C) output; this kernel writes the dK and dV thirds
+    stride_qkv_b, stride_qkv_t, stride_dout_b, stride_dout_t,
+    T, H, C, sm_scale, drop_thresh, drop_scale,
+    T_BUCKET,  # next_power_of_2(T): the autotuning key
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N  # block 0 has the most query blocks: it goes first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    kv_offs = offs_n[:, None] * stride_qkv_t + offs_d[None, :]
+    k = tl.load(qkv_ptr + head + C + kv_offs, mask=offs_n[:, None] < T, other=0.0)
+    v = tl.load(qkv_ptr + head + 2 * C + kv_offs, mask=offs_n[:, None] < T, other=0.0)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    qk_scale = sm_scale * LOG2E
+    do_base = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM
+    lse_base = lse_ptr + bh.to(tl.int64) * T
+    delta_base = delta_ptr + bh.to(tl.int64) * T
+
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    # the BLOCK_N / BLOCK_M query blocks on the diagonal, then every query block below it
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, qkv_ptr + head, do_base, lse_base, delta_base, start_n, start_n,
+        tl.minimum(start_n + BLOCK_N, T), stride_qkv_t, stride_dout_t, T, qk_scale, seed, bh,
+        drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, True, HAS_DROPOUT, DOT_MODE,
+    )
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, qkv_ptr + head, do_base, lse_base, delta_base, start_n, start_n + BLOCK_N, T,
+        stride_qkv_t, stride_dout_t, T, qk_scale, seed, bh, drop_thresh, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, False, HAS_DROPOUT, DOT_MODE,
+    )
+    dk *= sm_scale
+    out_ty = dqkv_ptr.dtype.element_ty
+    tl.store(dqkv_ptr + head + C + kv_offs, dk.to(out_ty), mask=offs_n[:, None] < T)
+    tl.store(dqkv_ptr + head + 2 * C + kv_offs, dv.to(out_ty), mask=offs_n[:, None] < T)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_base,  # K of this (batch, head), row 0; V is C columns further
+    offs_m, lo, hi, stride_t, T, C, qk_scale, seed, bh, drop_thresh, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIAGONAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    """Accumulates dS K of one query block over key blocks [lo, hi); masked iff DIAGONAL."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = k_base + offs_n[None, :] * stride_t + offs_d[:, None]
+        if DIAGONAL:
+            kT = tl.load(ptrs, mask=offs_n[None, :] < T, other=0.0)
+            vT = tl.load(ptrs + C, mask=offs_n[None, :] < T, other=0.0)
+        else:  # below the diagonal every key index is < start_m < T
+            kT = tl.load(ptrs)
+            vT = tl.load(ptrs + C)
+        s = _dot(q, kT, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_MODE) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if DIAGONAL:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = _dot(do, vT, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_MODE)
+        if HAS_DROPOUT:
+            draws = _dropout_draws(seed, bh, offs_m, start_n, BLOCK_M, BLOCK_N)
+            dp = tl.where(draws >= drop_thresh, dp * drop_scale, 0.0)  # dP = (dO Vᵀ) ∘ Z
+        ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − delta)
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_MODE)  # dQ += dS K (· 1/√D later)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    qkv_ptr,  # (B, T, 3C) packed Q | K | V from the forward
+    dout_ptr,  # (B, T, C) upstream gradient dO
+    lse_ptr,  # (B, H, T) float32 row logsumexp saved by the forward
+    delta_ptr,  # (B, H, T) float32 rowsum(dO ∘ O) per head
+    seed_ptr,  # (1,) int64 dropout seed (unused without dropout)
+    dqkv_ptr,  # (B, T, 3C) output; this kernel writes the dQ third
+    stride_qkv_b, stride_qkv_t, stride_dout_b, stride_dout_t,
+    T, H, C, sm_scale, drop_thresh, drop_scale,
+    T_BUCKET,  # next_power_of_2(T): the autotuning key
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    head = b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
+    q_offs = offs_m[:, None] * stride_qkv_t + offs_d[None, :]
+    q = tl.load(qkv_ptr + head + q_offs, mask=row_ok[:, None], other=0.0)
+    do_ptrs = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM + offs_m[:, None] * stride_dout_t + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    qk_scale = sm_scale * LOG2E
+
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, qkv_ptr + head + C, offs_m, 0, start_m, stride_qkv_t, T, C, qk_scale,
+        seed, bh, drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, False, HAS_DROPOUT, DOT_MODE,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, qkv_ptr + head + C, offs_m, start_m, tl.minimum(start_m + BLOCK_M, T),
+        stride_qkv_t, T, C, qk_scale, seed, bh, drop_thresh, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, True, HAS_DROPOUT, DOT_MODE,
+    )
+    dq *= sm_scale
+    tl.store(dqkv_ptr + head + q_offs, dq.to(dqkv_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---- dropout mask (tests) ---------------------------------------------------------------
+
+
+@triton.jit
+def _attn_dropout_mask_kernel(
+    seed_ptr,  # (1,) int64 dropout seed
+    keep_ptr,  # (B, H, T, T) uint8 output: 1 = kept
+    T, drop_thresh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_n = tl.program_id(1) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    keep = _dropout_draws(tl.load(seed_ptr), bh, offs_m, start_n, BLOCK_M, BLOCK_N) >= drop_thresh
+    ptrs = keep_ptr + bh.to(tl.int64) * T * T + offs_m[:, None].to(tl.int64) * T + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
+
+
+# ---- launch configurations --------------------------------------------------------------
+# Under the interpreter: one small fixed configuration per kernel (BLOCK_M ≠ BLOCK_N on purpose,
+# so tests cover the multi-block diagonal). On CUDA: autotuned per (next_power_of_2(T), D,
+# dropout, dtype): bucketing T keeps variable-length fine-tuning from re-tuning at every length.
+# Constraints: forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV BLOCK_N % BLOCK_M == 0; every
+# BLOCK_N is a multiple of 8 (dropout draws come 8 columns per Philox call).
+
+
+def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Short sequences skip tiles much longer than themselves (the last config is the smallest)."""
+    limit = max(named_args["T_BUCKET"], 64)
+    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit]
+    return kept or configs[-1:]
+
+
+def _autotune(kernel, shapes: list[tuple[int, int, int, int]]):
+    # dtype joins the key by itself (the autotuner keys on argument dtypes too)
+    key = ["T_BUCKET", "HEAD_DIM", "HAS_DROPOUT"]
+    return triton.autotune(_configs(shapes), key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_FWD_INTERPRET = {"BLOCK_M": 32, "BLOCK_N": 16}
+_DKDV_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 32}
+_DQ_INTERPRET = {"BLOCK_M": 32, "BLOCK_N": 16}
+_fwd_tuned = _autotune(
+    _attn_fwd_kernel, [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+)
+_dkdv_tuned = _autotune(
+    _attn_bwd_dkdv_kernel, [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
+)
+_dq_tuned = _autotune(
+    _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 16, 4, 2)]
+)
+_DELTA_BLOCK = 16 if _INTERPRET else 64
+_MASK_BLOCKS = (64, 64)  # any tiles give the same mask; large ones are fastest everywhere
+
+
+def _launch(kernel, tuned, interpret_config: dict, block: str, T: int, bh: int, *args, **meta) -> None:
+    """Runs `kernel` over grid (cdiv(T, meta[block]), B·H): the fixed config under the
+    interpreter, the autotuned one on CUDA. `block` is the tile the grid walks: BLOCK_M or BLOCK_N."""
+    if _INTERPRET:
+        kernel[(triton.cdiv(T, interpret_config[block]), bh)](*args, **meta, **interpret_config)
+    else:
+        tuned[lambda cfg: (triton.cdiv(T, cfg[block]), bh)](*args, **meta)
+
+
+# ---- launchers (the gpt1:: ops' kernels) ------------------------------------------------
+
+
+def _check_qkv(name: str, qkv: Tensor, n_head: int) -> tuple[int, int, int, int]:
+    """Validates qkv and n_head; returns (B, T, C, D)."""
+    if not isinstance(qkv, Tensor):
+        raise ValueError(f"{name}: qkv must be a Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 3:
+        raise ValueError(f"{name}: qkv must be (B, T, 3C), got shape {tuple(qkv.shape)}")
+    if qkv.dtype not in _DTYPES:
+        raise ValueError(f"{name}: qkv dtype must be float32, float16 or bfloat16, got {qkv.dtype}")
+    if not isinstance(n_head, int) or n_head < 1:
+        raise ValueError(f"{name}: n_head must be a positive int, got {n_head!r}")
+    B, T, C3 = qkv.shape
+    if C3 % (3 * n_head) != 0:
+        raise ValueError(
+            f"{name}: qkv's last dim must be 3C with C divisible by n_head={n_head}, got {C3}"
+        )
+    C = C3 // 3
+    D = C // n_head
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"{name}: head_dim = C / n_head = {C} / {n_head} = {D}, expected one of {_HEAD_DIMS}")
+    if not qkv.is_contiguous():
+        raise ValueError(f"{name}: qkv must be contiguous, got strides {qkv.stride()} for shape {tuple(qkv.shape)}")
+    if B * n_head > _MAX_GRID_Y:
+        raise ValueError(f"{name}: batch * n_head = {B * n_head} exceeds the grid limit {_MAX_GRID_Y}")
+    if qkv.device.type == "cpu" and not _INTERPRET:
+        raise ValueError(f"{name}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton)")
+    return B, T, C, D
+
+
+def _check_dropout(name: str, dropout_p: float, seed: Tensor | None, device: torch.device) -> tuple[bool, int, float]:
+    """Validates dropout_p and seed; returns (has_dropout, 16-bit drop threshold, 1/(1-p))."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p == 0:
+        return False, 0, 1.0
+    if seed is None:
+        raise ValueError(f"{name}: dropout_p={dropout_p} > 0 needs a seed (an int64 tensor of shape (1,)), got None")
+    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(
+            f"{name}: seed must be an int64 tensor with one element, got "
+            + (f"{seed.dtype} of shape {tuple(seed.shape)}" if isinstance(seed, Tensor) else type(seed).__name__)
+        )
+    if seed.device != device:
+        raise ValueError(f"{name}: seed is on {seed.device} but qkv is on {device}")
+    return True, round(dropout_p * 2**_DRAW_BITS), 1.0 / (1.0 - dropout_p)
+
+
+def _dot_mode(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "ieee"  # fp32 must match the fp32 reference to 1e-5: no TF32
+    return "upcast" if dtype == torch.bfloat16 and _INTERPRET else "tf32"
+
+
+def attention_fwd(qkv: Tensor, n_head: int, dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """qkv (B, T, 3C) → out (B, T, C) in qkv's dtype, lse (B, H, T) float32 (before dropout)."""
+    B, T, C, D = _check_qkv("attention_fwd", qkv, n_head)
+    has_dropout, thresh, drop_scale = _check_dropout("attention_fwd", dropout_p, seed, qkv.device)
+    out = qkv.new_empty(B, T, C)
+    lse = qkv.new_empty(B, n_head, T, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    _launch(
+        _attn_fwd_kernel, _fwd_tuned, _FWD_INTERPRET, "BLOCK_M", T, B * n_head,
+        qkv, out, lse, seed if has_dropout else lse,
+        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
+        HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype),
+    )
+    return out, lse
+
+
+def attention_bwd(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_head: int, dropout_p: float, seed: Tensor | None
+) -> Tensor:
+    """dO (B, T, C) → dQKV (B, T, 3C) in qkv's dtype, dQ | dK | dV packed like qkv."""
+    B, T, C, D = _check_qkv("attention_bwd", qkv, n_head)
+    has_dropout, thresh, drop_scale = _check_dropout("attention_bwd", dropout_p, seed, qkv.device)
+    for arg, t in (("grad_out", grad_out), ("out", out)):
+        if not isinstance(t, Tensor) or t.shape != (B, T, C) or t.dtype != qkv.dtype:
+            raise ValueError(
+                f"attention_bwd: {arg} must be a {qkv.dtype} tensor of shape {(B, T, C)}, got "
+                + (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__)
+            )
+    if not isinstance(lse, Tensor) or lse.shape != (B, n_head, T) or lse.dtype != torch.float32:
+        raise ValueError(
+            f"attention_bwd: lse must be a float32 tensor of shape {(B, n_head, T)}, got "
+            + (f"{lse.dtype} {tuple(lse.shape)}" if isinstance(lse, Tensor) else type(lse).__name__)
+        )
+    for arg, t in (("grad_out", grad_out), ("out", out), ("lse", lse)):
+        if t.device != qkv.device:
+            raise ValueError(f"attention_bwd: {arg} is on {t.device} but qkv is on {qkv.device}")
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    lse = lse.contiguous()
+    grad_qkv = torch.empty_like(qkv)  # written whole by the dK/dV and dQ passes
+    if grad_qkv.numel() == 0:
+        return grad_qkv
+    delta = torch.empty_like(lse)
+    bh = B * n_head
+    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK), bh)](
+        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        T, n_head, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK,
+    )
+    args = (
+        qkv, grad_out, lse, delta, seed if has_dropout else lse, grad_qkv,
+        qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
+        T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
+    )
+    meta = dict(HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype))
+    _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_INTERPRET, "BLOCK_N", T, bh, *args, **meta)
+    _launch(_attn_bwd_dq_kernel, _dq_tuned, _DQ_INTERPRET, "BLOCK_M", T, bh, *args, **meta)
+    return grad_qkv
+
+
+def _dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p: float, blocks: tuple[int, int]) -> Tensor:
+    """attention_dropout_mask with explicit (BLOCK_M, BLOCK_N) tiles (tests vary them)."""
+    name = "attention_dropout_mask"
+    for arg, value, least in (("batch", batch, 0), ("n_head", n_head, 1), ("seq_len", seq_len, 0)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: {arg} must be an int >= {least}, got {value!r}")
+    if not isinstance(seed, Tensor):
+        raise ValueError(f"{name}: seed must be an int64 tensor of shape (1,), got {type(seed).__name__}")
+    if batch * n_head > _MAX_GRID_Y:
+        raise ValueError(f"{name}: batch * n_head = {batch * n_head} exceeds the grid limit {_MAX_GRID_Y}")
+    if seed.device.type == "cpu" and not _INTERPRET:
+        raise ValueError(f"{name}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton)")
+    if dropout_p == 0:  # the kernels draw nothing; the seed may be anything
+        return torch.ones(batch, n_head, seq_len, seq_len, dtype=torch.bool, device=seed.device)
+    _, thresh, _ = _check_dropout(name, dropout_p, seed, seed.device)
+    keep = torch.empty(batch, n_head, seq_len, seq_len, dtype=torch.uint8, device=seed.device)
+    if keep.numel():
+        block_m, block_n = blocks
+        grid = (triton.cdiv(seq_len, block_m), triton.cdiv(seq_len, block_n), batch * n_head)
+        _attn_dropout_mask_kernel[grid](seed, keep, seq_len, thresh, BLOCK_M=block_m, BLOCK_N=block_n)
+    return keep.view(torch.bool)
+
+
+def attention_dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p: float) -> Tensor:
+    """The keep-mask (B, H, T, T) bool that attention_fwd/bwd apply for this seed and p."""
+    return _dropout_mask(seed, batch, n_head, seq_len, dropout_p, _MASK_BLOCKS)
