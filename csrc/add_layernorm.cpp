@@ -1,34 +1,159 @@
-// add + LayerNorm on CPU: y = LN(x + r), the join of a post-LN block.
+// add + LayerNorm on CPU: y = LN(x + dropout(r)), the join of a post-LN block.
 // Spec: engine/reference.py::add_layernorm.
 //
-// Forward is parallel over rows; mean and rstd are kept in float32 for backward.
-// Backward recomputes x̂ = (x + r - mean)·rstd and, per row,
-//   dx = rstd · (dx̂ - mean(dx̂) - x̂ · mean(dx̂ · x̂)),  dx̂ = dy · γ
-// dγ = Σ_rows dy · x̂ and dβ = Σ_rows dy are reduced deterministically: fixed blocks of rows
-// give partial sums, which are then added in block order (same bits for any thread count).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/types.h>
-
-#include <cmath>
+// Forward, per row i (width C):  s = x + r·m,  m_j = keep_ij / (1 − p)  (m = 1 without dropout)
+//   μ = mean(s),  rstd = 1/√(var(s) + eps),  x̂ = (s − μ)·rstd,  y = x̂·γ + β
+// and μ, rstd are saved in float32. Backward recomputes s (regenerating the mask from the
+// seed) and x̂, then per row
+//   ds = rstd · (g − mean(g) − x̂ · mean(g · x̂)),  g = dy · γ
+//   dx = ds,   dr = ds · m   (returned only when p > 0; otherwise dr = dx and the caller
+//                             reuses dx — no copy is written)
+//   dγ = Σ_rows dy · x̂,  dβ = Σ_rows dy   (fixed blocks of rows, added in block order:
+//                                          the same bits for any thread count)
+// Parallel over rows (forward) and row blocks (backward); each row is one vectorised sweep
+// (GPT1_SIMD picks AVX-512/AVX2 at load time). The keep mask comes from Philox keyed by the
+// element index (philox.h), so add_layernorm_dropout_mask returns exactly the mask used.
+// float16/bfloat16 run through the float32 kernel.
 #include <vector>
 
+#include "common.h"
 #include "ops.h"
+#include "philox.h"
 
 namespace gpt1 {
 namespace {
 
-constexpr int64_t kRowsPerBlock = 32;  // partial-sum granularity of dγ/dβ (fixed: determinism)
+constexpr const char* kOp = "add_layernorm";
+
+// Pointers of one call. Rows are contiguous with width C.
+template <typename T>
+struct LayerNormArgs {
+  const T* x;         // (N, C) input
+  const T* r;         // (N, C) residual branch (dropped out before the add)
+  const T* weight;    // (C,) γ
+  const T* bias;      // (C,) β (forward only)
+  const T* dy;        // (N, C) upstream gradient (backward only)
+  T* y;               // (N, C) forward output
+  T* dx;              // (N, C) grad of x (= grad of s)
+  T* dr;              // (N, C) grad of the residual, or nullptr when p == 0
+  acc_t<T>* partial;  // (n_blocks, 2, C) per-block dγ, dβ sums (backward only)
+  float* mean;        // (N,) saved mean
+  float* rstd;        // (N,) saved 1/std
+  int64_t C;
+  acc_t<T> eps;
+  bool dropout;       // p > 0
+  ElementDropout key;  // Philox key and p
+  acc_t<T> scale;     // 1 / (1 − p)
+};
+
+// s = x + r·m for row i into s[], and m into m[] (when dropout).
+template <typename T>
+GPT1_INLINE void add_row(const LayerNormArgs<T>& a, int64_t i, acc_t<T>* s, acc_t<T>* m) {
+  using acc = acc_t<T>;
+  const int64_t C = a.C;
+  const T *xi = a.x + i * C, *ri = a.r + i * C;
+  if (!a.dropout) {
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) s[j] = acc(xi[j]) + acc(ri[j]);
+    return;
+  }
+  const uint64_t e0 = uint64_t(i) * uint64_t(C);
+  const uint32_t k0 = a.key.k0, k1 = a.key.k1;
+  const float p = a.key.p;
+  const acc scale = a.scale;
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) {
+    const uint64_t e = e0 + uint64_t(j);
+    m[j] = scale * element_keep<acc>(e, k0, k1, p);
+    s[j] = acc(xi[j]) + acc(ri[j]) * m[j];
+  }
+}
 
 template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+GPT1_SIMD void fwd_rows(const LayerNormArgs<T>& a, int64_t begin, int64_t end) {
+  using acc = acc_t<T>;
+  const int64_t C = a.C;
+  std::vector<acc> s(C), m(a.dropout ? C : 0);
+  for (int64_t i = begin; i < end; ++i) {
+    add_row(a, i, s.data(), m.data());
+    acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < C; ++j) sum += s[j];
+    const acc mu = sum / acc(C);
+    acc sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t j = 0; j < C; ++j) sq += (s[j] - mu) * (s[j] - mu);
+    const acc rs = acc(1) / std::sqrt(sq / acc(C) + a.eps);
+    T* yi = a.y + i * C;
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) yi[j] = T((s[j] - mu) * rs * acc(a.weight[j]) + acc(a.bias[j]));
+    a.mean[i] = float(mu);
+    a.rstd[i] = float(rs);
+  }
+}
 
-void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t C, at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "add_layernorm: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == C, "add_layernorm: ", name,
-              " must have shape (", N, ", ", C, "), got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "add_layernorm: ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
+template <typename T>
+GPT1_SIMD void bwd_blocks(const LayerNormArgs<T>& a, int64_t N, int64_t block_begin, int64_t block_end) {
+  using acc = acc_t<T>;
+  const int64_t C = a.C;
+  std::vector<acc> s_buf(C), m_buf(a.dropout ? C : 0), g_buf(C);
+  acc* __restrict s = s_buf.data();  // s, then x̂
+  acc* __restrict g = g_buf.data();  // dy·γ
+  const acc* __restrict m = m_buf.data();
+  const T* __restrict w = a.weight;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    acc* __restrict dgamma = a.partial + b * 2 * C;
+    acc* __restrict dbeta = dgamma + C;
+    std::fill(dgamma, dgamma + 2 * C, acc(0));
+    for (int64_t i = b * kRowsPerBlock; i < std::min(N, (b + 1) * kRowsPerBlock); ++i) {
+      add_row(a, i, s, m_buf.data());
+      const T* __restrict dyi = a.dy + i * C;
+      const acc mu = a.mean[i], rs = a.rstd[i];
+      acc sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (int64_t j = 0; j < C; ++j) {
+        const acc dy = acc(dyi[j]), xhat = (s[j] - mu) * rs;
+        s[j] = xhat;
+        g[j] = dy * acc(w[j]);
+        sum_g += g[j];
+        sum_gx += g[j] * xhat;
+        dgamma[j] += dy * xhat;
+        dbeta[j] += dy;
+      }
+      const acc mg = sum_g / acc(C), mgx = sum_gx / acc(C);
+      T* __restrict dxi = a.dx + i * C;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) dxi[j] = T(rs * (g[j] - mg - s[j] * mgx));
+      if (a.dropout) {
+        T* __restrict dri = a.dr + i * C;
+#pragma omp simd
+        for (int64_t j = 0; j < C; ++j) dri[j] = T(acc(dxi[j]) * m[j]);
+      }
+    }
+  }
+}
+
+GPT1_SIMD void mask_rows(const ElementDropout& key, int64_t C, int64_t begin, int64_t end, bool* keep) {
+  const uint32_t k0 = key.k0, k1 = key.k1;
+  const float p = key.p;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint64_t e0 = uint64_t(i) * uint64_t(C);
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) {
+      const uint64_t e = e0 + uint64_t(j);
+      keep[i * C + j] = element_keep<uint8_t>(e, k0, k1, p);
+    }
+  }
+}
+
+// x: the float16/bfloat16/float32/float64 activation; returns (N, C) and checks the affine params.
+std::pair<int64_t, int64_t> check_shapes(const at::Tensor& x, const at::Tensor& weight) {
+  check_float(kOp, "x", x);
+  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C), got shape ", x.sizes());
+  check_float(kOp, "weight", weight);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), kOp, ": weight must have shape (", x.size(1),
+              ",), got ", weight.sizes());
+  return {x.size(0), x.size(1)};
 }
 
 }  // namespace
@@ -36,100 +161,76 @@ void check_rows(const at::Tensor& t, const char* name, int64_t N, int64_t C, at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
     const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight_, const at::Tensor& bias_,
     double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(x_.dim() == 2, "add_layernorm: x must be 2-D (N, C), got ", x_.sizes());
-  TORCH_CHECK(dropout_p == 0.0, "add_layernorm (CPU): residual dropout is not implemented yet");
-  const int64_t N = x_.size(0), C = x_.size(1);
-  const auto dtype = x_.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "add_layernorm (CPU): x must be float32 or float64, got ", dtype);
-  check_rows(residual_, "residual", N, C, dtype);
-  TORCH_CHECK(weight_.numel() == C && bias_.numel() == C, "add_layernorm: weight and bias must have ",
-              C, " elements, got ", weight_.numel(), " and ", bias_.numel());
-  auto x = x_.contiguous(), r = residual_.contiguous();
-  auto weight = weight_.to(dtype).contiguous(), bias = bias_.to(dtype).contiguous();
+  const auto [N, C] = check_shapes(x_, weight_);
+  const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
+  auto residual = checked(kOp, "residual", residual_, dtype, {N, C});
+  check_float(kOp, "bias", bias_);
+  TORCH_CHECK(bias_.sizes() == weight_.sizes(), kOp, ": bias must have shape (", C, ",), got ", bias_.sizes());
+  TORCH_CHECK(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
+  const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
+
+  auto x = x_.contiguous().to(cdtype), r = residual.to(cdtype);
+  auto weight = weight_.contiguous().to(cdtype), bias = bias_.contiguous().to(cdtype);
   auto y = at::empty_like(x);
   auto mean = at::empty({N}, x.options().dtype(at::kFloat));
   auto rstd = at::empty({N}, x.options().dtype(at::kFloat));
 
-  AT_DISPATCH_FLOATING_TYPES(dtype, "add_layernorm_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(cdtype, "add_layernorm_fwd", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t *px = x.data_ptr<scalar_t>(), *pr = r.data_ptr<scalar_t>();
-    const scalar_t *pw = weight.data_ptr<scalar_t>(), *pb = bias.data_ptr<scalar_t>();
-    scalar_t* py = y.data_ptr<scalar_t>();
-    float *pm = mean.data_ptr<float>(), *ps = rstd.data_ptr<float>();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc> s(C);
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t *xi = px + i * C, *ri = pr + i * C;
-        acc sum = 0;
-        for (int64_t j = 0; j < C; ++j) {
-          s[j] = acc(xi[j]) + acc(ri[j]);
-          sum += s[j];
-        }
-        const acc mu = sum / C;
-        acc var = 0;
-        for (int64_t j = 0; j < C; ++j) var += (s[j] - mu) * (s[j] - mu);
-        const acc rs = acc(1) / std::sqrt(var / C + acc(eps));
-        scalar_t* yi = py + i * C;
-        for (int64_t j = 0; j < C; ++j) yi[j] = scalar_t((s[j] - mu) * rs * acc(pw[j]) + acc(pb[j]));
-        pm[i] = float(mu);
-        ps[i] = float(rs);
-      }
-    });
+    LayerNormArgs<scalar_t> a{x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                              bias.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), nullptr, nullptr,
+                              nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), C, acc(eps),
+                              dropout_p > 0, ElementDropout(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { fwd_rows<scalar_t>(a, begin, end); });
   });
-  return {y, mean, rstd};
+  return {y.to(dtype), mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
     const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight_,
     const at::Tensor& mean_, const at::Tensor& rstd_, double dropout_p, const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(x_.dim() == 2, "add_layernorm: x must be 2-D (N, C), got ", x_.sizes());
-  TORCH_CHECK(dropout_p == 0.0, "add_layernorm (CPU): residual dropout is not implemented yet");
-  const int64_t N = x_.size(0), C = x_.size(1);
-  const auto dtype = x_.scalar_type();
-  check_rows(grad_y_, "grad_y", N, C, dtype);
-  check_rows(residual_, "residual", N, C, dtype);
-  auto dy = grad_y_.contiguous(), x = x_.contiguous(), r = residual_.contiguous();
-  auto weight = weight_.to(dtype).contiguous();
-  auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  auto dx = at::empty_like(x);
-  const int64_t n_blocks = (N + kRowsPerBlock - 1) / kRowsPerBlock;
-  auto partial = at::zeros({n_blocks, 2, C}, x.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
+  const auto [N, C] = check_shapes(x_, weight_);
+  const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
+  auto grad_y = checked(kOp, "grad_y", grad_y_, dtype, {N, C});
+  auto residual = checked(kOp, "residual", residual_, dtype, {N, C});
+  auto mean = checked(kOp, "mean", mean_, at::kFloat, {N});
+  auto rstd = checked(kOp, "rstd", rstd_, at::kFloat, {N});
+  const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
+  const bool dropout = dropout_p > 0;
 
-  AT_DISPATCH_FLOATING_TYPES(dtype, "add_layernorm_bwd", [&] {
+  auto dy = grad_y.to(cdtype), x = x_.contiguous().to(cdtype), r = residual.to(cdtype);
+  auto weight = weight_.contiguous().to(cdtype);
+  auto dx = at::empty_like(x);
+  auto dr = dropout ? at::empty_like(x) : at::empty({0}, x.options());
+  const int64_t n_blocks = n_row_blocks(N);
+  auto partial = at::empty({n_blocks, 2, C}, x.options());
+  auto dweight = at::empty({C}, x.options()), dbias = at::empty({C}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(cdtype, "add_layernorm_bwd", [&] {
     using acc = acc_t<scalar_t>;
-    const scalar_t *pdy = dy.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>(), *pr = r.data_ptr<scalar_t>();
-    const scalar_t* pw = weight.data_ptr<scalar_t>();
-    const float *pm = mean.data_ptr<float>(), *ps = rstd.data_ptr<float>();
-    scalar_t* pdx = dx.data_ptr<scalar_t>();
-    acc* pp = partial.data_ptr<acc>();
-    at::parallel_for(0, n_blocks, 1, [&](int64_t bbegin, int64_t bend) {
-      std::vector<acc> xhat(C), g(C);
-      for (int64_t b = bbegin; b < bend; ++b) {
-        acc *dgamma = pp + b * 2 * C, *dbeta = dgamma + C;
-        for (int64_t i = b * kRowsPerBlock; i < std::min(N, (b + 1) * kRowsPerBlock); ++i) {
-          const scalar_t *dyi = pdy + i * C, *xi = px + i * C, *ri = pr + i * C;
-          const acc mu = pm[i], rs = ps[i];
-          acc sum_g = 0, sum_gx = 0;
-          for (int64_t j = 0; j < C; ++j) {
-            xhat[j] = (acc(xi[j]) + acc(ri[j]) - mu) * rs;
-            g[j] = acc(dyi[j]) * acc(pw[j]);
-            sum_g += g[j];
-            sum_gx += g[j] * xhat[j];
-            dgamma[j] += acc(dyi[j]) * xhat[j];
-            dbeta[j] += acc(dyi[j]);
-          }
-          const acc mg = sum_g / C, mgx = sum_gx / C;
-          scalar_t* dxi = pdx + i * C;
-          for (int64_t j = 0; j < C; ++j) dxi[j] = scalar_t(rs * (g[j] - mg - xhat[j] * mgx));
-        }
-      }
-    });
+    LayerNormArgs<scalar_t> a{x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                              nullptr, dy.data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(),
+                              dropout ? dr.data_ptr<scalar_t>() : nullptr, partial.data_ptr<acc>(),
+                              mean.data_ptr<float>(), rstd.data_ptr<float>(), C, acc(0), dropout,
+                              ElementDropout(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) { bwd_blocks<scalar_t>(a, N, begin, end); });
+    sum_blocks_in_order(partial.data_ptr<acc>(), n_blocks, 2 * C, C, dweight.data_ptr<acc>());
+    sum_blocks_in_order(partial.data_ptr<acc>() + C, n_blocks, 2 * C, C, dbias.data_ptr<acc>());
   });
-  auto sums = partial.sum(0);  // (2, C), reduced in block order
-  auto dweight = sums[0].to(weight_.scalar_type());
-  auto dbias = sums[1].to(weight_.scalar_type());
-  return {dx, at::empty({0}, x.options()), dweight, dbias};
+  const auto wdtype = weight_.scalar_type();
+  return {dx.to(dtype), dr.to(dtype), dweight.to(wdtype), dbias.to(wdtype)};
+}
+
+at::Tensor add_layernorm_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double dropout_p) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "add_layernorm_dropout_mask: rows and cols must be >= 0, got ", rows,
+              " and ", cols);
+  const uint64_t seed_value = read_seed("add_layernorm_dropout_mask", dropout_p, seed);
+  auto keep = at::empty({rows, cols}, seed.options().dtype(at::kBool));
+  if (dropout_p == 0) return keep.fill_(true);
+  const ElementDropout key(seed_value, dropout_p);
+  bool* out = keep.data_ptr<bool>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { mask_rows(key, cols, begin, end, out); });
+  return keep;
 }
 
 }  // namespace gpt1

@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace gpt1 {
@@ -17,5 +18,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd, double dropout_p, const std::optional<at::Tensor>& seed);
+at::Tensor add_layernorm_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double dropout_p);
 
 }  // namespace gpt1

@@ -10,4 +10,5 @@
 TORCH_LIBRARY_IMPL(gpt1, CPU, m) {
   m.impl("add_layernorm_fwd", &gpt1::add_layernorm_fwd);
   m.impl("add_layernorm_bwd", &gpt1::add_layernorm_bwd);
+  m.impl("add_layernorm_dropout_mask", &gpt1::add_layernorm_dropout_mask);
 }

@@ -16,5 +16,5 @@ def sources() -> list[str]:
 # -O3 and OpenMP (at::parallel_for runs on OpenMP in torch's CPU builds; without -fopenmp
 # its pragma is ignored and every kernel runs on one thread). No -march=native: the
 # binary may run on another machine than the one that built it.
-CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 LD_FLAGS = ["-fopenmp"]
