@@ -32,6 +32,7 @@ is integer work that competes with the tensor cores, hence the 8 draws per call.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -488,6 +489,11 @@ def _check_dropout(name: str, dropout_p: float, seed: Tensor | None, device: tor
     return True, round(dropout_p * 2**_DRAW_BITS), 1.0 / (1.0 - dropout_p)
 
 
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Launches on t's GPU whatever the current device is (Triton launches on the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _dot_mode(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee"  # fp32 must match the fp32 reference to 1e-5: no TF32
@@ -502,13 +508,14 @@ def attention_fwd(qkv: Tensor, n_head: int, dropout_p: float, seed: Tensor | Non
     lse = qkv.new_empty(B, n_head, T, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    _launch(
-        _attn_fwd_kernel, _fwd_tuned, _FWD_INTERPRET, "BLOCK_M", T, B * n_head,
-        qkv, out, lse, seed if has_dropout else lse,
-        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
-        HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype),
-    )
+    with _on_device(qkv):
+        _launch(
+            _attn_fwd_kernel, _fwd_tuned, _FWD_INTERPRET, "BLOCK_M", T, B * n_head,
+            qkv, out, lse, seed if has_dropout else lse,  # any pointer stands in for an unused seed
+            qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+            T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
+            HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype),
+        )
     return out, lse
 
 
@@ -540,18 +547,19 @@ def attention_bwd(
         return grad_qkv
     delta = torch.empty_like(lse)
     bh = B * n_head
-    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK), bh)](
-        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-        T, n_head, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK,
-    )
-    args = (
-        qkv, grad_out, lse, delta, seed if has_dropout else lse, grad_qkv,
-        qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
-        T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
-    )
-    meta = dict(HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype))
-    _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_INTERPRET, "BLOCK_N", T, bh, *args, **meta)
-    _launch(_attn_bwd_dq_kernel, _dq_tuned, _DQ_INTERPRET, "BLOCK_M", T, bh, *args, **meta)
+    with _on_device(qkv):
+        _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK), bh)](
+            out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+            T, n_head, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK,
+        )
+        args = (
+            qkv, grad_out, lse, delta, seed if has_dropout else lse, grad_qkv,
+            qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
+            T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
+        )
+        meta = dict(HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype))
+        _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_INTERPRET, "BLOCK_N", T, bh, *args, **meta)
+        _launch(_attn_bwd_dq_kernel, _dq_tuned, _DQ_INTERPRET, "BLOCK_M", T, bh, *args, **meta)
     return grad_qkv
 
 
@@ -574,7 +582,8 @@ def _dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p
     if keep.numel():
         block_m, block_n = blocks
         grid = (triton.cdiv(seq_len, block_m), triton.cdiv(seq_len, block_n), batch * n_head)
-        _attn_dropout_mask_kernel[grid](seed, keep, seq_len, thresh, BLOCK_M=block_m, BLOCK_N=block_n)
+        with _on_device(seed):
+            _attn_dropout_mask_kernel[grid](seed, keep, seq_len, thresh, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.view(torch.bool)
 
 
