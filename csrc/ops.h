@@ -6,7 +6,7 @@
 #include <torch/types.h>
 
 #include <optional>
-#include <string_view>
+#include <c10/util/string_view.h>
 #include <tuple>
 
 namespace gpt1 {
@@ -19,5 +19,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
     const at::Tensor& mean, const at::Tensor& rstd, double dropout_p, const std::optional<at::Tensor>& seed);
 at::Tensor add_layernorm_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double dropout_p);
+
+// linear_gelu.cpp — y = GELU(x Wᵀ + b) ("tanh" or "none"), also returning pre = x Wᵀ + b.
+std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const at::Tensor& bias, c10::string_view approximate);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                               const at::Tensor& weight, const at::Tensor& pre,
+                                                               c10::string_view approximate);
 
 }  // namespace gpt1

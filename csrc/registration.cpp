@@ -11,4 +11,6 @@ TORCH_LIBRARY_IMPL(gpt1, CPU, m) {
   m.impl("add_layernorm_fwd", &gpt1::add_layernorm_fwd);
   m.impl("add_layernorm_bwd", &gpt1::add_layernorm_bwd);
   m.impl("add_layernorm_dropout_mask", &gpt1::add_layernorm_dropout_mask);
+  m.impl("linear_gelu_fwd", &gpt1::linear_gelu_fwd);
+  m.impl("linear_gelu_bwd", &gpt1::linear_gelu_bwd);
 }
