@@ -48,9 +48,12 @@ SCHEMAS = {
     "attention_bwd": "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, float dropout_p, Tensor? seed) -> Tensor",
     # → keep (B, H, T, T) bool, upper triangle unspecified
     "attention_dropout_mask": "(Tensor seed, int batch, int n_head, int seq_len, float dropout_p) -> Tensor",
-    # x, residual (N, C); weight, bias (C,) → y (N, C), mean (N,), rstd (N,)
+    # x, residual (N, C) (residual may be lower precision: a bf16 matmul output under autocast
+    # while the stream x stays float32, as F.layer_norm); weight, bias (C,) → y (N, C) in x's
+    # dtype, mean (N,), rstd (N,)
     "add_layernorm_fwd": "(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)",
-    # → grad_x, grad_residual (empty when dropout_p == 0: it equals grad_x), grad_weight, grad_bias
+    # → grad_x, grad_residual (residual's dtype; empty when dropout_p == 0: it equals grad_x),
+    #   grad_weight, grad_bias
     "add_layernorm_bwd": "(Tensor grad_y, Tensor x, Tensor residual, Tensor weight, Tensor mean, Tensor rstd, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)",
     # → keep (N, C) bool
     "add_layernorm_dropout_mask": "(Tensor seed, int rows, int cols, float dropout_p) -> Tensor",
@@ -198,7 +201,7 @@ def _(x, residual, weight, bias, eps, dropout_p, seed):
 
 @torch.library.register_fake("gpt1::add_layernorm_bwd", lib=_lib)
 def _(grad_y, x, residual, weight, mean, rstd, dropout_p, seed):
-    grad_residual = torch.empty_like(x) if dropout_p > 0 else x.new_empty(0)
+    grad_residual = torch.empty_like(residual) if dropout_p > 0 else x.new_empty(0)
     return torch.empty_like(x), grad_residual, torch.empty_like(weight), torch.empty_like(weight)
 
 
@@ -264,7 +267,7 @@ def _add_layernorm_backward(ctx, grad_y, grad_mean, grad_rstd):
         grad_y.contiguous(), x, residual, weight, mean, rstd, ctx.dropout_p, seed
     )
     if ctx.dropout_p == 0:
-        grad_residual = grad_x  # d(x + r)/dr = 1: the kernel skips writing a copy
+        grad_residual = grad_x.to(residual.dtype)  # d(x + r)/dr = 1: the kernel skips writing a copy
     return grad_x, grad_residual, grad_weight, grad_bias, None, None, None
 
 
@@ -365,7 +368,11 @@ def causal_attention(qkv: Tensor, n_head: int, dropout_p: float = 0.0) -> Tensor
 def add_layernorm(
     x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, dropout_p: float = 0.0
 ) -> Tensor:
-    """Fused LN(x + dropout(residual)); spec: reference.add_layernorm."""
+    """Fused LN(x + dropout(residual)); spec: reference.add_layernorm.
+
+    Not autocast to low precision: like F.layer_norm under autocast it computes in float32 and
+    returns x's dtype, so the residual stream keeps eager autocast's precision; the residual
+    branch (a matmul output) may arrive in bf16/fp16 and is read as is."""
     if x.shape != residual.shape:
         raise ValueError(f"add_layernorm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
     C = x.shape[-1]
@@ -375,7 +382,6 @@ def add_layernorm(
         )
     _check_dropout("add_layernorm", dropout_p)
     _ensure_kernels(x)
-    x, residual = _autocast(x.device.type, x, residual)
     y, _, _ = torch.ops.gpt1.add_layernorm_fwd(
         x.reshape(-1, C).contiguous(), residual.reshape(-1, C).contiguous(), weight, bias, eps,
         dropout_p, new_seed(x, dropout_p),

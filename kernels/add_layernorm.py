@@ -195,10 +195,14 @@ def _check_x(x: Tensor) -> None:
         )
 
 
-def _check_rows(name: str, t: Tensor, like: Tensor) -> None:
-    if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
+def _check_rows(name: str, t: Tensor, like: Tensor, any_float: bool = False) -> None:
+    """Same shape and device as `like`; same dtype too, unless any_float (the residual under
+    autocast is a bf16/fp16 matmul output while the stream x stays float32, as F.layer_norm)."""
+    dtype_ok = t.dtype in _DTYPES if any_float else t.dtype == like.dtype
+    if t.shape != like.shape or not dtype_ok or t.device != like.device:
+        expected = "float32/float16/bfloat16" if any_float else str(like.dtype)
         raise ValueError(
-            f"add_layernorm: {name} must be {like.dtype} of shape {tuple(like.shape)} on {like.device}, "
+            f"add_layernorm: {name} must be {expected} of shape {tuple(like.shape)} on {like.device}, "
             f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}"
         )
 
@@ -218,7 +222,7 @@ def add_layernorm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y, mean, rstd of LN(x + dropout(residual)); x, residual (N, C); stats float32 (N,)."""
     _check_x(x)
-    _check_rows("residual", residual, x)
+    _check_rows("residual", residual, x, any_float=True)
     _check_param("weight", weight, x)
     _check_param("bias", bias, x)
     if not (eps >= 0 and math.isfinite(eps)):
@@ -248,7 +252,7 @@ def add_layernorm_bwd(
     """grad_x, grad_residual (empty when dropout_p == 0: it equals grad_x), grad_weight, grad_bias."""
     _check_x(x)
     _check_rows("grad_y", grad_y, x)
-    _check_rows("residual", residual, x)
+    _check_rows("residual", residual, x, any_float=True)
     _check_param("weight", weight, x)
     N, C = x.shape
     for name, stat in (("mean", mean), ("rstd", rstd)):
@@ -261,7 +265,7 @@ def add_layernorm_bwd(
     grad_y, x, residual, weight = grad_y.contiguous(), x.contiguous(), residual.contiguous(), weight.contiguous()
     has_dropout = dropout_p > 0
     grad_x = torch.empty_like(x)
-    grad_residual = torch.empty_like(x) if has_dropout else x.new_empty(0)
+    grad_residual = torch.empty_like(residual) if has_dropout else x.new_empty(0)
     rows, block_c, num_warps = _tiling(C)
     n_blocks = triton.cdiv(N, rows)
     blocks_per_group = max(1, triton.cdiv(n_blocks, _MAX_GROUPS))

@@ -104,6 +104,28 @@ def test_low_precision_fa_rule(dtype, param_dtype, N, C, p):
             assert_fa_rule(got, want, low, name)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_autocast_layout_fp32_stream_bf16_residual(p):
+    """Under autocast the stream x stays float32 and the residual is a bf16 matmul output: y and
+    grad_x are float32 (exact to fp32 tolerance), grad_residual comes back in bf16."""
+    N, C = 23, 96
+    x, r, w, b, dy = make_inputs(N, C, torch.float32, torch.float32)
+    r = r.to(torch.bfloat16)
+    seed = seed_tensor(7) if p > 0 else None
+    mask = add_layernorm_dropout_mask(seed, N, C, p) if p > 0 else None
+    y, _, _, grads = run_kernel(x, r, w, b, dy, p, seed)
+    y_ref, grads_ref = run_exact_reference(x, r.float(), w, b, dy, p, mask)
+    _, grads_pt = run_reference(x, r, w, b, dy, p, mask)  # PyTorch: fp32 math, grad cast to bf16
+    assert y.dtype == torch.float32 and grads[0].dtype == torch.float32
+    assert_close(y, y_ref, "y")
+    for name, got, want, pt in zip(GRAD_NAMES, grads, grads_ref, grads_pt):
+        if name == "grad_residual" and p > 0:
+            assert got.dtype == torch.bfloat16
+            assert_fa_rule(got, want, pt, name)
+        else:
+            assert_close(got.float(), want, name)
+
+
 def test_dropout_same_seed_is_reproducible_and_seeds_differ():
     x, r, w, b, dy = make_inputs(23, 96, torch.float32, torch.float32)
     first = run_kernel(x, r, w, b, dy, 0.3, seed_tensor(7))
@@ -158,7 +180,7 @@ _S = seed_tensor(1)
 BAD_FORWARD = {  # case → (arguments, expected message)
     "1-D x": ((_X[0], _R[0], _W, _B, EPS, 0.0, None), "x must be 2-D"),
     "integer x": ((_X.long(), _R.long(), _W, _B, EPS, 0.0, None), "x must be 2-D (N, C ≥ 1) float32"),
-    "residual shape": ((_X, _R[:3], _W, _B, EPS, 0.0, None), "residual must be torch.float32 of shape (4, 8)"),
+    "residual shape": ((_X, _R[:3], _W, _B, EPS, 0.0, None), "residual must be float32/float16/bfloat16 of shape (4, 8)"),
     "residual dtype": ((_X, _R.double(), _W, _B, EPS, 0.0, None), "got torch.float64"),
     "weight shape": ((_X, _R, _W[:7], _B, EPS, 0.0, None), "weight must be (8,)"),
     "bias dtype": ((_X, _R, _W, _B.double(), EPS, 0.0, None), "bias must be (8,) of dtype torch.float32"),
