@@ -28,6 +28,7 @@ from .train import (
     TrainConfig,
     UserError,
     add_dataclass_args,
+    batch_layout,
     clear_run_dir,
     dataclass_kwargs,
     prepare_run_dir,
@@ -178,6 +179,7 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
 
     out = Path(tcfg.out)
     resume_from = prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
+    micro, accum = batch_layout(tcfg, dist.world_size)
     say = (lambda *a: print(*a, flush=True)) if dist.is_main else (lambda *a: None)
 
     # ---- data and tokenizer: prepared by rank 0 into the cache, read by every rank ------
@@ -223,13 +225,11 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     dist.barrier()
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(_describe(pcfg, tcfg, mcfg, dist, n_params, corpus, shards, tok_note, built, resume_from))
+    say(_describe(pcfg, tcfg, mcfg, dist, n_params, corpus, shards, tok_note, built, resume_from, (micro, accum)))
 
     # ---- train --------------------------------------------------------------------------
     def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return m(batch[:, :-1], targets=batch[:, 1:]).loss
-
-    micro = tcfg.micro_batch_size or tcfg.batch_size // dist.world_size
 
     def evaluate(trainer: Trainer, max_windows: int | None = pcfg.eval_windows, prefix: str = "val") -> dict[str, float]:
         batches = eval_batches(shards.val, window, micro, rank=dist.rank, world_size=dist.world_size, max_windows=max_windows)
@@ -376,11 +376,10 @@ def _load_tokenizer(spec: list[str]) -> Any:
 
 
 def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_params: int, corpus: _Corpus,
-              shards: Any, tok_note: str, built: bool, resume_from: Path | None) -> str:
+              shards: Any, tok_note: str, built: bool, resume_from: Path | None, layout: tuple[int, int]) -> str:
     import torch
 
-    micro = tcfg.micro_batch_size or tcfg.batch_size // dist.world_size
-    accum = tcfg.batch_size // dist.world_size // micro
+    micro, accum = layout
     device = f"{dist.device}" + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else f" ({torch.cuda.get_device_name(dist.device)})")
     lines = [
         "GPT-1 pretraining" + (f" — resuming {resume_from}" if resume_from else ""),

@@ -362,6 +362,21 @@ def teardown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro_batch_size, accumulation steps) per process for cfg.batch_size sequences per
+    update over `world_size` processes; a ValueError when they do not divide evenly."""
+    if cfg.batch_size % world_size:
+        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes ({world_size})")
+    per_rank = cfg.batch_size // world_size
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(
+            f"--micro-batch-size ({micro}) must divide the per-process batch "
+            f"({cfg.batch_size} / {world_size} processes = {per_rank})"
+        )
+    return micro, per_rank // micro
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """bf16 on CUDA (auto or bf16), None (fp32) on CPU unless bf16 is asked for."""
     if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
@@ -713,17 +728,7 @@ class Trainer:
         self.extra_state, self.load_extra_state = extra_state, load_extra_state
         self.progress = progress and self.dist.is_main
 
-        world = self.dist.world_size
-        if cfg.batch_size % world:
-            raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes ({world})")
-        per_rank = cfg.batch_size // world
-        self.micro_batch_size = cfg.micro_batch_size or per_rank
-        if per_rank % self.micro_batch_size:
-            raise ValueError(
-                f"--micro-batch-size ({self.micro_batch_size}) must divide the per-process batch "
-                f"({cfg.batch_size} / {world} processes = {per_rank})"
-            )
-        self.accum_steps = per_rank // self.micro_batch_size
+        self.micro_batch_size, self.accum_steps = batch_layout(cfg, self.dist.world_size)
 
         self.model = model.to(self.device)  # the module whose weights are saved
         self.weights = weights or default_weights_io(model)

@@ -45,7 +45,7 @@ class RandomWindows:
         return rng.integers(0, len(self.tokens) - self.window + 1, size=self.batch_size)
 
     def __call__(self, step: int, start: int, count: int) -> Tensor:
-        if not 0 <= start and start + count <= self.batch_size:
+        if start < 0 or count < 0 or start + count > self.batch_size:
             raise ValueError(f"samples [{start}, {start + count}) outside the batch of {self.batch_size}")
         return gather(self.tokens, self.offsets(step)[start : start + count], self.window)
 
