@@ -150,6 +150,18 @@ def check_ops():
     targets[::7] = -100
     check_op("linear_cross_entropy", lambda h, w: ops.linear_cross_entropy(h, w, targets), lambda h, w: reference.linear_cross_entropy(h, w, targets), lambda: [rand(N, C), rand(V, C, scale=0.02)])
 
+    # The multi-chunk path (training batches are several chunks): chunks of 512 rows vs one chunk.
+    import kernels.linear_cross_entropy as kce
+
+    h, w = rand(N, C).to(BF16), rand(V, C, scale=0.02).to(BF16)
+    one = kce.linear_cross_entropy_fwd(h, w, targets, -100, True)
+    many = kce.linear_cross_entropy_fwd(h, w, targets, -100, True, chunk_rows=max(1, N // 4))
+    ref = [t.float() for t in one]
+    for k, name in enumerate(("loss", "grad_hidden", "grad_weight")):
+        e = err(many[k], ref[k])
+        tol = 2.0**-7 * max(ref[k].abs().max().item(), 1e-12)  # two bf16 ulps at the tensor's scale
+        RESULTS["checks"][f"linear_cross_entropy chunked vs one chunk: {name}"] = dict(err=e, ok=e <= tol)
+
 
 @section("dropout masks")
 def check_dropout():
@@ -200,14 +212,17 @@ def check_model():
     lpt, gpt = run(ref, True)
     lf, gf = run(fused, True)
     fa_rule("gpt1 step loss", lf, l32, lpt, floor=1e-3)
-    worst = (0.0, "")
-    ok = True
-    for n in g32:
-        rel = lambda g: ((g - g32[n]).norm() / g32[n].norm().clamp_min(1e-12)).item()  # noqa: E731
-        e, base = rel(gf[n]), rel(gpt[n])
-        ok &= e <= 2 * base + 1e-3
-        worst = max(worst, (e / max(base, 1e-12), n))
-    RESULTS["checks"]["gpt1 step grads (rel L2, all params)"] = dict(ok=ok, worst_ratio_to_pytorch=worst[0], worst_param=worst[1])
+    # FA rule on the whole gradient (all parameters, one vector): relative L2 error. Per
+    # parameter it is ill-conditioned where the true gradient is ~0 (c_attn's key bias:
+    # softmax ignores a per-query constant), so per-parameter ratios are reported only.
+    flat = lambda g: torch.cat([g[n].flatten() for n in g32])  # noqa: E731
+    ref = flat(g32)
+    e, base = ((flat(gf) - ref).norm() / ref.norm()).item(), ((flat(gpt) - ref).norm() / ref.norm()).item()
+    per_param = {n: ((gf[n] - g32[n]).norm() / (gpt[n] - g32[n]).norm().clamp_min(1e-30)).item() for n in g32}
+    worst = max(per_param, key=per_param.get)
+    RESULTS["checks"]["gpt1 step grads (rel L2, all params)"] = dict(
+        err=e, pytorch_bf16_err=base, ok=e <= 2 * base, worst_param=worst, worst_param_ratio=per_param[worst]
+    )
 
 
 # ---- (b) timings -------------------------------------------------------------------------
@@ -336,6 +351,27 @@ def time_step():
     RESULTS["timings"]["training step (gpt1, bf16 autocast, fused AdamW)"] = dict(shape=dict(B=B, T=T), **rows)
 
 
+def _fmt(v) -> str:
+    return f"{v:,.3f}" if isinstance(v, float) else str(v)
+
+
+def print_table() -> None:
+    print(f"\n== {RESULTS['device']}  torch {RESULTS['torch']}  triton {RESULTS['triton']}  {RESULTS['date']}")
+    print("\n-- correctness (bf16 vs fp32 reference; FA rule: err <= 2 x PyTorch bf16 err)")
+    for name, r in RESULTS["checks"].items():
+        rest = "  ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k != "ok")
+        print(f"  {'ok  ' if r.get('ok') else 'FAIL'} {name:<55} {rest}")
+    for group, rows in RESULTS["timings"].items():
+        print(f"\n-- {group}  {rows.get('shape', '')}")
+        for name, r in rows.items():
+            if name == "shape":
+                continue
+            cells = "  ".join(f"{k}={_fmt(v)}" for k, v in r.items()) if isinstance(r, dict) else _fmt(r)
+            print(f"  {name:<28} {cells}")
+    for e in RESULTS["errors"]:
+        print(f"  ERROR {e}")
+
+
 def main() -> int:
     import triton
 
@@ -346,7 +382,7 @@ def main() -> int:
     for part in (check_ops, check_dropout, check_model, time_attention, time_layernorm, time_ffn, time_step):
         part()
     RESULTS["wall_s"] = time.perf_counter() - t0
-    print(json.dumps(RESULTS, indent=2, default=str))
+    print_table()
     failed = [k for k, v in RESULTS["checks"].items() if not v.get("ok")]
     print(f"\nchecks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed {failed}; errors: {len(RESULTS['errors'])}")
     out = ARGS.out or ROOT / "bench" / "results" / f"{name.replace(' ', '_')}-{_dt.date.today()}.json"
