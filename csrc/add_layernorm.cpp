@@ -181,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
                               bias.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), nullptr, nullptr,
                               nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), C, acc(eps),
                               dropout_p > 0, ElementDropout(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { fwd_rows<scalar_t>(a, begin, end); });
+    at::parallel_for(0, N, grain_for(C),
+                     [&](int64_t begin, int64_t end) { fwd_rows<scalar_t>(a, begin, end); });
   });
   return {y.to(dtype), mean, rstd};
 }
@@ -213,7 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
                               dropout ? dr.data_ptr<scalar_t>() : nullptr, partial.data_ptr<acc>(),
                               mean.data_ptr<float>(), rstd.data_ptr<float>(), C, acc(0), dropout,
                               ElementDropout(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
-    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) { bwd_blocks<scalar_t>(a, N, begin, end); });
+    at::parallel_for(0, n_blocks, grain_for(kRowsPerBlock * C),
+                     [&](int64_t begin, int64_t end) { bwd_blocks<scalar_t>(a, N, begin, end); });
     sum_blocks_in_order(partial.data_ptr<acc>(), n_blocks, 2 * C, C, dweight.data_ptr<acc>());
     sum_blocks_in_order(partial.data_ptr<acc>() + C, n_blocks, 2 * C, C, dbias.data_ptr<acc>());
   });
@@ -229,7 +231,8 @@ at::Tensor add_layernorm_dropout_mask(const at::Tensor& seed, int64_t rows, int6
   if (dropout_p == 0) return keep.fill_(true);
   const ElementDropout key(seed_value, dropout_p);
   bool* out = keep.data_ptr<bool>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { mask_rows(key, cols, begin, end, out); });
+  at::parallel_for(0, rows, grain_for(cols),
+                   [&](int64_t begin, int64_t end) { mask_rows(key, cols, begin, end, out); });
   return keep;
 }
 

@@ -75,7 +75,7 @@ inline at::Tensor checked(const char* op, const char* name, const at::Tensor& t,
                           at::IntArrayRef sizes) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
   TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " (as the other inputs), got ",
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
   return t.contiguous();
 }
@@ -122,6 +122,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
+// ---- parallelism ---------------------------------------------------------------------
+
+// Grain (items per chunk) for at::parallel_for such that a chunk holds at least ~2¹⁶ units of
+// work (elements or multiply-adds): small calls run inline on the calling thread, where waking
+// the thread pool would cost more than the work (and much more on a busy machine).
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, work_per_item));
+}
+
 // ---- deterministic column sums ----------------------------------------------------------
 
 // Rows are reduced in fixed blocks of kRowsPerBlock: each block's partial column sums are
@@ -134,7 +143,7 @@ inline int64_t n_row_blocks(int64_t rows) { return (rows + kRowsPerBlock - 1) / 
 // out[c] = Σ_b partials[b·stride + c] for b = 0..n_blocks−1 in order; parallel over columns.
 template <typename acc>
 void sum_blocks_in_order(const acc* partials, int64_t n_blocks, int64_t stride, int64_t width, acc* out) {
-  at::parallel_for(0, width, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, width, grain_for(n_blocks), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) out[c] = 0;
     for (int64_t b = 0; b < n_blocks; ++b) {
       const acc* p = partials + b * stride;

@@ -30,11 +30,12 @@ constexpr double kCubic = 0.044715;
 constexpr double kInvSqrt2 = 0.7071067811865476;
 constexpr double kInvSqrt2Pi = 0.3989422804014327;
 
-// erf(x) (A&S 7.1.26): 1 − (a₁t + a₂t² + a₃t³ + a₄t⁴ + a₅t⁵)·e^(−x²), t = 1/(1 + 0.3275911|x|), odd.
+// erf(x) (A&S 7.1.26), odd: 1 − (a₁t + a₂t² + a₃t³ + a₄t⁴ + a₅t⁵)·e^(−x²), t = 1/(1 + 0.3275911|x|).
 GPT1_INLINE float erf_fast(float x) {
   const float ax = std::abs(x);
   const float t = 1.f / (1.f + 0.3275911f * ax);
-  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float poly =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
   const float e = 1.f - poly * exp_fast(-ax * ax);
   return std::copysign(e, x);
 }
@@ -147,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x_, const a
   AT_DISPATCH_FLOATING_TYPES(cdtype, "linear_gelu_fwd", [&] {
     const scalar_t* p = pre.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
-    at::parallel_for(0, N * F, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * F, grain_for(1), [&](int64_t begin, int64_t end) {
       gelu_fwd_span<scalar_t>(p, out, begin, end, tanh_form);
     });
   });
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(cdtype, "linear_gelu_bwd", [&] {
     const scalar_t *dy = grad_y.data_ptr<scalar_t>(), *z = pre.data_ptr<scalar_t>();
     scalar_t *dz = dpre.data_ptr<scalar_t>(), *part = partial.data_ptr<scalar_t>();
-    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_blocks, grain_for(kRowsPerBlock * F), [&](int64_t begin, int64_t end) {
       gelu_bwd_blocks<scalar_t>(dy, z, dz, part, N, F, begin, end, tanh_form);
     });
     sum_blocks_in_order(part, n_blocks, F, F, grad_bias.data_ptr<scalar_t>());

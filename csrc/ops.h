@@ -11,6 +11,16 @@
 
 namespace gpt1 {
 
+// attention.cpp — causal softmax(Q Kᵀ/√D) V per head over the packed qkv (B, T, 3C), with
+// attention-probability dropout.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv, int64_t n_head, double dropout_p,
+                                                 const std::optional<at::Tensor>& seed);
+at::Tensor attention_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                         const at::Tensor& lse, int64_t n_head, double dropout_p,
+                         const std::optional<at::Tensor>& seed);
+at::Tensor attention_dropout_mask(const at::Tensor& seed, int64_t batch, int64_t n_head, int64_t seq_len,
+                                  double dropout_p);
+
 // add_layernorm.cpp — y = LayerNorm(x + dropout(residual)), rows of width C.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, const at::Tensor& bias,

@@ -73,28 +73,24 @@ struct AttentionDropout {
       : k0(uint32_t(seed)), k1(uint32_t(seed >> 32)), thresh(int32_t(std::nearbyint(dropout_p * 65536.0))) {}
 };
 
-// keep[j − j0] ∈ {0, 1} for query i and keys j ∈ [j0, j1) of head bh = b·H + h. `words` is
-// scratch for 4·(⌊(j1−1)/8⌋ − ⌊j0/8⌋ + 1) uint32. Two loops that vectorise: the Philox calls
-// of the column groups, then the 16-bit draws.
+// keep[j − j0] ∈ {0, 1} for query i and keys j ∈ [j0, j1) of head bh = b·H + h. `draws` is
+// scratch for 8·(⌊(j1−1)/8⌋ − ⌊j0/8⌋ + 1) uint16. Two loops that vectorise: the Philox calls of
+// the column groups, each spread into its eight 16-bit draws in column order, then the compares.
 template <typename T>
 GPT1_INLINE void attention_keep_row(const AttentionDropout& d, uint32_t bh, int64_t i, int64_t j0, int64_t j1,
-                                    T* keep, uint32_t* words) {
+                                    T* __restrict keep, uint16_t* __restrict draws) {
   if (j1 <= j0) return;
   const uint32_t k0 = d.k0, k1 = d.k1;
   const int32_t thresh = d.thresh;
-  const int64_t g0 = j0 >> 3, g1 = ((j1 - 1) >> 3) + 1;
+  const int64_t g0 = j0 >> 3, G = ((j1 - 1) >> 3) + 1 - g0;
 #pragma omp simd
-  for (int64_t g = g0; g < g1; ++g) {
-    const Philox4 r = philox4x32<7>(uint32_t(i), uint32_t(g), bh, 0, k0, k1);
-    for (int k = 0; k < 4; ++k) words[4 * (g - g0) + k] = r.w[k];
+  for (int64_t g = 0; g < G; ++g) {
+    const Philox4 r = philox4x32<7>(uint32_t(i), uint32_t(g0 + g), bh, 0, k0, k1);
+    for (int k = 0; k < 8; ++k) draws[8 * g + k] = uint16_t(r.w[k >> 1] >> ((k & 1) * 16));
   }
-  const int64_t base = 8 * g0;
+  const uint16_t* __restrict row = draws + (j0 - 8 * g0);
 #pragma omp simd
-  for (int64_t j = j0; j < j1; ++j) {
-    const uint32_t word = words[(j - base) >> 1];  // group (j − base) >> 3, word (j & 7) >> 1
-    const int32_t draw = int32_t((word >> ((j & 1) * 16)) & 0xFFFFu);
-    keep[j - j0] = draw >= thresh ? T(1) : T(0);
-  }
+  for (int64_t j = 0; j < j1 - j0; ++j) keep[j] = int32_t(row[j]) >= thresh ? T(1) : T(0);
 }
 
 }  // namespace gpt1

@@ -8,6 +8,9 @@
 #include "ops.h"
 
 TORCH_LIBRARY_IMPL(gpt1, CPU, m) {
+  m.impl("attention_fwd", &gpt1::attention_fwd);
+  m.impl("attention_bwd", &gpt1::attention_bwd);
+  m.impl("attention_dropout_mask", &gpt1::attention_dropout_mask);
   m.impl("add_layernorm_fwd", &gpt1::add_layernorm_fwd);
   m.impl("add_layernorm_bwd", &gpt1::add_layernorm_bwd);
   m.impl("add_layernorm_dropout_mask", &gpt1::add_layernorm_dropout_mask);

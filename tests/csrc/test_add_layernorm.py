@@ -209,9 +209,10 @@ _X, _R, _W, _B, _DY = make_inputs(4, 8)
 _S = seed_tensor(1)
 BAD_FORWARD = {  # case → (arguments, expected message)
     "1-D x": ((_X[0], _R[0], _W, _B, EPS, 0.0, None), "x must be 2-D (N, C)"),
-    "integer x": ((_X.long(), _R.long(), _W, _B, EPS, 0.0, None), "x must be float32, float64, bfloat16 or float16, got Long"),
+    "integer x": ((_X.long(), _R.long(), _W, _B, EPS, 0.0, None),
+                  "x must be float32, float64, bfloat16 or float16, got Long"),
     "residual shape": ((_X, _R[:3], _W, _B, EPS, 0.0, None), "residual must have shape [4, 8], got [3, 8]"),
-    "residual dtype": ((_X, _R.double(), _W, _B, EPS, 0.0, None), "residual must be Float (as the other inputs), got Double"),
+    "residual dtype": ((_X, _R.double(), _W, _B, EPS, 0.0, None), "residual must have dtype Float, got Double"),
     "weight shape": ((_X, _R, _W[:7], _B, EPS, 0.0, None), "weight must have shape (8,), got [7]"),
     "bias shape": ((_X, _R, _W, _B[:2], EPS, 0.0, None), "bias must have shape (8,), got [2]"),
     "negative eps": ((_X, _R, _W, _B, -1.0, 0.0, None), "eps must be >= 0, got -1"),
@@ -232,7 +233,7 @@ def test_bad_backward_inputs_raise():
     _, mean, rstd = gpt1.add_layernorm_fwd(_X, _R, _W, _B, EPS, 0.0, None)
     with pytest.raises(RuntimeError, match=r"grad_y must have shape \[4, 8\], got \[2, 8\]"):
         gpt1.add_layernorm_bwd(_DY[:2], _X, _R, _W, mean, rstd, 0.0, None)
-    with pytest.raises(RuntimeError, match="mean must be Float .* got Double"):
+    with pytest.raises(RuntimeError, match="mean must have dtype Float, got Double"):
         gpt1.add_layernorm_bwd(_DY, _X, _R, _W, mean.double(), rstd, 0.0, None)
     with pytest.raises(RuntimeError, match="rows and cols must be >= 0, got -1 and 4"):
         gpt1.add_layernorm_dropout_mask(_S, -1, 4, 0.5)

@@ -127,7 +127,7 @@ BAD_FORWARD = {  # case → (arguments, expected message)
     "1-D x": ((_X[0], _W, _B, "tanh"), "x must be 2-D (N, C), got shape [8]"),
     "integer x": ((_X.long(), _W, _B, "tanh"), "x must be float32, float64, bfloat16 or float16, got Long"),
     "weight width": ((_X, _W[:, :7], _B, "tanh"), "weight must have shape (F, 8), got [6, 7]"),
-    "weight dtype": ((_X, _W.double(), _B, "tanh"), "weight must be Float (as the other inputs), got Double"),
+    "weight dtype": ((_X, _W.double(), _B, "tanh"), "weight must have dtype Float, got Double"),
     "bias shape": ((_X, _W, _B[:5], "tanh"), "bias must have shape [6], got [5]"),
     "approximate": ((_X, _W, _B, "erf"), "approximate must be 'tanh' or 'none', got 'erf'"),
 }
@@ -144,5 +144,5 @@ def test_bad_backward_inputs_raise():
     _, pre = gpt1.linear_gelu_fwd(_X, _W, _B, "tanh")
     with pytest.raises(RuntimeError, match=re.escape("grad_y must have shape [4, 6], got [4, 5]")):
         gpt1.linear_gelu_bwd(_DY[:, :5], _X, _W, pre, "tanh")
-    with pytest.raises(RuntimeError, match=re.escape("pre must be Float (as the other inputs), got Half")):
+    with pytest.raises(RuntimeError, match=re.escape("pre must have dtype Float, got Half")):
         gpt1.linear_gelu_bwd(_DY, _X, _W, pre.half(), "tanh")
