@@ -37,4 +37,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
                                                                const at::Tensor& weight, const at::Tensor& pre,
                                                                c10::string_view approximate);
 
+// linear_cross_entropy.cpp — mean CE of softmax(hidden Wᵀ) over targets != ignore_index, and
+// (when compute_grad) its gradients, without materialising the (N, V) logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at::Tensor& hidden,
+                                                                        const at::Tensor& weight,
+                                                                        const at::Tensor& targets,
+                                                                        int64_t ignore_index, bool compute_grad);
+
 }  // namespace gpt1

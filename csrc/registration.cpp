@@ -16,4 +16,5 @@ TORCH_LIBRARY_IMPL(gpt1, CPU, m) {
   m.impl("add_layernorm_dropout_mask", &gpt1::add_layernorm_dropout_mask);
   m.impl("linear_gelu_fwd", &gpt1::linear_gelu_fwd);
   m.impl("linear_gelu_bwd", &gpt1::linear_gelu_bwd);
+  m.impl("linear_cross_entropy_fwd", &gpt1::linear_cross_entropy_fwd);
 }
