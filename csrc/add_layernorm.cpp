@@ -13,6 +13,8 @@
 // Parallel over rows (forward) and row blocks (backward); each row is one vectorised sweep
 // (GPT1_SIMD picks AVX-512/AVX2 at load time). The keep mask comes from Philox keyed by the
 // element index (philox.h), so add_layernorm_dropout_mask returns exactly the mask used.
+// The residual may come in its own dtype (under autocast: a bf16 matmul output joining a float32
+// stream, as F.layer_norm would see it); y and dx take x's dtype, dr the residual's.
 // float16/bfloat16 run through the float32 kernel.
 #include <vector>
 
@@ -156,6 +158,14 @@ std::pair<int64_t, int64_t> check_shapes(const at::Tensor& x, const at::Tensor& 
   return {x.size(0), x.size(1)};
 }
 
+// The residual: any float dtype, shape (N, C); returned contiguous.
+at::Tensor checked_residual(const at::Tensor& residual, int64_t N, int64_t C) {
+  check_float(kOp, "residual", residual);
+  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == N && residual.size(1) == C, kOp,
+              ": residual must have shape [", N, ", ", C, "] (as x), got ", residual.sizes());
+  return residual.contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
@@ -163,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
     double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
   const auto [N, C] = check_shapes(x_, weight_);
   const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
-  auto residual = checked(kOp, "residual", residual_, dtype, {N, C});
+  auto residual = checked_residual(residual_, N, C);
   check_float(kOp, "bias", bias_);
   TORCH_CHECK(bias_.sizes() == weight_.sizes(), kOp, ": bias must have shape (", C, ",), got ", bias_.sizes());
   TORCH_CHECK(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
@@ -193,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
   const auto [N, C] = check_shapes(x_, weight_);
   const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
   auto grad_y = checked(kOp, "grad_y", grad_y_, dtype, {N, C});
-  auto residual = checked(kOp, "residual", residual_, dtype, {N, C});
+  auto residual = checked_residual(residual_, N, C);
   auto mean = checked(kOp, "mean", mean_, at::kFloat, {N});
   auto rstd = checked(kOp, "rstd", rstd_, at::kFloat, {N});
   const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
@@ -220,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
     sum_blocks_in_order(partial.data_ptr<acc>() + C, n_blocks, 2 * C, C, dbias.data_ptr<acc>());
   });
   const auto wdtype = weight_.scalar_type();
-  return {dx.to(dtype), dr.to(dtype), dweight.to(wdtype), dbias.to(wdtype)};
+  return {dx.to(dtype), dr.to(residual_.scalar_type()), dweight.to(wdtype), dbias.to(wdtype)};
 }
 
 at::Tensor add_layernorm_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double dropout_p) {

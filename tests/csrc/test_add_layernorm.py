@@ -100,6 +100,27 @@ def test_low_precision_fa_rule(dtype, param_dtype, N, C, p):
             assert_fa_rule(got, want, low, name)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_autocast_layout_fp32_stream_bf16_residual(p):
+    """Under autocast the stream x stays float32 and the residual is a bf16 matmul output: y and
+    grad_x are float32 (exact to fp32 tolerance), grad_residual comes back in bf16."""
+    N, C = 23, 96
+    x, r, w, b, dy = make_inputs(N, C)
+    r = r.to(torch.bfloat16)
+    seed = seed_tensor(7) if p > 0 else None
+    mask = gpt1.add_layernorm_dropout_mask(seed, N, C, p) if p > 0 else None
+    y, grads = run_fused(x, r, w, b, dy, p, seed)
+    y_ref, grads_ref = run_exact_reference(x, r.float(), w, b, dy, p, mask)
+    _, grads_pt = run_reference(x, r, w, b, dy, p, mask)  # PyTorch: fp32 math, grad cast to bf16
+    assert y.dtype == torch.float32 and grads[0].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+    assert_close(y, y_ref, "y")
+    for name, got, want, pt in zip(GRAD_NAMES, grads, grads_ref, grads_pt):
+        if name == "grad_residual":
+            assert_fa_rule(got, want, pt, name)
+        else:
+            assert_close(got, want, name)
+
+
 def test_gradcheck_float64_through_engine_ops():
     x, r, w, b, _ = make_inputs(3, 5, torch.float64)
     args = [t.requires_grad_() for t in (x, r, w, b)]
@@ -211,8 +232,9 @@ BAD_FORWARD = {  # case → (arguments, expected message)
     "1-D x": ((_X[0], _R[0], _W, _B, EPS, 0.0, None), "x must be 2-D (N, C)"),
     "integer x": ((_X.long(), _R.long(), _W, _B, EPS, 0.0, None),
                   "x must be float32, float64, bfloat16 or float16, got Long"),
-    "residual shape": ((_X, _R[:3], _W, _B, EPS, 0.0, None), "residual must have shape [4, 8], got [3, 8]"),
-    "residual dtype": ((_X, _R.double(), _W, _B, EPS, 0.0, None), "residual must have dtype Float, got Double"),
+    "residual shape": ((_X, _R[:3], _W, _B, EPS, 0.0, None), "residual must have shape [4, 8] (as x), got [3, 8]"),
+    "integer residual": ((_X, _R.int(), _W, _B, EPS, 0.0, None),
+                         "residual must be float32, float64, bfloat16 or float16, got Int"),
     "weight shape": ((_X, _R, _W[:7], _B, EPS, 0.0, None), "weight must have shape (8,), got [7]"),
     "bias shape": ((_X, _R, _W, _B[:2], EPS, 0.0, None), "bias must have shape (8,), got [2]"),
     "negative eps": ((_X, _R, _W, _B, -1.0, 0.0, None), "eps must be >= 0, got -1"),
