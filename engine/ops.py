@@ -117,7 +117,7 @@ def _load_extension() -> None:
     sources = _build.sources()
     if not sources and not built:
         raise RuntimeError(f"no C++ sources in {_build.CSRC} and no prebuilt engine._C")
-    newest_source = max((os.path.getmtime(s) for s in sources), default=0.0)
+    newest_source = max((os.path.getmtime(s) for s in _build.inputs()), default=0.0)
     if built and os.path.getmtime(built[0]) >= newest_source:
         torch.ops.load_library(str(built[0]))
         return
