@@ -48,58 +48,70 @@ struct LayerNormArgs {
   acc_t<T> scale;     // 1 / (1 − p)
 };
 
-// s = x + r·m for row i into s[], and m into m[] (when dropout).
+// m_j = keep_ij / (1 − p) for row i (dropout only).
 template <typename T>
-GPT1_INLINE void add_row(const LayerNormArgs<T>& a, int64_t i, acc_t<T>* s, acc_t<T>* m) {
+GPT1_INLINE void mask_row(const LayerNormArgs<T>& a, int64_t i, acc_t<T>* __restrict m) {
   using acc = acc_t<T>;
-  const int64_t C = a.C;
-  const T *xi = a.x + i * C, *ri = a.r + i * C;
-  if (!a.dropout) {
-#pragma omp simd
-    for (int64_t j = 0; j < C; ++j) s[j] = acc(xi[j]) + acc(ri[j]);
-    return;
-  }
-  const uint64_t e0 = uint64_t(i) * uint64_t(C);
+  const uint64_t e0 = uint64_t(i) * uint64_t(a.C);
   const uint32_t k0 = a.key.k0, k1 = a.key.k1;
   const float p = a.key.p;
   const acc scale = a.scale;
 #pragma omp simd
-  for (int64_t j = 0; j < C; ++j) {
-    const uint64_t e = e0 + uint64_t(j);
-    m[j] = scale * element_keep<acc>(e, k0, k1, p);
-    s[j] = acc(xi[j]) + acc(ri[j]) * m[j];
-  }
+  for (int64_t j = 0; j < a.C; ++j) m[j] = scale * element_keep<acc>(e0 + uint64_t(j), k0, k1, p);
 }
 
-template <typename T>
-GPT1_SIMD void fwd_rows(const LayerNormArgs<T>& a, int64_t begin, int64_t end) {
+// s = x + r·m (m = 1 without dropout) for row i into s[]; returns Σ_j s_j.
+template <typename T, bool kDropout>
+GPT1_INLINE acc_t<T> add_row(const LayerNormArgs<T>& a, int64_t i, acc_t<T>* __restrict s,
+                             const acc_t<T>* __restrict m) {
+  using acc = acc_t<T>;
+  const T *__restrict xi = a.x + i * a.C, *__restrict ri = a.r + i * a.C;
+  acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < a.C; ++j) {
+    s[j] = kDropout ? acc(xi[j]) + acc(ri[j]) * m[j] : acc(xi[j]) + acc(ri[j]);
+    sum += s[j];
+  }
+  return sum;
+}
+
+template <typename T, bool kDropout>
+GPT1_INLINE void fwd_rows_impl(const LayerNormArgs<T>& a, int64_t begin, int64_t end) {
   using acc = acc_t<T>;
   const int64_t C = a.C;
-  std::vector<acc> s(C), m(a.dropout ? C : 0);
+  std::vector<acc> s_buf(C), m_buf(kDropout ? C : 0);
+  acc* __restrict s = s_buf.data();
+  const T *__restrict w = a.weight, *__restrict bias = a.bias;
   for (int64_t i = begin; i < end; ++i) {
-    add_row(a, i, s.data(), m.data());
-    acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < C; ++j) sum += s[j];
-    const acc mu = sum / acc(C);
-    acc sq = 0;
+    if (kDropout) mask_row(a, i, m_buf.data());
+    const acc mu = add_row<T, kDropout>(a, i, s, m_buf.data()) / acc(C);
+    acc sq = 0;  // two-pass variance: no cancellation when |mean| ≫ std
 #pragma omp simd reduction(+ : sq)
     for (int64_t j = 0; j < C; ++j) sq += (s[j] - mu) * (s[j] - mu);
     const acc rs = acc(1) / std::sqrt(sq / acc(C) + a.eps);
-    T* yi = a.y + i * C;
+    T* __restrict yi = a.y + i * C;
 #pragma omp simd
-    for (int64_t j = 0; j < C; ++j) yi[j] = T((s[j] - mu) * rs * acc(a.weight[j]) + acc(a.bias[j]));
+    for (int64_t j = 0; j < C; ++j) yi[j] = T((s[j] - mu) * rs * acc(w[j]) + acc(bias[j]));
     a.mean[i] = float(mu);
     a.rstd[i] = float(rs);
   }
 }
 
 template <typename T>
-GPT1_SIMD void bwd_blocks(const LayerNormArgs<T>& a, int64_t N, int64_t block_begin, int64_t block_end) {
+GPT1_SIMD void fwd_rows(const LayerNormArgs<T>& a, int64_t begin, int64_t end) {
+  if (a.dropout) {
+    fwd_rows_impl<T, true>(a, begin, end);
+  } else {
+    fwd_rows_impl<T, false>(a, begin, end);
+  }
+}
+
+template <typename T, bool kDropout>
+GPT1_INLINE void bwd_blocks_impl(const LayerNormArgs<T>& a, int64_t N, int64_t block_begin, int64_t block_end) {
   using acc = acc_t<T>;
   const int64_t C = a.C;
-  std::vector<acc> s_buf(C), m_buf(a.dropout ? C : 0), g_buf(C);
-  acc* __restrict s = s_buf.data();  // s, then x̂
+  std::vector<acc> xhat_buf(C), m_buf(kDropout ? C : 0), g_buf(C);
+  acc* __restrict xhat = xhat_buf.data();
   acc* __restrict g = g_buf.data();  // dy·γ
   const acc* __restrict m = m_buf.data();
   const T* __restrict w = a.weight;
@@ -108,30 +120,45 @@ GPT1_SIMD void bwd_blocks(const LayerNormArgs<T>& a, int64_t N, int64_t block_be
     acc* __restrict dbeta = dgamma + C;
     std::fill(dgamma, dgamma + 2 * C, acc(0));
     for (int64_t i = b * kRowsPerBlock; i < std::min(N, (b + 1) * kRowsPerBlock); ++i) {
-      add_row(a, i, s, m_buf.data());
-      const T* __restrict dyi = a.dy + i * C;
+      if (kDropout) mask_row(a, i, m_buf.data());
+      const T *__restrict xi = a.x + i * C, *__restrict ri = a.r + i * C, *__restrict dyi = a.dy + i * C;
       const acc mu = a.mean[i], rs = a.rstd[i];
       acc sum_g = 0, sum_gx = 0;
 #pragma omp simd reduction(+ : sum_g, sum_gx)
       for (int64_t j = 0; j < C; ++j) {
-        const acc dy = acc(dyi[j]), xhat = (s[j] - mu) * rs;
-        s[j] = xhat;
+        const acc s = kDropout ? acc(xi[j]) + acc(ri[j]) * m[j] : acc(xi[j]) + acc(ri[j]);
+        const acc dy = acc(dyi[j]);
+        xhat[j] = (s - mu) * rs;
         g[j] = dy * acc(w[j]);
         sum_g += g[j];
-        sum_gx += g[j] * xhat;
-        dgamma[j] += dy * xhat;
+        sum_gx += g[j] * xhat[j];
+        dgamma[j] += dy * xhat[j];
         dbeta[j] += dy;
       }
       const acc mg = sum_g / acc(C), mgx = sum_gx / acc(C);
       T* __restrict dxi = a.dx + i * C;
-#pragma omp simd
-      for (int64_t j = 0; j < C; ++j) dxi[j] = T(rs * (g[j] - mg - s[j] * mgx));
-      if (a.dropout) {
+      if (kDropout) {
         T* __restrict dri = a.dr + i * C;
 #pragma omp simd
-        for (int64_t j = 0; j < C; ++j) dri[j] = T(acc(dxi[j]) * m[j]);
+        for (int64_t j = 0; j < C; ++j) {
+          const acc ds = rs * (g[j] - mg - xhat[j] * mgx);
+          dxi[j] = T(ds);
+          dri[j] = T(ds * m[j]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < C; ++j) dxi[j] = T(rs * (g[j] - mg - xhat[j] * mgx));
       }
     }
+  }
+}
+
+template <typename T>
+GPT1_SIMD void bwd_blocks(const LayerNormArgs<T>& a, int64_t N, int64_t block_begin, int64_t block_end) {
+  if (a.dropout) {
+    bwd_blocks_impl<T, true>(a, N, block_begin, block_end);
+  } else {
+    bwd_blocks_impl<T, false>(a, N, block_begin, block_end);
   }
 }
 
