@@ -57,7 +57,10 @@ GPT1_INLINE void mask_row(const LayerNormArgs<T>& a, int64_t i, acc_t<T>* __rest
   const float p = a.key.p;
   const acc scale = a.scale;
 #pragma omp simd
-  for (int64_t j = 0; j < a.C; ++j) m[j] = scale * element_keep<acc>(e0 + uint64_t(j), k0, k1, p);
+  for (int64_t j = 0; j < a.C; ++j) {
+    const uint64_t e = e0 + uint64_t(j);
+    m[j] = scale * element_keep<acc>(uint32_t(e), uint32_t(e >> 32), k0, k1, p);
+  }
 }
 
 // s = x + r·m (m = 1 without dropout) for row i into s[]; returns Σ_j s_j.
@@ -166,11 +169,10 @@ GPT1_SIMD void mask_rows(const ElementDropout& key, int64_t C, int64_t begin, in
   const uint32_t k0 = key.k0, k1 = key.k1;
   const float p = key.p;
   for (int64_t i = begin; i < end; ++i) {
-    const uint64_t e0 = uint64_t(i) * uint64_t(C);
 #pragma omp simd
     for (int64_t j = 0; j < C; ++j) {
-      const uint64_t e = e0 + uint64_t(j);
-      keep[i * C + j] = element_keep<uint8_t>(e, k0, k1, p);
+      const uint64_t e = uint64_t(i) * uint64_t(C) + uint64_t(j);
+      keep[i * C + j] = element_keep<uint8_t>(uint32_t(e), uint32_t(e >> 32), k0, k1, p);
     }
   }
 }

@@ -58,10 +58,10 @@ struct ElementDropout {
       : k0(uint32_t(seed)), k1(uint32_t(seed >> 32)), p(static_cast<float>(dropout_p)) {}
 };
 
-// 1 if element e is kept, else 0 (as a number: loops over e vectorise).
+// 1 if element e = e_hi·2³² + e_lo is kept, else 0 (as a number: loops over e vectorise).
 template <typename T>
-GPT1_INLINE T element_keep(uint64_t e, uint32_t k0, uint32_t k1, float p) {
-  const uint32_t r = philox4x32<10>(uint32_t(e), uint32_t(e >> 32), 0, 0, k0, k1).w[0];
+GPT1_INLINE T element_keep(uint32_t e_lo, uint32_t e_hi, uint32_t k0, uint32_t k1, float p) {
+  const uint32_t r = philox4x32<10>(e_lo, e_hi, 0, 0, k0, k1).w[0];
   return uint_to_uniform_float(r) >= p ? T(1) : T(0);
 }
 
