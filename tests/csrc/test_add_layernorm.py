@@ -202,6 +202,16 @@ def test_dropout_keep_rate_and_scaling(p):
     assert_close(y * 1e6, (expected - expected.mean(1, keepdim=True)).float(), "scaled residual (minus mean)")
 
 
+def test_dropout_mask_matches_the_triton_kernel():
+    try:
+        from kernels.add_layernorm import add_layernorm_dropout_mask as triton_mask
+    except Exception as e:  # noqa: BLE001 — no triton here: nothing to compare against
+        pytest.skip(f"Triton kernels unavailable: {e}")
+    for seed, rows, cols, p in [(123456789012345, 7, 33, 0.3), (2**62 - 1, 5, 100, 0.1)]:
+        ours = gpt1.add_layernorm_dropout_mask(seed_tensor(seed), rows, cols, p)
+        assert torch.equal(ours, triton_mask(seed_tensor(seed), rows, cols, p))
+
+
 def test_dropout_mask_without_dropout_keeps_everything():
     assert gpt1.add_layernorm_dropout_mask(seed_tensor(1), 3, 5, 0.0).all()
 
