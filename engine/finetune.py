@@ -37,7 +37,6 @@ import torch
 
 from . import train
 from .config import GPT1Config
-from .data import transforms
 from .data.records import Example
 from .data.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from .data.transforms import Encoded, InputTransform, collate
@@ -62,16 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = train.ArgumentParser(
         prog="python -m engine.finetune",
         description="Fine-tune GPT-1 on a task with the paper's input transformations and auxiliary LM loss.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("task and model")
-    g.add_argument("--task", default=DEFAULT_TASK, help=f"task name: {', '.join(TASKS)}")
+    g.add_argument("--task", default=DEFAULT_TASK, help=f"task name: {', '.join(TASKS)} (default: {DEFAULT_TASK})")
     g.add_argument("--data-dir", default=None, help="directory holding the task's files in their published layout "
                    "(e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays)")
     g.add_argument("--init", default=PRETRAIN_DEFAULT_OUT, help="run directory to start from (config.json + "
-                   "model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run")
+                   "model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run "
+                   f"(default: {PRETRAIN_DEFAULT_OUT}, where `{PRETRAIN_COMMAND}` writes)")
     g.add_argument("--arch", default=PRETRAIN_DEFAULT_OUT, help="with --init none: the run whose config.json and "
-                   "tokenizer the random model takes (so the ablation differs from pretraining in the weights only)")
+                   "tokenizer the random model takes, so the ablation differs from pretraining in the weights only "
+                   f"(default: {PRETRAIN_DEFAULT_OUT})")
     g.add_argument("--preset", default=None, help="with --init none: a GPT1Config preset instead of --arch's config")
     g.add_argument("--tokenizer", default=None, help="a tokenizer.json to use instead of the run's")
     g.add_argument("--out", default=None, help="run directory (default: runs/finetune-<task>; with --eval-only: <init>/eval)")
@@ -79,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR with its saved settings")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     h = p.add_argument_group("fine-tuning (the paper's defaults)")
-    h.add_argument("--epochs", type=float, default=3.0, help="passes over the training set")
-    h.add_argument("--lm-coef", type=float, default=0.5, help="λ in L3 = L2 + λ·L1 (0 disables the auxiliary LM loss)")
-    h.add_argument("--dropout", type=float, default=0.1, help="dropout before the task head's linear layer")
-    h.add_argument("--warmup-fraction", type=float, default=WARMUP_FRACTION, help="linear warm-up over this fraction of the updates")
+    h.add_argument("--epochs", type=float, default=3.0, help="passes over the training set (default: 3)")
+    h.add_argument("--lm-coef", type=float, default=0.5, help="λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (default: 0.5)")
+    h.add_argument("--dropout", type=float, default=0.1, help="dropout before the task head's linear layer (default: 0.1)")
+    h.add_argument("--warmup-fraction", type=float, default=WARMUP_FRACTION, help="linear warm-up over this fraction of the updates (default: 0.002)")
     h.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (default: the model's n_positions)")
     h.add_argument("--eval-batch-size", type=int, default=None, help="examples per evaluation batch (default: --batch-size)")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -351,14 +351,19 @@ def write_predictions(task: Task, split: Split, preds: list[Any], path: Path, wi
 
 def evaluate_all(
     task: Task, model: GPT1ForTask, dev: list[Split], test: list[Split], out: Path, batch_size: int,
-    device: torch.device, pad_id: int,
+    device: torch.device, pad_id: int, known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Scores every dev set (and labelled test set), writes their predictions and GLUE-format
-    predictions for unlabelled test sets; returns metrics.json's content (without counts)."""
+    predictions for unlabelled test sets; returns metrics.json's content (without counts).
+    ``known``: {dev set name: {"preds", "loss"}} already computed with these weights."""
+    known = known or {}
     result: dict[str, Any] = {"dev": {}, "test": {}}
     for kind, sets in (("dev", dev), ("test", test)):
         for split in sets:
-            preds, loss = predict(model, split.encoded, batch_size, device, pad_id)
+            if kind == "dev" and split.name in known:
+                preds, loss = known[split.name]["preds"], known[split.name]["loss"]
+            else:
+                preds, loss = predict(model, split.encoded, batch_size, device, pad_id)
             suffix = "" if len(sets) == 1 else f"_{split.name}"
             if split.labelled:
                 scores = score_split(task, split, preds)
@@ -452,6 +457,7 @@ def finetune(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: Path, resume_from: Path | None,
               dist: train.DistEnv) -> int:
     t0 = time.perf_counter()
+    torch.manual_seed(vars(args).get("seed", 0))  # the same new rows, head (and --init none weights) on every rank
     body, tokenizer, source = load_body(args)
     max_len = _max_len(args, body)
     transform = InputTransform(tokenizer, task.kind, max_len)
@@ -492,6 +498,7 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
         atomic_write_text(out / train.RUN_CONFIG, json.dumps({"train": dataclasses.asdict(cfg), "args": _args_dict(args)}, indent=2) + "\n")
 
     best = {"score": -math.inf, "step": 0}
+    best_dev: dict[str, Any] = {}  # the best checkpoint's predictions on the first dev set (this process's run)
     primary = task.metrics[0]
 
     def evaluate(trainer: train.Trainer) -> dict[str, float]:
@@ -499,6 +506,7 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
         scores = score_split(task, dev[0], preds)
         if scores[primary] > best["score"]:
             best.update(score=scores[primary], step=trainer.step)
+            best_dev.update(preds=preds, loss=loss)
             if trainer.dist.is_main:
                 save_run(trainer.model, tokenizer, {**meta, "step": trainer.step, "dev": scores}, out / BEST)
             trainer.dist.barrier()
@@ -520,7 +528,7 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
     )
     result = trainer.fit()
     if result.status == "interrupted":
-        return 130
+        return 128 + (result.signal or 0)
     if result.status == "diverged":
         return 1
     if not dist.is_main:
@@ -530,7 +538,7 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
         install_run(out / BEST, out)
         shutil.rmtree(out / BEST, ignore_errors=True)
     _load_weights(model, out)
-    res = evaluate_all(task, model, dev, test, out, eval_bs, trainer.device, sp.pad)
+    res = evaluate_all(task, model, dev, test, out, eval_bs, trainer.device, sp.pad, known={dev[0].name: best_dev} if best_dev else {})
     metrics = {"task": task.name, **{k: res[k] for k in task.metrics}, "n_train": len(train_split.examples),
                "n_dev": len(dev[0].examples), "best_step": best["step"], "steps": result.step, "init": source,
                "dev": res["dev"], "test": res["test"], "wall_s": round(time.perf_counter() - t0, 1)}

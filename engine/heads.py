@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data.transforms import KINDS
 from .model import GPT1
-
-KINDS = ("classification", "entailment", "similarity", "regression", "multiple_choice")
 
 
 class SharedDropout(nn.Module):

@@ -158,3 +158,23 @@ def test_batches_are_a_pure_function_of_the_step():
     orders = [[int(fetch1(s, 0, 1)["input_ids"][0, 0, 1]) for s in range(e * 5, e * 5 + 5)] for e in range(3)]
     assert all(sorted(o) == [0, 1, 2, 3, 4] for o in orders)  # each example once per epoch
     assert len({tuple(o) for o in orders}) > 1  # reshuffled every epoch
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run(pretrained, tmp_path):
+    """torchrun with 2 gloo processes: each rank trains on its slice, evaluates its share of
+    dev, and rank 0 alone writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.finetune",
+           "--no-fused", "--quiet", "--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained),
+           "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_dev"] == 2 and metrics["dev"]["dev"]["n"] == 2  # both ranks' shares gathered
+    assert len(read_tsv(out / "dev_predictions.tsv")) == 3
