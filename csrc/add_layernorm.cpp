@@ -200,6 +200,7 @@ at::Tensor checked_residual(const at::Tensor& residual, int64_t N, int64_t C) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
     const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight_, const at::Tensor& bias_,
     double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const NoAutocast no_autocast;
   const auto [N, C] = check_shapes(x_, weight_);
   const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
   auto residual = checked_residual(residual_, N, C);
@@ -229,6 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
     const at::Tensor& grad_y_, const at::Tensor& x_, const at::Tensor& residual_, const at::Tensor& weight_,
     const at::Tensor& mean_, const at::Tensor& rstd_, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const NoAutocast no_autocast;
   const auto [N, C] = check_shapes(x_, weight_);
   const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
   auto grad_y = checked(kOp, "grad_y", grad_y_, dtype, {N, C});

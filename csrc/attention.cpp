@@ -262,6 +262,7 @@ Dropout<scalar_t> make_dropout(double dropout_p, const std::optional<at::Tensor>
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv_, int64_t n_head, double dropout_p,
                                                  const std::optional<at::Tensor>& seed) {
+  const NoAutocast no_autocast;
   const Geometry g = check_qkv(qkv_, n_head);
   const auto dtype = qkv_.scalar_type(), cdtype = compute_dtype(dtype);
   auto qkv = qkv_.contiguous().to(cdtype);
@@ -284,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv_, int64_t
 at::Tensor attention_bwd(const at::Tensor& grad_out_, const at::Tensor& qkv_, const at::Tensor& out_,
                          const at::Tensor& lse_, int64_t n_head, double dropout_p,
                          const std::optional<at::Tensor>& seed) {
+  const NoAutocast no_autocast;
   const Geometry g = check_qkv(qkv_, n_head);
   const auto dtype = qkv_.scalar_type(), cdtype = compute_dtype(dtype);
   auto grad_out = checked(kOp, "grad_out", grad_out_, dtype, {g.B, g.T, g.C}).to(cdtype);

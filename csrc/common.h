@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -96,6 +97,13 @@ inline uint64_t read_seed(const char* op, double dropout_p, const std::optional<
 // Kernels compute in float32 or float64; float16/bfloat16 inputs run through the float32
 // kernel (upcast on entry, results cast back on exit).
 inline at::ScalarType compute_dtype(at::ScalarType d) { return d == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Kernels compute in the dtypes they choose. Under torch.autocast the caller's thread still has
+// autocast on, which would recast the ATen ops a kernel calls (at::addmm → bfloat16): every op
+// entry point that calls ATen math holds this guard.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // ---- GEMM -------------------------------------------------------------------------------
 

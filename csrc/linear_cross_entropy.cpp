@@ -59,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at
                                                                         const at::Tensor& weight_,
                                                                         const at::Tensor& targets_,
                                                                         int64_t ignore_index, bool compute_grad) {
+  const NoAutocast no_autocast;
   check_float(kOp, "hidden", hidden_);
   TORCH_CHECK(hidden_.dim() == 2, kOp, ": hidden must be 2-D (N, C), got shape ", hidden_.sizes());
   const int64_t N = hidden_.size(0), C = hidden_.size(1);

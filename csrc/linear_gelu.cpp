@@ -136,6 +136,7 @@ std::tuple<int64_t, int64_t, int64_t> check_shapes(const at::Tensor& x, const at
 
 std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x_, const at::Tensor& weight_,
                                                    const at::Tensor& bias_, c10::string_view approximate) {
+  const NoAutocast no_autocast;
   const bool tanh_form = is_tanh(approximate);
   const auto [N, C, F] = check_shapes(x_, weight_);
   const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
@@ -158,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x_, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor& grad_y_, const at::Tensor& x_,
                                                                const at::Tensor& weight_, const at::Tensor& pre_,
                                                                c10::string_view approximate) {
+  const NoAutocast no_autocast;
   const bool tanh_form = is_tanh(approximate);
   const auto [N, C, F] = check_shapes(x_, weight_);
   const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
