@@ -178,3 +178,16 @@ def test_two_process_ddp_run(pretrained, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_dev"] == 2 and metrics["dev"]["dev"]["n"] == 2  # both ranks' shares gathered
     assert len(read_tsv(out / "dev_predictions.tsv")) == 3
+
+
+def test_fused_path_runs_the_same_cli(pretrained, tmp_path):
+    from engine import ops
+
+    if not torch.cuda.is_available() and ops.cpu_kernels_error():
+        pytest.skip(ops.cpu_kernels_error())
+    out = tmp_path / "fused"
+    args = ["--fused", "--quiet", "--batch-size", "2", "--task", "rocstories", "--data-dir", str(FIX / "rocstories"),
+            "--init", str(pretrained), "--out", str(out), "--max-steps", "2"]
+    assert run_cli(main, args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] == 5 and metrics["n_dev"] == 1 and metrics["test"]["test"]["n"] == 1
