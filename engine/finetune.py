@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true", help="evaluate the fine-tuned run --init on the dev (and test) files, no training")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR with its saved settings")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="checkpoint and exit after update STEP "
+                   "without changing the schedule (split a run into sessions; continue with --resume)")
     h = p.add_argument_group("fine-tuning (the paper's defaults)")
     h.add_argument("--epochs", type=float, default=3.0, help="passes over the training set (default: 3)")
     h.add_argument("--lm-coef", type=float, default=0.5, help="λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (default: 0.5)")
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 FINETUNE_TRAIN_DEFAULTS = {"batch_size": 32, "lr": 6.25e-5, "schedule": "linear"}
 # Settings a resumed run may change: where and how it runs, not what it computes.
-RESUME_MAY_CHANGE = ("device", "fused", "compile", "prefetch", "quiet", "resume", "overwrite", "log_every")
+RESUME_MAY_CHANGE = ("device", "fused", "compile", "prefetch", "quiet", "resume", "overwrite", "log_every", "stop_at")
 
 
 # ---- loading models and tokenizers -------------------------------------------------------------
@@ -406,6 +408,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.max_len is not None and args.max_len < 4:
         raise ValueError(f"--max-len must be at least 4 (start, delimiter, extract and one token), got {args.max_len}")
+    if args.stop_at is not None and args.stop_at <= 0:
+        raise ValueError(f"--stop-at must be a positive update number, got {args.stop_at}")
     if args.eval_batch_size is not None and args.eval_batch_size <= 0:
         raise ValueError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
 
@@ -526,11 +530,14 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
         weights=TASK_WEIGHTS, extra_state=lambda: dict(best),
         load_extra_state=lambda s: best.update(s), resume_from=resume_from, progress=not args.quiet,
     )
-    result = trainer.fit()
+    result = trainer.fit(stop_at=args.stop_at)
     if result.status == "interrupted":
         return 128 + (result.signal or 0)
     if result.status == "diverged":
         return 1
+    if result.status == "stopped":
+        _print(f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}", dist)
+        return 0
     if not dist.is_main:
         return 0
     # The run directory gets the best dev checkpoint (the trainer left the final weights there).

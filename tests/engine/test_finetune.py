@@ -191,3 +191,16 @@ def test_fused_path_runs_the_same_cli(pretrained, tmp_path):
     assert run_cli(main, args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train"] == 5 and metrics["n_dev"] == 1 and metrics["test"]["test"]["n"] == 1
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
+    common = ["--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained), "--max-steps", "4", "--eval-every", "2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert finetune(common + ["--out", str(whole)]) == 0
+    assert finetune(common + ["--out", str(split), "--stop-at", "2"]) == 0
+    assert not (split / "metrics.json").exists() and (split / "checkpoints" / "step_00000002").is_dir()
+    assert finetune(["--resume", str(split)]) == 0
+    for name in ("model.safetensors", "head.safetensors", "dev_predictions.tsv"):
+        assert (split / name).read_bytes() == (whole / name).read_bytes(), name
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, split))
+    assert (a["accuracy"], a["best_step"], a["steps"]) == (b["accuracy"], b["best_step"], b["steps"])
