@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -133,6 +134,39 @@ def _load_extension() -> None:
     )
 
 
+def _build_failure_message(e: Exception) -> str:
+    """One line saying why, with the compiler's first error line; the whole log goes to a file."""
+    import tempfile
+
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, subprocess.CalledProcessError) and e.output:
+        text += "\n" + (e.output.decode(errors="replace") if isinstance(e.output, bytes) else str(e.output))
+    cause = e.__cause__
+    if cause is not None:
+        text += f"\ncaused by {type(cause).__name__}: {cause}"
+        if getattr(cause, "output", None):
+            out = cause.output
+            text += "\n" + (out.decode(errors="replace") if isinstance(out, bytes) else str(out))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # the compiler's own words first: a diagnostic, then a missing tool, then anything erroneous
+    patterns = (": error:", "fatal error", "not found", "no such file", "error")
+    reason = next(
+        (line for pat in patterns for line in lines if pat in line.lower() and "error building" not in line.lower()),
+        lines[0],
+    )
+    log = Path(tempfile.gettempdir()) / "gpt1_engine_build_error.log"
+    try:
+        log.write_text(text)
+        where = f" (full log: {log})"
+    except OSError:
+        where = ""
+    return (
+        f"the fused CPU kernels are unavailable: building/loading the C++ extension engine._C failed: "
+        f"{reason[:300]}{where}. Install a C++ compiler and `pip install --no-build-isolation -e .`, "
+        f"or use GPT1(config, fused=False)."
+    )
+
+
 def load_cpu_kernels() -> None:
     """Registers the CPU kernels of every gpt1:: op, once per process.
 
@@ -153,12 +187,7 @@ def load_cpu_kernels() -> None:
     try:
         _load_extension()
     except Exception as e:  # a missing compiler surfaces as many exception types
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        _cpu_kernels_error = (
-            f"the fused CPU kernels are unavailable: building/loading the C++ extension "
-            f"engine._C failed ({type(e).__name__}: {first_line}). Install a C++ compiler and "
-            f"`pip install --no-build-isolation -e .`, or use GPT1(config, fused=False)."
-        )
+        _cpu_kernels_error = _build_failure_message(e)
         warnings.warn(_cpu_kernels_error, RuntimeWarning, stacklevel=2)
 
         def unavailable(*args: Any, **kwargs: Any) -> Any:
