@@ -231,6 +231,9 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns)
+        print("error: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 class UserError(Exception):
@@ -645,8 +648,9 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, record["step"])
 
-    def plot(self, path: Path) -> None:
-        """loss.png: train loss and validation loss against the update step."""
+    def plot(self, path: Path, hlines: dict[str, float] | None = None) -> None:
+        """loss.png: train loss and validation loss against the update step; `hlines` adds
+        labelled horizontal reference lines (e.g. the unigram entropy)."""
         if not self.enabled:
             return
         import matplotlib
@@ -659,6 +663,9 @@ class MetricsLog:
             pts = [(r["step"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+        for label, y in (hlines or {}).items():
+            if math.isfinite(y):
+                ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
         ax.set_xlabel("update")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
@@ -670,6 +677,7 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 # ---- the loop -------------------------------------------------------------------------------

@@ -213,3 +213,35 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, cache, capsys):
     losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
               for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_tokenizer_paths(tmp_path):
+    from engine.pretrain import _load_tokenizer
+
+    tok = BPETokenizer.train(texts=["to be or not to be"] * 5, vocab_size=40)
+    tok.save(tmp_path / "run" / "tokenizer.json")
+    for spec in ([str(tmp_path / "run" / "tokenizer.json")], [str(tmp_path / "run")]):
+        assert _load_tokenizer(spec).encode("to be") == tok.encode("to be")
+    # GPT-1's original two files (a toy vocabulary in their format), as two paths or their directory.
+    gpt1 = tmp_path / "gpt1"
+    vocab = {"<unk>": 0, "t": 1, "o": 2, "o</w>": 3, "t</w>": 4, "to</w>": 5}
+    write(gpt1 / "encoder_bpe_40000.json", json.dumps(vocab))
+    write(gpt1 / "vocab_40000.bpe", "#version: 0.2\nt o</w>\n")
+    for spec in ([str(gpt1 / "vocab_40000.bpe"), str(gpt1 / "encoder_bpe_40000.json")], [str(gpt1)]):
+        assert _load_tokenizer(spec).encode("to") == [5]
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or encoder_bpe"):
+        _load_tokenizer([str(tmp_path)])
+
+
+def test_explicit_validation_files(tmp_path):
+    from engine.pretrain import PretrainConfig, _Corpus
+
+    train = write(tmp_path / "train.txt", "one paragraph.\n\nanother one.")
+    val = write(tmp_path / "val.txt", "held out text.")
+    docs_train, docs_val = _Corpus(PretrainConfig(data=[train], val_data=[val])).documents()
+    assert [d.text for d in docs_train] == ["one paragraph.\n\nanother one.\n"]
+    assert [d.text for d in docs_val] == ["held out text.\n"]
+    with pytest.raises(Exception, match="in both --data and --val-data"):
+        _Corpus(PretrainConfig(data=[train], val_data=[train]))
+    with pytest.raises(Exception, match="--val-data needs --data"):
+        _Corpus(PretrainConfig(val_data=[val]))
