@@ -11,8 +11,12 @@
 //   dγ = Σ_rows dy · x̂,  dβ = Σ_rows dy   (fixed blocks of rows, added in block order:
 //                                          the same bits for any thread count)
 // Parallel over rows (forward) and row blocks (backward); each row is one vectorised sweep
-// (GPT1_SIMD picks AVX-512/AVX2 at load time). The keep mask comes from Philox keyed by the
-// element index (philox.h), so add_layernorm_dropout_mask returns exactly the mask used.
+// (GPT1_SIMD picks AVX-512/AVX2 at load time).
+// Dropout (bit for bit as kernels/add_layernorm.py; philox.h's keep_row): keep_ij iff
+//   d(i, j) ≥ round(p·2¹⁶),  d(i, j) = 16-bit half (j mod 8) mod 2 (0: low) of word ⌊(j mod 8)/2⌋
+//   of Philox4x32-7(key = (seed mod 2³², ⌊seed/2³²⌋), counter = (i, ⌊j/8⌋, 0, 0)),
+// one Philox call per 8 columns; N ≤ 2³² and C ≤ 2³⁵ keep counters distinct (larger shapes are
+// refused). add_layernorm_dropout_mask returns exactly the mask used.
 // The residual may come in its own dtype (under autocast: a bf16 matmul output joining a float32
 // stream, as F.layer_norm would see it); y and dx take x's dtype, dr the residual's.
 // float16/bfloat16 run through the float32 kernel.
@@ -26,6 +30,9 @@ namespace gpt1 {
 namespace {
 
 constexpr const char* kOp = "add_layernorm";
+
+// uint16 scratch for a row's dropout draws: 8 per column group.
+int64_t n_draws(int64_t C) { return 8 * ((C + 7) / 8); }
 
 // Pointers of one call. Rows are contiguous with width C.
 template <typename T>
@@ -44,23 +51,14 @@ struct LayerNormArgs {
   int64_t C;
   acc_t<T> eps;
   bool dropout;       // p > 0
-  ElementDropout key;  // Philox key and p
+  Dropout16 key;      // Philox key and 16-bit threshold
   acc_t<T> scale;     // 1 / (1 − p)
 };
 
-// m_j = keep_ij / (1 − p) for row i (dropout only).
+// m_j = keep_ij / (1 − p) for row i (dropout only); `draws` is scratch for 8·⌈C/8⌉ uint16.
 template <typename T>
-GPT1_INLINE void mask_row(const LayerNormArgs<T>& a, int64_t i, acc_t<T>* __restrict m) {
-  using acc = acc_t<T>;
-  const uint64_t e0 = uint64_t(i) * uint64_t(a.C);
-  const uint32_t k0 = a.key.k0, k1 = a.key.k1;
-  const float p = a.key.p;
-  const acc scale = a.scale;
-#pragma omp simd
-  for (int64_t j = 0; j < a.C; ++j) {
-    const uint64_t e = e0 + uint64_t(j);
-    m[j] = scale * element_keep<acc>(uint32_t(e), uint32_t(e >> 32), k0, k1, p);
-  }
+GPT1_INLINE void mask_row(const LayerNormArgs<T>& a, int64_t i, acc_t<T>* __restrict m, uint16_t* __restrict draws) {
+  keep_row<acc_t<T>>(a.key, 0, i, 0, a.C, m, draws, a.scale);
 }
 
 // s = x + r·m (m = 1 without dropout) for row i into s[]; returns Σ_j s_j.
@@ -83,10 +81,11 @@ GPT1_INLINE void fwd_rows_impl(const LayerNormArgs<T>& a, int64_t begin, int64_t
   using acc = acc_t<T>;
   const int64_t C = a.C;
   std::vector<acc> s_buf(C), m_buf(kDropout ? C : 0);
+  std::vector<uint16_t> draws(kDropout ? n_draws(C) : 0);
   acc* __restrict s = s_buf.data();
   const T *__restrict w = a.weight, *__restrict bias = a.bias;
   for (int64_t i = begin; i < end; ++i) {
-    if (kDropout) mask_row(a, i, m_buf.data());
+    if (kDropout) mask_row(a, i, m_buf.data(), draws.data());
     const acc mu = add_row<T, kDropout>(a, i, s, m_buf.data()) / acc(C);
     acc sq = 0;  // two-pass variance: no cancellation when |mean| ≫ std
 #pragma omp simd reduction(+ : sq)
@@ -114,6 +113,7 @@ GPT1_INLINE void bwd_blocks_impl(const LayerNormArgs<T>& a, int64_t N, int64_t b
   using acc = acc_t<T>;
   const int64_t C = a.C;
   std::vector<acc> xhat_buf(C), m_buf(kDropout ? C : 0), g_buf(C);
+  std::vector<uint16_t> draws(kDropout ? n_draws(C) : 0);
   acc* __restrict xhat = xhat_buf.data();
   acc* __restrict g = g_buf.data();  // dy·γ
   const acc* __restrict m = m_buf.data();
@@ -123,7 +123,7 @@ GPT1_INLINE void bwd_blocks_impl(const LayerNormArgs<T>& a, int64_t N, int64_t b
     acc* __restrict dbeta = dgamma + C;
     std::fill(dgamma, dgamma + 2 * C, acc(0));
     for (int64_t i = b * kRowsPerBlock; i < std::min(N, (b + 1) * kRowsPerBlock); ++i) {
-      if (kDropout) mask_row(a, i, m_buf.data());
+      if (kDropout) mask_row(a, i, m_buf.data(), draws.data());
       const T *__restrict xi = a.x + i * C, *__restrict ri = a.r + i * C, *__restrict dyi = a.dy + i * C;
       const acc mu = a.mean[i], rs = a.rstd[i];
       acc sum_g = 0, sum_gx = 0;
@@ -165,16 +165,18 @@ GPT1_SIMD void bwd_blocks(const LayerNormArgs<T>& a, int64_t N, int64_t block_be
   }
 }
 
-GPT1_SIMD void mask_rows(const ElementDropout& key, int64_t C, int64_t begin, int64_t end, bool* keep) {
-  const uint32_t k0 = key.k0, k1 = key.k1;
-  const float p = key.p;
-  for (int64_t i = begin; i < end; ++i) {
-#pragma omp simd
-    for (int64_t j = 0; j < C; ++j) {
-      const uint64_t e = uint64_t(i) * uint64_t(C) + uint64_t(j);
-      keep[i * C + j] = element_keep<uint8_t>(uint32_t(e), uint32_t(e >> 32), k0, k1, p);
-    }
-  }
+GPT1_SIMD void mask_rows(const Dropout16& key, int64_t C, int64_t begin, int64_t end, bool* keep) {
+  std::vector<uint16_t> draws(n_draws(C));
+  // bool holds 0 or 1 in one byte; writing it through uint8_t lets the compare loop vectorise
+  uint8_t* out = reinterpret_cast<uint8_t*>(keep);
+  for (int64_t i = begin; i < end; ++i) keep_row<uint8_t>(key, 0, i, 0, C, out + i * C, draws.data());
+}
+
+// Dropout needs rows ≤ 2³² and columns ≤ 2³⁵: Philox counters (i, ⌊j/8⌋) of 32 bits each.
+void check_counter_range(const char* op, int64_t N, int64_t C, double dropout_p) {
+  TORCH_CHECK(dropout_p == 0 || (N <= (int64_t(1) << 32) && C <= (int64_t(1) << 35)), op,
+              ": dropout draws need rows <= 2**32 and columns <= 2**35 (distinct Philox counters), got ", N,
+              " rows of ", C);
 }
 
 // x: the float16/bfloat16/float32/float64 activation; returns (N, C) and checks the affine params.
@@ -208,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
   TORCH_CHECK(bias_.sizes() == weight_.sizes(), kOp, ": bias must have shape (", C, ",), got ", bias_.sizes());
   TORCH_CHECK(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
   const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
+  check_counter_range(kOp, N, C, dropout_p);
 
   auto x = x_.contiguous().to(cdtype), r = residual.to(cdtype);
   auto weight = weight_.contiguous().to(cdtype), bias = bias_.contiguous().to(cdtype);
@@ -220,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
     LayerNormArgs<scalar_t> a{x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                               bias.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), nullptr, nullptr,
                               nullptr, mean.data_ptr<float>(), rstd.data_ptr<float>(), C, acc(eps),
-                              dropout_p > 0, ElementDropout(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
+                              dropout_p > 0, Dropout16(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
     at::parallel_for(0, N, grain_for(C),
                      [&](int64_t begin, int64_t end) { fwd_rows<scalar_t>(a, begin, end); });
   });
@@ -238,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
   auto mean = checked(kOp, "mean", mean_, at::kFloat, {N});
   auto rstd = checked(kOp, "rstd", rstd_, at::kFloat, {N});
   const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
+  check_counter_range(kOp, N, C, dropout_p);
   const bool dropout = dropout_p > 0;
 
   auto dy = grad_y.to(cdtype), x = x_.contiguous().to(cdtype), r = residual.to(cdtype);
@@ -254,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
                               nullptr, dy.data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(),
                               dropout ? dr.data_ptr<scalar_t>() : nullptr, partial.data_ptr<acc>(),
                               mean.data_ptr<float>(), rstd.data_ptr<float>(), C, acc(0), dropout,
-                              ElementDropout(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
+                              Dropout16(seed_value, dropout_p), acc(1.0 / (1.0 - dropout_p))};
     at::parallel_for(0, n_blocks, grain_for(kRowsPerBlock * C),
                      [&](int64_t begin, int64_t end) { bwd_blocks<scalar_t>(a, N, begin, end); });
     sum_blocks_in_order(partial.data_ptr<acc>(), n_blocks, 2 * C, C, dweight.data_ptr<acc>());
@@ -268,9 +272,10 @@ at::Tensor add_layernorm_dropout_mask(const at::Tensor& seed, int64_t rows, int6
   TORCH_CHECK(rows >= 0 && cols >= 0, "add_layernorm_dropout_mask: rows and cols must be >= 0, got ", rows,
               " and ", cols);
   const uint64_t seed_value = read_seed("add_layernorm_dropout_mask", dropout_p, seed);
+  check_counter_range("add_layernorm_dropout_mask", rows, cols, dropout_p);
   auto keep = at::empty({rows, cols}, seed.options().dtype(at::kBool));
   if (dropout_p == 0) return keep.fill_(true);
-  const ElementDropout key(seed_value, dropout_p);
+  const Dropout16 key(seed_value, dropout_p);
   bool* out = keep.data_ptr<bool>();
   at::parallel_for(0, rows, grain_for(cols),
                    [&](int64_t begin, int64_t end) { mask_rows(key, cols, begin, end, out); });

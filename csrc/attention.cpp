@@ -47,7 +47,7 @@ struct Geometry {
 template <typename scalar_t>
 struct Dropout {
   bool on;                // p > 0
-  AttentionDropout draw;  // Philox key and 16-bit threshold
+  Dropout16 draw;         // Philox key and 16-bit threshold
   scalar_t scale;         // 1 / (1 − p)
 };
 
@@ -65,7 +65,7 @@ struct Scratch {
 template <typename scalar_t>
 GPT1_INLINE void dropout_row(const Dropout<scalar_t>& d, uint32_t bh, int64_t i, int64_t j0, int64_t n,
                              scalar_t* __restrict keep, uint16_t* draws) {
-  attention_keep_row(d.draw, bh, i, j0, j0 + n, keep, draws);
+  keep_row(d.draw, bh, i, j0, j0 + n, keep, draws);
   const scalar_t scale = d.scale;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) keep[j] *= scale;
@@ -255,7 +255,7 @@ Geometry check_qkv(const at::Tensor& qkv, int64_t n_head) {
 template <typename scalar_t>
 Dropout<scalar_t> make_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
   const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
-  return {dropout_p > 0, AttentionDropout(seed_value, dropout_p), scalar_t(1.0 / (1.0 - dropout_p))};
+  return {dropout_p > 0, Dropout16(seed_value, dropout_p), scalar_t(1.0 / (1.0 - dropout_p))};
 }
 
 }  // namespace
@@ -314,13 +314,13 @@ at::Tensor attention_dropout_mask(const at::Tensor& seed, int64_t batch, int64_t
   const uint64_t seed_value = read_seed("attention_dropout_mask", dropout_p, seed);
   auto keep = at::empty({batch, n_head, seq_len, seq_len}, seed.options().dtype(at::kBool));
   if (dropout_p == 0) return keep.fill_(true);
-  const AttentionDropout draw(seed_value, dropout_p);
+  const Dropout16 draw(seed_value, dropout_p);
   bool* dst = keep.data_ptr<bool>();
   at::parallel_for(0, batch * n_head * seq_len, grain_for(seq_len), [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> row(seq_len);
     std::vector<uint16_t> draws(8 * (seq_len / 8 + 2));
     for (int64_t r = begin; r < end; ++r) {  // r = (b·H + h)·T + i
-      attention_keep_row(draw, uint32_t(r / seq_len), r % seq_len, 0, seq_len, row.data(), draws.data());
+      keep_row(draw, uint32_t(r / seq_len), r % seq_len, 0, seq_len, row.data(), draws.data());
       std::copy(row.begin(), row.end(), dst + r * seq_len);
     }
   });

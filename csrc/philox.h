@@ -4,16 +4,18 @@
 // dropout mask on CPU and GPU, and a test can compare the two backends' masks.
 //
 // A keep decision is a pure function of (seed, element): forward and backward regenerate the
-// same mask, and no mask is ever stored. The key is (seed mod 2³², seed >> 32).
-//   add + LayerNorm (as tl.rand(seed, e) >= p, kernels/add_layernorm.py): 10 rounds, counter
-//     (e mod 2³², e >> 32, 0, 0) with e = i·C + j the element index; word 0 → u ∈ [0, 1) by
-//     Triton's uint_to_uniform_float; keep iff u ≥ p (p rounded to float32).
-//   attention (kernels/attention.py): 7 rounds, counter (i, j >> 3, b·H + h, 0); its four words
-//     are eight 16-bit draws, column j taking half (j & 1) (0 = low) of word (j & 7) >> 1;
-//     keep iff draw ≥ round(p·2¹⁶). Eight draws per call: a fraction of the work of one call
-//     per element.
+// same mask, and no mask is ever stored. Both ops draw alike (kernels/attention.py's
+// _dropout_draws): key (seed mod 2³², seed >> 32), 7 rounds, counter (i, j >> 3, c2, 0) for row i
+// and column j; the four words are eight 16-bit draws, column j taking half (j & 1) (0 = low) of
+// word (j & 7) >> 1; keep iff draw ≥ round(p·2¹⁶), so the realised drop rate is round(p·2¹⁶)/2¹⁶.
+//   attention: i the query, j the key, c2 = b·H + h.
+//   add + LayerNorm: i the row, j the column of the (N, C) rows, c2 = 0 (N ≤ 2³², C ≤ 2³⁵:
+//     distinct counters).
+// Eight draws per 7-round call: ~1/11 of the integer work of one 10-round call (tl.rand) per
+// element.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -44,53 +46,54 @@ GPT1_INLINE Philox4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
   return {{c0, c1, c2, c3}};
 }
 
-// Triton's uint_to_uniform_float for 32-bit words: uniform in [0, 1).
-GPT1_INLINE float uint_to_uniform_float(uint32_t r) {
-  const int32_t i = static_cast<int32_t>(r);
-  return float(i < 0 ? ~i : i) * 4.6566127342e-10f;  // ~i = −i − 1 without overflow
-}
-
-// add + LayerNorm dropout: the seed's key and the threshold.
-struct ElementDropout {
-  uint32_t k0, k1;  // Philox key: low and high words of the seed
-  float p;          // drop probability, as float32
-  ElementDropout(uint64_t seed, double dropout_p)
-      : k0(uint32_t(seed)), k1(uint32_t(seed >> 32)), p(static_cast<float>(dropout_p)) {}
-};
-
-// 1 if element e = e_hi·2³² + e_lo is kept, else 0 (as a number: loops over e vectorise).
-template <typename T>
-GPT1_INLINE T element_keep(uint32_t e_lo, uint32_t e_hi, uint32_t k0, uint32_t k1, float p) {
-  const uint32_t r = philox4x32<10>(e_lo, e_hi, 0, 0, k0, k1).w[0];
-  return uint_to_uniform_float(r) >= p ? T(1) : T(0);
-}
-
-// Attention dropout: the seed's key and the 16-bit threshold.
-struct AttentionDropout {
+// A dropout's Philox key and 16-bit threshold.
+struct Dropout16 {
   uint32_t k0, k1;  // Philox key: low and high words of the seed
   int32_t thresh;   // drop iff the 16-bit draw < thresh = round(p·2¹⁶)
-  AttentionDropout(uint64_t seed, double dropout_p)
+  Dropout16(uint64_t seed, double dropout_p)
       : k0(uint32_t(seed)), k1(uint32_t(seed >> 32)), thresh(int32_t(std::nearbyint(dropout_p * 65536.0))) {}
 };
 
-// keep[j − j0] ∈ {0, 1} for query i and keys j ∈ [j0, j1) of head bh = b·H + h. `draws` is
-// scratch for 8·(⌊(j1−1)/8⌋ − ⌊j0/8⌋ + 1) uint16. Two loops that vectorise: the Philox calls of
-// the column groups, each spread into its eight 16-bit draws in column order, then the compares.
+// keep[j − j0] ∈ {0, kept} (kept where the element survives) for row i, columns j ∈ [j0, j1) and
+// counter word c2. `draws` is scratch for 8·(⌊(j1−1)/8⌋ − ⌊j0/8⌋ + 1) uint16. Three loops that
+// vectorise, over chunks of column groups: the Philox calls, into one stack array per word
+// (structure of arrays: GCC vectorises a call per lane); their eight 16-bit halves spread into
+// `draws` in column order; then, for the whole row, the compares.
 template <typename T>
-GPT1_INLINE void attention_keep_row(const AttentionDropout& d, uint32_t bh, int64_t i, int64_t j0, int64_t j1,
-                                    T* __restrict keep, uint16_t* __restrict draws) {
+GPT1_INLINE void keep_row(const Dropout16& d, uint32_t c2, int64_t i, int64_t j0, int64_t j1, T* __restrict keep,
+                          uint16_t* __restrict draws, T kept = T(1)) {
   if (j1 <= j0) return;
+  constexpr int64_t kChunk = 64;  // column groups per chunk: 1 KiB of words on the stack
   const uint32_t k0 = d.k0, k1 = d.k1;
-  const int32_t thresh = d.thresh;
   const int64_t g0 = j0 >> 3, G = ((j1 - 1) >> 3) + 1 - g0;
+  uint32_t w0[kChunk], w1[kChunk], w2[kChunk], w3[kChunk];
+  for (int64_t c = 0; c < G; c += kChunk) {
+    const int64_t n = std::min(kChunk, G - c);
 #pragma omp simd
-  for (int64_t g = 0; g < G; ++g) {
-    const Philox4 r = philox4x32<7>(uint32_t(i), uint32_t(g0 + g), bh, 0, k0, k1);
-    for (int k = 0; k < 8; ++k) draws[8 * g + k] = uint16_t(r.w[k >> 1] >> ((k & 1) * 16));
+    for (int64_t g = 0; g < n; ++g) {
+      const Philox4 r = philox4x32<7>(uint32_t(i), uint32_t(g0 + c + g), c2, 0, k0, k1);
+      w0[g] = r.w[0];
+      w1[g] = r.w[1];
+      w2[g] = r.w[2];
+      w3[g] = r.w[3];
+    }
+    uint16_t* __restrict out = draws + 8 * c;
+#pragma omp simd
+    for (int64_t g = 0; g < n; ++g) {  // column 8g + k takes half k % 2 (0: low) of word k / 2
+      out[8 * g + 0] = uint16_t(w0[g]);
+      out[8 * g + 1] = uint16_t(w0[g] >> 16);
+      out[8 * g + 2] = uint16_t(w1[g]);
+      out[8 * g + 3] = uint16_t(w1[g] >> 16);
+      out[8 * g + 4] = uint16_t(w2[g]);
+      out[8 * g + 5] = uint16_t(w2[g] >> 16);
+      out[8 * g + 6] = uint16_t(w3[g]);
+      out[8 * g + 7] = uint16_t(w3[g] >> 16);
+    }
   }
   const uint16_t* __restrict row = draws + (j0 - 8 * g0);
+  const int32_t thresh = d.thresh;
 #pragma omp simd
-  for (int64_t j = 0; j < j1 - j0; ++j) keep[j] = int32_t(row[j]) >= thresh ? T(1) : T(0);
+  for (int64_t j = 0; j < j1 - j0; ++j) keep[j] = int32_t(row[j]) >= thresh ? kept : T(0);
 }
 
 }  // namespace gpt1

@@ -5,13 +5,25 @@ Spec: engine/reference.py::add_layernorm. Rows of width C (GPT-1: C = 768).
 Forward, per row: s = x + r·keep/(1-p); mean = Σs/C; rstd = 1/√(Σ(s-mean)²/C + eps);
 y = (s - mean)·rstd·γ + β. Statistics are float32 whatever the input dtype, and saved.
 
-Parallelisation: one program per tile of ROWS whole rows (BLOCK_C = next_power_of_2(C) columns,
-masked); ROWS grows as C shrinks so every program moves ~4K elements. x and r are read once.
+Parallelisation: one program per tile of ROWS whole rows (BLOCK_C = next_power_of_2(max(C, 8))
+columns, masked); ROWS grows as C shrinks so every program moves ~4K elements. x and r are read
+once.
 
-Dropout is the point of the fusion: no mask tensor exists. The keep-mask is a counter-based
-Philox draw (tl.rand) keyed by the seed (an int64 (1,) tensor read in-kernel: no host sync) and
-the element index row·C + col; backward regenerates it bit for bit, and
-add_layernorm_dropout_mask exposes it for tests. keep = u >= p, u ~ U[0, 1).
+Dropout is the point of the fusion: no mask tensor exists. With the seed an int64 (1,) tensor read
+in-kernel (no host sync), element (i, j) of the (N, C) rows is kept iff d(i, j) ≥ round(p·2¹⁶), where
+
+    d(i, j) = 16-bit half (j mod 8) mod 2 (0: low) of word ⌊(j mod 8)/2⌋ of
+              Philox4x32-7(key = (seed mod 2³², ⌊seed/2³²⌋), counter = (i, ⌊j/8⌋, 0, 0)),
+
+and kept elements are scaled by exactly 1/(1-p) (the realised drop rate is round(p·2¹⁶)/2¹⁶). One
+Philox call serves 8 consecutive columns: the ~100 integer operations of a full call per element
+(tl.rand) would make this memory-bound kernel compute-bound. The draw is attention's
+(kernels/attention.py, whose @triton.jit helper _dropout_draws is imported and called with
+counter word 2 = 0) and csrc/philox.h's keep_row: the C++ CPU kernel draws the same mask bit for
+bit. i < 2³² and ⌊j/8⌋ < 2³² (C ≤ 2³⁵) keep counters distinct; larger shapes are refused. Tiles
+hold whole rows from column 0 with BLOCK_C ≥ 8 a power of two, so every tile covers whole groups
+of 8 columns; the draw depends on (seed, i, j) only, so forward, backward and
+add_layernorm_dropout_mask (for tests) agree bit for bit.
 
 Backward is deterministic without atomics: each program owns a fixed group of rows, writes its
 float32 partial sums of dγ, dβ to row g of a (n_groups, C) buffer, and torch sums those in a
@@ -26,15 +38,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .attention import _dropout_draws
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 4096  # elements per program (ROWS · BLOCK_C) for moderate C
 _MAX_GROUPS = 512  # backward programs at most: partial-sum buffer ≤ 512·C floats
+_DRAW_BITS = 16  # bits per dropout draw: 8 draws per Philox4x32 call
+_MAX_ROWS = 2**32  # dropout counters: row i < 2³² and column group ⌊j/8⌋ < 2³²
+_MAX_COLS = 2**35
 
 
 @triton.jit
-def _keep(seed, offsets, dropout_p):
-    """Dropout keep-mask for element indices `offsets`: Philox(seed, index) ≥ p."""
-    return tl.rand(seed, offsets) >= dropout_p
+def _keep(seed, rows, drop_thresh, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Keep-mask of rows × columns [0, BLOCK_C): 16-bit draw ≥ drop_thresh (module docstring)."""
+    # counter word 0 is the row mod 2³² (int32 bits: tl.philox reads them as uint32)
+    return _dropout_draws(seed, 0, rows.to(tl.int32), 0, ROWS, BLOCK_C) >= drop_thresh
 
 
 @triton.jit
@@ -50,24 +68,24 @@ def _add_layernorm_fwd_kernel(
     N,
     C,
     eps,
-    dropout_p,
+    drop_thresh,  # drop when the 16-bit draw < this = round(p·2¹⁶)
     dropout_scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]  # (ROWS, BLOCK_C) element index
+    offs = rows[:, None] * C + cols[None, :]  # (ROWS, BLOCK_C) element index
 
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-        r = tl.where(_keep(seed, offs, dropout_p), r * dropout_scale, 0.0)
+        r = tl.where(_keep(seed, rows, drop_thresh, ROWS, BLOCK_C), r * dropout_scale, 0.0)
     s = x + r
     mean = tl.sum(s, axis=1) / C
     d = tl.where(ok, s - mean[:, None], 0.0)
@@ -96,7 +114,7 @@ def _add_layernorm_bwd_kernel(
     db_part_ptr,  # (n_groups, C) float32 partial Σ dy of this program's rows
     N,
     C,
-    dropout_p,
+    drop_thresh,  # drop when the 16-bit draw < this = round(p·2¹⁶)
     dropout_scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,
     # row tiles of ROWS rows per program, in order. constexpr: Triton 3.6's interpreter cannot
@@ -114,15 +132,15 @@ def _add_layernorm_bwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
     for i in range(0, BLOCKS_PER_GROUP):
-        rows = (group * BLOCKS_PER_GROUP + i) * ROWS + tl.arange(0, ROWS)
+        rows = (group.to(tl.int64) * BLOCKS_PER_GROUP + i) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < N
         ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        offs = rows[:, None] * C + cols[None, :]
         dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = _keep(seed, offs, dropout_p)  # the forward's mask, regenerated
+            keep = _keep(seed, rows, drop_thresh, ROWS, BLOCK_C)  # the forward's mask, regenerated
             r = tl.where(keep, r * dropout_scale, 0.0)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -151,15 +169,15 @@ def _add_layernorm_dropout_mask_kernel(
     keep_ptr,  # (rows, cols) int8 output keep-mask
     n_rows,
     n_cols,
-    dropout_p,
+    drop_thresh,  # drop when the 16-bit draw < this = round(p·2¹⁶)
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    keep = _keep(tl.load(seed_ptr), offs, dropout_p)
+    offs = rows[:, None] * n_cols + cols[None, :]
+    keep = _keep(tl.load(seed_ptr), rows, drop_thresh, ROWS, BLOCK_C)
     tl.store(keep_ptr + offs, keep.to(tl.int8), mask=ok)
 
 
@@ -167,14 +185,16 @@ def _add_layernorm_dropout_mask_kernel(
 
 
 def _tiling(C: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_C, num_warps): whole rows per program, ~_TILE elements per program."""
-    block_c = triton.next_power_of_2(max(C, 1))
+    """(ROWS, BLOCK_C, num_warps): whole rows per program, ~_TILE elements per program. BLOCK_C is
+    a power of two ≥ 8, so a tile covers whole 8-column groups of dropout draws."""
+    block_c = triton.next_power_of_2(max(C, 8))
     rows = max(1, min(64, _TILE // block_c))
     num_warps = min(16, max(1, rows * block_c // 512))
     return rows, block_c, num_warps
 
 
-def _check_dropout(dropout_p: float, seed: Tensor | None, device: torch.device) -> None:
+def _check_dropout(dropout_p: float, seed: Tensor | None, device: torch.device, N: int, C: int) -> int:
+    """Validates dropout_p, seed and the (N, C) counter range; returns the 16-bit drop threshold."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"add_layernorm: dropout_p must be in [0, 1), got {dropout_p!r}")
     if dropout_p > 0:
@@ -185,6 +205,12 @@ def _check_dropout(dropout_p: float, seed: Tensor | None, device: torch.device) 
                 f"add_layernorm: seed must be an int64 tensor of one element on {device}, got "
                 f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
             )
+        if N > _MAX_ROWS or C > _MAX_COLS:
+            raise ValueError(
+                f"add_layernorm: dropout draws need rows <= 2**32 and columns <= 2**35 (distinct Philox "
+                f"counters), got {N} rows of {C}"
+            )
+    return round(dropout_p * 2**_DRAW_BITS)
 
 
 def _check_x(x: Tensor) -> None:
@@ -227,9 +253,9 @@ def add_layernorm_fwd(
     _check_param("bias", bias, x)
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"add_layernorm: eps must be a finite number >= 0, got {eps!r}")
-    _check_dropout(dropout_p, seed, x.device)
-    x, residual, weight, bias = x.contiguous(), residual.contiguous(), weight.contiguous(), bias.contiguous()
     N, C = x.shape
+    thresh = _check_dropout(dropout_p, seed, x.device, N, C)
+    x, residual, weight, bias = x.contiguous(), residual.contiguous(), weight.contiguous(), bias.contiguous()
     y = torch.empty_like(x)
     mean = torch.empty(N, dtype=torch.float32, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -239,7 +265,7 @@ def add_layernorm_fwd(
     has_dropout = dropout_p > 0
     _add_layernorm_fwd_kernel[(triton.cdiv(N, rows),)](
         x, residual, weight, bias, seed if has_dropout else x, y, mean, rstd,
-        N, C, eps, dropout_p, 1.0 / (1.0 - dropout_p),
+        N, C, eps, thresh, 1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=has_dropout, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
     )
     return y, mean, rstd
@@ -261,7 +287,7 @@ def add_layernorm_bwd(
                 f"add_layernorm: {name} must be float32 of shape ({N},) on {x.device}, "
                 f"got {stat.dtype} of shape {tuple(stat.shape)} on {stat.device}"
             )
-    _check_dropout(dropout_p, seed, x.device)
+    thresh = _check_dropout(dropout_p, seed, x.device, N, C)
     grad_y, x, residual, weight = grad_y.contiguous(), x.contiguous(), residual.contiguous(), weight.contiguous()
     has_dropout = dropout_p > 0
     grad_x = torch.empty_like(x)
@@ -276,7 +302,7 @@ def add_layernorm_bwd(
         _add_layernorm_bwd_kernel[(n_groups,)](
             grad_y, x, residual, weight, mean.contiguous(), rstd.contiguous(), seed if has_dropout else x,
             grad_x, grad_residual if has_dropout else grad_x, dw_part, db_part,
-            N, C, dropout_p, 1.0 / (1.0 - dropout_p),
+            N, C, thresh, 1.0 / (1.0 - dropout_p),
             HAS_DROPOUT=has_dropout, BLOCKS_PER_GROUP=blocks_per_group, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
         )
     # second stage: a fixed-order column sum of the per-group partials (deterministic)
@@ -284,14 +310,14 @@ def add_layernorm_bwd(
 
 
 def add_layernorm_dropout_mask(seed: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
-    """The (rows, cols) bool keep-mask the kernels draw for this seed (row-major element index)."""
+    """The (rows, cols) bool keep-mask the kernels draw for this seed and p (module docstring)."""
     if rows < 0 or cols < 0:
         raise ValueError(f"add_layernorm_dropout_mask: rows and cols must be >= 0, got {rows} and {cols}")
-    _check_dropout(dropout_p, seed, seed.device)
+    thresh = _check_dropout(dropout_p, seed, seed.device, rows, cols)
     keep = torch.ones(rows, cols, dtype=torch.int8, device=seed.device)
     if dropout_p > 0 and rows > 0 and cols > 0:
         n_rows, block_c, num_warps = _tiling(cols)
         _add_layernorm_dropout_mask_kernel[(triton.cdiv(rows, n_rows),)](
-            seed, keep, rows, cols, dropout_p, ROWS=n_rows, BLOCK_C=block_c, num_warps=num_warps
+            seed, keep, rows, cols, thresh, ROWS=n_rows, BLOCK_C=block_c, num_warps=num_warps
         )
     return keep.view(torch.bool)

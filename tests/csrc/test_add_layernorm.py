@@ -189,11 +189,14 @@ def test_dropout_keep_rate_and_scaling(p):
     rows, cols = 256, 1000
     keep = gpt1.add_layernorm_dropout_mask(seed_tensor(2024), rows, cols, p).double()
     n = rows * cols
+    q = round(p * 2**16) / 2**16  # the realised drop rate: 16-bit draws against round(p·2¹⁶)
     # bound: 5 standard deviations of the binomial keep-rate (false alarm ~ 6e-7)
-    assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    # no stripes: every column's rate within 6 sigma of its own 256-draw binomial
-    assert (keep.mean(0) - (1 - p)).abs().max().item() < 6 * math.sqrt(p * (1 - p) / rows)
+    assert abs(keep.mean().item() - (1 - q)) < 5 * math.sqrt(q * (1 - q) / n)
+    # no stripes: every column's rate within 6 sigma of its own 256-draw binomial (a column is one
+    # 16-bit half of one Philox word)
+    assert (keep.mean(0) - (1 - q)).abs().max().item() < 6 * math.sqrt(q * (1 - q) / rows)
     assert not torch.equal(keep[0], keep[1])
+    assert not torch.equal(keep[:, :8], keep[:, 8:16])
     # scaling: with x = 0, weight = 1, bias = 0 and eps huge, y ≈ s / √eps, s = r·keep/(1 − p)
     r = torch.ones(rows, cols)
     y, _, _ = gpt1.add_layernorm_fwd(torch.zeros(rows, cols), r, torch.ones(cols), torch.zeros(cols), 1e12, p,
@@ -203,17 +206,33 @@ def test_dropout_keep_rate_and_scaling(p):
 
 
 def test_dropout_mask_matches_the_triton_kernel():
+    """Bit for bit the Triton kernel's mask (tests/kernels pins that one to a numpy rendering of the
+    documented formula), over widths below 8, not multiples of 8, and row counts past a tile."""
     try:
         from kernels.add_layernorm import add_layernorm_dropout_mask as triton_mask
     except Exception as e:  # noqa: BLE001 — no triton here: nothing to compare against
         pytest.skip(f"Triton kernels unavailable: {e}")
-    for seed, rows, cols, p in [(123456789012345, 7, 33, 0.3), (2**62 - 1, 5, 100, 0.1)]:
+    cases = [(123456789012345, 7, 33, 0.3), (2**62 - 1, 5, 100, 0.1), (5, 70, 7, 0.5), (2**40 + 9, 3, 1, 0.2),
+             (77, 2, 257, 0.9), (1, 4, 768, 0.1)]
+    for seed, rows, cols, p in cases:
         ours = gpt1.add_layernorm_dropout_mask(seed_tensor(seed), rows, cols, p)
         assert torch.equal(ours, triton_mask(seed_tensor(seed), rows, cols, p))
 
 
 def test_dropout_mask_without_dropout_keeps_everything():
     assert gpt1.add_layernorm_dropout_mask(seed_tensor(1), 3, 5, 0.0).all()
+
+
+def test_dropout_refuses_shapes_whose_counters_would_collide():
+    """Counters hold i and j // 8 in 32 bits each: more than 2³² rows or 2³⁵ columns are refused
+    (checked on the sizes, so no such tensor is needed)."""
+    with pytest.raises(RuntimeError, match=re.escape("rows <= 2**32 and columns <= 2**35")):
+        gpt1.add_layernorm_dropout_mask(seed_tensor(1), 2**32 + 1, 0, 0.5)
+    with pytest.raises(RuntimeError, match=re.escape("got 0 rows of 34359738369")):
+        gpt1.add_layernorm_dropout_mask(seed_tensor(1), 0, 2**35 + 1, 0.5)
+    # at the limits, and beyond them without dropout, nothing is drawn and nothing refused
+    assert gpt1.add_layernorm_dropout_mask(seed_tensor(1), 2**32, 0, 0.5).shape == (2**32, 0)
+    assert gpt1.add_layernorm_dropout_mask(seed_tensor(1), 0, 2**35 + 1, 0.0).shape == (0, 2**35 + 1)
 
 
 def test_weight_grads_are_deterministic_and_thread_count_independent():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,13 +148,67 @@ def test_dropout_keep_rate(p):
     rows, cols = 256, 1000
     keep = add_layernorm_dropout_mask(seed_tensor(2024), rows, cols, p).double()
     n = rows * cols
-    sigma = math.sqrt(p * (1 - p) / n)
+    q = round(p * 2**16) / 2**16  # the realised drop rate: 16-bit draws against round(p·2¹⁶)
+    sigma = math.sqrt(q * (1 - q) / n)
     # bound: 5 standard deviations of the binomial keep-rate (false alarm ~ 6e-7)
-    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
-    # no stripes: every column's rate within 6 sigma of its own 256-draw binomial
-    col_sigma = math.sqrt(p * (1 - p) / rows)
-    assert (keep.mean(0) - (1 - p)).abs().max().item() < 6 * col_sigma
+    assert abs(keep.mean().item() - (1 - q)) < 5 * sigma
+    # no stripes: every column's rate within 6 sigma of its own 256-draw binomial (a column is one
+    # 16-bit half of one Philox word: a bad half or word would show here)
+    col_sigma = math.sqrt(q * (1 - q) / rows)
+    assert (keep.mean(0) - (1 - q)).abs().max().item() < 6 * col_sigma
     assert not torch.equal(keep[0], keep[1])  # rows are not copies of each other
+    assert not torch.equal(keep[:, :8], keep[:, 8:16])  # nor column groups
+
+
+def philox4x32(counters: list[np.ndarray], seed: int, rounds: int = 7) -> list[np.ndarray]:
+    """Philox4x32 (Salmon et al., SC'11) in numpy: key = (seed low word, seed high word)."""
+    c = [x.astype(np.uint64) for x in counters]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    lo32 = np.uint64(0xFFFFFFFF)
+    for _ in range(rounds):
+        prod0 = np.uint64(0xD2511F53) * c[0]
+        prod2 = np.uint64(0xCD9E8D57) * c[2]
+        c = [
+            (prod2 >> np.uint64(32)) ^ c[1] ^ k0, prod2 & lo32,
+            (prod0 >> np.uint64(32)) ^ c[3] ^ k1, prod0 & lo32,
+        ]
+        k0 = (k0 + np.uint64(0x9E3779B9)) & lo32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & lo32
+    return c
+
+
+def documented_mask(seed: int, rows: int, cols: int, p: float) -> np.ndarray:
+    """The module docstring's formula: keep(i, j) = [16-bit half (j%8)%2 of word (j%8)//2 of
+    Philox4x32-7(seed, (i, j//8, 0, 0)) ≥ round(p·2¹⁶)]."""
+    i, j = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    words = philox4x32([i, j // 8, np.zeros_like(i), np.zeros_like(i)], seed)
+    word = np.choose((j % 8) // 2, words)
+    draw = np.where(j % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    return draw >= round(p * 2**16)
+
+
+@pytest.mark.parametrize("tile", [kernel._TILE, 8])  # 8: one row per program
+@pytest.mark.parametrize("rows,cols", [(70, 7), (3, 1), (5, 100), (2, 257), (9, 64)])
+def test_dropout_mask_is_the_documented_philox_draw(monkeypatch, tile, rows, cols):
+    """The mask is the docstring's formula, bit for bit, whatever the width (not a multiple of 8,
+    below 8) and however many rows a program holds (ROWS = 64 for narrow rows: 70 crosses two)."""
+    monkeypatch.setattr(kernel, "_TILE", tile)
+    seed, p = 2**61 + 987654321, 0.35  # the seed's high word keys Philox too
+    keep = add_layernorm_dropout_mask(seed_tensor(seed), rows, cols, p).numpy()
+    assert np.array_equal(keep, documented_mask(seed, rows, cols, p))
+
+
+def test_dropout_refuses_shapes_whose_counters_would_collide():
+    """Counters hold i and j // 8 in 32 bits each: more than 2³² rows or 2³⁵ columns are refused
+    (checked on the sizes, so no such tensor is needed)."""
+    seed, p = 31337, 0.5
+    with pytest.raises(ValueError, match=re.escape("rows <= 2**32 and columns <= 2**35")):
+        add_layernorm_dropout_mask(seed_tensor(seed), 2**32 + 1, 0, p)
+    with pytest.raises(ValueError, match=re.escape("got 0 rows of 34359738369")):
+        add_layernorm_dropout_mask(seed_tensor(seed), 0, 2**35 + 1, p)
+    # at the limits, and beyond them without dropout, nothing is drawn and nothing refused
+    assert add_layernorm_dropout_mask(seed_tensor(seed), 2**32, 0, p).shape == (2**32, 0)
+    assert add_layernorm_dropout_mask(seed_tensor(seed), 0, 2**35 + 1, 0.0).shape == (0, 2**35 + 1)
 
 
 def test_dropout_mask_without_dropout_keeps_everything():
@@ -246,3 +301,53 @@ def test_through_engine_ops_with_triton_cpu_kernels(tmp_path):
         assert_close(y, y_ref, f"y (p={p})")
         for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
             assert_close(got, want, f"{name} (p={p})")
+
+
+# ---- the CUDA build: the kernels compile for the H200 (sm_90), no GPU needed ---------------
+
+_COMPILE_SM90 = r"""
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import add_layernorm as K
+
+C = 768  # GPT-1's width, bf16 activations, dropout on
+ROWS, BLOCK_C, num_warps = K._tiling(C)
+per_thread = ROWS * BLOCK_C // (32 * num_warps)  # elements each thread owns in a tile
+types = dict(seed_ptr="*i64", mean_ptr="*fp32", rstd_ptr="*fp32", dw_part_ptr="*fp32", db_part_ptr="*fp32",
+             keep_ptr="*i8", eps="fp32", dropout_scale="fp32")
+for fn in (K._add_layernorm_fwd_kernel, K._add_layernorm_bwd_kernel, K._add_layernorm_dropout_mask_kernel):
+    constexprs = {k: v for k, v in dict(HAS_DROPOUT=True, BLOCKS_PER_GROUP=2, ROWS=ROWS, BLOCK_C=BLOCK_C).items()
+                  if k in fn.arg_names}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            continue
+        signature[name] = types.get(name, "*bf16" if name.endswith("_ptr") else "i32")
+        if signature[name][0] == "*" or name in ("C", "n_cols"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps),
+    )
+    # 32-bit integer multiplies: a Philox4x32-7 call has 4 per round and serves 8 elements, so
+    # per_thread / 8 calls need 3.5 per element; one 10-round call per element would need 40
+    muls = len(re.findall(r"\b(?:mul|mad)\.(?:hi|lo|wide)\.[us]32", compiled.asm["ptx"]))
+    assert muls <= 4 * 7 * per_thread // 8 + 8, f"{fn.__name__}: {muls} integer multiplies for {per_thread} elements"
+    print("compiled", fn.__name__, "integer multiplies", muls, "for", per_thread, "elements per thread")
+"""
+
+
+def test_kernels_compile_for_sm90_with_cheap_dropout():
+    """Each kernel, bf16 with dropout at C = 768, compiles to an sm_90 cubin with the bundled
+    ptxas (no GPU needed), spending one Philox4x32-7 call per 8 elements (counted in the PTX)."""
+    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"no bundled ptxas at {ptxas}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SM90], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("compiled") == 3, proc.stdout
