@@ -14,6 +14,7 @@ import torch
 
 from engine import reference
 from helpers import assert_close, assert_fa_rule
+from philox_ref import keep_mask
 from kernels import add_layernorm as kernel
 from kernels.add_layernorm import add_layernorm_bwd, add_layernorm_dropout_mask, add_layernorm_fwd
 
@@ -160,31 +161,11 @@ def test_dropout_keep_rate(p):
     assert not torch.equal(keep[:, :8], keep[:, 8:16])  # nor column groups
 
 
-def philox4x32(counters: list[np.ndarray], seed: int, rounds: int = 7) -> list[np.ndarray]:
-    """Philox4x32 (Salmon et al., SC'11) in numpy: key = (seed low word, seed high word)."""
-    c = [x.astype(np.uint64) for x in counters]
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
-    lo32 = np.uint64(0xFFFFFFFF)
-    for _ in range(rounds):
-        prod0 = np.uint64(0xD2511F53) * c[0]
-        prod2 = np.uint64(0xCD9E8D57) * c[2]
-        c = [
-            (prod2 >> np.uint64(32)) ^ c[1] ^ k0, prod2 & lo32,
-            (prod0 >> np.uint64(32)) ^ c[3] ^ k1, prod0 & lo32,
-        ]
-        k0 = (k0 + np.uint64(0x9E3779B9)) & lo32
-        k1 = (k1 + np.uint64(0xBB67AE85)) & lo32
-    return c
-
-
 def documented_mask(seed: int, rows: int, cols: int, p: float) -> np.ndarray:
     """The module docstring's formula: keep(i, j) = [16-bit half (j%8)%2 of word (j%8)//2 of
     Philox4x32-7(seed, (i, j//8, 0, 0)) ≥ round(p·2¹⁶)]."""
     i, j = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    words = philox4x32([i, j // 8, np.zeros_like(i), np.zeros_like(i)], seed)
-    word = np.choose((j % 8) // 2, words)
-    draw = np.where(j % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
-    return draw >= round(p * 2**16)
+    return keep_mask(seed, p, i, j, stream=np.zeros_like(i))
 
 
 @pytest.mark.parametrize("tile", [kernel._TILE, 8])  # 8: one row per program

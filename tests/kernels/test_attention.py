@@ -14,6 +14,7 @@ import torch
 
 from engine import reference
 from helpers import assert_close, assert_fa_rule
+from philox_ref import keep_mask
 from kernels import attention as kernel
 from kernels.attention import attention_bwd, attention_dropout_mask, attention_fwd
 
@@ -155,23 +156,6 @@ def test_dropout_mask_without_dropout_keeps_everything():
     assert attention_dropout_mask(make_seed(5), 1, 2, 9, 0.0).all()
 
 
-def philox4x32(counters: list[np.ndarray], seed: int, rounds: int = 7) -> list[np.ndarray]:
-    """Philox4x32 (Salmon et al., SC'11) in numpy: key = (seed low word, seed high word)."""
-    c = [x.astype(np.uint64) for x in counters]
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
-    lo32 = np.uint64(0xFFFFFFFF)
-    for _ in range(rounds):
-        prod0 = np.uint64(0xD2511F53) * c[0]
-        prod2 = np.uint64(0xCD9E8D57) * c[2]
-        c = [
-            (prod2 >> np.uint64(32)) ^ c[1] ^ k0, prod2 & lo32,
-            (prod0 >> np.uint64(32)) ^ c[3] ^ k1, prod0 & lo32,
-        ]
-        k0 = (k0 + np.uint64(0x9E3779B9)) & lo32
-        k1 = (k1 + np.uint64(0xBB67AE85)) & lo32
-    return c
-
-
 @pytest.mark.parametrize("blocks", [kernel._MASK_BLOCKS, (16, 32), (16, 8)])
 def test_dropout_mask_is_the_documented_philox_draw(blocks):
     """keep(b, h, i, j) = [16-bit half (j%8)%2 of word (j%8)//2 of Philox4x32-7(seed,
@@ -179,10 +163,7 @@ def test_dropout_mask_is_the_documented_philox_draw(blocks):
     B, H, T, p, seed = 2, 3, 21, 0.35, 2**61 + 987654321
     keep = kernel._dropout_mask(make_seed(seed), B, H, T, p, blocks).numpy()
     bh, i, j = np.meshgrid(np.arange(B * H), np.arange(T), np.arange(T), indexing="ij")
-    words = philox4x32([i, j // 8, bh, np.zeros_like(i)], seed)
-    word = np.choose((j % 8) // 2, words)
-    draw = np.where(j % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
-    expected = (draw >= round(p * 2**16)).reshape(B, H, T, T)
+    expected = keep_mask(seed, p, i, j, stream=bh).reshape(B, H, T, T)
     assert np.array_equal(keep, expected)
 
 
