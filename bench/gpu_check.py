@@ -313,6 +313,32 @@ def _mfu(cfg: GPT1Config, T: int, tokens_per_s: float) -> float:
     return flops_per_token * tokens_per_s / peak
 
 
+def _step_row(provider: str, cfg: GPT1Config, B: int, T: int) -> dict:
+    """Tokens/s, MFU and peak memory of one provider's training step (its own model and optimizer)."""
+    torch.manual_seed(0)
+    model = GPT1(cfg, fused=provider == "fused").to(DEV).train()
+    run = torch.compile(model) if provider == "compile" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01, fused=DEV == "cuda")
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=DEV)
+
+    def step():
+        with torch.autocast(DEV, dtype=BF16, enabled=DEV == "cuda"):
+            loss = run(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: autotuning, compilation, optimizer state
+        step()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = bench(step, rounds=10)
+    tps = B * T / t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
+    return dict(step_ms=t * 1e3, tokens_per_s=tps, mfu=_mfu(cfg, T, tps), peak_gib=peak)
+
+
 @section("training step timing")
 def time_step():
     cfg = GPT1Config.from_name("gpt1-tiny" if ARGS.smoke else "gpt1")
@@ -320,29 +346,7 @@ def time_step():
     providers = ["fused", "eager"] + ([] if ARGS.skip_compile else ["compile"])
     rows = {}
     for provider in providers:
-        torch.manual_seed(0)
-        model = GPT1(cfg, fused=provider == "fused").to(DEV).train()
-        run = torch.compile(model) if provider == "compile" else model
-        opt = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01, fused=DEV == "cuda")
-        ids = torch.randint(0, cfg.vocab_size, (B, T), device=DEV)
-
-        def step():
-            with torch.autocast(DEV, dtype=BF16, enabled=DEV == "cuda"):
-                loss = run(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for _ in range(3):  # warm-up: autotuning, compilation, optimizer state
-            step()
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = bench(step, rounds=10)
-        tps = B * T / t
-        peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
-        rows[provider] = dict(step_ms=t * 1e3, tokens_per_s=tps, mfu=_mfu(cfg, T, tps), peak_gib=peak)
-        del model, run, opt
+        rows[provider] = _step_row(provider, cfg, B, T)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     if "fused" in rows and "eager" in rows:
