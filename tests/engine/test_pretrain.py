@@ -61,17 +61,19 @@ def test_help_lists_the_contract_flags(capsys):
 def test_default_run_is_sized_for_the_cpu():
     pcfg, tcfg, _ = resolve_configs([])
     if torch.cuda.is_available():
-        assert pcfg.preset == "gpt1" and tcfg.batch_size == 64 and pcfg.seq_len == 512
+        assert pcfg.preset == "gpt1" and tcfg.batch_size == 64 and pcfg.seq_len == 512 and tcfg.lr == 2.5e-4
         return
     assert pcfg.preset == CPU_DEFAULTS["preset"] and pcfg.data is None and tcfg.fused
     assert tcfg.max_steps == CPU_DEFAULTS["max_steps"] and tcfg.warmup_steps == tcfg.max_steps // 10
-    assert tcfg.lr == 2.5e-4 and (tcfg.beta1, tcfg.beta2, tcfg.eps) == (0.9, 0.999, 1e-8)
+    assert pcfg.vocab_size == CPU_DEFAULTS["vocab_size"] and tcfg.lr == CPU_DEFAULTS["lr"]
+    assert (tcfg.beta1, tcfg.beta2, tcfg.eps) == (0.9, 0.999, 1e-8)
     assert tcfg.weight_decay == 0.01 and tcfg.grad_clip == 1.0 and tcfg.schedule == "cosine"
 
 
-def test_smoke_end_to_end(tmp_path, cache, capsys):
+@pytest.mark.parametrize("path", ["--fused", "--no-fused"])
+def test_smoke_end_to_end(path, tmp_path, cache, capsys):
     out = tmp_path / "run"
-    code, stdout, err = run(args(out, cache), capsys)
+    code, stdout, err = run(args(out, cache, path), capsys)
     assert code == 0, err
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
                  "train_config.json", "samples.txt"):
@@ -87,12 +89,14 @@ def test_smoke_end_to_end(tmp_path, cache, capsys):
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["train"]["max_steps"] == 6 and saved["pretrain"]["preset"] == "gpt1-tiny"
     assert "GPT-1 pretraining" in stdout and "unigram entropy" in stdout and str(out) in stdout
+    assert ("fused kernels" in stdout) == (path == "--fused") and saved["train"]["fused"] == (path == "--fused")
     assert "Traceback" not in err
 
 
 def test_resume_through_the_cli_is_bit_identical(tmp_path, cache, capsys):
-    assert run(args(tmp_path / "full", cache), capsys)[0] == 0
-    code, stdout, _ = run(args(tmp_path / "part", cache, "--stop-at", "4"), capsys)
+    """On the fused path (the default): its dropout seeds come from torch's RNG, restored."""
+    assert run(args(tmp_path / "full", cache, "--fused"), capsys)[0] == 0
+    code, stdout, _ = run(args(tmp_path / "part", cache, "--fused", "--stop-at", "4"), capsys)
     assert code == 0 and "stopped at update 4" in stdout
     assert sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
     code, stdout, err = run(["--resume", str(tmp_path / "part")], capsys)

@@ -153,8 +153,8 @@ def test_exact_resume_is_bit_identical(tmp_path):
 
 
 def test_accumulation_matches_the_full_batch(tmp_path):
-    a = make_trainer(tmp_path / "a", dropout=0.0, micro_batch_size=1)  # 4 accumulation steps
-    b = make_trainer(tmp_path / "b", dropout=0.0, micro_batch_size=4)  # one forward
+    a = make_trainer(tmp_path / "a", dropout=0.0, micro_batch_size=1, max_steps=3)  # 4 accumulation steps
+    b = make_trainer(tmp_path / "b", dropout=0.0, micro_batch_size=4, max_steps=3)  # one forward
     assert a.accum_steps == 4 and b.accum_steps == 1
     a.fit(), b.fit()
     wa, wb = weights(a), weights(b)
