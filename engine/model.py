@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from .config import GPT1Config
-from .reference import init_weights
+from .reference import MLP, Attention, init_weights
 
 IGNORE_INDEX = -100
 
@@ -45,20 +45,6 @@ class KVCache:
     k: Tensor
     v: Tensor
     length: int = 0
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: GPT1Config) -> None:
-        super().__init__()
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPT1Config) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
-        self.c_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
 
 
 class Block(nn.Module):

@@ -130,14 +130,18 @@ def init_weights(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
-class _Attention(nn.Module):
+class Attention(nn.Module):
+    """The attention sub-layer's parameters (GPT1 shares this module layout)."""
+
     def __init__(self, cfg: GPT1Config) -> None:
         super().__init__()
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
 
-class _MLP(nn.Module):
+class MLP(nn.Module):
+    """The FFN sub-layer's parameters."""
+
     def __init__(self, cfg: GPT1Config) -> None:
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner)
@@ -150,9 +154,9 @@ class ReferenceBlock(nn.Module):
     def __init__(self, cfg: GPT1Config) -> None:
         super().__init__()
         self.cfg = cfg
-        self.attn = _Attention(cfg)
+        self.attn = Attention(cfg)
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.mlp = _MLP(cfg)
+        self.mlp = MLP(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
     def forward(self, x: Tensor) -> Tensor:
