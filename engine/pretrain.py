@@ -172,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
 
     dist = setup_distributed(tcfg.device)
     try:
-        return _pretrain(pcfg, tcfg, ns, dist)
-    finally:
+        code = _pretrain(pcfg, tcfg, ns, dist)
+    except BaseException:
         teardown_distributed()
+        raise
+    teardown_distributed(sync=True)
+    return code
 
 
 def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> int:

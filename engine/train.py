@@ -360,8 +360,13 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(sync: bool = False) -> None:
+    """Leaves the process group. sync=True (the normal end of a run) first waits for every
+    process: gloo aborts a process that tears down while a peer is still using the group.
+    Leave it False after an error, when peers may never arrive."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if sync:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
