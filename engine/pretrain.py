@@ -112,7 +112,6 @@ def build_parser() -> ArgumentParser:
         prog="python -m engine.pretrain",
         description="Pretrain GPT-1 (next-token prediction) on text: the embedded Shakespeare corpus by default.",
     )
-    auto = "auto"
     add_dataclass_args(parser, PretrainConfig)
     add_dataclass_args(
         parser, TrainConfig,
@@ -189,6 +188,9 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     from .model import GPT1
     from .train import LOSS_PLOT, METRICS, Trainer, flops_per_token
 
+    n_positions = GPT1Config.from_name(pcfg.preset).n_positions
+    if pcfg.seq_len > n_positions:
+        raise ValueError(f"--seq-len {pcfg.seq_len} exceeds the {pcfg.preset} preset's n_positions ({n_positions})")
     out = Path(tcfg.out)
     resume_from = prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
     micro, accum = batch_layout(tcfg, dist.world_size)
@@ -211,8 +213,6 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     if pcfg.dropout is not None:
         overrides.update(resid_pdrop=pcfg.dropout, embd_pdrop=pcfg.dropout, attn_pdrop=pcfg.dropout)
     mcfg = GPT1Config.from_name(pcfg.preset, **overrides)
-    if pcfg.seq_len > mcfg.n_positions:
-        raise ValueError(f"--seq-len {pcfg.seq_len} exceeds the {pcfg.preset} preset's n_positions ({mcfg.n_positions})")
     window = pcfg.seq_len + 1
     check_length(shards.train, window, "training")
     check_length(shards.val, window, "validation")

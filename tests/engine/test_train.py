@@ -265,3 +265,31 @@ def test_run_dir_policy(tmp_path):
     clear_run_dir(tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]  # only run files removed
     assert not list((tmp_path / "run").glob(f"**/{TRAINER_STATE}"))
+
+
+def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from engine.train import MetricsLog
+
+    calls = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (not installed here)
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    log = MetricsLog(tmp_path, enabled=True)
+    log.log({"step": 3, "loss": 2.5, "note": "text is not a scalar"})
+    log.close()
+    assert calls == [("init", str(tmp_path / "tensorboard")), ("loss", 2.5, 3), ("close",)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 2.5, "note": "text is not a scalar"}
