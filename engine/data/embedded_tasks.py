@@ -5,8 +5,9 @@
                        lines from one speech, ending mid-sentence; the true next line vs a line
                        of as many words drawn from another speech. Telling them apart takes
                        knowing how the language goes on, which is what pretraining teaches.
-    shakespeare-order  the same passages; the distractor is the true next line with its words
-                       reordered: a test of word order, which even a briefly pretrained model has.
+    shakespeare-order  passages of the same kind; the distractor is the true next line with the
+                       words between its first and last reordered: a test of word order, which
+                       even a briefly pretrained model has (its LM alone picks the true line).
     shakespeare-genre  classification: a passage of one speech → the play's First Folio genre
                        (comedy, history, tragedy).
 
@@ -80,7 +81,7 @@ def speeches(text: str) -> list[list[str]]:
     """The spoken lines of each speech, in order."""
     out = []
     for block in re.split(r"\n[ \t]*\n", _STAGE.sub("", text.replace("\r", ""))):
-        lines = [line.strip() for line in block.split("\n") if line.strip()]
+        lines = [" ".join(line.split()) for line in block.split("\n") if line.strip()]  # one space between words
         if len(lines) >= 2 and _SPEAKER.match(lines[0]):
             out.append(lines[1:])
     return out
@@ -102,6 +103,13 @@ def _long_enough(line: str) -> bool:
     return len(line.split()) >= MIN_WORDS
 
 
+def _reorderable(line: str) -> bool:
+    """At least two different words between the first and the last: the order task keeps those
+    two in place (a verse line's capitalised first word and its closing punctuation would
+    otherwise give the distractor away to a model that knows no English)."""
+    return len(set(line.split()[1:-1])) >= 2
+
+
 def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str, distractor: str = "other_line") -> list[Example]:
     """Passages of CONTEXT_LINES lines ending mid-sentence; choices: the true next line and
     N_CHOICES - 1 lines from other speeches with as many words (so length gives nothing away),
@@ -117,7 +125,8 @@ def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str, 
                     pool.append((play, s, line))
             for i in range(len(lines) - CONTEXT_LINES):
                 context, nxt = lines[i : i + CONTEXT_LINES], lines[i + CONTEXT_LINES]
-                if not context[-1].endswith(_SENTENCE_END) and _long_enough(nxt) and all(map(_long_enough, context)):
+                if not context[-1].endswith(_SENTENCE_END) and _long_enough(nxt) and all(map(_long_enough, context)) \
+                        and (distractor != "shuffled" or _reorderable(nxt)):
                     candidates.append((play, s, context, nxt))
     if not candidates or len(pool) < N_CHOICES:
         raise ValueError(f"the {prefix} plays yield no cloze passages")
@@ -130,9 +139,11 @@ def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str, 
         same_length = by_words.get(len(nxt.split()), [])
         while distractor == "shuffled" and len(wrong) < N_CHOICES - 1:
             words = nxt.split()
-            rng.shuffle(words)
-            if " ".join(words) != nxt and " ".join(words) not in wrong:
-                wrong.append(" ".join(words))
+            inner = words[1:-1]
+            rng.shuffle(inner)
+            line = " ".join(words[:1] + inner + words[-1:])
+            if line != nxt and line not in wrong:
+                wrong.append(line)
         while len(wrong) < N_CHOICES - 1:
             pick = same_length[rng.randrange(len(same_length))] if len(same_length) > 50 else rng.randrange(len(pool))
             other_play, other_s, line = pool[pick]
