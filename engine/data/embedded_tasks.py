@@ -33,7 +33,11 @@ CONTEXT_LINES = 3  # lines of the passage before the candidates
 N_CHOICES = 2  # the true continuation and one distractor, as the Story Cloze Test
 DISTRACTORS = ("other_line", "shuffled")  # a line of another speech / the true line's words reordered
 MIN_WORDS = 3  # shorter lines ("My lord,") carry too little to choose between
-SIZES = {"train": 1000, "dev": 500}  # examples per split: 3 epochs of 1000 take a few CPU minutes
+# Examples per split. 3 epochs of 3000 (282 updates) take ~4 CPU minutes; 2000 dev examples put
+# the standard error of a dev accuracy near 1.1 points. Measured on shakespeare-cloze from the
+# default pretraining run, pretrained vs --init none: 3000/2000 → 57.9% vs 50.0%;
+# 1000/500 → 57.2% vs 52.2% (the random start learns train-play cues that do not transfer).
+SIZES = {"train": 3000, "dev": 2000}
 GENRE_LINES = 4  # lines per genre passage
 
 # The First Folio's three genres (Pericles, outside the Folio, is a comedy by its ending;
