@@ -1,5 +1,7 @@
 """Per-op benchmarks: reference eager, torch.compile(reference), fused (and SDPA for attention)
-× fwd / bwd / fwd+bwd, at the small preset's training shapes.
+× fwd / bwd / fwd+bwd, at the small preset's training shapes; the two ops that carry GPT-1's
+dropout also with p = 0.1, as in training (the fused kernels draw the mask in-kernel, eager
+draws and stores it).
 
 Units: attention in GFLOP/s by FlashAttention's formula (fwd 4·B·T²·H·D, halved when causal;
 bwd 2.5× fwd); add+LayerNorm in GB/s of compulsory traffic; the matmul ops in GFLOP/s.
@@ -21,27 +23,27 @@ MODES = ["fwd", "bwd", "fwd+bwd"]
 PROVIDERS = ["eager", "compile", "fused"]
 
 
-def _make_attention():
+def _make_attention(p: float):
     qkv = torch.randn(S.B, S.T, 3 * S.C, requires_grad=True)
-    return (qkv,), dict(n_head=S.H)
+    return (qkv,), dict(n_head=S.H, dropout_p=p)
 
 
-def _make_add_layernorm():
+def _make_add_layernorm(p: float):
     x = torch.randn(S.N, S.C, requires_grad=True)
     r = torch.randn(S.N, S.C, requires_grad=True)
     w = torch.randn(S.C, requires_grad=True)
     b = torch.randn(S.C, requires_grad=True)
-    return (x, r, w, b), {}
+    return (x, r, w, b), dict(eps=1e-5, dropout_p=p)
 
 
-def _make_linear_gelu():
+def _make_linear_gelu(p: float):
     x = torch.randn(S.N, S.C, requires_grad=True)
     w = (torch.randn(S.F, S.C) * 0.02).requires_grad_()
     b = torch.zeros(S.F, requires_grad=True)
     return (x, w, b), {}
 
 
-def _make_linear_cross_entropy():
+def _make_linear_cross_entropy(p: float):
     h = torch.randn(S.N, S.C, requires_grad=True)
     w = (torch.randn(S.V, S.C) * 0.02).requires_grad_()
     t = torch.randint(0, S.V, (S.N,))
@@ -64,10 +66,11 @@ _MAKE = {
 }
 
 
-def _sdpa(qkv, n_head):
+def _sdpa(qkv, n_head, dropout_p):
     B, T, C3 = qkv.shape
     q, k, v = (t.view(B, T, n_head, -1).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C3 // 3)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return out.transpose(1, 2).reshape(B, T, C3 // 3)
 
 
 def _provider_fn(op: str, provider: str):
@@ -86,16 +89,20 @@ def _time(benchmark, fn, setup, rounds: int) -> float:
     return statistics.median(benchmark.stats.stats.data)
 
 
+_WITH_DROPOUT = [(op, 0.0) for op in _MAKE] + [("causal_attention", 0.1), ("add_layernorm", 0.1)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS + ["sdpa"])
-@pytest.mark.parametrize("op", list(_MAKE))
-def test_op(benchmark, record, op, provider, mode):
+@pytest.mark.parametrize("op,p", _WITH_DROPOUT, ids=[f"{op}-p{p}" for op, p in _WITH_DROPOUT])
+def test_op(benchmark, record, op, p, provider, mode):
     if provider == "sdpa" and op != "causal_attention":
         pytest.skip("SDPA is a baseline for attention only")
     fn = _provider_fn(op, provider)
-    args, kwargs = _MAKE[op]()
+    args, kwargs = _MAKE[op](p)
     grad_args = [a for a in args if a.requires_grad]
-    benchmark.group = f"{op} {mode}"
+    group = f"{op} {mode}" + (f" dropout {p}" if p else "")
+    benchmark.group = group
 
     def forward():
         return fn(*args, **kwargs)
@@ -124,4 +131,4 @@ def test_op(benchmark, record, op, provider, mode):
     else:
         seconds = _time(benchmark, lambda: forward().backward(upstream), setup_fwd_bwd, rounds=10)
         work = _WORK[op][0] + _WORK[op][1]
-    record(f"{op} {mode}", provider, seconds, work, _WORK[op][2])
+    record(group, provider, seconds, work, _WORK[op][2])

@@ -204,3 +204,32 @@ def test_stop_and_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
         assert (split / name).read_bytes() == (whole / name).read_bytes(), name
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, split))
     assert (a["accuracy"], a["best_step"], a["steps"]) == (b["accuracy"], b["best_step"], b["steps"])
+
+
+def test_learns_a_separable_multiple_choice_task(pretrained, tmp_path, capsys):
+    """The whole path (transform, extract position, head, loss, optimiser) can learn: Story
+    Cloze rows whose right ending always closes with one word and the wrong with another."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    words = "the premise states a hypothesis about what people do".split()
+    header = ["InputStoryid", *(f"InputSentence{i}" for i in range(1, 5)), "RandomFifthSentenceQuiz1",
+              "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
+    data = tmp_path / "story"
+    data.mkdir()
+    with open(data / "cloze_val.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i in range(250):
+            story = [" ".join(rng.choice(words) for _ in range(3)) for _ in range(4)]
+            right = " ".join(rng.choice(words) for _ in range(2)) + " yes"  # short: nothing is truncated
+            wrong = " ".join(rng.choice(words) for _ in range(2)) + " no"
+            answer = rng.randint(1, 2)
+            w.writerow([f"s{i}", *story, *((right, wrong) if answer == 1 else (wrong, right)), answer])
+    out = tmp_path / "run"
+    rc = run_cli(main, ["--no-fused", "--quiet", "--task", "rocstories", "--data-dir", str(data), "--init", str(pretrained),
+                        "--out", str(out), "--batch-size", "16", "--lr", "1e-3", "--max-steps", "150", "--lm-coef", "0"])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_dev"] == 50 and metrics["accuracy"] >= 0.9, metrics
