@@ -41,7 +41,8 @@ def run_exact_reference(hidden, weight, targets, ignore_index=IGNORE):
 
 
 # V = 40478 (GPT-1's vocabulary, not a power of two) with 450 rows spans two chunks of logits
-SHAPES = [(1, 16, 13), (37, 48, 257), (64, 96, 1000), (450, 16, 40478)]
+# (256 rows each), V = 4099 with 1100 rows two chunks of 1023 rows
+SHAPES = [(1, 16, 13), (37, 48, 257), (64, 96, 1000), (450, 16, 40478), (1100, 16, 4099)]
 
 
 @pytest.mark.parametrize("N,C,V", SHAPES)
