@@ -42,3 +42,34 @@ def assert_fa_rule(actual: torch.Tensor, ref_fp32: torch.Tensor, pytorch_lowp: t
     assert err <= FA_SLACK * base + floor, (
         f"{name}: error {err:.3e} > {FA_SLACK} x PyTorch's {actual.dtype} error {base:.3e} (+ floor {floor:.1e})"
     )
+
+
+# ---- the attention reference, as the kernel tests (Triton and C++) compare against it ----
+
+
+def attention_reference(qkv, dout, H, p=0.0, mask=None, upcast=False):
+    """out and grad_qkv of engine.reference.causal_attention, by autograd, in qkv's dtype."""
+    from engine import reference
+
+    leaf = qkv.detach().clone().requires_grad_()
+    out = reference.causal_attention(leaf, H, p, upcast=upcast, dropout_mask=mask)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), leaf.grad
+
+
+def attention_exact_reference(qkv, dout, H, p=0.0, mask=None):
+    """The reference in float64, results in float32: what an fp32 kernel should give."""
+    out, grad = attention_reference(qkv.double(), dout.double(), H, p, mask)
+    return out.float(), grad.float()
+
+
+def attention_reference_lse(qkv, H):
+    """logsumexp over keys of the causally masked, scaled scores, in float64: (B, H, T) float32."""
+    import math
+
+    B, T, C3 = qkv.shape
+    D = C3 // 3 // H
+    q, k, _ = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.double().split(H * D, dim=2))
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.logsumexp(s, dim=-1).float()

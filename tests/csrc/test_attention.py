@@ -9,6 +9,9 @@ import torch
 
 from engine import ops, reference
 from helpers import assert_close, assert_fa_rule
+from helpers import attention_exact_reference as run_exact_reference
+from helpers import attention_reference as run_reference
+from helpers import attention_reference_lse as reference_lse
 
 gpt1 = torch.ops.gpt1
 
@@ -31,28 +34,6 @@ def run_fused(qkv, dout, H, p=0.0, seed=None):
     out, lse = gpt1.attention_fwd(leaf, H, p, seed)
     out.backward(dout)
     return out.detach(), lse, leaf.grad
-
-
-def run_reference(qkv, dout, H, p=0.0, mask=None, upcast=False):
-    leaf = qkv.detach().clone().requires_grad_()
-    out = reference.causal_attention(leaf, H, p, upcast=upcast, dropout_mask=mask)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), leaf.grad
-
-
-def run_exact_reference(qkv, dout, H, p=0.0, mask=None):
-    """The reference in float64, cast to float32: what an fp32 kernel should give."""
-    out, grad = run_reference(qkv.double(), dout.double(), H, p, mask)
-    return out.float(), grad.float()
-
-
-def reference_lse(qkv, H):
-    B, T, C3 = qkv.shape
-    D = C3 // 3 // H
-    q, k, _ = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.double().split(C3 // 3, dim=2))
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
-    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    return s.logsumexp(-1).float()  # (B, H, T)
 
 
 # T = 1, primes, a multiple of the tiles, past one 256-key tile (online softmax across tiles);

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import reference
 from helpers import assert_close, assert_fa_rule
+from helpers import attention_exact_reference as run_exact_reference
+from helpers import attention_reference as run_reference
+from helpers import attention_reference_lse as reference_lse
 from philox_ref import keep_mask
 from kernels import attention as kernel
 from kernels.attention import attention_bwd, attention_dropout_mask, attention_fwd
@@ -39,30 +41,6 @@ def make_seed(value: int) -> torch.Tensor:
 def run_kernel(qkv, dout, H, p=0.0, seed=None):
     out, lse = attention_fwd(qkv, H, p, seed)
     return out, lse, attention_bwd(dout, qkv, out, lse, H, p, seed)
-
-
-def run_reference(qkv, dout, H, p=0.0, mask=None, upcast=False):
-    """out and grad_qkv of the reference, by autograd, in qkv's dtype."""
-    leaf = qkv.detach().clone().requires_grad_()
-    out = reference.causal_attention(leaf, H, p, upcast=upcast, dropout_mask=mask)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), leaf.grad
-
-
-def run_exact_reference(qkv, dout, H, p=0.0, mask=None):
-    """The reference in float64, results in float32: what an fp32 kernel should give."""
-    out, grad = run_reference(qkv.double(), dout.double(), H, p, mask)
-    return out.float(), grad.float()
-
-
-def reference_lse(qkv, H):
-    """torch.logsumexp over keys of the causally masked, scaled scores: (B, H, T) float32."""
-    B, T, C3 = qkv.shape
-    D = C3 // 3 // H
-    q, k, _ = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.double().split(H * D, dim=2))
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
-    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    return torch.logsumexp(s, dim=-1).float()
 
 
 # ---- exactness at fp32 ------------------------------------------------------------------
