@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import train
+from . import checkpoint, cli, train
 from .config import GPT1Config
 from .data.records import Example
 from .data.tasks import DEFAULT_TASK, TASKS, Task, get_task
@@ -58,7 +58,7 @@ WARMUP_FRACTION = 0.002  # the paper: warm-up over 0.2% of training
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = train.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m engine.finetune",
         description="Fine-tune GPT-1 on a task with the paper's input transformations and auxiliary LM loss.",
     )
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (default: the model's n_positions)")
     h.add_argument("--eval-batch-size", type=int, default=None, help="examples per evaluation batch (default: --batch-size)")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_dataclass_args(
+    cli.add_dataclass_args(
         p, train.TrainConfig,
         defaults={"batch_size": 32, "lr": 6.25e-5, "schedule": "linear", "max_steps": None, "eval_every": None,
                   "checkpoint_every": None, "warmup_steps": None},
@@ -215,7 +215,7 @@ def _load_weights(model: GPT1ForTask, path: Path) -> None:
     load_head(model.head, path)
 
 
-TASK_WEIGHTS = train.WeightsIO(_save_weights, _load_weights)
+TASK_WEIGHTS = checkpoint.WeightsIO(_save_weights, _load_weights)
 """Body in the Hugging Face layout + head.safetensors."""
 
 
@@ -383,7 +383,7 @@ def evaluate_all(
 
 
 def _resolve_train_config(args: argparse.Namespace, out: Path, n_train: int) -> train.TrainConfig:
-    given = train.dataclass_kwargs(train.TrainConfig, args)
+    given = cli.dataclass_kwargs(train.TrainConfig, args)
     kw = {**FINETUNE_TRAIN_DEFAULTS, **given, "out": str(out)}
     batch = kw["batch_size"]
     steps_per_epoch = math.ceil(n_train / batch)
@@ -450,7 +450,7 @@ def finetune(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     data_dir = Path(args.data_dir) if args.data_dir else None
     out = Path(args.out or f"runs/finetune-{task.name}")
-    resume_from = train.prepare_run_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
+    resume_from = checkpoint.prepare_run_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
     dist = train.setup_distributed(vars(args).get("device", "auto"))
     try:
         return _finetune(args, task, data_dir, out, resume_from, dist)
@@ -474,7 +474,7 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
     # Everything is read and checked: only now is a run being replaced cleared.
     if dist.is_main:
         if args.overwrite:
-            train.clear_run_dir(out)
+            checkpoint.clear_run_dir(out)
             for name in (BEST, HEAD_FILE, TASK_FILE, METRICS_FILE, "predictions"):
                 p = out / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -499,7 +499,7 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
     _print("config: " + json.dumps({**dataclasses.asdict(cfg), "lm_coef": args.lm_coef, "dropout": args.dropout,
                                    "epochs": args.epochs}), dist)
     if dist.is_main and resume_from is None:
-        atomic_write_text(out / train.RUN_CONFIG, json.dumps({"train": dataclasses.asdict(cfg), "args": _args_dict(args)}, indent=2) + "\n")
+        atomic_write_text(out / checkpoint.RUN_CONFIG, json.dumps({"train": dataclasses.asdict(cfg), "args": _args_dict(args)}, indent=2) + "\n")
 
     best = {"score": -math.inf, "step": 0}
     best_dev: dict[str, Any] = {}  # the best checkpoint's predictions on the first dev set (this process's run)
@@ -561,9 +561,9 @@ def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
 
 def _restore_args(args: argparse.Namespace) -> argparse.Namespace:
     """--resume DIR: the saved run's settings, except where and how it runs."""
-    saved_file = Path(args.resume) / train.RUN_CONFIG
+    saved_file = Path(args.resume) / checkpoint.RUN_CONFIG
     if not saved_file.is_file():
-        raise FileNotFoundError(f"--resume {args.resume}: no {train.RUN_CONFIG} there (not a fine-tuning run)")
+        raise FileNotFoundError(f"--resume {args.resume}: no {checkpoint.RUN_CONFIG} there (not a fine-tuning run)")
     saved = json.loads(saved_file.read_text()).get("args")
     if not isinstance(saved, dict):
         raise ValueError(f"{saved_file} holds no fine-tuning settings")
@@ -620,8 +620,8 @@ def _check_fused() -> None:
     if not torch.cuda.is_available():
         err = ops.cpu_kernels_error()
         if err:
-            raise train.UserError(f"{err} (or pass --no-fused)")
+            raise cli.UserError(f"{err} (or pass --no-fused)")
 
 
 if __name__ == "__main__":
-    sys.exit(train.run_cli(main))
+    sys.exit(cli.run_cli(main))

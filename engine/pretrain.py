@@ -24,19 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .train import (
-    RUN_CONFIG,
-    ArgumentParser,
-    TrainConfig,
-    UserError,
-    add_dataclass_args,
-    batch_layout,
-    clear_run_dir,
-    dataclass_kwargs,
-    prepare_run_dir,
-    resolve_device,
-    run_cli,
-)
+from .checkpoint import LOSS_PLOT, METRICS, RUN_CONFIG, clear_run_dir, prepare_run_dir
+from .cli import ArgumentParser, UserError, add_dataclass_args, dataclass_kwargs, run_cli
+from .train import TrainConfig, batch_layout, resolve_device
 
 # Defaults that depend on the device.
 # CUDA: the paper's model, batch (64 x 512 tokens) and learning rate, a 8192-token BPE.
@@ -186,7 +176,7 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     from .data.shards import default_cache_dir
     from .data.windows import RandomWindows, check_length, eval_batches
     from .model import GPT1
-    from .train import LOSS_PLOT, METRICS, Trainer, flops_per_token
+    from .train import Trainer, flops_per_token
 
     n_positions = GPT1Config.from_name(pcfg.preset).n_positions
     if pcfg.seq_len > n_positions:

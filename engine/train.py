@@ -27,43 +27,49 @@ Run directory::
     loss.png                        train and validation loss
     checkpoints/step_00000500/      weights (WeightsIO) + trainer_state.pt, last K kept
     config.json, model.safetensors  the final weights (GPT1: Hugging Face layout)
+
+The run directory's layout and checkpoint I/O live in engine.checkpoint, the CLIs' flag
+handling in engine.cli.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import os
 import queue
-import random
 import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import (
+    CHECKPOINTS,
+    LOSS_PLOT,
+    METRICS,
+    TRAINER_STATE,
+    WeightsIO,
+    default_weights_io,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from .cli import UserError, flag_name
 from .fileio import _fsync_dir, atomic_write, atomic_write_text
 
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.pt"
-METRICS = "metrics.jsonl"
-RUN_CONFIG = "train_config.json"
-LOSS_PLOT = "loss.png"
-# Files whose presence means "this directory already holds a run".
-RUN_MARKERS = (RUN_CONFIG, CHECKPOINTS, METRICS, "model.safetensors")
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, by a substring of the device name.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -109,11 +115,11 @@ class TrainConfig:
             if value is None and name in ("micro_batch_size", "warmup_steps"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
+                raise ValueError(f"{flag_name(name)} must be an integer, got {value!r}")
             if name in positive and value <= 0:
-                raise ValueError(f"{_flag(name)} must be positive, got {value}")
+                raise ValueError(f"{flag_name(name)} must be positive, got {value}")
             if value < 0:
-                raise ValueError(f"{_flag(name)} must be >= 0, got {value}")
+                raise ValueError(f"{flag_name(name)} must be >= 0, got {value}")
         if self.micro_batch_size == 0:
             raise ValueError("--micro-batch-size must be positive, got 0")
         if self.warmup_steps is None:
@@ -123,121 +129,23 @@ class TrainConfig:
         for name in ("lr", "eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 < value < math.inf):
-                raise ValueError(f"{_flag(name)} must be a positive finite number, got {value!r}")
+                raise ValueError(f"{flag_name(name)} must be a positive finite number, got {value!r}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-                raise ValueError(f"{_flag(name)} must be in [0, 1), got {value!r}")
+                raise ValueError(f"{flag_name(name)} must be in [0, 1), got {value!r}")
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < math.inf):
-                raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{flag_name(name)} must be a finite number >= 0, got {value!r}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"--peak-tflops must be positive, got {self.peak_tflops!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                raise ValueError(f"{flag_name(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if not self.out:
             raise ValueError("--out must name a directory")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-# ---- command line: dataclass fields become flags --------------------------------------
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _field_type(tp: Any) -> tuple[type, bool]:
-    """(base type, optional) of an annotation like `int`, `float | None`."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        (base,) = [a for a in args if a is not type(None)]
-        return base, True
-    return tp, False
-
-
-def add_dataclass_args(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    *,
-    defaults: dict[str, Any] | None = None,
-    helps: dict[str, str] | None = None,
-    skip: Iterable[str] = (),
-) -> None:
-    """Adds one ``--field-name`` flag per dataclass field, its help from the field's metadata.
-    Flags default to argparse.SUPPRESS, so the namespace holds only what the user gave
-    (``dataclass_kwargs`` picks them out); ``defaults`` only changes what --help shows."""
-    defaults, helps = defaults or {}, helps or {}
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group((cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip("."))
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        base, optional = _field_type(hints[f.name])
-        default = defaults.get(f.name, f.default)
-        shown = "auto" if default is None else default
-        text = helps.get(f.name, f.metadata.get("help", ""))
-        text = f"{text} (default: {shown})" if "default:" not in text else text
-        flag = _flag(f.name)
-        if base is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-            continue
-        if typing.get_origin(base) is list:
-            (item,) = typing.get_args(base)
-            group.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS, metavar="PATH", help=text)
-            continue
-        group.add_argument(
-            flag,
-            type=_parse_value(base, optional),
-            default=argparse.SUPPRESS,
-            choices=f.metadata.get("choices"),
-            metavar=f.name.split("_")[-1].upper() if f.metadata.get("choices") is None else None,
-            help=text,
-        )
-
-
-def _parse_value(base: type, optional: bool) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        if optional and text.lower() in ("none", "auto"):
-            return None
-        return base(text)
-
-    parse.__name__ = base.__name__  # argparse names the type in "invalid int value: 'x'"
-    return parse
-
-
-def dataclass_kwargs(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
-    """The fields of `cls` the user gave on the command line."""
-    given = vars(namespace)
-    return {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
-
-
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Runs a CLI's main; a user error (bad value, missing file) becomes one line on stderr
-    and exit code 2. GPT1_DEBUG=1 shows the traceback instead."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UserError) as e:
-        if os.environ.get("GPT1_DEBUG") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns)
-        print("error: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment, reported as one line."""
 
 
 # ---- optimiser and schedule -------------------------------------------------------------
@@ -454,159 +362,6 @@ class Prefetcher:
             while True:
                 self._queue.get_nowait()
         self._thread.join(timeout=5)
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-
-
-@dataclass
-class WeightsIO:
-    """How a checkpoint stores the model's weights. `save(model, dir)` must write atomically
-    (engine.fileio); `load(model, dir)` loads them into the model in place."""
-
-    save: Callable[[nn.Module, Path], None]
-    load: Callable[[nn.Module, Path], None]
-
-
-def _gpt1_save(model: nn.Module, path: Path) -> None:
-    model.save_pretrained(path)
-
-
-def _gpt1_load(model: nn.Module, path: Path) -> None:
-    from .hf import load_pretrained
-
-    config, state = load_pretrained(path)
-    if config != model.config:
-        raise ValueError(f"{path}: checkpoint config {config} differs from the model's {model.config}")
-    model.load_state_dict(state)
-
-
-def _state_dict_save(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_model
-
-    atomic_write(path / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
-
-
-def _state_dict_load(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_model
-
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-
-
-GPT1_WEIGHTS = WeightsIO(_gpt1_save, _gpt1_load)
-"""GPT1 weights: config.json + model.safetensors in the Hugging Face openai-gpt layout."""
-STATE_DICT_WEIGHTS = WeightsIO(_state_dict_save, _state_dict_load)
-"""Any module: its whole state_dict in model.safetensors (tied tensors stored once)."""
-
-
-def default_weights_io(model: nn.Module) -> WeightsIO:
-    from .model import GPT1
-
-    return GPT1_WEIGHTS if isinstance(model, GPT1) else STATE_DICT_WEIGHTS
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a directory is renamed into place only
-    once every file in it is written, so partial ones are never listed)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """A checkpoint's trainer state, read with torch.load(weights_only=True)."""
-    path = Path(checkpoint) / TRAINER_STATE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {TRAINER_STATE} in {checkpoint}") from None
-    except Exception as e:  # pickle/zip errors come in many types
-        raise ValueError(f"{path} could not be read with torch.load(weights_only=True): {e}") from None
-
-
-def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Checks `out` before anything is written; returns the checkpoint to resume from.
-
-    A directory that holds a run (see RUN_MARKERS) is only continued with resume=True or
-    cleared with overwrite=True; otherwise a UserError. Call on every rank; only rank 0
-    should then call `clear_run_dir`."""
-    out = Path(out)
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pass one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise UserError(f"--resume {out}: no checkpoint found in {out / CHECKPOINTS}")
-        return ckpt
-    if holds_run and not overwrite:
-        raise UserError(f"{out} already holds a run; pass --resume {out} to continue it or --overwrite to replace it")
-    return None
-
-
-def clear_run_dir(out: str | Path) -> None:
-    """Removes a previous run's files from `out` (for --overwrite); other files stay."""
-    out = Path(out)
-    for name in RUN_MARKERS + (LOSS_PLOT, "config.json", "tokenizer.json", "samples.txt", "tensorboard"):
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from, in types torch.load(weights_only=True) accepts."""
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": n["bit_generator"],
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _as_tuples(x: Any) -> Any:
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -939,7 +694,7 @@ class Trainer:
         """Writes checkpoints/step_<step>/ (weights + trainer_state.pt) atomically: files go to
         a temporary directory, each fsynced, which is then renamed into place. Keeps the
         newest cfg.keep_checkpoints. Every process must call it (RNG states are gathered)."""
-        rng = _rng_state()
+        rng = rng_state()
         if self.dist.distributed:
             states: list[Any] = [None] * self.dist.world_size
             torch.distributed.all_gather_object(states, rng)
@@ -986,7 +741,7 @@ class Trainer:
         self.bad_steps = int(state.get("bad_steps", 0))
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
-            _set_rng_state(rngs[self.dist.rank])
+            set_rng_state(rngs[self.dist.rank])
         else:
             warnings.warn(f"checkpoint written by {len(rngs)} processes, resumed on {self.dist.world_size}: "
                           "dropout RNG reseeded (data order is unaffected)", RuntimeWarning, stacklevel=3)

@@ -10,7 +10,7 @@ from engine import GPT1, GPT1Config
 from engine.finetune import add_task_tokens, batch_fn, main
 from engine.data.transforms import Encoded
 from engine.tokenizer import BPETokenizer
-from engine.train import run_cli
+from engine.cli import run_cli
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 GLUE = FIX / "glue"

@@ -16,7 +16,7 @@ from engine import GPT1
 from engine.data.corpus import shakespeare_dir
 from engine.pretrain import CPU_DEFAULTS, main, resolve_configs
 from engine.tokenizer import BPETokenizer
-from engine.train import run_cli
+from engine.cli import run_cli
 from helpers import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]

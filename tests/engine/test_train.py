@@ -9,20 +9,9 @@ import torch
 
 from engine import GPT1, GPT1Config
 from engine.data.windows import RandomWindows, eval_batches
-from engine.train import (
-    TRAINER_STATE,
-    Schedule,
-    TrainConfig,
-    Trainer,
-    UserError,
-    build_optimizer,
-    build_scheduler,
-    clear_run_dir,
-    list_checkpoints,
-    load_trainer_state,
-    param_groups,
-    prepare_run_dir,
-)
+from engine.checkpoint import TRAINER_STATE, clear_run_dir, list_checkpoints, load_trainer_state, prepare_run_dir
+from engine.cli import UserError
+from engine.train import Schedule, TrainConfig, Trainer, build_optimizer, build_scheduler, param_groups
 from helpers import assert_close
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)

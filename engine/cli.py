@@ -1,0 +1,107 @@
+"""Command lines of the training CLIs: dataclass fields become flags, and a user's mistake
+becomes one line on stderr with exit code 2 (never a traceback)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import types
+import typing
+from typing import Any, Callable, Iterable
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _field_type(tp: Any) -> tuple[type, bool]:
+    """(base type, optional) of an annotation like `int`, `float | None`."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        (base,) = [a for a in args if a is not type(None)]
+        return base, True
+    return tp, False
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    defaults: dict[str, Any] | None = None,
+    helps: dict[str, str] | None = None,
+    skip: Iterable[str] = (),
+) -> None:
+    """Adds one ``--field-name`` flag per dataclass field, its help from the field's metadata.
+    Flags default to argparse.SUPPRESS, so the namespace holds only what the user gave
+    (``dataclass_kwargs`` picks them out); ``defaults`` only changes what --help shows."""
+    defaults, helps = defaults or {}, helps or {}
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group((cls.__doc__ or cls.__name__).strip().splitlines()[0].rstrip("."))
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        base, optional = _field_type(hints[f.name])
+        default = defaults.get(f.name, f.default)
+        shown = "auto" if default is None else default
+        text = helps.get(f.name, f.metadata.get("help", ""))
+        text = f"{text} (default: {shown})" if "default:" not in text else text
+        flag = flag_name(f.name)
+        if base is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+            continue
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            group.add_argument(flag, nargs="+", type=item, default=argparse.SUPPRESS, metavar="PATH", help=text)
+            continue
+        group.add_argument(
+            flag,
+            type=_parse_value(base, optional),
+            default=argparse.SUPPRESS,
+            choices=f.metadata.get("choices"),
+            metavar=f.name.split("_")[-1].upper() if f.metadata.get("choices") is None else None,
+            help=text,
+        )
+
+
+def _parse_value(base: type, optional: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", "auto"):
+            return None
+        return base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+def dataclass_kwargs(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` the user gave on the command line."""
+    given = vars(namespace)
+    return {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Runs a CLI's main; a user error (bad value, missing file) becomes one line on stderr
+    and exit code 2. GPT1_DEBUG=1 shows the traceback instead."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UserError) as e:
+        if os.environ.get("GPT1_DEBUG") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns)
+        print("error: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment, reported as one line."""
