@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import reference
-from helpers import assert_close, assert_fa_rule
+from helpers import assert_close, assert_fa_rule, compile_for_sm90
 from philox_ref import keep_mask
 from kernels import add_layernorm as kernel
 from kernels.add_layernorm import add_layernorm_bwd, add_layernorm_dropout_mask, add_layernorm_fwd
@@ -323,12 +323,5 @@ for fn in (K._add_layernorm_fwd_kernel, K._add_layernorm_bwd_kernel, K._add_laye
 def test_kernels_compile_for_sm90_with_cheap_dropout():
     """Each kernel, bf16 with dropout at C = 768, compiles to an sm_90 cubin with the bundled
     ptxas (no GPU needed), spending one Philox4x32-7 call per 8 elements (counted in the PTX)."""
-    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"no bundled ptxas at {ptxas}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 3, proc.stdout
+    out = compile_for_sm90(_COMPILE_SM90)
+    assert out.count("compiled") == 3, out

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_close, assert_fa_rule
+from helpers import assert_close, assert_fa_rule, compile_for_sm90
 from helpers import attention_exact_reference as run_exact_reference
 from helpers import attention_reference as run_reference
 from helpers import attention_reference_lse as reference_lse
@@ -257,12 +257,5 @@ for tuned in (A._fwd_tuned, A._dkdv_tuned, A._dq_tuned):
 def test_kernels_compile_for_sm90():
     """The autotuner's first config of each kernel, bf16 with dropout, compiles to an sm_90 cubin
     with the bundled ptxas (no GPU needed), using wgmma and pipelined (cp.async) tile loads."""
-    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"no bundled ptxas at {ptxas}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 3, proc.stdout
+    out = compile_for_sm90(_COMPILE_SM90)
+    assert out.count("compiled") == 3, out
