@@ -183,6 +183,20 @@ def test_disk_full_or_read_only_is_one_line_exit_1(code_, tmp_path, cache, capsy
     assert state["step"] == 2  # the finished checkpoint is intact
 
 
+@pytest.mark.parametrize("error, code", [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "in.txt"), 2),  # the user named a missing file
+    (PermissionError(errno.EACCES, "Permission denied", "/ro/run"), 1),
+    (OSError(errno.ENOSPC, "No space left on device", "/full/run/x"), 1),
+])
+def test_run_cli_exit_codes(error, code, capsys):
+    def main(argv):
+        raise error
+
+    assert run_cli(main, []) == code
+    err = capsys.readouterr().err
+    assert one_line(err) and error.filename in err and error.strerror in err
+
+
 # ---- fine-tuning resume: one policy ------------------------------------------------------------------
 
 
@@ -198,9 +212,16 @@ def test_finetune_resume_refuses_changed_settings(flag, pretrained, tmp_path, ca
 
 
 def test_finetune_resume_keeps_the_reference_path_bit_exact(pretrained, tmp_path, capsys):
+    """The resumed run is the run's own: its kernels, tokenizer and model config — the --init
+    directory is not read again (here it is gone)."""
+    import shutil
+
+    init = tmp_path / "init"
+    shutil.copytree(pretrained, init)
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert cli(finetune.main, ["--no-fused", *ft_args(whole, pretrained)], capsys)[0] == 0
-    assert cli(finetune.main, ["--no-fused", *ft_args(split, pretrained, "--stop-at", "2")], capsys)[0] == 0
+    assert cli(finetune.main, ["--no-fused", *ft_args(whole, init)], capsys)[0] == 0
+    assert cli(finetune.main, ["--no-fused", *ft_args(split, init, "--stop-at", "2")], capsys)[0] == 0
+    shutil.rmtree(init)
     code, stdout, err = cli(finetune.main, ["--resume", str(split)], capsys)  # no --no-fused: the run's setting holds
     assert code == 0, err
     assert '"fused": false' in stdout
