@@ -70,11 +70,11 @@ class FinetuneConfig:
     """Task, model and fine-tuning (the paper's defaults)."""
 
     task: str = field(default=DEFAULT_TASK, metadata={"help": f"task name: {', '.join(TASKS)}"})
-    data_dir: str | None = field(default=None, metadata={"help": "directory holding the task's files in their published layout (e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays)"})
+    data_dir: str | None = field(default=None, metadata={"help": "directory holding the task's files in their published layout (e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays) (default: none)"})
     init: str = field(default=PRETRAIN_DEFAULT_OUT, metadata={"help": f"run directory to start from (config.json + model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run (default: {PRETRAIN_DEFAULT_OUT}, where `{PRETRAIN_COMMAND}` writes)"})
     arch: str | None = field(default=None, metadata={"help": f"with --init none: a run whose config.json and tokenizer (never its weights) the random model takes, so the ablation differs from pretraining in the weights only (default: {PRETRAIN_DEFAULT_OUT} unless --preset is given)"})
-    preset: str | None = field(default=None, metadata={"help": "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's config; needs --tokenizer or --arch for the tokenizer"})
-    tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer.json to use instead of the run's"})
+    preset: str | None = field(default=None, metadata={"help": "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's config; needs --tokenizer or --arch for the tokenizer (default: none)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer.json to use instead of the run's (default: the run's own)"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training set (paper: 3)"})
     lm_coef: float = field(default=0.5, metadata={"help": "λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (paper: 0.5)"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout before the task head's linear layer (paper: 0.1)"})
