@@ -216,12 +216,12 @@ def resume_sections(run_dir: Path, kind: str, given: dict[str, dict[str, Any]],
     if changed:
         raise UserError(f"--resume cannot change {', '.join(flag_name(c) for c in changed)} (saved in {run_dir / RUN_CONFIG}); "
                         "only run-control flags such as --max-steps may change; start a new run instead")
-    path = run_dir / RUN_CONFIG
-    built = {
-        section: build_section(cls, {**saved.get(section, {}), **given.get(section, {})} if isinstance(saved.get(section), dict)
-                               else saved.get(section), path, section)
-        for section, cls in classes.items()
-    }
+    path, built = run_dir / RUN_CONFIG, {}
+    for section, cls in classes.items():
+        values = saved.get(section)
+        if isinstance(values, dict):
+            values = {**values, **given.get(section, {})}
+        built[section] = build_section(cls, values, path, section)
     return built, saved
 
 

@@ -131,9 +131,14 @@ def test_pretrain_resume_keeps_the_reference_path(tmp_path, cache, capsys):
     assert cli(pretrain.main, pre_args(out, cache, "--stop-at", "2"), capsys)[0] == 0
     code, _, err = cli(pretrain.main, ["--resume", str(out), "--fused"], capsys)
     assert code == 2 and one_line(err) and "--fused" in err
-    code, stdout, err = cli(pretrain.main, ["--resume", str(out)], capsys)
-    assert code == 0, err
+    code, stdout, err = cli(pretrain.main, ["--resume", str(out), "--max-steps", "5", "--eval-every", "1"], capsys)
+    assert code == 0, err  # run-control flags may change
     assert "reference ops" in stdout
+    assert json.loads((out / "train_config.json").read_text())["train"]["max_steps"] == 5
+    before = (out / "model.safetensors").read_bytes()
+    code, stdout, err = cli(pretrain.main, ["--resume", str(out), "--max-steps", "5"], capsys)
+    assert code == 0 and "already finished at update 5" in stdout, err
+    assert (out / "model.safetensors").read_bytes() == before
 
 
 def test_pretrain_resume_on_a_finetuning_run_is_one_line(pretrained, tmp_path, capsys):
@@ -241,6 +246,12 @@ def test_finetune_resume_of_a_finished_run_keeps_the_best_weights(pretrained, tm
     assert code == 0, err
     assert {n: (out / n).read_bytes() for n in before} == before
     assert "already finished" in stdout
+    # More updates for a finished run: the best-dev weights stay the run's unless beaten.
+    code, _, err = cli(finetune.main, ["--resume", str(out), "--max-steps", "6"], capsys)
+    assert code == 0, err
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["steps"] == 6 and after["best_step"] == 2
+    assert all((out / n).read_bytes() == before[n] for n in ("model.safetensors", "head.safetensors"))
 
 
 def test_finetune_bad_head_file_is_one_line(pretrained, tmp_path, capsys):
