@@ -110,14 +110,16 @@ class RunLock:
             return False
 
     def release(self, *, remove_empty_dir: bool = False) -> None:
-        """Unlocks; `remove_empty_dir` also removes a directory this lock created when it
-        holds nothing else (a run that failed before writing anything leaves no trace)."""
+        """Unlocks; `remove_empty_dir` also removes the lock file, and the directory when this
+        lock created it, if nothing else is there (a run that failed before writing anything
+        leaves no trace)."""
         if self._fd is None:
             return
         try:
-            if remove_empty_dir and self.created_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            if remove_empty_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
                 self.path.unlink()
-                self.run_dir.rmdir()
+                if self.created_dir:
+                    self.run_dir.rmdir()
         finally:
             os.close(self._fd)
             self._fd = None

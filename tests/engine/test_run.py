@@ -103,6 +103,9 @@ def test_a_failed_start_leaves_no_directory(tmp_path, cache, capsys):
     out = tmp_path / "out"
     code, _, err = cli(pretrain.main, pre_args(out, cache, data=[str(tmp_path / "nope.txt")]), capsys)
     assert code == 2 and "not found" in err and not out.exists()
+    out.mkdir()  # a directory the user made stays, without a lock file left in it
+    code, _, err = cli(pretrain.main, pre_args(out, cache, data=[str(tmp_path / "nope.txt")]), capsys)
+    assert code == 2 and out.is_dir() and not any(out.iterdir())
 
 
 # ---- pretraining resume: the run's tokenizer, the run's settings ----------------------------------
