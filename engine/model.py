@@ -126,21 +126,30 @@ class GPT1(nn.Module):
         elif targets is not None:
             self._check_tokens(targets, "targets", like=input_ids, allow_ignore=True)
 
-        x = self._embed(input_ids, 0)
+        wte, wpe = self._tables()
+        x = self._embed(input_ids, 0, wte, wpe)
         for block in self.h:
             x = block(x)
 
         loss = None
         if targets is not None:
-            loss = self.fn.linear_cross_entropy(x, self.tokens_embed.weight, targets.long(), IGNORE_INDEX)
+            loss = self.fn.linear_cross_entropy(x, wte, targets.long(), IGNORE_INDEX)
         if return_logits is None:
             return_logits = loss is None
-        logits = F.linear(x, self.tokens_embed.weight) if return_logits else None
+        logits = F.linear(x, wte) if return_logits else None
         return GPT1Output(loss=loss, logits=logits, hidden_states=x)
 
-    def _embed(self, input_ids: Tensor, start: int) -> Tensor:
+    def _tables(self) -> tuple[Tensor, Tensor]:
+        """The embedding tables this pass reads (dropped whole under embd_dropout="matrix")."""
+        p = self.config.embd_pdrop if self.training else 0.0
+        return reference.embedding_tables(self.tokens_embed.weight, self.positions_embed.weight, p, self.config.embd_dropout)
+
+    def _embed(self, input_ids: Tensor, start: int, wte: Tensor | None = None, wpe: Tensor | None = None) -> Tensor:
+        if wte is None or wpe is None:
+            wte, wpe = self._tables()
         pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        return self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))
+        x = F.embedding(input_ids, wte) + F.embedding(pos, wpe)
+        return self.drop(x) if self.config.embd_dropout == "sum" else x
 
     def _check_tokens(
         self, ids: Tensor, name: str, like: Tensor | None = None, allow_ignore: bool = False
