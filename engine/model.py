@@ -247,6 +247,16 @@ class GPT1(nn.Module):
 
     # ---- vocabulary and Hugging Face I/O -------------------------------------------------
 
+    def reset_blocks(self, first: int) -> None:
+        """Re-initialises blocks first .. n_layer-1 as a new model would be (N(0, initializer_
+        range) weights, zero biases, unit LayerNorms), keeping the embeddings and blocks
+        0 .. first-1: a model loaded from a pretrained run then transfers `first` layers
+        (the paper's §5 "Impact of number of layers transferred", OpenAI's n_transfer)."""
+        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= self.config.n_layer:
+            raise ValueError(f"layers transferred must be an integer in [0, {self.config.n_layer}], got {first!r}")
+        for block in self.h[first:]:
+            block.apply(lambda m: init_weights(m, self.config.initializer_range))
+
     def resize_token_embeddings(self, vocab_size: int) -> None:
         """Grows (or shrinks) the tied embedding; new rows are N(0, initializer_range)."""
         old = self.tokens_embed
