@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {PRETRAIN_DEFAULT_OUT})")
     g.add_argument("--preset", default=None, help="with --init none: a GPT1Config preset instead of --arch's config")
     g.add_argument("--tokenizer", default=None, help="a tokenizer.json to use instead of the run's")
+    g.add_argument("--n-transfer", type=int, default=None, metavar="K", help="transfer the embeddings and the first K "
+                   "blocks from --init, initialise the rest afresh (the paper's §5 layers-transferred ablation; default: all)")
     g.add_argument("--out", default=None, help="run directory (default: runs/finetune-<task>; with --eval-only: <init>/eval)")
     g.add_argument("--eval-only", action="store_true", help="evaluate the fine-tuned run --init on the dev (and test) files, no training")
     g.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR with its saved settings")
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("fine-tuning (the paper's defaults)")
     h.add_argument("--epochs", type=float, default=3.0, help="passes over the training set (default: 3)")
     h.add_argument("--lm-coef", type=float, default=0.5, help="λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (default: 0.5)")
+    h.add_argument("--lm-average", default="token", choices=("token", "sequence"), help="L1 averaged over every token of the batch, "
+                   "or per sequence then over sequences (OpenAI's code) (default: token)")
     h.add_argument("--dropout", type=float, default=0.1, help="dropout before the task head's linear layer (default: 0.1)")
     h.add_argument("--warmup-fraction", type=float, default=WARMUP_FRACTION, help="linear warm-up over this fraction of the updates (default: 0.002)")
     h.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (default: the model's n_positions)")
@@ -172,6 +176,9 @@ def load_body(args: argparse.Namespace) -> tuple[GPT1, BPETokenizer, str]:
         if tokenizer.vocab_size > body.config.vocab_size + 4:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only {body.config.vocab_size} embedding rows")
         source = str(init)
+        if args.n_transfer is not None:
+            body.reset_blocks(args.n_transfer)
+            source += f" (embeddings + {args.n_transfer} of {body.config.n_layer} blocks)"
     add_task_tokens(body, tokenizer)
     return body, tokenizer, source
 
@@ -410,6 +417,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-len must be at least 4 (start, delimiter, extract and one token), got {args.max_len}")
     if args.stop_at is not None and args.stop_at <= 0:
         raise ValueError(f"--stop-at must be a positive update number, got {args.stop_at}")
+    if vars(args).get("n_transfer") is not None and args.init == "none":
+        raise ValueError("--n-transfer needs --init RUN_DIR: with --init none no layer is pretrained")
     if args.eval_batch_size is not None and args.eval_batch_size <= 0:
         raise ValueError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
 
@@ -424,7 +433,7 @@ def _max_len(args: argparse.Namespace, body: GPT1) -> int:
 def _task_meta(task: Task, args: argparse.Namespace, max_len: int, source: str) -> dict[str, Any]:
     return {
         "task": task.name, "kind": task.kind, "labels": list(task.labels), "metrics": list(task.metrics),
-        "max_len": max_len, "lm_coef": args.lm_coef, "dropout": args.dropout, "init": source,
+        "max_len": max_len, "lm_coef": args.lm_coef, "lm_average": args.lm_average, "dropout": args.dropout, "init": source,
         "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
     }
 
@@ -484,7 +493,7 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
     head = make_head(task, body, args.dropout)
     if task.kind == "regression":
         head.set_target_stats(torch.tensor([float(e.label) for e in train_split.examples]))
-    model = GPT1ForTask(body, head, lm_coef=args.lm_coef)
+    model = GPT1ForTask(body, head, lm_coef=args.lm_coef, lm_average=args.lm_average)
     sp = tokenizer.special_tokens()
     meta = _task_meta(task, args, max_len, source)
     eval_bs = args.eval_batch_size or cfg.batch_size
