@@ -77,6 +77,8 @@ class FinetuneConfig:
     tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer.json to use instead of the run's (default: the run's own)"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training set (paper: 3)"})
     lm_coef: float = field(default=0.5, metadata={"help": "λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (paper: 0.5)"})
+    lm_average: str = field(default="token", metadata={"help": "L1 averaged over every token of the batch, or per sequence then over sequences (OpenAI's code)", "choices": ("token", "sequence")})
+    n_transfer: int | None = field(default=None, metadata={"help": "transfer the embeddings and the first K blocks from --init and initialise the rest afresh (the paper's §5 layers-transferred ablation) (default: all)"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout before the task head's linear layer (paper: 0.1)"})
     dropout: float | None = field(default=None, metadata={"help": "the model's residual, embedding and attention dropout (default: the model's config, 0.1 as the paper)"})
     warmup_fraction: float = field(default=WARMUP_FRACTION, metadata={"help": "linear warm-up over this fraction of the updates (paper: 0.2%%)"})
@@ -104,6 +106,13 @@ class FinetuneConfig:
 
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+        if self.lm_average not in ("token", "sequence"):
+            raise ValueError(f"--lm-average must be token or sequence, got {self.lm_average!r}")
+        if self.n_transfer is not None:
+            if isinstance(self.n_transfer, bool) or not isinstance(self.n_transfer, int) or self.n_transfer < 0:
+                raise ValueError(f"--n-transfer must be an integer >= 0, got {self.n_transfer!r}")
+            if self.init == "none":
+                raise ValueError("--n-transfer needs --init RUN_DIR: with --init none no layer is pretrained")
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -245,6 +254,9 @@ def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, st
         body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
         body.load_state_dict(state)
         source = str(init)
+        if fcfg.n_transfer is not None:
+            body.reset_blocks(fcfg.n_transfer)
+            source += f" (embeddings + {fcfg.n_transfer} of {body.config.n_layer} blocks)"
     add_task_tokens(body, tokenizer)
     return body, tokenizer, source
 
@@ -500,7 +512,7 @@ def _max_len(fcfg: FinetuneConfig, body: GPT1) -> int:
 def _task_meta(task: Task, fcfg: FinetuneConfig, max_len: int, source: str) -> dict[str, Any]:
     return {
         "task": task.name, "kind": task.kind, "labels": list(task.labels), "metrics": list(task.metrics),
-        "max_len": max_len, "lm_coef": fcfg.lm_coef, "head_dropout": fcfg.head_dropout, "init": source,
+        "max_len": max_len, "lm_coef": fcfg.lm_coef, "lm_average": fcfg.lm_average, "head_dropout": fcfg.head_dropout, "init": source,
         "data_dir": str(Path(fcfg.data_dir).resolve()) if fcfg.data_dir else None,
     }
 
@@ -577,7 +589,7 @@ def _finetune(ns: argparse.Namespace, res: Resolved, dist: train.DistEnv) -> int
     head = make_head(task, body, fcfg.head_dropout)
     if task.kind == "regression":
         head.set_target_stats(torch.tensor([float(e.label) for e in train_split.examples]))
-    model = GPT1ForTask(body, head, lm_coef=fcfg.lm_coef)
+    model = GPT1ForTask(body, head, lm_coef=fcfg.lm_coef, lm_average=fcfg.lm_average)
     _describe(task, train_split, dev + test, source, model, max_len, fcfg, cfg, dist)
     meta = _task_meta(task, fcfg, max_len, source)
     return _train(ns, task, model, tokenizer, train_split, dev, test, cfg, fcfg, meta, source, resume_from, dist, t0)
@@ -695,7 +707,7 @@ def eval_only(ns: argparse.Namespace) -> int:
     tokenizer.special_tokens()  # a fine-tuned run's tokenizer has them
     head = make_head(task, body, meta.get("head_dropout", meta.get("dropout", 0.1)))
     load_head(head, run_dir)
-    model = GPT1ForTask(body, head, lm_coef=meta.get("lm_coef", 0.5)).to(device)
+    model = GPT1ForTask(body, head, lm_coef=meta.get("lm_coef", 0.5), lm_average=meta.get("lm_average", "token")).to(device)
     transform = InputTransform(tokenizer, task.kind, int(meta.get("max_len", body.config.n_positions)))
     dev = load_splits(task, data_dir, "dev", transform)
     test = load_splits(task, data_dir, "test", transform)
