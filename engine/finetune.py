@@ -45,7 +45,7 @@ from .data.records import Example
 from .data.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from .data.transforms import Encoded, InputTransform, collate
 from .fileio import _fsync_dir, atomic_write, atomic_write_text
-from .heads import GPT1ForTask, TaskHead
+from .heads import GPT1ForTask, TaskHead, add_task_tokens
 from .metrics import compute
 from .model import GPT1
 from .tokenizer import BPETokenizer
@@ -221,19 +221,6 @@ def _missing_run(path: Path, what: str) -> FileNotFoundError:
             f"or pass --init RUN_DIR, or --init none to fine-tune from random weights"
         )
     return FileNotFoundError(f"{what}: {path} is not a run directory (config.json + model.safetensors)")
-
-
-def add_task_tokens(body: GPT1, tokenizer: BPETokenizer) -> None:
-    """Appends start / delimiter / extract / pad to the vocabulary and gives them embedding
-    rows drawn from N(0, initializer_range), as the paper's new tokens."""
-    fresh = any(tokenizer.token_to_id(t) is None for t in ("<start>", "<delim>", "<classify>", "<pad>"))
-    sp = tokenizer.add_special_tokens()
-    if body.config.vocab_size < tokenizer.vocab_size:
-        body.resize_token_embeddings(tokenizer.vocab_size)  # new rows: N(0, 0.02)
-    elif fresh:  # the table already has rows there (a padded vocabulary): draw them anew
-        with torch.no_grad():
-            for i in (sp.start, sp.delimiter, sp.classify, sp.pad):
-                body.tokens_embed.weight[i].normal_(0.0, body.config.initializer_range)
 
 
 def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, str]:
