@@ -43,8 +43,20 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {path}")
 
 
+def expected_shapes(config: GPT1Config) -> dict[str, torch.Size]:
+    """GPT1's parameter names and shapes for `config`, from a model built on the meta device:
+    nothing is allocated, so a config.json claiming vocab_size 1e11 is refused by the shape
+    check instead of exhausting memory."""
+    from .model import GPT1  # the expected names come from the model itself
+
+    with torch.device("meta"):
+        model = GPT1(config, fused=False)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
 def load_pretrained(path: str | Path) -> tuple[GPT1Config, dict[str, Tensor]]:
-    """Reads an openai-gpt directory into (config, state dict in GPT1's naming and layout)."""
+    """Reads an openai-gpt directory into (config, state dict in GPT1's naming and layout).
+    The config is checked against the weights' shapes here, before any model is allocated."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (expected config.json + {WEIGHTS_NAME})")
@@ -63,9 +75,7 @@ def load_pretrained(path: str | Path) -> tuple[GPT1Config, dict[str, Tensor]]:
     if lm_head is not None and "tokens_embed.weight" in state and not torch.equal(lm_head, state["tokens_embed.weight"]):
         raise ValueError(f"{path}: lm_head.weight differs from tokens_embed.weight; GPT-1's LM head is tied")
 
-    from .model import GPT1  # the expected names come from the model itself
-
-    expected = {k: v.shape for k, v in GPT1(config, fused=False).state_dict().items()}
+    expected = expected_shapes(config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
