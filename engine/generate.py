@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from .cli import ArgumentParser, run_cli
-from .inference import add_runtime_args, inference_device, load_language_model
+from .inference import add_run_arg, add_runtime_args, inference_device, load_language_model
 from .model import GPT1
 from .tokenizer import BPETokenizer
 
@@ -39,7 +39,7 @@ _top_k.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m engine.generate", description="Sample text from a run's model, streamed to stdout.")
-    p.add_argument("run", help="the run directory (config.json + model.safetensors + tokenizer.json)")
+    add_run_arg(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"tokens to sample after the prompt (default: {DEFAULT_NEW_TOKENS}, or what the context has room for)")

@@ -15,6 +15,7 @@ from .cli import UserError
 from .model import GPT1
 from .tokenizer import BPETokenizer
 
+DEFAULT_RUN = "runs/pretrain"  # where `python -m engine.pretrain` writes without --out
 RUN_HINT = "a run directory holding config.json + model.safetensors + tokenizer.json (as `python -m engine.pretrain` writes)"
 
 
@@ -26,9 +27,17 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                    help="run on the fused kernels (C++ on CPU, Triton on CUDA) instead of the PyTorch reference (default: fused)")
 
 
+def add_run_arg(parser: argparse.ArgumentParser) -> None:
+    """RUN, optional: the default pretraining run."""
+    parser.add_argument("run", nargs="?", default=DEFAULT_RUN,
+                        help=f"the run directory (config.json + model.safetensors + tokenizer.json) (default: {DEFAULT_RUN})")
+
+
 def run_dir(run: str | Path) -> Path:
     """`run` as a Path, once it is seen to hold a model; else a FileNotFoundError saying what a run is."""
     path = Path(run)
+    if str(run) == DEFAULT_RUN and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no run at {DEFAULT_RUN}: make one with `python -m engine.pretrain --fused`, or pass RUN")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; expected {RUN_HINT}")
     if not (path / "config.json").is_file():

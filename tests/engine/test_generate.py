@@ -106,3 +106,13 @@ def test_bad_runs_and_prompts_are_one_line_exit_2(run, tmp_path, capsys):
 def test_fused_path_gives_the_greedy_tokens_of_the_reference(run, capsys):
     assert cli([str(run), "--device", "cpu", "--prompt", "the slings", "--max-new-tokens", "9", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == direct(run, "the slings", 9, temperature=0)
+
+
+def test_run_defaults_to_the_pretraining_run(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["--prompt", "to be", "--no-fused"]) == 2
+    assert "no run at runs/pretrain: make one with `python -m engine.pretrain --fused`" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "pretrain").symlink_to(run)
+    assert cli(["--prompt", "to be", "--max-new-tokens", "3", "--no-fused", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == direct(run, "to be", 3)
