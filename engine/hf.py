@@ -101,3 +101,81 @@ def save_pretrained(config: GPT1Config, state_dict: dict[str, Tensor], path: str
     }
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write_text(path / CONFIG_NAME, json.dumps(config.to_hf_dict(), indent=2) + "\n")
+
+
+# ---- fine-tuned runs for transformers ---------------------------------------------------------
+#
+# A task head is a linear layer (with a bias) on the extract token's final state (engine.heads).
+# How each kind maps onto transformers' OpenAIGPT classes, exactly (the same outputs to fp32
+# rounding), given the run's transformed sequences (engine.predict.Predictor.batch: input_ids
+# (B, S, T) right-padded, extract positions (B, S)):
+#
+#   classification, entailment → OpenAIGPTForSequenceClassification on input_ids[:, 0]: its
+#       logits are read at the last non-pad token (config.pad_token_id is the run's pad), which
+#       is the extract token.
+#   similarity, regression → OpenAIGPTForSequenceClassification on each of the 2 orders, the
+#       two logits ADDED: the head adds the orders' states before its linear layer, so each
+#       order carries half the bias (regression: the standardisation is folded into the
+#       layer, so the sum is the score in the data's units; num_labels = 1).
+#   multiple_choice → OpenAIGPTDoubleHeadsModel(input_ids, mc_token_ids=extract): mc_logits
+#       (B, S) are the head's choice scores; the model keeps its (tied) LM head.
+#
+# ForSequenceClassification's `score` layer has no bias, so the head's bias c is moved into the
+# last LayerNorm's bias: β' = β + δ with W·δ = c (δ by least squares: exact while W has full
+# row rank, n_labels <= n_embd). That model's hidden states are therefore shifted by δ; it has
+# no LM head, so nothing else reads them: it is a classifier, not a language model.
+# DoubleHeadsModel fixes num_labels to 1, so it only fits multiple choice.
+# Not mapped: the head's dropout shares one mask across an example's sequences; transformers
+# drops each sequence on its own, which differs in training only.
+
+SEQUENCE_CLASSIFICATION = "OpenAIGPTForSequenceClassification"
+DOUBLE_HEADS = "OpenAIGPTDoubleHeadsModel"
+
+
+def _head_as_sequence_classifier(body_state: dict[str, Tensor], n_layer: int, head) -> dict[str, Tensor]:
+    """score.weight, and the bias folded into the last LayerNorm (see above); edits body_state."""
+    w = head.linear.weight.detach().to("cpu", torch.float64)  # (n_out, C)
+    c = head.linear.bias.detach().to("cpu", torch.float64)  # (n_out,)
+    if head.kind == "regression":  # prediction = out * std + mean, folded into the layer
+        std, mean = float(head.target_std), float(head.target_mean)
+        w, c = w * std, c * std + mean
+    if head.kind in ("similarity", "regression"):
+        c = c / 2  # each order's logits carry half: their sum has the bias once
+    delta = torch.linalg.lstsq(w, c.unsqueeze(1)).solution.squeeze(1)  # W·δ = c
+    if (w @ delta - c).abs().max() > 1e-6 * max(1.0, c.abs().max().item()):
+        raise ValueError("the head's weight is rank-deficient: its bias cannot move into the last LayerNorm")
+    key = f"h.{n_layer - 1}.ln_2.bias"
+    body_state[key] = (body_state[key].double() + delta).to(body_state[key].dtype)
+    return {"score.weight": w.float()}
+
+
+def save_task_model(body, head, labels, pad_token_id: int, path: str | Path) -> str:
+    """Writes a fine-tuned GPT1 body + TaskHead as a transformers model directory (config.json
+    + model.safetensors); returns the class to load it with (see the table above)."""
+    path = Path(path)
+    config = body.config
+    body_state = {k: v.detach().to("cpu") for k, v in body.state_dict().items()}
+    extra: dict = {"pad_token_id": pad_token_id}
+    if head.kind == "multiple_choice":
+        name = DOUBLE_HEADS
+        head_state = {"multiple_choice_head.summary.weight": head.linear.weight.detach().to("cpu"),
+                      "multiple_choice_head.summary.bias": head.linear.bias.detach().to("cpu")}
+        extra.update(summary_type="cls_index", summary_use_proj=True, summary_proj_to_labels=True,
+                     summary_activation=None, summary_first_dropout=head.dropout.p, summary_last_dropout=0.0)
+    else:
+        name = SEQUENCE_CLASSIFICATION
+        head_state = _head_as_sequence_classifier(body_state, config.n_layer, head)
+    names = list(labels) if labels else ["score"]
+    hf_config = {
+        **config.to_hf_dict(), **extra, "architectures": [name],
+        "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+        "gpt1_task_kind": head.kind,
+    }
+    from safetensors.torch import save_file
+
+    tensors = {f"transformer.{k}": (v.t() if k.endswith(_CONV1D) else v).contiguous() for k, v in body_state.items()}
+    tensors.update({k: v.contiguous() for k, v in head_state.items()})
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(path / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
+    return name
