@@ -4,17 +4,25 @@ The layout: config.json (OpenAIGPTConfig fields) + model.safetensors (or the old
 pytorch_model.bin) with OpenAIGPTModel's parameter names, optionally prefixed by
 "transformer." (OpenAIGPTLMHeadModel), Conv1D weights stored (in, out) — the transpose of
 nn.Linear's (out, in) — and an `lm_head.weight` tied to the token embedding.
+
+A fine-tuned run (body + task head) is written for transformers' task classes by
+`save_task_model`; the table above it says which class each head kind maps onto, and how.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 
 from .config import GPT1Config
 from .fileio import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    from .heads import TaskHead
+    from .model import GPT1
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -91,16 +99,22 @@ def load_pretrained(path: str | Path) -> tuple[GPT1Config, dict[str, Tensor]]:
 
 def save_pretrained(config: GPT1Config, state_dict: dict[str, Tensor], path: str | Path) -> None:
     """Writes config.json + model.safetensors (OpenAIGPTModel names, Conv1D layout), each atomically."""
+    _write(Path(path), state_dict, config.to_hf_dict())
+
+
+def _write(path: Path, body_state: dict[str, Tensor], hf_config: dict, prefix: str = "", extra: dict[str, Tensor] | None = None) -> None:
+    """model.safetensors (body in the Conv1D layout, names under `prefix`, then `extra`) and
+    config.json, each atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {
-        key: (value.t() if key.endswith(_CONV1D) else value).detach().to("cpu").contiguous()
-        for key, value in state_dict.items()
+        prefix + key: (value.t() if key.endswith(_CONV1D) else value).detach().to("cpu").contiguous()
+        for key, value in body_state.items()
     }
+    tensors.update({k: v.detach().to("cpu").contiguous() for k, v in (extra or {}).items()})
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(path / CONFIG_NAME, json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    atomic_write_text(path / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
 
 
 # ---- fine-tuned runs for transformers ---------------------------------------------------------
@@ -132,7 +146,7 @@ SEQUENCE_CLASSIFICATION = "OpenAIGPTForSequenceClassification"
 DOUBLE_HEADS = "OpenAIGPTDoubleHeadsModel"
 
 
-def _head_as_sequence_classifier(body_state: dict[str, Tensor], n_layer: int, head) -> dict[str, Tensor]:
+def _head_as_sequence_classifier(body_state: dict[str, Tensor], n_layer: int, head: TaskHead) -> dict[str, Tensor]:
     """score.weight, and the bias folded into the last LayerNorm (see above); edits body_state."""
     w = head.linear.weight.detach().to("cpu", torch.float64)  # (n_out, C)
     c = head.linear.bias.detach().to("cpu", torch.float64)  # (n_out,)
@@ -149,7 +163,7 @@ def _head_as_sequence_classifier(body_state: dict[str, Tensor], n_layer: int, he
     return {"score.weight": w.float()}
 
 
-def save_task_model(body, head, labels, pad_token_id: int, path: str | Path) -> str:
+def save_task_model(body: GPT1, head: TaskHead, labels: Sequence[str], pad_token_id: int, path: str | Path) -> str:
     """Writes a fine-tuned GPT1 body + TaskHead as a transformers model directory (config.json
     + model.safetensors); returns the class to load it with (see the table above)."""
     path = Path(path)
@@ -171,11 +185,5 @@ def save_task_model(body, head, labels, pad_token_id: int, path: str | Path) -> 
         "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
         "gpt1_task_kind": head.kind,
     }
-    from safetensors.torch import save_file
-
-    tensors = {f"transformer.{k}": (v.t() if k.endswith(_CONV1D) else v).contiguous() for k, v in body_state.items()}
-    tensors.update({k: v.contiguous() for k, v in head_state.items()})
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(path / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
+    _write(path, body_state, hf_config, prefix="transformer.", extra=head_state)
     return name

@@ -184,8 +184,12 @@ class Predictor:
 
     def examples(self, items: Iterable[Mapping[str, Any] | Example]) -> list[Example]:
         """Dicts (FIELDS' layout) or Examples, as Examples."""
+        if isinstance(items, (Mapping, str)):
+            raise TypeError(f"examples must be a list of dicts or Examples, got one {type(items).__name__}: wrap it in a list")
         out = []
         for i, item in enumerate(items):
+            if not isinstance(item, (Mapping, Example)):
+                raise TypeError(f"example {i} must be a dict or an Example, got {type(item).__name__}")
             out.append(item if isinstance(item, Example) else example_from_record(item, self.kind, str(i), f"example {i}"))
         return out
 

@@ -174,3 +174,13 @@ def test_export_from_the_cli(runs, tmp_path, capsys):
     assert cli([str(runs["multiple_choice"]), "--export-hf", str(tmp_path / "hf"), "--no-fused", "--device", "cpu"]) == 0
     assert "OpenAIGPTDoubleHeadsModel" in capsys.readouterr().err
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_python_call_rejects_what_is_not_a_list_of_examples(runs):
+    predictor = Predictor.from_run(runs["classification"], device="cpu", fused=False)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        predictor.predict({"text": "to be"})
+    with pytest.raises(TypeError, match="example 1 must be a dict"):
+        predictor.predict([{"text": "to be"}, "to be"])
+    with pytest.raises(ValueError, match="example 0: classification examples have the fields"):
+        predictor.predict([{"sentence": "to be"}])
