@@ -1,14 +1,25 @@
 """bench/conftest.py's side-by-side summary: after pytest-benchmark's tables, medians, and a
 slowdown that reads "slower"."""
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.conftest import speed_text
-
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_conftest():
+    """bench/conftest.py as a module, wherever pytest was started from."""
+    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "bench" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+speed_text = _load_conftest().speed_text
 
 # A no-op "benchmark": only the order of the report's sections is looked at, no timing.
 TEST_FILE = """
