@@ -83,6 +83,9 @@ def load_pretrained(path: str | Path) -> tuple[GPT1Config, dict[str, Tensor]]:
     if lm_head is not None and "tokens_embed.weight" in state and not torch.equal(lm_head, state["tokens_embed.weight"]):
         raise ValueError(f"{path}: lm_head.weight differs from tokens_embed.weight; GPT-1's LM head is tied")
 
+    layers = {int(k.split(".")[1]) for k in state if k.startswith("h.") and k.split(".")[1].isdigit()}
+    if config.n_layer != len(layers):  # before building even a meta model of n_layer blocks
+        raise ValueError(f"{path / CONFIG_NAME}: n_layer is {config.n_layer}, the weights hold {len(layers)} layers")
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

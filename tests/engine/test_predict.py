@@ -184,3 +184,12 @@ def test_python_call_rejects_what_is_not_a_list_of_examples(runs):
         predictor.predict([{"text": "to be"}, "to be"])
     with pytest.raises(ValueError, match="example 0: classification examples have the fields"):
         predictor.predict([{"sentence": "to be"}])
+
+
+def test_fused_path_gives_the_reference_predictions(runs):
+    examples = EXAMPLES["similarity"]
+    ref = Predictor.from_run(runs["similarity"], device="cpu", fused=False)
+    fused = Predictor.from_run(runs["similarity"], device="cpu", fused=True)
+    assert fused.model.body.fused and not ref.model.body.fused
+    a, b = ref.scores(ref.encode(examples)), fused.scores(fused.encode(examples))
+    assert_close(torch.stack(b), torch.stack(a), "fused logits")
