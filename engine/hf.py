@@ -23,6 +23,7 @@ from .fileio import atomic_write, atomic_write_text
 if TYPE_CHECKING:
     from .heads import TaskHead
     from .model import GPT1
+    from .tokenizer import BPETokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -145,6 +146,12 @@ def _write(path: Path, body_state: dict[str, Tensor], hf_config: dict, prefix: s
 # Not mapped: the head's dropout shares one mask across an example's sequences; transformers
 # drops each sequence on its own, which differs in training only.
 
+# The exported tokenizer.json adds the input transformation's tokens itself (a post-processor:
+# "<start> a <classify>", "<start> a <delim> b <classify>") and tokenizer_config.json names the
+# pad token, so transformers' AutoTokenizer and pipeline("text-classification") reproduce a
+# classification or entailment run's predictions on inputs that fit its max_len (the run cuts
+# longer ones longest-segment-first; a transformers tokenizer does not).
+
 SEQUENCE_CLASSIFICATION = "OpenAIGPTForSequenceClassification"
 DOUBLE_HEADS = "OpenAIGPTDoubleHeadsModel"
 
@@ -190,3 +197,22 @@ def save_task_model(body: GPT1, head: TaskHead, labels: Sequence[str], pad_token
     }
     _write(path, body_state, hf_config, prefix="transformer.", extra=head_state)
     return name
+
+
+def save_task_tokenizer(tokenizer: BPETokenizer, max_len: int, path: str | Path) -> None:
+    """tokenizer.json with the transformation's special tokens as a post-processor, and
+    tokenizer_config.json (pad token, max length) for transformers (see above)."""
+    from tokenizers import Tokenizer, processors
+
+    path = Path(path)
+    sp = tokenizer.special_tokens()
+    tokenizer.save(path / "tokenizer.json")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<start> $A <classify>",
+        pair="<start> $A <delim> $B:1 <classify>:1",
+        special_tokens=[("<start>", sp.start), ("<delim>", sp.delimiter), ("<classify>", sp.classify)],
+    )
+    atomic_write(path / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
+    config = {"pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": max_len}
+    atomic_write_text(path / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")

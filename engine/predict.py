@@ -34,6 +34,9 @@ probabilities for multiple choice; {"id", "prediction"} with the score for regre
 predictions: multiple choice as OpenAIGPTDoubleHeadsModel, the other kinds as
 OpenAIGPTForSequenceClassification (similarity and regression: the logits of the two orders
 added). Feed either the run's transformed sequences (Predictor.batch); engine.hf says how.
+The exported tokenizer adds the transformation's tokens itself, so
+transformers.pipeline("text-classification", model=DIR) gives a classification or entailment
+run's predictions (for inputs within max_len).
 """
 from __future__ import annotations
 
@@ -238,11 +241,11 @@ class Predictor:
 
     def export_hf(self, path: str | Path) -> str:
         """Writes the run for transformers (engine.hf.save_task_model); returns the class name."""
-        from .hf import save_task_model
+        from .hf import save_task_model, save_task_tokenizer
 
         sp = self.tokenizer.special_tokens()
         name = save_task_model(self.model.body, self.model.head, self.labels, sp.pad, Path(path))
-        self.tokenizer.save(Path(path) / "tokenizer.json")
+        save_task_tokenizer(self.tokenizer, self.max_len, Path(path))
         return name
 
 

@@ -173,7 +173,7 @@ def test_bad_runs_are_one_line_exit_2(runs, tmp_path, capsys):
 def test_export_from_the_cli(runs, tmp_path, capsys):
     assert cli([str(runs["multiple_choice"]), "--export-hf", str(tmp_path / "hf"), "--no-fused", "--device", "cpu"]) == 0
     assert "OpenAIGPTDoubleHeadsModel" in capsys.readouterr().err
-    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 
 def test_python_call_rejects_what_is_not_a_list_of_examples(runs):
@@ -193,3 +193,22 @@ def test_fused_path_gives_the_reference_predictions(runs):
     assert fused.model.body.fused and not ref.model.body.fused
     a, b = ref.scores(ref.encode(examples)), fused.scores(fused.encode(examples))
     assert_close(torch.stack(b), torch.stack(a), "fused logits")
+
+
+@pytest.mark.parametrize("kind", ["classification", "entailment"])
+def test_transformers_pipeline_gives_the_same_predictions(runs, tmp_path, kind):
+    """The exported tokenizer adds <start> / <delim> / <classify> itself; batches pad with <pad>."""
+    predictor = Predictor.from_run(runs[kind], device="cpu", fused=False)
+    predictor.export_hf(tmp_path / "hf")
+    examples = EXAMPLES[kind]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for e, enc in zip(examples, predictor.encode(examples)):
+        args = (e["text"], e["text_pair"]) if kind == "entailment" else (e["text"],)
+        assert tuple(tok(*args)["input_ids"]) == enc.sequences[0]
+    pipe = transformers.pipeline("text-classification", model=str(tmp_path / "hf"), tokenizer=tok, device="cpu")
+    inputs = [{"text": e["text"], "text_pair": e["text_pair"]} if kind == "entailment" else e["text"] for e in examples]
+    got = pipe(inputs, top_k=None, batch_size=len(inputs))
+    for r, ours in zip(got, predictor.predict(examples)):
+        probs = {d["label"]: d["score"] for d in r}
+        assert max(probs, key=probs.get) == ours["prediction"]
+        assert_close(torch.tensor([probs[k] for k in predictor.labels]), torch.tensor(list(ours["probabilities"].values())), "probabilities")
