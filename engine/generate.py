@@ -12,6 +12,7 @@ samples are separated by a line holding only "---". --seed makes sampling reprod
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -51,7 +52,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def check_args(args) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Each bad value named by its flag (GPT1.generate would name the argument instead)."""
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
