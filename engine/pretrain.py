@@ -261,7 +261,7 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
         final = evaluate(trainer, pcfg.final_eval_windows, prefix="final_val")
     trainer.log(final)
     if dist.is_main:
-        trainer.metrics.plot(out / LOSS_PLOT, {f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy})
+        trainer.metrics.plot(out / LOSS_PLOT, hlines={f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy})
     sample = _sample(model, tokenizer, pcfg, tcfg, dist.device) if dist.is_main and pcfg.sample_tokens else None
     if sample is not None:
         from .fileio import atomic_write_text
