@@ -151,9 +151,10 @@ def is_good(checkpoint: str | Path) -> bool:
     meta = _read_meta(Path(checkpoint))
     if isinstance(meta, dict):
         return meta.get("good") is True
-    if meta is None:  # no checkpoint.json: an older checkpoint
-        with contextlib.suppress(ValueError, FileNotFoundError):
-            return int(load_trainer_state(checkpoint).get("bad_steps", 0)) == 0
+    if meta is None:  # no checkpoint.json: an older checkpoint; mmap reads only what is used
+        with contextlib.suppress(Exception):
+            state = torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+            return int(state.get("bad_steps", 0)) == 0
     return True
 
 

@@ -14,18 +14,26 @@ What the caller supplies:
   of its arguments: the trainer asks each process (rank) for a different slice, prefetches
   in a thread, and resumes exactly by asking for the same (step, slice) again.
 
-What the trainer does: the paper's optimisation (AdamW, warm-up then cosine/linear decay,
-weight decay on matrices and embeddings only, grad-norm clip), gradient accumulation,
-bf16 autocast on CUDA, DistributedDataParallel under torchrun, atomic checkpoints keeping
-the last K with exact resume, skipping of non-finite updates, SIGINT/SIGTERM handling,
-metrics.jsonl + tqdm + loss.png (+ TensorBoard when installed).
+What the trainer does: the paper's optimisation (AdamW, warm-up then cosine/linear decay
+set as group["lr"] = lr · Schedule(step) before each update, weight decay on matrices and
+embeddings only, grad-norm clip), gradient accumulation, bf16 autocast on CUDA,
+DistributedDataParallel under torchrun, atomic checkpoints keeping the last K good ones with
+exact resume (falling back from a corrupt newest one), skipping of non-finite updates (no
+checkpoint or final weights from inside a non-finite streak), SIGINT/SIGTERM handling,
+metrics.jsonl + progress (a tqdm bar on a terminal, plain lines otherwise) + loss.png
+(+ TensorBoard when installed).
+
+``Trainer.train_step(micro_batches)`` is one update; ``fit`` is the loop around it that only
+keeps the cadence (log, evaluate, checkpoint, stop). ``state_dict()`` / ``load_state_dict()``
+are the trainer's state (all but the weights) that a checkpoint holds.
 
 Run directory::
 
     train_config.json               the resolved configuration (written by the CLI)
     metrics.jsonl                   one JSON object per logged step / evaluation
-    loss.png                        train and validation loss
-    checkpoints/step_00000500/      weights (WeightsIO) + trainer_state.pt, last K kept
+    loss.png                        train and validation loss (MetricsLog.plot panels)
+    checkpoints/step_00000500/      weights (WeightsIO) + trainer_state.pt + checkpoint.json
+                                    (good or not, file sizes), the last K good ones kept
     config.json, model.safetensors  the final weights (GPT1: Hugging Face layout)
 
 The run directory's layout and checkpoint I/O live in engine.checkpoint, the CLIs' flag
@@ -738,8 +746,9 @@ class Trainer:
             status = "diverged"
         if status == "diverged":
             good = latest_checkpoint(self.run_dir)
-            self._write(f"error: the run ended in {self.bad_steps} consecutive non-finite losses (update {self.step}); "
-                        f"no final weights written. The last good checkpoint is {good or 'none (none was saved)'}")
+            why = "stopping" if self.bad_steps >= self.cfg.max_bad_steps else "the run ended inside the streak"
+            self._write(f"error: {self.bad_steps} consecutive non-finite losses up to update {self.step}; {why}; no final "
+                        f"weights written. The last good checkpoint is {good or 'none (none was saved)'}")
             return status, good
         checkpoint = self.save_checkpoint()
         if self.dist.is_main and not self.bad_steps:
@@ -771,7 +780,7 @@ class Trainer:
             self.model.train()
         if result:
             self.log(dict(result))
-            if self._progress.bar is not None:  # line mode: the metrics are in metrics.jsonl
+            if self.progress:
                 self._write(f"update {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
     # ---- state and checkpoints ----------------------------------------------------------------

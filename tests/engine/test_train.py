@@ -3,6 +3,7 @@ checkpoints, non-finite losses, metrics and the run-directory policy (CPU, tiny 
 import errno
 import json
 import math
+import signal
 import sys
 
 import numpy as np
@@ -263,6 +264,22 @@ def test_stop_at_inside_a_streak_is_diverged_too(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
 
 
+def test_an_interrupt_inside_a_streak_writes_nothing_from_the_bad_state(tmp_path):
+    nan = nan_at({3})
+
+    def signalled(model, batch):
+        out = nan(model, batch)
+        if not torch.isfinite(out):
+            t._signal = signal.SIGTERM  # as the handler does
+        return out
+
+    t = make_trainer(tmp_path, dropout=0.0, loss=signalled, max_steps=6, checkpoint_every=2)
+    result = t.fit()
+    assert result.status == "interrupted" and result.step == 3
+    assert result.checkpoint.name == "step_00000002" and [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_resume_falls_back_from_a_corrupt_newest_checkpoint(tmp_path, capsys):
     """The newest checkpoint's weights are truncated: resuming says so in one line and
     continues from the one before, ending where an uninterrupted run does."""
@@ -378,8 +395,9 @@ def test_progress_is_one_plain_line_per_log_when_stderr_is_not_a_terminal(tmp_pa
     err = capsys.readouterr().err
     assert "\r" not in err  # no tqdm bar
     lines = err.strip().splitlines()
-    assert [line.split()[:2] for line in lines] == [["update", "2/4"], ["update", "4/4"]]
-    assert all("loss " in line and "task_loss " in line and "lr " in line and "tok/s " in line for line in lines)
+    assert [line.split()[:2] for line in lines] == [["update", "2/4"], ["update", "4/4"], ["update", "4:"]]
+    assert all("loss " in line and "task_loss " in line and "lr " in line and "tok/s " in line for line in lines[:2])
+    assert lines[2].startswith("update 4: val_loss ")  # the evaluation at the end
 
 
 def test_the_bar_on_a_terminal_shows_the_extra_losses(tmp_path, capsys, monkeypatch):
