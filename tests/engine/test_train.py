@@ -14,7 +14,7 @@ from engine import GPT1, GPT1Config
 from engine.data.windows import RandomWindows, eval_batches
 from engine.checkpoint import TRAINER_STATE, clear_run_dir, latest_checkpoint, list_checkpoints, load_trainer_state, prepare_run_dir
 from engine.cli import UserError
-from engine.train import MetricsLog, Schedule, TrainConfig, Trainer, build_optimizer, param_groups
+from engine.train import Schedule, TrainConfig, Trainer, build_optimizer, param_groups
 from helpers import assert_close
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)
@@ -354,33 +354,7 @@ def test_run_dir_policy(tmp_path):
     assert not list((tmp_path / "run").glob(f"**/{TRAINER_STATE}"))
 
 
-def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
-    import sys
-    import types
-
-    calls = []
-
-    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (not installed here)
-        def __init__(self, logdir):
-            calls.append(("init", logdir))
-
-        def add_scalar(self, tag, value, step):
-            calls.append((tag, value, step))
-
-        def close(self):
-            calls.append(("close",))
-
-    fake = types.ModuleType("torch.utils.tensorboard")
-    fake.SummaryWriter = FakeWriter
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
-    log = MetricsLog(tmp_path, enabled=True)
-    log.log({"step": 3, "loss": 2.5, "note": "text is not a scalar"})
-    log.close()
-    assert calls == [("init", str(tmp_path / "tensorboard")), ("loss", 2.5, 3), ("close",)]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 2.5, "note": "text is not a scalar"}
-
-
-# ---- progress and the loss plot -------------------------------------------------------------
+# ---- progress -------------------------------------------------------------
 
 
 def with_task_loss(model, batch):
@@ -408,23 +382,3 @@ def test_the_bar_on_a_terminal_shows_the_extra_losses(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "\r" in err and "task_loss=" in err and "2/2" in err
     assert "update 1/2 loss" not in err  # no plain lines beside the bar
-
-
-def test_loss_plot_has_one_subplot_per_panel(tmp_path):
-    log = MetricsLog(tmp_path, enabled=True)
-    for step in (1, 2, 3):
-        log.log({"step": step, "loss": 3.0 / step, "task_loss": 1.0 / step, "lm_loss": 2.0 / step})
-    log.log({"step": 3, "val_loss": 1.5, "dev_accuracy": 0.6})
-    default = log.figure(hlines={"unigram entropy": 2.0})
-    (ax,) = default.axes
-    assert ax.get_ylabel() == "cross-entropy (nats/token)" and ax.get_xlabel() == "update"
-    assert ax.get_legend_handles_labels()[1] == ["train", "validation", "unigram entropy"]
-    panels = [("loss (nats)", [("loss", "L3 = L2 + λ·L1"), ("task_loss", "task loss"), ("lm_loss", "LM loss")]),
-              ("dev accuracy", [("dev_accuracy", "dev")])]
-    fig = log.figure(panels, hlines={"chance": 0.5})
-    top, bottom = fig.axes
-    assert (top.get_ylabel(), bottom.get_ylabel()) == ("loss (nats)", "dev accuracy")
-    assert top.get_legend_handles_labels()[1] == ["L3 = L2 + λ·L1", "task loss", "LM loss", "chance"]
-    assert bottom.get_legend_handles_labels()[1] == ["dev"] and bottom.get_xlabel() == "update"
-    log.plot(tmp_path / "loss.png", panels=panels)
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
