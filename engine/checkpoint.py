@@ -200,7 +200,7 @@ def load_checkpoint(
     unreadable: list[str] = []
     for ckpt in _resume_candidates(start):
         try:
-            problem = _problem(ckpt)
+            problem = _problem(ckpt) if is_good(ckpt) else "saved inside a non-finite streak"
             if problem is not None:
                 raise ValueError(problem)
             state = load_trainer_state(ckpt)
@@ -221,7 +221,7 @@ def _resume_candidates(start: Path) -> list[Path]:
     if (start / CHECKPOINTS).is_dir() or not _STEP.fullmatch(start.name):
         return list_checkpoints(start, good_only=True)[::-1]
     older = [p for p in list_checkpoints(_run_of(start), good_only=True) if _step_of(p) < _step_of(start)]
-    return ([start] if start.is_dir() and is_good(start) else []) + older[::-1]
+    return [start] + older[::-1]
 
 
 def _problem(ckpt: Path) -> str | None:

@@ -83,6 +83,17 @@ def test_load_falls_back_to_the_newest_readable_checkpoint(tmp_path):
     assert ck.load_checkpoint(tmp_path, read_into([]), warn=warned.append)[0] == used
 
 
+def test_a_named_checkpoint_that_is_missing_or_bad_is_said_and_skipped(tmp_path):
+    save(tmp_path, 2)
+    bad = save(tmp_path, 4, good=False, bad_steps=1)
+    missing = tmp_path / ck.CHECKPOINTS / "step_00000006"
+    for start, reason in ((bad, "saved inside a non-finite streak"), (missing, "no trainer_state.pt")):
+        warned = []
+        used, _ = ck.load_checkpoint(start, read_into([]), warn=warned.append)
+        assert used.name == "step_00000002"
+        assert len(warned) == 1 and f"{start} ({reason})" in warned[0]
+
+
 def test_no_readable_checkpoint_is_an_error_naming_each(tmp_path):
     for step in (2, 4):
         save(tmp_path, step)
