@@ -96,12 +96,11 @@ def save_checkpoint(
 ) -> Path:
     """Writes checkpoints/step_<step>/ (weights, trainer_state.pt, checkpoint.json) into a
     hidden temporary directory, fsynced, then renamed into place; then keeps the newest
-    `keep` good checkpoints. A complete checkpoint of this step is left as it is. On an
-    OSError (disk full, read-only) nothing finished is touched, the temporary is removed and
-    the error names the checkpoint."""
+    `keep` good checkpoints. One already there for this step (left by a run that went
+    further before resuming from an older checkpoint) is replaced. On an OSError (disk full,
+    read-only) nothing finished is touched, the temporary is removed and the error names
+    the checkpoint."""
     final = checkpoint_dir(run_dir, step)
-    if final.is_dir() and _problem(final) is None:
-        return final
     try:
         tmp = make_temp_dir(final)
     except OSError as e:
@@ -113,7 +112,7 @@ def save_checkpoint(
         meta = {"step": step, "good": good, "bad_steps": int(state.get("bad_steps", 0)), "files": files}
         atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=1) + "\n")
         fsync_dir(tmp)
-        if final.exists():  # an incomplete one (see clean_run_dir): garbage, out of the way
+        if final.exists():
             remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)
@@ -159,13 +158,13 @@ def is_good(checkpoint: str | Path) -> bool:
 
 
 def rotate_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Keeps the newest `keep` good checkpoints; bad ones count for nothing, so they never
-    push a good one out. Bad ones older than the newest good one go too (resuming would
-    never pick them); newer ones stay as the record of a streak."""
-    good = list_checkpoints(run_dir, good_only=True)
-    kept, newest = set(good[-keep:]), (_step_of(good[-1]) if good else -1)
+    """Keeps the newest `keep` good checkpoints whose files are intact and removes every
+    other one older than the newest kept: bad or damaged checkpoints count for nothing, so
+    they never push a good one out. Newer ones stay (the record of a streak)."""
+    usable = [p for p in list_checkpoints(run_dir, good_only=True) if _problem(p) is None]
+    kept = usable[-keep:]
     for old in list_checkpoints(run_dir):
-        if old not in kept and (old in good or _step_of(old) < newest):
+        if kept and old not in kept and _step_of(old) < _step_of(kept[-1]):
             remove_checkpoint(old)
 
 

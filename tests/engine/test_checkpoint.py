@@ -63,6 +63,9 @@ def test_rotation_keeps_the_newest_good_checkpoints(tmp_path):
     assert names(tmp_path) == ["step_00000004", "step_00000006", "step_00000008", "step_00000010"]
     save(tmp_path, 12, keep=2)  # a good one: the bad ones before it go with the oldest good one
     assert names(tmp_path) == ["step_00000006", "step_00000012"]
+    (tmp_path / ck.CHECKPOINTS / "step_00000012" / "w.pt").write_bytes(b"x")  # damaged later
+    save(tmp_path, 14, keep=2)  # the damaged one does not count: 6 stays
+    assert names(tmp_path) == ["step_00000006", "step_00000014"]
 
 
 def test_load_falls_back_to_the_newest_readable_checkpoint(tmp_path):
@@ -196,10 +199,16 @@ def test_clean_run_dir_removes_only_the_leaks_of_killed_processes(tmp_path):
     assert ck.clean_run_dir(run) == [] and ck.clean_run_dir(run / "missing") == []
 
 
-def test_a_rewrite_of_an_incomplete_step_dir_replaces_it(tmp_path):
+def test_a_checkpoint_of_the_same_step_is_replaced(tmp_path):
+    """After resuming from an older checkpoint, the run reaches the steps of the newer (here
+    damaged or incomplete) ones again: the new checkpoint replaces them."""
     half = tmp_path / ck.CHECKPOINTS / "step_00000002"
     half.mkdir(parents=True)
     (half / "w.pt").write_bytes(b"old")
     save(tmp_path, 2)
     assert names(tmp_path) == ["step_00000002"] and ck.latest_checkpoint(tmp_path) == half
     assert torch.load(half / "w.pt", weights_only=True)["w"][0] == 2.0
+    state = half / ck.TRAINER_STATE
+    state.write_bytes(b"\0" * state.stat().st_size)  # garbage its record cannot see
+    save(tmp_path, 2)
+    assert ck.load_trainer_state(half)["step"] == 2 and names(tmp_path) == ["step_00000002"]
