@@ -58,13 +58,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise with_path(e, path) from e
+    os.close(fd)
     tmp_path = Path(tmp)
     try:
-        try:
-            os.fchmod(fd, 0o666 & ~current_umask())  # as open() would create it
-        finally:
-            os.close(fd)
         yield tmp_path
+        # The mode open() would give, set after the write: some writers (safetensors)
+        # replace the file with one of their own at 0600.
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

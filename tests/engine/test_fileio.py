@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from engine import fileio
 
@@ -23,6 +24,11 @@ def test_atomic_files_and_temp_dirs_honour_the_umask(tmp_path, umask_022):
     fileio.atomic_write_text(tmp_path / "a.json", "{}")
     assert mode(tmp_path / "a.json") == 0o644  # mkstemp alone gives 0600
     assert mode(fileio.make_temp_dir(tmp_path / "d")) == 0o755  # mkdtemp alone gives 0700
+    # safetensors (0.8) writes its file with mode 0600 whatever was there before.
+    from safetensors.torch import save_file
+
+    fileio.atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))
+    assert mode(tmp_path / "w.safetensors") == 0o644
     os.umask(0o077)
     fileio.atomic_write_text(tmp_path / "b.json", "{}")
     assert mode(tmp_path / "b.json") == 0o600  # a stricter umask is honoured too

@@ -3,7 +3,9 @@ checkpoints, non-finite losses, metrics and the run-directory policy (CPU, tiny 
 import errno
 import json
 import math
+import os
 import signal
+import stat
 import sys
 
 import numpy as np
@@ -185,6 +187,18 @@ def test_checkpoints_keep_the_last_k_and_load_safely(tmp_path):
     ckpt = GPT1.from_pretrained(ckpts[-1], fused=False)
     for k, v in weights(t).items():
         assert torch.equal(final.state_dict()[k], v) and torch.equal(ckpt.state_dict()[k], v)
+
+
+def test_every_file_of_a_run_honours_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        make_trainer(tmp_path / "run", max_steps=2, checkpoint_every=1).fit()
+    finally:
+        os.umask(old)
+    paths = list((tmp_path / "run").rglob("*"))
+    assert {p.name for p in paths} >= {"model.safetensors", "config.json", "trainer_state.pt", "checkpoint.json", "loss.png"}
+    modes = {p.relative_to(tmp_path): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    assert modes == {p: 0o755 if (tmp_path / p).is_dir() else 0o644 for p in modes}
 
 
 def test_metrics_and_plot(tmp_path):
