@@ -665,7 +665,9 @@ class Trainer:
         return status, checkpoint
 
     def _log_update(self, out: StepOutput, window: "_Window") -> None:
-        rec: dict[str, Any] = {"loss": out.loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": out.grad_norm, **out.extra}
+        """A metrics record of the update just taken (lr: the one it ran at) and its line."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        rec: dict[str, Any] = {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, **out.extra}
         if self.tokens_per_sample:
             rec["tokens_per_s"] = tps = window.tokens / max(window.seconds, 1e-9)
             peak = self._peak_flops()
