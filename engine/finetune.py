@@ -44,7 +44,7 @@ from .config import GPT1Config
 from .data.records import Example
 from .data.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from .data.transforms import Encoded, InputTransform, collate
-from .fileio import _fsync_dir, atomic_write, atomic_write_text
+from .fileio import _fsync_dir, atomic_write, atomic_write_text, make_temp_dir
 from .heads import GPT1ForTask, TaskHead, add_task_tokens
 from .metrics import compute
 from .model import GPT1
@@ -330,7 +330,7 @@ def save_run(model: GPT1ForTask, tokenizer: BPETokenizer, meta: dict[str, Any], 
     """A self-contained fine-tuned checkpoint, written to a temporary directory and renamed
     into place (the old one is removed only after the new one is complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path)  # honours the umask, unlike mkdtemp's 0700
     try:
         _save_weights(model, tmp)
         tokenizer.save(tmp / TOKENIZER_FILE)

@@ -96,6 +96,7 @@ class TrainConfig:
     beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (paper: 0.999)"})
     eps: float = field(default=1e-8, metadata={"help": "Adam epsilon (paper: 1e-8)"})
     weight_decay: float = field(default=0.01, metadata={"help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains get none (paper: 0.01)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); engine.optim)", "choices": ("adamw", "openai-adam")})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, dropout and data order"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)", "choices": ("auto", "cpu", "cuda")})
@@ -167,13 +168,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; torch's fused implementation where the device has it
-    (CUDA, and CPU since torch 2.4), else foreach."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """cfg.optimizer over `param_groups`: AdamW (torch's fused implementation where the device
+    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.optim)."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     device = params[0].device.type if params else "cpu"
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "openai-adam":
+        from .optim import OpenAIAdam
+
+        return OpenAIAdam(groups, **kwargs)
     fused_ok = device in _fused_adamw_devices() and all(p.is_floating_point() for p in params)
     if fused_ok:
         try:

@@ -134,18 +134,20 @@ def weights(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_exact_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "openai-adam"])
+def test_exact_resume_is_bit_identical(tmp_path, optimizer):
     """Interrupt after update 3 (checkpoint), resume in a fresh trainer built from different
     initial weights: the final weights and optimizer state equal an uninterrupted run's, bit
     for bit. Dropout on, so the restored RNG state matters."""
-    full = make_trainer(tmp_path / "full")
+    full = make_trainer(tmp_path / "full", optimizer=optimizer)
     assert full.fit().status == "finished"
-    part = make_trainer(tmp_path / "part")
+    assert type(full.optimizer).__name__ == {"adamw": "AdamW", "openai-adam": "OpenAIAdam"}[optimizer]
+    part = make_trainer(tmp_path / "part", optimizer=optimizer)
     result = part.fit(stop_at=3)
     assert result.status == "stopped" and result.step == 3
     torch.manual_seed(1234)  # disturb every RNG before resuming
     np.random.seed(1234)
-    resumed = make_trainer(tmp_path / "part", resume_from=result.checkpoint, init_seed=99)
+    resumed = make_trainer(tmp_path / "part", resume_from=result.checkpoint, init_seed=99, optimizer=optimizer)
     assert resumed.step == 3
     assert resumed.fit().status == "finished"
     a, b = weights(full), weights(resumed)
