@@ -351,6 +351,26 @@ torch.library.register_autograd(
 )
 
 
+# The backward ops have no derivative of their own: double backward (e.g. gradient penalties,
+# Hessian-vector products) raises one clear error instead of autograd's silent-wrong-answer warning.
+
+
+def _no_double_backward(name: str) -> Callable[..., Any]:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"gpt1::{name}: double backward is not supported by the fused kernels (the backward op "
+            "has no derivative); use GPT1(config, fused=False) for higher-order gradients"
+        )
+
+    return backward
+
+
+for _name in ("attention_bwd", "add_layernorm_bwd", "linear_gelu_bwd"):
+    torch.library.register_autograd(
+        f"gpt1::{_name}", _no_double_backward(_name), setup_context=lambda ctx, inputs, output: None, lib=_lib
+    )
+
+
 # ---- functional API: what GPT1(fused=True) calls; same signatures as engine.reference ----
 
 

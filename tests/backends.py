@@ -1,0 +1,80 @@
+"""The backends every op test runs on (tests/ops/conftest.py's `backend` fixture, after
+extension-cpp's `_test_correctness(device)`).
+
+* ``cpp``: CPU tensors through ``torch.ops.gpt1`` / ``engine.ops``, served by the C++ kernels
+  built from csrc/ (the test fails if they cannot be loaded).
+* ``triton``: the Triton launchers of kernels/. On a GPU machine: CUDA tensors, dispatched to the
+  launchers the way the model reaches them. Without a GPU: CPU tensors under the Triton
+  interpreter (tests/conftest.py sets TRITON_INTERPRET=1), the launchers registered as the
+  gpt1:: ops' CPU kernels for the test's duration (the registration GPT1_CPU_KERNELS=triton makes
+  process-wide), so the same calls reach them through the same dispatcher and autograd.
+
+Test bodies never branch on the backend: they make tensors with ``backend.tensor`` and call
+the ops; what a backend cannot do (float64, any head_dim) is stated once, in ``Backend``.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+import torch
+
+import engine.ops
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way the gpt1:: ops run: its name, the device its tensors live on, what it accepts."""
+
+    name: str
+    device: torch.device
+    dtypes: tuple[torch.dtype, ...]  # floating dtypes the kernels take
+    head_dims: tuple[int, ...] | None  # attention head sizes (None: any)
+    interpreted: bool  # Triton under its interpreter: keep shapes small
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """t on this backend's device (a copy, so callers may mark it requires_grad)."""
+        return t.detach().to(self.device, copy=True)
+
+    def seed(self, value: int) -> torch.Tensor:
+        """A dropout seed, as engine.ops.new_seed makes it: int64 (1,) on the device."""
+        return torch.tensor([value], dtype=torch.int64, device=self.device)
+
+
+_LOW = (torch.float32, torch.bfloat16, torch.float16)
+CPP = Backend("cpp", torch.device("cpu"), _LOW + (torch.float64,), None, interpreted=False)
+TRITON = Backend(
+    "triton", torch.device("cuda" if HAS_CUDA else "cpu"), _LOW, (16, 32, 64, 128), interpreted=not HAS_CUDA
+)
+BACKENDS = {"cpp": CPP, "triton": TRITON}
+
+
+@contextlib.contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """The Triton launchers as the gpt1:: ops' CPU kernels, inside the with block."""
+    engine.ops.load_cpu_kernels()  # the C++ kernels first: ours stack on top and come off again
+    lib = torch.library.Library("gpt1", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        for name in engine.ops.SCHEMAS:
+            lib.impl(name, engine.ops._triton_launcher(name), "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()  # the dispatcher falls back to the C++ kernels
+
+
+def cases(shared: list, *, cpp: list = (), compiled: list = ()) -> list:
+    """(backend, case) parameters: `shared` on every backend, `cpp` on the C++ kernels only (what
+    Triton refuses, e.g. head_dim 24), `compiled` on C++ and on CUDA Triton but not under the
+    interpreter (shapes too large for it)."""
+    out = [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS for c in shared]
+    out += [pytest.param("cpp", c, id=f"cpp-{c}") for c in list(cpp) + list(compiled)]
+    if HAS_CUDA:
+        out += [pytest.param("triton", c, id=f"triton-{c}") for c in compiled]
+    return out

@@ -1,0 +1,51 @@
+"""The `backend` fixture (tests/backends.py says what each backend is) and a dispatch recorder."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import engine.ops
+from backends import BACKENDS, Backend, triton_on_cpu
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request) -> Iterator[Backend]:
+    """Each op test once per backend; parametrize("backend", [...], indirect=True) narrows it."""
+    be = BACKENDS[request.param]
+    if be.name == "cpp":
+        if os.environ.get("GPT1_CPU_KERNELS", "cpp") != "cpp":
+            pytest.skip("GPT1_CPU_KERNELS is not 'cpp': the CPU ops are not served by csrc/")
+        error = engine.ops.cpu_kernels_error()
+        assert error is None, error
+        yield be
+        return
+    pytest.importorskip("triton")
+    with contextlib.nullcontext() if be.device.type == "cuda" else triton_on_cpu():
+        yield be
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "gpt1":
+            self.names.append(func._schema.name.split("::")[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def gpt1_ops_run_by():
+    """gpt1_ops_run_by(fn) runs fn() and returns the gpt1:: ops it dispatched, in order."""
+
+    def run(fn) -> list[str]:
+        with _Recorder() as rec:
+            fn()
+        return rec.names
+
+    return run
