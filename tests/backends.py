@@ -45,6 +45,10 @@ class Backend:
         """A dropout seed, as engine.ops.new_seed makes it: int64 (1,) on the device."""
         return torch.tensor([value], dtype=torch.int64, device=self.device)
 
+    def args(self, args: tuple) -> tuple:
+        """An op's arguments with every tensor on the device; the string "seed" stands for a valid seed."""
+        return tuple(self.seed(1) if a == "seed" else self.tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+
 
 _LOW = (torch.float32, torch.bfloat16, torch.float16)
 CPP = Backend("cpp", torch.device("cpu"), _LOW + (torch.float64,), None, interpreted=False)

@@ -270,16 +270,11 @@ BAD = {  # case → (op, arguments (CPU; moved to the backend's device), pattern
 }
 
 
-def on_backend(backend, args):
-    """The case's arguments on the backend's device; "seed" stands for a valid seed there."""
-    return tuple(backend.seed(1) if a == "seed" else backend.tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-
-
 @pytest.mark.parametrize("case", BAD)
 def test_bad_inputs_raise_value_error(backend, case):
     op, args, pattern = BAD[case]
     with pytest.raises(ValueError, match=pattern):
-        getattr(gpt1, op)(*on_backend(backend, args))
+        getattr(gpt1, op)(*backend.args(args))
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
