@@ -15,6 +15,7 @@ the ops; what a backend cannot do (float64, any head_dim) is stated once, in ``B
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -73,12 +74,29 @@ def triton_on_cpu() -> Iterator[None]:
         lib._destroy()  # the dispatcher falls back to the C++ kernels
 
 
-def cases(shared: list, *, cpp: list = (), compiled: list = ()) -> list:
+@contextlib.contextmanager
+def use(name: str) -> Iterator[Backend]:
+    """Backend `name`, ready: the C++ kernels loaded (the test fails if they cannot be), or the
+    Triton launchers reachable (skipped where triton is not installed)."""
+    be = BACKENDS[name]
+    if be.name == "cpp":
+        if os.environ.get("GPT1_CPU_KERNELS", "cpp") != "cpp":
+            pytest.skip("GPT1_CPU_KERNELS is not 'cpp': the CPU ops are not served by csrc/")
+        error = engine.ops.cpu_kernels_error()
+        assert error is None, error
+        yield be
+        return
+    pytest.importorskip("triton")
+    with contextlib.nullcontext() if be.device.type == "cuda" else triton_on_cpu():
+        yield be
+
+
+def cases(shared: list, *, cpp: list = (), compiled: list = (), backends: tuple = tuple(BACKENDS)) -> list:
     """(backend, case) parameters: `shared` on every backend, `cpp` on the C++ kernels only (what
     Triton refuses, e.g. head_dim 24), `compiled` on C++ and on CUDA Triton but not under the
-    interpreter (shapes too large for it)."""
-    out = [pytest.param(b, c, id=f"{b}-{c}") for b in BACKENDS for c in shared]
-    out += [pytest.param("cpp", c, id=f"cpp-{c}") for c in list(cpp) + list(compiled)]
+    interpreter (shapes too large for it). `backends`: the backend parameter's values."""
+    out = [pytest.param(b, c, id=f"{b}-{c}") for b in backends for c in shared]
+    out += [pytest.param(b, c, id=f"{b}-{c}") for b in backends if b.startswith("cpp") for c in [*cpp, *compiled]]
     if HAS_CUDA:
-        out += [pytest.param("triton", c, id=f"triton-{c}") for c in compiled]
+        out += [pytest.param(b, c, id=f"{b}-{c}") for b in backends if b.startswith("triton") for c in compiled]
     return out

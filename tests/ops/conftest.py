@@ -1,30 +1,18 @@
 """The `backend` fixture (tests/backends.py says what each backend is) and a dispatch recorder."""
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Iterator
 
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import engine.ops
-from backends import BACKENDS, Backend, triton_on_cpu
+from backends import BACKENDS, Backend, use
 
 
 @pytest.fixture(params=list(BACKENDS))
 def backend(request) -> Iterator[Backend]:
     """Each op test once per backend; parametrize("backend", [...], indirect=True) narrows it."""
-    be = BACKENDS[request.param]
-    if be.name == "cpp":
-        if os.environ.get("GPT1_CPU_KERNELS", "cpp") != "cpp":
-            pytest.skip("GPT1_CPU_KERNELS is not 'cpp': the CPU ops are not served by csrc/")
-        error = engine.ops.cpu_kernels_error()
-        assert error is None, error
-        yield be
-        return
-    pytest.importorskip("triton")
-    with contextlib.nullcontext() if be.device.type == "cuda" else triton_on_cpu():
+    with use(request.param) as be:
         yield be
 
 
