@@ -339,6 +339,12 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw):
             "call it with compute_grad=True (engine.ops.linear_cross_entropy decides this from "
             "torch.is_grad_enabled() and requires_grad)"
         )
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants to autograd
+        raise RuntimeError(
+            "gpt1::linear_cross_entropy_fwd: double backward is not supported by the fused kernels "
+            "(its gradients are computed in the forward); use GPT1(config, fused=False) for "
+            "higher-order gradients"
+        )
     grad_hidden, grad_weight = ctx.saved_tensors
     return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
 
