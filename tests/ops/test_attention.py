@@ -86,10 +86,16 @@ def test_low_precision_fa_rule(backend, dtype, B, T, H, D, p):
 # ---- dropout ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("B,T,H,D,p", [(2, 33, 2, 16, 0.2), (1, 64, 1, 64, 0.5), (1, 7, 1, 16, 0.9), (1, 1, 1, 16, 0.3)])
-def test_dropout_forward_and_grad_use_the_mask_op(backend, B, T, H, D, p):
+DROPOUT_CASES = [(2, 33, 2, 16, 0.2), (1, 64, 1, 64, 0.5), (1, 7, 1, 16, 0.9), (1, 1, 1, 16, 0.3)]
+
+
+@pytest.mark.parametrize(
+    "backend,case", cases(DROPOUT_CASES, cpp=[(2, 37, 3, 20, 0.3)], compiled=[(1, 300, 2, 64, 0.3)]), indirect=["backend"]
+)
+def test_dropout_forward_and_grad_use_the_mask_op(backend, case):
     """out and every gradient equal the reference fed the op's own mask: forward and backward draw
     the same keep-mask and scale survivors by 1/(1-p); lse is taken before dropout."""
+    B, T, H, D, p = case
     seed = 2**40 + 12345  # above 2³²: the key's high word matters
     qkv, dout = make_inputs(B, T, H, D)
     out, lse, grad = run(backend, qkv, dout, H, p, seed)

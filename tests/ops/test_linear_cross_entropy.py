@@ -60,18 +60,33 @@ def test_fp32_loss_and_grads(backend, shape):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@pytest.mark.parametrize("rows", [1, 5])
-def test_triton_chunks_accumulate_the_same_gradients(backend, monkeypatch, rows):
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (5, torch.float32), (8, torch.bfloat16), (8, torch.float16)])
+def test_triton_chunks_accumulate_the_same_gradients(backend, monkeypatch, rows, dtype):
     """Chunks of `rows` rows (CHUNK_BYTES shrunk): grad_weight sums over chunks in float32."""
     from kernels import linear_cross_entropy as kernel
 
-    hidden, weight, targets = make_inputs(37, 48, 1009, n_ignored=3)
-    monkeypatch.setattr(kernel, "CHUNK_BYTES", rows * 1009 * 4)
-    loss, (grad_h, grad_w) = run(backend, hidden, weight, targets)
-    loss_ref, (grad_h_ref, grad_w_ref) = reference_of(hidden, weight, targets)
-    assert_close(loss, loss_ref, "loss")
-    assert_close(grad_h, grad_h_ref, "grad_hidden")
-    assert_close(grad_w, grad_w_ref, "grad_weight")
+    hidden, weight, targets = make_inputs(29, 48, 1009, dtype, n_ignored=3)
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", rows * 1009 * hidden.element_size())
+    loss, grads = run(backend, hidden, weight, targets)
+    if dtype == torch.float32:
+        loss_ref, grads_ref = reference_of(hidden, weight, targets)
+        assert_close(loss, loss_ref, "loss")
+        for name, got, want in zip(("grad_hidden", "grad_weight"), grads, grads_ref):
+            assert_close(got, want, name)
+        return
+    _, grads_ref = reference_of(hidden.float(), weight.float(), targets, exact=False, upcast=True)
+    _, grads_low = reference_of(hidden, weight, targets, exact=False)
+    for name, got, want, low in zip(("grad_hidden", "grad_weight"), grads, grads_ref, grads_low):
+        assert_fa_rule(got, want, low, name)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_refuses_chunks_of_no_rows(backend):
+    from kernels.linear_cross_entropy import linear_cross_entropy_fwd
+
+    hidden, weight, targets = (backend.tensor(t) for t in make_inputs(4, 8, 10))
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
+        linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True, chunk_rows=0)
 
 
 def test_ignore_index_inside_the_vocabulary(backend):

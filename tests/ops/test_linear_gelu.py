@@ -52,7 +52,7 @@ def run(backend, x, w, b, dy, approximate):
 
 
 # (N, C, F): one row, primes, not powers of two, F = 4C, a partial last tile
-SHAPES = [(1, 48, 192), (7, 13, 29), (37, 96, 100), (13, 100, 37), (70, 48, 192)]
+SHAPES = [(1, 48, 192), (7, 13, 29), (37, 96, 100), (13, 100, 37), (70, 48, 192), (130, 48, 3)]
 
 
 @pytest.mark.parametrize("backend,shape", cases(SHAPES, compiled=[(64, 256, 1024)], backends=VARIANTS), indirect=["backend"])
@@ -161,6 +161,18 @@ def test_grad_bias_is_deterministic(backend, monkeypatch):
     _, grads_ref = exact_reference(reference.linear_gelu, (x, w, b), dy, "tanh")
     for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
         assert_close(got, want, name)
+
+
+@pytest.mark.parametrize("backend,impl", [("triton-matmul", "triton"), ("triton-cublas", "cublas")], indirect=["backend"])
+def test_triton_variant_runs_its_candidate(backend, impl):
+    from kernels.linear_gelu import CANDIDATES
+
+    x, w, b, _ = (backend.tensor(t) for t in make_inputs(7, 48, 37))
+    others = [CANDIDATES[name](x, w, b, "tanh")[1] for name in CANDIDATES if name != impl]
+    y, pre = gpt1.linear_gelu_fwd(x, w, b, "tanh")
+    want_y, want_pre = CANDIDATES[impl](x, w, b, "tanh")
+    assert torch.equal(y, want_y) and torch.equal(pre, want_pre)
+    assert not any(torch.equal(pre, other) for other in others)  # the candidates round differently
 
 
 @pytest.mark.parametrize("backend", ["triton-matmul"], indirect=True)
