@@ -10,7 +10,7 @@ extension-cpp's `_test_correctness(device)`).
   process-wide), so the same calls reach them through the same dispatcher and autograd.
 
 Test bodies never branch on the backend: they make tensors with ``backend.tensor`` and call
-the ops; what a backend cannot do (float64, any head_dim) is stated once, in ``Backend``.
+the ops.
 """
 from __future__ import annotations
 
@@ -30,13 +30,12 @@ HAS_CUDA = torch.cuda.is_available()
 
 @dataclass(frozen=True)
 class Backend:
-    """One way the gpt1:: ops run: its name, the device its tensors live on, what it accepts."""
+    """One way the gpt1:: ops run: its name and the device its tensors live on. Both take float32,
+    bfloat16 and float16; only C++ also takes float64, any head_dim and strided qkv rows (tests
+    of those run on "cpp" alone, and Triton's refusals are tested by name)."""
 
     name: str
     device: torch.device
-    dtypes: tuple[torch.dtype, ...]  # floating dtypes the kernels take
-    head_dims: tuple[int, ...] | None  # attention head sizes (None: any)
-    interpreted: bool  # Triton under its interpreter: keep shapes small
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         """t on this backend's device (a copy, so callers may mark it requires_grad)."""
@@ -51,11 +50,8 @@ class Backend:
         return tuple(self.seed(1) if a == "seed" else self.tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-_LOW = (torch.float32, torch.bfloat16, torch.float16)
-CPP = Backend("cpp", torch.device("cpu"), _LOW + (torch.float64,), None, interpreted=False)
-TRITON = Backend(
-    "triton", torch.device("cuda" if HAS_CUDA else "cpu"), _LOW, (16, 32, 64, 128), interpreted=not HAS_CUDA
-)
+CPP = Backend("cpp", torch.device("cpu"))
+TRITON = Backend("triton", torch.device("cuda" if HAS_CUDA else "cpu"))
 BACKENDS = {"cpp": CPP, "triton": TRITON}
 
 

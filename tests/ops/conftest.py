@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backends import BACKENDS, Backend, use
@@ -14,6 +15,16 @@ def backend(request) -> Iterator[Backend]:
     """Each op test once per backend; parametrize("backend", [...], indirect=True) narrows it."""
     with use(request.param) as be:
         yield be
+
+
+@pytest.fixture(autouse=True)
+def no_tf32() -> Iterator[None]:
+    """fp32 means fp32: the launchers' own torch matmuls (cuBLAS addmm, the LM head's GEMMs) without
+    TF32, whatever an earlier test (a CUDA training run) switched on."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class _Recorder(TorchDispatchMode):

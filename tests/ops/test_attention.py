@@ -285,12 +285,12 @@ def test_bad_inputs_raise_value_error(backend, case):
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize(
-    "qkv,message",
-    [(torch.zeros(1, 4, 72), r"head_dim = C / n_head = 24 / 1 = 24"), (torch.zeros(1, 4, 96).double(), "float64"),
-     (torch.zeros(1, 96, 4).transpose(1, 2), "contiguous")],
+    "qkv,n_head,message",
+    [(torch.zeros(1, 4, 72), 1, "head_dim = C / n_head = 24 / 1 = 24"), (torch.zeros(1, 4, 96).double(), 2, "float64"),
+     (torch.zeros(1, 96, 4).transpose(1, 2), 2, "contiguous")],
     ids=["head_dim 24", "float64", "strided"],
 )
-def test_triton_refuses_what_only_cpp_takes(backend, qkv, message):
+def test_triton_refuses_what_only_cpp_takes(backend, qkv, n_head, message):
     """The C++ kernel's extras (any head_dim, float64, row strides) are refused by name on Triton."""
     with pytest.raises(ValueError, match=re.escape(message)):
-        gpt1.attention_fwd(backend.tensor(qkv), 1 if qkv.shape[2] == 72 else 2, 0.0, None)
+        gpt1.attention_fwd(backend.tensor(qkv), n_head, 0.0, None)
