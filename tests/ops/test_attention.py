@@ -1,6 +1,7 @@
 """gpt1::attention_* on every backend against engine.reference.causal_attention."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -8,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from backends import CPP, TRITON, cases
 from engine import ops, reference
 from helpers import assert_close, assert_fa_rule
 from helpers import attention_exact_reference as exact_reference
-from helpers import attention_reference as lowp_reference
+from helpers import attention_reference as autograd_reference
 from helpers import attention_reference_lse as reference_lse
 from philox_ref import keep_mask
-
-from backends import CPP, TRITON, cases
 
 gpt1 = torch.ops.gpt1
 # triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)
@@ -42,12 +42,10 @@ def mask_of(backend, seed, B, H, T, p):
     return gpt1.attention_dropout_mask(backend.seed(seed), B, H, T, p).cpu()
 
 
-TRIL = {}
-
-
+@functools.cache
 def causal(T):
     """The (T, T) lower triangle: the mask entries that mean something (the rest is unspecified)."""
-    return TRIL.setdefault(T, torch.ones(T, T, dtype=torch.bool).tril())
+    return torch.ones(T, T, dtype=torch.bool).tril()
 
 
 # (B, T, H, D): T = 1, primes, several tiles (the interpreter's are 16-32), head_dim 16..128;
@@ -77,8 +75,8 @@ def test_low_precision_fa_rule(backend, dtype, B, T, H, D, p):
     mask = mask_of(backend, seed, B, H, T, p) if p else None
     out, lse, grad = run(backend, qkv, dout, H, p, seed)
     assert out.dtype == grad.dtype == dtype and lse.dtype == torch.float32
-    out_ref, grad_ref = lowp_reference(qkv.float(), dout.float(), H, p, mask, upcast=True)
-    out_low, grad_low = lowp_reference(qkv, dout, H, p, mask)
+    out_ref, grad_ref = autograd_reference(qkv.float(), dout.float(), H, p, mask, upcast=True)
+    out_low, grad_low = autograd_reference(qkv, dout, H, p, mask)
     assert_fa_rule(out, out_ref, out_low, "out")
     assert_fa_rule(grad, grad_ref, grad_low, "grad_qkv")
 
