@@ -152,7 +152,7 @@ GPT1_SIMD void fwd_finish(const acc_t<T>* __restrict o, const acc_t<T>* __restri
     const acc* __restrict orow = o + r * D;
     T* __restrict dst = out + r * ld_out;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dst[d] = from_acc<T>(orow[d] * inv);
+    for (int64_t d = 0; d < D; ++d) store(dst, d, orow[d] * inv);
     lse[r] = float(row_max[r] + std::log(row_sum[r]));
   }
 }
@@ -190,7 +190,7 @@ GPT1_SIMD void bwd_delta(const T* __restrict dout, const T* __restrict out, int6
   for (int64_t t = 0; t < rows; ++t) {
     acc_t<T> sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) sum += to_acc(dout[t * ld + d]) * to_acc(out[t * ld + d]);
+    for (int64_t d = 0; d < D; ++d) sum += load(dout, t * ld + d) * load(out, t * ld + d);
     delta[t] = sum;
   }
 }

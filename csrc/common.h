@@ -39,36 +39,39 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // The dtype of acc_t<T>, for allocating accumulators beside a tensor of dtype d.
 inline at::ScalarType acc_dtype(at::ScalarType d) { return d == at::kDouble ? at::kDouble : at::kFloat; }
 
-// ---- bfloat16 <-> float on raw bits (branch-free, so loops calling them vectorise) ---------
+// ---- element access in acc_t<T>: load(p, i) widens p[i], store(p, i, v) rounds v into p[i] ------
+// bfloat16 goes through its uint16 bits, branch-free: GCC does not vectorise loads and stores of
+// the c10::BFloat16 struct itself, nor its constructor's NaN branch.
 
-GPT1_INLINE float to_acc(float x) { return x; }
-GPT1_INLINE double to_acc(double x) { return x; }
-GPT1_INLINE float to_acc(at::BFloat16 x) {
-  const uint32_t bits = uint32_t(x.x) << 16;
+template <typename T>
+GPT1_INLINE acc_t<T> load(const T* p, int64_t i) {
+  return p[i];
+}
+GPT1_INLINE float load(const at::BFloat16* p, int64_t i) {
+  const uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
 
-// Round to nearest even, NaN kept NaN (as c10::BFloat16's constructor, without its branch).
 template <typename T>
-GPT1_INLINE T from_acc(acc_t<T> x) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    return at::BFloat16(uint16_t(nan ? 0x7FC0u : rounded), at::BFloat16::from_bits());
-  } else {
-    return T(x);
-  }
+GPT1_INLINE void store(T* p, int64_t i, acc_t<T> v) {
+  p[i] = v;
+}
+// Round to nearest even, NaN kept NaN (as c10::BFloat16's constructor).
+GPT1_INLINE void store(at::BFloat16* p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  reinterpret_cast<uint16_t*>(p)[i] = uint16_t(nan ? 0x7FC0u : rounded);
 }
 
 // dst[i] = T(src[i]) for i < n: a float tile rounded to bf16 for the next GEMM.
 template <typename T>
 GPT1_INLINE void store_tile(const acc_t<T>* __restrict src, T* __restrict dst, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = from_acc<T>(src[i]);
+  for (int64_t i = 0; i < n; ++i) store(dst, i, src[i]);
 }
 
 // ---- vectorisable math --------------------------------------------------------------------
@@ -153,10 +156,10 @@ GPT1_SIMD void add_tile(const T* __restrict tile, int64_t m, int64_t n, bool acc
     acc_t<T>* __restrict dst = c + r * ldc;
     if (accumulate) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] += to_acc(src[j]);
+      for (int64_t j = 0; j < n; ++j) dst[j] += load(src, j);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = to_acc(src[j]);
+      for (int64_t j = 0; j < n; ++j) dst[j] = load(src, j);
     }
   }
 }

@@ -67,7 +67,7 @@ template <typename T>
 GPT1_SIMD acc_t<T> row_loss_lowp(T* __restrict z, acc_t<T>* __restrict e, int64_t V, int64_t target, bool valid,
                        acc_t<T> inv_n, bool write_grad) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) e[v] = to_acc(z[v]);
+  for (int64_t v = 0; v < V; ++v) e[v] = load(z, v);
   const acc_t<T> loss = row_loss<acc_t<T>>(e, V, target, valid, inv_n, write_grad);
   if (write_grad) store_tile<T>(e, z, V);
   return loss;

@@ -83,10 +83,10 @@ template <typename T>
 GPT1_SIMD void gelu_fwd_span(const T* __restrict pre, T* __restrict y, int64_t begin, int64_t end, bool tanh_form) {
   if (tanh_form) {
 #pragma omp simd
-    for (int64_t e = begin; e < end; ++e) y[e] = from_acc<T>(gelu_tanh(to_acc(pre[e])));
+    for (int64_t e = begin; e < end; ++e) store(y, e, gelu_tanh(load(pre, e)));
   } else {
 #pragma omp simd
-    for (int64_t e = begin; e < end; ++e) y[e] = from_acc<T>(gelu_erf(to_acc(pre[e])));
+    for (int64_t e = begin; e < end; ++e) store(y, e, gelu_erf(load(pre, e)));
   }
 }
 
@@ -107,15 +107,15 @@ GPT1_SIMD void gelu_bwd_blocks(const T* __restrict dy, const T* __restrict pre, 
       if (tanh_form) {
 #pragma omp simd
         for (int64_t j = 0; j < F; ++j) {
-          const acc d = to_acc(dyi[j]) * gelu_tanh_grad(to_acc(zi[j]));
-          di[j] = from_acc<T>(d);
+          const acc d = load(dyi, j) * gelu_tanh_grad(load(zi, j));
+          store(di, j, d);
           db[j] += d;
         }
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < F; ++j) {
-          const acc d = to_acc(dyi[j]) * gelu_erf_grad(to_acc(zi[j]));
-          di[j] = from_acc<T>(d);
+          const acc d = load(dyi, j) * gelu_erf_grad(load(zi, j));
+          store(di, j, d);
           db[j] += d;
         }
       }
