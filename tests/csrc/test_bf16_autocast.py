@@ -9,6 +9,9 @@ come back fp32. Shapes are tiny: on CPUs without native bf16 the bf16 GEMMs are 
 """
 from __future__ import annotations
 
+import json
+from collections import Counter
+
 import pytest
 import torch
 
@@ -96,6 +99,44 @@ def test_add_layernorm_stays_fp32_and_reads_the_bf16_residual(N, C):
         assert_close(grads[i], grads_low[i], name)
     assert grads[1].dtype == BF16
     assert_fa_rule(grads[1], grads_ref[1], grads_low[1], "grad_residual")
+
+
+def gemm_input_dtypes(fn, tmp_path) -> Counter:
+    """Counts of (first, second) input dtypes of the ATen GEMMs (mm, addmm) that fn() runs,
+    the kernels' own included, from the profiler's trace."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    return Counter(tuple(e["args"]["Input type"][:2]) for e in events
+                   if e.get("name") in ("aten::mm", "aten::addmm") and "Input type" in e.get("args", {}))
+
+
+def fwd_bwd(fn, *leaves):
+    def run():
+        with autocast():
+            out = fn(*leaves)
+        out.float().sum().backward()
+    return run
+
+
+BF16_PAIR, FP32_PAIR = ("c10::BFloat16", "c10::BFloat16"), ("float", "float")
+
+
+def test_the_gemms_run_on_bf16_operands(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(*s, generator=g, requires_grad=True) for s in ((37, 48), (100, 48), (100,)))
+    assert gemm_input_dtypes(fwd_bwd(ops.linear_gelu, x, w, b), tmp_path) == Counter({BF16_PAIR: 3})
+    h, wv = torch.randn(600, 24, generator=g, requires_grad=True), torch.randn(3000, 24, generator=g, requires_grad=True)
+    t = torch.randint(0, 3000, (600,), generator=g)
+    assert gemm_input_dtypes(fwd_bwd(ops.linear_cross_entropy, h, wv, t), tmp_path) == Counter({BF16_PAIR: 3})
+    # attention, one query block per head (T < 64): per head P V, dV, dK, dQ in bf16; S (forward
+    # and backward) and dP' in fp32, as csrc/attention.cpp says
+    B, H = 2, 2
+    qkv = torch.randn(B, 37, 3 * H * 16, generator=g).to(BF16).requires_grad_()
+    counts = gemm_input_dtypes(fwd_bwd(ops.causal_attention, qkv, H), tmp_path)
+    assert counts == Counter({BF16_PAIR: 4 * B * H, FP32_PAIR: 3 * B * H})
 
 
 CFG = dict(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=101, resid_pdrop=0.0, embd_pdrop=0.0,
