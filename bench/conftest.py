@@ -9,11 +9,14 @@ eager and compile ("1.25x faster", or "1.14x slower" where fused loses).
 from __future__ import annotations
 
 import os
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+from engine.precision import cpu_bf16_isa, cpu_model
 
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
 
@@ -40,6 +43,12 @@ class Shapes:
 SHAPES = Shapes()
 
 
+def median_seconds(benchmark) -> float:
+    """Median of the timed rounds; NaN under --benchmark-disable (each function ran once, untimed)."""
+    stats = benchmark.stats
+    return statistics.median(stats.stats.data) if stats is not None else float("nan")
+
+
 def fused_cpu_error() -> str | None:
     import engine.ops
 
@@ -54,6 +63,12 @@ def record():
         _RESULTS[group][provider] = dict(seconds=seconds, work=work, unit=unit, **extra)
 
     return _record
+
+
+# (faster provider, baseline) pairs the summary prints as speed-ups when both ran
+_RATIOS = [("fused", b) for b in ("eager", "compile", "sdpa", "hf")] + [
+    ("fused-bf16", b) for b in ("eager-bf16", "compile-bf16", "fused")
+]
 
 
 def _rate(r: dict) -> str:
@@ -76,14 +91,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("GPT-1 engine benchmarks: providers side by side (medians)")
     tr.write_line(f"shapes: {SHAPES} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     tr.write_line("times are the median of each benchmark's rounds; rates are work / median time")
+    tr.write_line(f"cpu: {cpu_model()}; native bf16: {cpu_bf16_isa() or 'none (bf16 GEMMs emulated)'}")
     for group in sorted(_RESULTS):
         rows = _RESULTS[group]
         tr.write_line("")
         tr.write_line(group)
         for provider, r in rows.items():
             extra = "".join(f"  {k}={v}" for k, v in r.items() if k not in ("seconds", "work", "unit"))
-            tr.write_line(f"  {provider:<10} {r['seconds'] * 1e3:10.3f} ms  {_rate(r):>22}{extra}")
-        fused = rows.get("fused")
-        for base in ("eager", "compile", "sdpa", "hf"):
-            if fused and base in rows:
-                tr.write_line(f"  fused vs {base:<8} {speed_text(rows[base]['seconds'], fused['seconds'])}")
+            tr.write_line(f"  {provider:<12} {r['seconds'] * 1e3:10.3f} ms  {_rate(r):>22}{extra}")
+        for fast, base in _RATIOS:
+            if fast in rows and base in rows:
+                tr.write_line(f"  {fast} vs {base:<12} {speed_text(rows[base]['seconds'], rows[fast]['seconds'])}")

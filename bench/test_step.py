@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import SHAPES, fused_cpu_error
+from .conftest import SHAPES, fused_cpu_error, median_seconds
 from .step import PROVIDERS, build_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,12 +27,12 @@ def peak_step_mb(provider: str) -> float:
 def test_training_step(benchmark, record, provider):
     if provider == "hf":
         pytest.importorskip("transformers")
-    if provider == "fused" and fused_cpu_error():
+    if provider.startswith("fused") and fused_cpu_error():
         pytest.skip(fused_cpu_error())
     step = build_step(provider)
     benchmark.group = "training step"
     benchmark.pedantic(step, rounds=5, warmup_rounds=2)
-    seconds = statistics.median(benchmark.stats.stats.data)
+    seconds = median_seconds(benchmark)
     mem = peak_step_mb(provider)
     benchmark.extra_info.update(tokens_per_s=SHAPES.N / seconds, peak_step_mb=mem)
     record("training step (small preset, fwd+bwd+AdamW)", provider, seconds, SHAPES.N, "tokens/s", peak_step_mb=mem)

@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
     double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
   const NoAutocast no_autocast;
   const auto [N, C] = check_shapes(x_, weight_);
-  const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
+  const auto dtype = x_.scalar_type(), cdtype = acc_dtype(dtype);  // no GEMM: bf16 runs in float32
   auto residual = checked_residual(residual_, N, C);
   check_float(kOp, "bias", bias_);
   TORCH_CHECK_VALUE(bias_.sizes() == weight_.sizes(), kOp, ": bias must have shape (", C, ",), got ", bias_.sizes());
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
     const at::Tensor& mean_, const at::Tensor& rstd_, double dropout_p, const std::optional<at::Tensor>& seed) {
   const NoAutocast no_autocast;
   const auto [N, C] = check_shapes(x_, weight_);
-  const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
+  const auto dtype = x_.scalar_type(), cdtype = acc_dtype(dtype);  // no GEMM: bf16 runs in float32
   auto grad_y = checked(kOp, "grad_y", grad_y_, dtype, {N, C});
   auto residual = checked_residual(residual_, N, C);
   auto mean = checked(kOp, "mean", mean_, at::kFloat, {N});

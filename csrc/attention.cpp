@@ -22,7 +22,17 @@
 //
 // Dropout: the keep mask is a pure function of (seed, b, h, i, j) — Philox4x32-7 as the Triton
 // kernel draws it (philox.h) — regenerated in backward and by attention_dropout_mask; no mask
-// is stored. float16/bfloat16 run through the float32 kernel.
+// is stored.
+//
+// bfloat16: the GEMMs that consume P or dS (O += P V; dV += (P∘Z)ᵀ dO, dK += dSᵀ Q, dQ += dS K)
+// run on bf16 operands (ATen → oneDNN/AMX, fp32 accumulation inside), P and dS rounded to bf16
+// once as operands (as PyTorch's own bf16 attention rounds them); each GEMM's bf16 result tile is
+// added to a float32 accumulator, so O, dQ, dK, dV never re-round across tiles. The two GEMMs
+// whose outputs feed exp() and the dP − delta cancellation, S = Q Kᵀ and dP' = dO Vᵀ, stay
+// float32 (on a float32 copy of qkv and dO): ATen has no bf16 × bf16 → fp32 GEMM on CPU, and a
+// bf16-rounded S or dP' costs more than PyTorch's own bf16 error on peaked rows (a row with one
+// key has dS = 0 exactly; rounding dP' alone leaves 2^-9·|dP'|). Softmax, lse and delta are float32.
+// float16 runs through the float32 kernel.
 #include <vector>
 
 #include "common.h"
@@ -51,14 +61,29 @@ struct Dropout {
   scalar_t scale;         // 1 / (1 − p)
 };
 
-// Scratch of one thread, sized for the largest tile.
-template <typename scalar_t>
+// Scratch of one thread, sized for the largest tile: float tiles in acc_t<T>; with T = bfloat16
+// also `operand` (a float tile rounded to bf16 for the next GEMM) and `result` (a GEMM's bf16
+// output before it is added in float; see gemm_acc).
+template <typename T>
 struct Scratch {
-  std::vector<scalar_t> s, o, z, row_max, row_sum, keep;
+  using acc = acc_t<T>;
+  static constexpr bool kLowp = !std::is_same_v<T, acc>;
+  std::vector<acc> s, o, z, row_max, row_sum, keep;
+  std::vector<T> operand, result;
   std::vector<uint16_t> draws;
   Scratch(int64_t rows, int64_t cols, int64_t D, bool dropout)
       : s(rows * cols), o(rows * std::max(D, cols)), z(dropout ? rows * cols : 0), row_max(rows), row_sum(rows),
-        keep(cols), draws(8 * (cols / 8 + 2)) {}
+        keep(cols), operand(kLowp ? rows * cols : 0), result(kLowp ? std::max(rows, cols) * std::max(cols, D) : 0),
+        draws(8 * (cols / 8 + 2)) {}
+  // The float tile t (n elements) as a GEMM operand in T: t itself, or rounded into `operand`.
+  const T* as_operand(const acc* t, int64_t n) {
+    if constexpr (kLowp) {
+      store_tile<T>(t, operand.data(), n);
+      return operand.data();
+    } else {
+      return t;
+    }
+  }
 };
 
 // keep[j] = Z_ij = keep_ij / (1 − p) for query i, keys j0 + [0, n).
@@ -116,51 +141,56 @@ GPT1_SIMD void fwd_softmax_tile(scalar_t* __restrict s, int64_t m, int64_t n, in
   }
 }
 
-// out_r = O_r / l_r (into out, ld C) and lse_r = m_r + log l_r.
-template <typename scalar_t>
-GPT1_SIMD void fwd_finish(const scalar_t* __restrict o, const scalar_t* __restrict row_max,
-                          const scalar_t* __restrict row_sum, int64_t m, int64_t D, scalar_t* __restrict out,
+// out_r = O_r / l_r (into out, ld C, rounded to T) and lse_r = m_r + log l_r.
+template <typename T>
+GPT1_SIMD void fwd_finish(const acc_t<T>* __restrict o, const acc_t<T>* __restrict row_max,
+                          const acc_t<T>* __restrict row_sum, int64_t m, int64_t D, T* __restrict out,
                           int64_t ld_out, float* __restrict lse) {
+  using acc = acc_t<T>;
   for (int64_t r = 0; r < m; ++r) {
-    const scalar_t inv = scalar_t(1) / row_sum[r];
-    const scalar_t* __restrict orow = o + r * D;
-    scalar_t* __restrict dst = out + r * ld_out;
+    const acc inv = acc(1) / row_sum[r];
+    const acc* __restrict orow = o + r * D;
+    T* __restrict dst = out + r * ld_out;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
+    for (int64_t d = 0; d < D; ++d) store(dst, d, orow[d] * inv);
     lse[r] = float(row_max[r] + std::log(row_sum[r]));
   }
 }
 
-template <typename scalar_t>
-void fwd_task(const Geometry& g, int64_t task, const scalar_t* qkv, scalar_t* out, float* lse,
-              const Dropout<scalar_t>& drop, Scratch<scalar_t>& sc) {
+// qkv_f: qkv in acc_t<T> (the same buffer when T is float), for the float32 S = Q Kᵀ.
+template <typename T>
+void fwd_task(const Geometry& g, int64_t task, const T* qkv, const acc_t<T>* qkv_f, T* out, float* lse,
+              const Dropout<acc_t<T>>& drop, Scratch<T>& sc) {
+  using acc = acc_t<T>;
   const int64_t n_qblocks = (g.T + kBlockQ - 1) / kBlockQ;
   const int64_t bh = task / n_qblocks, b = bh / g.H, h = bh % g.H;
   const int64_t i0 = (task % n_qblocks) * kBlockQ, i1 = std::min(g.T, i0 + kBlockQ), m = i1 - i0;
   const int64_t ld = g.qkv_row();
-  const scalar_t scale = scalar_t(1) / std::sqrt(scalar_t(g.D));
-  const scalar_t* q = qkv + (b * g.T + i0) * ld + h * g.D;
+  const acc scale = acc(1) / std::sqrt(acc(g.D));
+  const int64_t q_at = (b * g.T + i0) * ld + h * g.D;
+  T* tile = sc.result.data();
   for (int64_t j0 = 0; j0 < i1; j0 += kBlockK) {  // key blocks up to the diagonal
     const int64_t n = std::min(i1, j0 + kBlockK) - j0;
-    const scalar_t* k = qkv + (b * g.T + j0) * ld + g.C + h * g.D;
-    const scalar_t* v = k + g.C;
-    gemm<scalar_t>(false, true, m, n, g.D, scale, q, ld, k, ld, 0, sc.s.data(), n);  // S = scale·Q Kᵀ
-    fwd_softmax_tile<scalar_t>(sc.s.data(), m, n, i0, j0, j0 == 0, sc.row_max.data(), sc.row_sum.data(),
-                               sc.o.data(), g.D, drop, uint32_t(bh), sc.keep.data(), sc.draws.data());
-    gemm<scalar_t>(false, false, m, g.D, n, 1, sc.s.data(), n, v, ld, j0 == 0 ? 0 : 1, sc.o.data(), g.D);  // O += P V
+    const int64_t k_at = (b * g.T + j0) * ld + g.C + h * g.D;
+    const T* v = qkv + k_at + g.C;
+    gemm<acc>(false, true, m, n, g.D, scale, qkv_f + q_at, ld, qkv_f + k_at, ld, 0, sc.s.data(), n);  // S = scale·Q Kᵀ
+    fwd_softmax_tile<acc>(sc.s.data(), m, n, i0, j0, j0 == 0, sc.row_max.data(), sc.row_sum.data(),
+                          sc.o.data(), g.D, drop, uint32_t(bh), sc.keep.data(), sc.draws.data());
+    const T* p = sc.as_operand(sc.s.data(), m * n);
+    gemm_acc<T>(false, false, m, g.D, n, 1, p, n, v, ld, j0 == 0 ? 0 : 1, sc.o.data(), g.D, tile);  // O += P V
   }
-  fwd_finish<scalar_t>(sc.o.data(), sc.row_max.data(), sc.row_sum.data(), m, g.D,
-                       out + (b * g.T + i0) * g.C + h * g.D, g.C, lse + bh * g.T + i0);
+  fwd_finish<T>(sc.o.data(), sc.row_max.data(), sc.row_sum.data(), m, g.D, out + (b * g.T + i0) * g.C + h * g.D,
+                g.C, lse + bh * g.T + i0);
 }
 
-// delta_t = Σ_d dO_td O_td for the T rows of one head (dO, O: ld C).
-template <typename scalar_t>
-GPT1_SIMD void bwd_delta(const scalar_t* __restrict dout, const scalar_t* __restrict out, int64_t T, int64_t D,
-                         int64_t ld, scalar_t* __restrict delta) {
-  for (int64_t t = 0; t < T; ++t) {
-    scalar_t sum = 0;
+// delta_t = Σ_d dO_td O_td for the T rows of one head (dO, O: ld C), in acc_t<T>.
+template <typename T>
+GPT1_SIMD void bwd_delta(const T* __restrict dout, const T* __restrict out, int64_t rows, int64_t D, int64_t ld,
+                         acc_t<T>* __restrict delta) {
+  for (int64_t t = 0; t < rows; ++t) {
+    acc_t<T> sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t d = 0; d < D; ++d) sum += dout[t * ld + d] * out[t * ld + d];
+    for (int64_t d = 0; d < D; ++d) sum += load(dout, t * ld + d) * load(out, t * ld + d);
     delta[t] = sum;
   }
 }
@@ -206,37 +236,43 @@ GPT1_SIMD void bwd_dscores_tile(const scalar_t* __restrict p, scalar_t* __restri
   }
 }
 
-template <typename scalar_t>
-void bwd_head(const Geometry& g, int64_t bh, const scalar_t* dout, const scalar_t* qkv, const scalar_t* out,
-              const float* lse, scalar_t* dqkv, const Dropout<scalar_t>& drop, Scratch<scalar_t>& sc,
-              std::vector<scalar_t>& delta, std::vector<scalar_t>& dp) {
+// dout_f, qkv_f: dout and qkv in acc_t<T> (the same buffers when T is float), for the float32
+// GEMMs S and dP'; dqkv: the (B, T, 3C) gradient in acc_t<T> (float32 accumulators for bf16).
+template <typename T>
+void bwd_head(const Geometry& g, int64_t bh, const T* dout, const acc_t<T>* dout_f, const T* qkv,
+              const acc_t<T>* qkv_f, const T* out, const float* lse, acc_t<T>* dqkv, const Dropout<acc_t<T>>& drop,
+              Scratch<T>& sc, std::vector<acc_t<T>>& delta, std::vector<acc_t<T>>& dp) {
+  using acc = acc_t<T>;
   const int64_t b = bh / g.H, h = bh % g.H, ld = g.qkv_row(), D = g.D, C = g.C;
-  const scalar_t scale = scalar_t(1) / std::sqrt(scalar_t(D));
-  const scalar_t* dout_h = dout + b * g.T * C + h * D;
-  bwd_delta<scalar_t>(dout_h, out + b * g.T * C + h * D, g.T, D, C, delta.data());
-  const scalar_t* q_h = qkv + b * g.T * ld + h * D;
-  scalar_t* dq_h = dqkv + b * g.T * ld + h * D;
-  for (int64_t t = 0; t < g.T; ++t) std::fill(dq_h + t * ld, dq_h + t * ld + D, scalar_t(0));
+  const acc scale = acc(1) / std::sqrt(acc(D));
+  const int64_t dout_at = b * g.T * C + h * D, q_at = b * g.T * ld + h * D;
+  const T* dout_h = dout + dout_at;
+  bwd_delta<T>(dout_h, out + dout_at, g.T, D, C, delta.data());
+  const T* q_h = qkv + q_at;
+  acc* dq_h = dqkv + q_at;
+  for (int64_t t = 0; t < g.T; ++t) std::fill(dq_h + t * ld, dq_h + t * ld + D, acc(0));
   const float* lse_h = lse + bh * g.T;
+  T* tile = sc.result.data();
   for (int64_t j0 = 0; j0 < g.T; j0 += kBlockKb) {
     const int64_t n = std::min(g.T, j0 + kBlockKb) - j0;
-    const scalar_t* k = q_h + j0 * ld + C;
-    const scalar_t* v = k + C;
-    scalar_t* dk = dq_h + j0 * ld + C;
-    scalar_t* dv = dk + C;
+    const T* k = q_h + j0 * ld + C;
+    acc* dk = dq_h + j0 * ld + C;
+    acc* dv = dk + C;
     for (int64_t i0 = j0; i0 < g.T; i0 += kBlockQb) {  // queries at and below the diagonal
       const int64_t m = std::min(g.T, i0 + kBlockQb) - i0;
-      const bool first = i0 == j0;
-      const scalar_t* q = q_h + i0 * ld;
-      const scalar_t* dout_i = dout_h + i0 * C;
-      scalar_t *s = sc.s.data(), *pz = drop.on ? sc.o.data() : s, *z = drop.on ? sc.z.data() : nullptr;
-      gemm<scalar_t>(false, true, m, n, D, scale, q, ld, k, ld, 0, s, n);  // S = scale·Q Kᵀ
-      bwd_probs_tile<scalar_t>(s, m, n, i0, j0, lse_h + i0, drop, uint32_t(bh), z, pz, sc.draws.data());
-      gemm<scalar_t>(true, false, n, D, m, 1, pz, n, dout_i, C, first ? 0 : 1, dv, ld);  // dV += (P∘Z)ᵀ dO
-      gemm<scalar_t>(false, true, m, n, D, 1, dout_i, C, v, ld, 0, dp.data(), n);       // dP' = dO Vᵀ
-      bwd_dscores_tile<scalar_t>(s, dp.data(), z, delta.data() + i0, m, n);             // dS
-      gemm<scalar_t>(true, false, n, D, m, scale, dp.data(), n, q, ld, first ? 0 : 1, dk, ld);  // dK += scale·dSᵀ Q
-      gemm<scalar_t>(false, false, m, D, n, scale, dp.data(), n, k, ld, 1, dq_h + i0 * ld, ld);  // dQ += scale·dS K
+      const acc beta = i0 == j0 ? 0 : 1;  // the first strip of a key block writes dK, dV
+      const T* q = q_h + i0 * ld;
+      const T* dout_i = dout_h + i0 * C;
+      const acc *q_f = qkv_f + q_at + i0 * ld, *k_f = qkv_f + q_at + j0 * ld + C, *v_f = k_f + C;
+      acc *s = sc.s.data(), *pz = drop.on ? sc.o.data() : s, *z = drop.on ? sc.z.data() : nullptr;
+      gemm<acc>(false, true, m, n, D, scale, q_f, ld, k_f, ld, 0, s, n);  // S = scale·Q Kᵀ
+      bwd_probs_tile<acc>(s, m, n, i0, j0, lse_h + i0, drop, uint32_t(bh), z, pz, sc.draws.data());
+      gemm_acc<T>(true, false, n, D, m, 1, sc.as_operand(pz, m * n), n, dout_i, C, beta, dv, ld, tile);  // dV += (P∘Z)ᵀ dO
+      gemm<acc>(false, true, m, n, D, 1, dout_f + dout_at + i0 * C, C, v_f, ld, 0, dp.data(), n);        // dP' = dO Vᵀ
+      bwd_dscores_tile<acc>(s, dp.data(), z, delta.data() + i0, m, n);                                   // dS
+      const T* ds = sc.as_operand(dp.data(), m * n);
+      gemm_acc<T>(true, false, n, D, m, scale, ds, n, q, ld, beta, dk, ld, tile);             // dK += scale·dSᵀ Q
+      gemm_acc<T>(false, false, m, D, n, scale, ds, n, k, ld, 1, dq_h + i0 * ld, ld, tile);  // dQ += scale·dS K
     }
   }
 }
@@ -268,15 +304,17 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv_, int64_t
   auto qkv = qkv_.contiguous().to(cdtype);
   auto out = at::empty({g.B, g.T, g.C}, qkv.options());
   auto lse = at::empty({g.B, g.H, g.T}, qkv.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "attention_fwd", [&] {
-    const auto drop = make_dropout<scalar_t>(dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cdtype, "attention_fwd", [&] {
+    const auto drop = make_dropout<acc_t<scalar_t>>(dropout_p, seed);
     const scalar_t* q = qkv.data_ptr<scalar_t>();
+    const auto qkv_f = qkv.to(acc_dtype(cdtype));  // qkv itself unless bf16
+    const acc_t<scalar_t>* q_f = qkv_f.data_ptr<acc_t<scalar_t>>();
     scalar_t* o = out.data_ptr<scalar_t>();
     float* l = lse.data_ptr<float>();
     const int64_t n_tasks = g.B * g.H * ((g.T + kBlockQ - 1) / kBlockQ);
     at::parallel_for(0, n_tasks, grain_for(kBlockQ * g.T * g.D), [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> sc(kBlockQ, kBlockK, g.D, drop.on);
-      for (int64_t task = begin; task < end; ++task) fwd_task<scalar_t>(g, task, q, o, l, drop, sc);
+      for (int64_t task = begin; task < end; ++task) fwd_task<scalar_t>(g, task, q, q_f, o, l, drop, sc);
     });
   });
   return {out.to(dtype), lse};
@@ -292,15 +330,18 @@ at::Tensor attention_bwd(const at::Tensor& grad_out_, const at::Tensor& qkv_, co
   auto out = checked(kOp, "out", out_, dtype, {g.B, g.T, g.C}).to(cdtype);
   auto lse = checked(kOp, "lse", lse_, at::kFloat, {g.B, g.H, g.T});
   auto qkv = qkv_.contiguous().to(cdtype);
-  auto grad_qkv = at::empty_like(qkv);
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "attention_bwd", [&] {
-    const auto drop = make_dropout<scalar_t>(dropout_p, seed);
+  auto grad_qkv = at::empty(qkv.sizes(), qkv.options().dtype(acc_dtype(cdtype)));  // summed in acc_t
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cdtype, "attention_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const auto drop = make_dropout<acc>(dropout_p, seed);
+    const auto qkv_f = qkv.to(grad_qkv.scalar_type()), grad_out_f = grad_out.to(grad_qkv.scalar_type());
     at::parallel_for(0, g.B * g.H, grain_for(g.T * g.T * g.D), [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> sc(kBlockQb, kBlockKb, g.D, drop.on);
-      std::vector<scalar_t> delta(g.T), dp(kBlockQb * kBlockKb);
+      std::vector<acc> delta(g.T), dp(kBlockQb * kBlockKb);
       for (int64_t bh = begin; bh < end; ++bh) {
-        bwd_head<scalar_t>(g, bh, grad_out.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                           lse.data_ptr<float>(), grad_qkv.data_ptr<scalar_t>(), drop, sc, delta, dp);
+        bwd_head<scalar_t>(g, bh, grad_out.data_ptr<scalar_t>(), grad_out_f.data_ptr<acc>(), qkv.data_ptr<scalar_t>(),
+                           qkv_f.data_ptr<acc>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
+                           grad_qkv.data_ptr<acc>(), drop, sc, delta, dp);
       }
     });
   });

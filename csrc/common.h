@@ -36,6 +36,44 @@ namespace gpt1 {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// The dtype of acc_t<T>, for allocating accumulators beside a tensor of dtype d.
+inline at::ScalarType acc_dtype(at::ScalarType d) { return d == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ---- element access in acc_t<T>: load(p, i) widens p[i], store(p, i, v) rounds v into p[i] ------
+// bfloat16 goes through its uint16 bits, branch-free: GCC does not vectorise loads and stores of
+// the c10::BFloat16 struct itself, nor its constructor's NaN branch.
+
+template <typename T>
+GPT1_INLINE acc_t<T> load(const T* p, int64_t i) {
+  return p[i];
+}
+GPT1_INLINE float load(const at::BFloat16* p, int64_t i) {
+  const uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename T>
+GPT1_INLINE void store(T* p, int64_t i, acc_t<T> v) {
+  p[i] = v;
+}
+// Round to nearest even, NaN kept NaN (as c10::BFloat16's constructor).
+GPT1_INLINE void store(at::BFloat16* p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  reinterpret_cast<uint16_t*>(p)[i] = uint16_t(nan ? 0x7FC0u : rounded);
+}
+
+// dst[i] = T(src[i]) for i < n: a float tile rounded to bf16 for the next GEMM.
+template <typename T>
+GPT1_INLINE void store_tile(const acc_t<T>* __restrict src, T* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store(dst, i, src[i]);
+}
+
 // ---- vectorisable math --------------------------------------------------------------------
 
 // e^x in float, written so that GCC vectorises loops calling it (no libm call, no branch):
@@ -94,9 +132,13 @@ inline uint64_t read_seed(const char* op, double dropout_p, const std::optional<
   return static_cast<uint64_t>(s.item<int64_t>());
 }
 
-// Kernels compute in float32 or float64; float16/bfloat16 inputs run through the float32
-// kernel (upcast on entry, results cast back on exit).
-inline at::ScalarType compute_dtype(at::ScalarType d) { return d == at::kDouble ? at::kDouble : at::kFloat; }
+// The dtype a kernel computes in. bfloat16 stays bfloat16: its GEMMs run on bf16 operands
+// (ATen → oneDNN, AMX where the CPU has it, fp32 accumulation), while every elementwise sweep,
+// softmax, statistic and reduction runs in float32 (acc_t). float16 runs through the float32
+// kernel (upcast on entry, results cast back on exit): few CPUs have fast fp16 GEMMs.
+inline at::ScalarType compute_dtype(at::ScalarType d) {
+  return d == at::kDouble ? at::kDouble : d == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+}
 
 // Kernels compute in the dtypes they choose. Under torch.autocast the caller's thread still has
 // autocast on, which would recast the ATen ops a kernel calls (at::addmm → bfloat16): every op
@@ -104,6 +146,23 @@ inline at::ScalarType compute_dtype(at::ScalarType d) { return d == at::kDouble 
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
+
+// C = tile (+ C when accumulate) for an m×n tile (ld n) into the float accumulator C (ld ldc).
+template <typename T>
+GPT1_SIMD void add_tile(const T* __restrict tile, int64_t m, int64_t n, bool accumulate, acc_t<T>* __restrict c,
+                        int64_t ldc) {
+  for (int64_t r = 0; r < m; ++r) {
+    const T* __restrict src = tile + r * n;
+    acc_t<T>* __restrict dst = c + r * ldc;
+    if (accumulate) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dst[j] += load(src, j);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) dst[j] = load(src, j);
+    }
+  }
+}
 
 // ---- GEMM -------------------------------------------------------------------------------
 
@@ -113,8 +172,8 @@ struct NoAutocast {
 // packed QKV rows, ld = 3C) with no copy; inside at::parallel_for the BLAS runs on the calling
 // thread only. beta = 0 ignores C's previous contents (NaNs included).
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t<T> alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, acc_t<T> beta, T* c, int64_t ldc) {
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
     auto t = at::from_blob(const_cast<T*>(p), trans ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
@@ -123,10 +182,26 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   };
   auto A = view(a, m, k, lda, trans_a), B = view(b, k, n, ldb, trans_b);
   auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  if (beta == T(0) && alpha == T(1)) {
+  if (beta == 0 && alpha == 1) {
     at::mm_out(C, A, B);
   } else {
     at::addmm_out(C, C, A, B, beta, alpha);
+  }
+}
+
+// C = alpha · op(A) · op(B) + beta · C with A, B in T and C in acc_t<T> (beta 0 or 1): the
+// accumulating GEMM of a tiled kernel. T = float/double: one GEMM in place. T = bfloat16: the
+// GEMM writes its m×n result to `tile` (bf16, fp32 accumulation inside, one rounding), which is
+// then added to C in float32, so sums over many tiles never round in bf16.
+template <typename T>
+void gemm_acc(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t<T> alpha, const T* a, int64_t lda,
+              const T* b, int64_t ldb, acc_t<T> beta, acc_t<T>* c, int64_t ldc, T* tile) {
+  using acc = acc_t<T>;
+  if constexpr (std::is_same_v<T, acc>) {
+    gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, 0, tile, n);
+    add_tile<T>(tile, m, n, beta != 0, c, ldc);
   }
 }
 

@@ -11,8 +11,12 @@
 // then one parallel vectorised sweep per row (max; Σ e^(z − max) with e^(z − max) kept in place;
 // loss; Z ← G), then grad_h[chunk] = G W and grad_W += Gᵀ h[chunk] (MKL). Per-row losses are
 // summed in row order at the end, and grad_W is accumulated chunk by chunk in order, so the
-// result does not depend on the thread count. float16/bfloat16 run through the float32 kernel
-// (hidden and weight upcast once; gradients cast back).
+// result does not depend on the thread count.
+// bfloat16: the three GEMMs on bf16 operands (oneDNN/AMX, fp32 accumulation): Z and G are bf16
+// tiles, but each row's softmax and loss run in float32 (the row is widened to a float scratch
+// row, G rounded once), and grad_W sums its chunks in a float32 accumulator (each chunk's Gᵀ h
+// rounded once), rounded to bf16 at the end. The loss is float32 in every dtype. float16 runs
+// through the float32 kernel (hidden and weight upcast once; gradients cast back).
 #include <algorithm>
 #include <vector>
 
@@ -58,6 +62,17 @@ GPT1_SIMD scalar_t row_loss(scalar_t* __restrict z, int64_t V, int64_t target, b
   return valid ? mx + std::log(sum) - z_target : scalar_t(0);
 }
 
+// row_loss for a row z stored in T (bfloat16): widened into the float scratch row e, G written back.
+template <typename T>
+GPT1_SIMD acc_t<T> row_loss_lowp(T* __restrict z, acc_t<T>* __restrict e, int64_t V, int64_t target, bool valid,
+                       acc_t<T> inv_n, bool write_grad) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) e[v] = load(z, v);
+  const acc_t<T> loss = row_loss<acc_t<T>>(e, V, target, valid, inv_n, write_grad);
+  if (write_grad) store_tile<T>(e, z, V);
+  return loss;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at::Tensor& hidden_,
@@ -93,8 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at
   auto grad_weight = compute_grad ? (N == 0 ? at::zeros_like(weight) : at::empty_like(weight))
                                   : at::empty({0}, weight_.options());
 
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "linear_cross_entropy_fwd", [&] {
-    const scalar_t inv_n = n_valid > 0 ? scalar_t(1.0 / double(n_valid)) : scalar_t(0);
+  // bf16: grad_W's float32 accumulator and the bf16 tile each chunk's Gᵀ h lands in
+  const bool lowp = cdtype != acc_dtype(cdtype);
+  auto grad_weight_acc = compute_grad && lowp ? at::empty({V, C}, weight.options().dtype(at::kFloat)) : at::Tensor();
+  auto grad_weight_tile = compute_grad && lowp && N > rows ? at::empty({V, C}, weight.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cdtype, "linear_cross_entropy_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    const acc inv_n = n_valid > 0 ? acc(1.0 / double(n_valid)) : acc(0);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t m = std::min(N, r0 + rows) - r0;
       auto h = hidden.narrow(0, r0, m);
@@ -102,23 +122,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at
       at::mm_out(z, h, weight.t());  // (m, V) logits of this chunk
       scalar_t* zp = z.data_ptr<scalar_t>();
       at::parallel_for(0, m, grain_for(V), [&](int64_t begin, int64_t end) {
+        std::vector<acc> e(lowp ? V : 0);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t target = t[r0 + r];
           const bool valid = target != ignore_index;
-          losses[r0 + r] = double(row_loss<scalar_t>(zp + r * V, V, valid ? target : 0, valid, inv_n, compute_grad));
+          const int64_t tv = valid ? target : 0;
+          if constexpr (std::is_same_v<scalar_t, acc>) {
+            losses[r0 + r] = double(row_loss<scalar_t>(zp + r * V, V, tv, valid, inv_n, compute_grad));
+          } else {
+            losses[r0 + r] = double(row_loss_lowp<scalar_t>(zp + r * V, e.data(), V, tv, valid, inv_n, compute_grad));
+          }
         }
       });
-      if (compute_grad) {
-        auto grad_h = grad_hidden.narrow(0, r0, m);
-        at::mm_out(grad_h, z, weight);  // G W
-        if (r0 == 0) {
-          at::mm_out(grad_weight, z.t(), h);  // Gᵀ h
-        } else {
-          grad_weight.addmm_(z.t(), h);  // += Gᵀ h
-        }
+      if (!compute_grad) continue;
+      auto grad_h = grad_hidden.narrow(0, r0, m);
+      at::mm_out(grad_h, z, weight);  // G W
+      if (lowp) {  // Gᵀ h into the bf16 tile (or straight to grad_W when there is one chunk)
+        auto tile = N > rows ? grad_weight_tile : grad_weight;
+        at::mm_out(tile, z.t(), h);
+        if (N > rows) r0 == 0 ? grad_weight_acc.copy_(tile) : grad_weight_acc.add_(tile);
+      } else if (r0 == 0) {
+        at::mm_out(grad_weight, z.t(), h);  // Gᵀ h
+      } else {
+        grad_weight.addmm_(z.t(), h);  // += Gᵀ h
       }
     }
   });
+  if (compute_grad && lowp && N > rows) grad_weight.copy_(grad_weight_acc);
   double total = 0;  // the mean over kept rows, summed in row order (NaN when all are ignored: 0/0)
   for (const double l : losses) total += l;
   auto loss = at::scalar_tensor(total / double(n_valid), hidden_.options().dtype(at::kFloat));

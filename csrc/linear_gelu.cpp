@@ -13,8 +13,10 @@
 //   "none": GELU(z) = z·Φ(z),  Φ(z) = ½(1 + erf(z/√2))
 //           GELU'(z) = Φ(z) + z·φ(z),  φ(z) = e^(−z²/2)/√(2π)
 // float32 evaluates e^t with exp_fast and erf with Abramowitz–Stegun 7.1.26 (|error| ≤ 1.5e-7),
-// both branch-free so the passes vectorise (GPT1_SIMD); float64 uses libm. float16/bfloat16 run
-// through the float32 kernel.
+// both branch-free so the passes vectorise (GPT1_SIMD); float64 uses libm.
+// bfloat16: both GEMMs on bf16 operands (oneDNN/AMX, fp32 accumulation, one rounding of pre,
+// grad_x, grad_W); GELU, GELU' and the grad_bias sums in float32 from the bf16 values, grad_bias
+// rounded once at the end. float16 runs through the float32 kernel.
 #include <string_view>
 #include <vector>
 
@@ -76,41 +78,45 @@ GPT1_INLINE T gelu_erf_grad(T z) {
   return cdf + z * T(kInvSqrt2Pi) * exp_fast(T(-0.5) * z * z);
 }
 
-// y = GELU(pre) over elements [begin, end).
+// y = GELU(pre) over elements [begin, end), computed in acc_t<T>.
 template <typename T>
 GPT1_SIMD void gelu_fwd_span(const T* __restrict pre, T* __restrict y, int64_t begin, int64_t end, bool tanh_form) {
   if (tanh_form) {
 #pragma omp simd
-    for (int64_t e = begin; e < end; ++e) y[e] = gelu_tanh(pre[e]);
+    for (int64_t e = begin; e < end; ++e) store(y, e, gelu_tanh(load(pre, e)));
   } else {
 #pragma omp simd
-    for (int64_t e = begin; e < end; ++e) y[e] = gelu_erf(pre[e]);
+    for (int64_t e = begin; e < end; ++e) store(y, e, gelu_erf(load(pre, e)));
   }
 }
 
 // dpre = dy · GELU'(pre) for rows of row blocks [block_begin, block_end), and each block's
 // column sums of dpre into partial[block] (F wide).
+// The sums take dpre before its rounding to T (bf16), in acc_t<T>.
 template <typename T>
 GPT1_SIMD void gelu_bwd_blocks(const T* __restrict dy, const T* __restrict pre, T* __restrict dpre,
-                               T* __restrict partial, int64_t N, int64_t F, int64_t block_begin,
+                               acc_t<T>* __restrict partial, int64_t N, int64_t F, int64_t block_begin,
                                int64_t block_end, bool tanh_form) {
+  using acc = acc_t<T>;
   for (int64_t b = block_begin; b < block_end; ++b) {
-    T* __restrict db = partial + b * F;
-    std::fill(db, db + F, T(0));
+    acc* __restrict db = partial + b * F;
+    std::fill(db, db + F, acc(0));
     for (int64_t i = b * kRowsPerBlock; i < std::min(N, (b + 1) * kRowsPerBlock); ++i) {
       const T *dyi = dy + i * F, *zi = pre + i * F;
       T* di = dpre + i * F;
       if (tanh_form) {
 #pragma omp simd
         for (int64_t j = 0; j < F; ++j) {
-          di[j] = dyi[j] * gelu_tanh_grad(zi[j]);
-          db[j] += di[j];
+          const acc d = load(dyi, j) * gelu_tanh_grad(load(zi, j));
+          store(di, j, d);
+          db[j] += d;
         }
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < F; ++j) {
-          di[j] = dyi[j] * gelu_erf_grad(zi[j]);
-          db[j] += di[j];
+          const acc d = load(dyi, j) * gelu_erf_grad(load(zi, j));
+          store(di, j, d);
+          db[j] += d;
         }
       }
     }
@@ -144,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_fwd(const at::Tensor& x_, const a
   auto bias = checked(kOp, "bias", bias_, dtype, {F}).to(cdtype);
   auto x = x_.contiguous().to(cdtype);
 
-  auto pre = at::addmm(bias, x, weight.t());  // (N, F)
+  auto pre = at::addmm(bias, x, weight.t());  // (N, F); bf16 operands: oneDNN, fp32 accumulation
   auto y = at::empty_like(pre);
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "linear_gelu_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cdtype, "linear_gelu_fwd", [&] {
     const scalar_t* p = pre.data_ptr<scalar_t>();
     scalar_t* out = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * F, grain_for(1), [&](int64_t begin, int64_t end) {
@@ -170,17 +176,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd(const at::Tensor&
 
   auto dpre = at::empty_like(pre);
   const int64_t n_blocks = n_row_blocks(N);
-  auto partial = at::empty({n_blocks, F}, pre.options());
-  auto grad_bias = at::empty({F}, pre.options());
-  AT_DISPATCH_FLOATING_TYPES(cdtype, "linear_gelu_bwd", [&] {
+  auto partial = at::empty({n_blocks, F}, pre.options().dtype(acc_dtype(cdtype)));
+  auto grad_bias = at::empty({F}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cdtype, "linear_gelu_bwd", [&] {
+    using acc = acc_t<scalar_t>;
     const scalar_t *dy = grad_y.data_ptr<scalar_t>(), *z = pre.data_ptr<scalar_t>();
-    scalar_t *dz = dpre.data_ptr<scalar_t>(), *part = partial.data_ptr<scalar_t>();
+    scalar_t* dz = dpre.data_ptr<scalar_t>();
+    acc* part = partial.data_ptr<acc>();
     at::parallel_for(0, n_blocks, grain_for(kRowsPerBlock * F), [&](int64_t begin, int64_t end) {
       gelu_bwd_blocks<scalar_t>(dy, z, dz, part, N, F, begin, end, tanh_form);
     });
-    sum_blocks_in_order(part, n_blocks, F, F, grad_bias.data_ptr<scalar_t>());
+    sum_blocks_in_order(part, n_blocks, F, F, grad_bias.data_ptr<acc>());
   });
-  auto grad_x = at::mm(dpre, weight);        // (N, C)
+  auto grad_x = at::mm(dpre, weight);        // (N, C), in cdtype (bf16 operands: oneDNN)
   auto grad_weight = at::mm(dpre.t(), x);    // (F, C)
   return {grad_x.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
 }

@@ -387,7 +387,13 @@ def _ensure_kernels(t: Tensor) -> None:
 
 
 def _autocast(device_type: str, *tensors: Tensor) -> tuple[Tensor, ...]:
-    """Casts floating inputs to the autocast dtype when autocast is on (as F.linear would)."""
+    """Casts floating inputs to the autocast dtype when autocast is on (as F.linear would).
+
+    The one place autocast is handled, for both devices: the kernels then compute in the dtype
+    they are given (bf16 GEMMs with fp32 accumulation, fp32 softmax/statistics/loss) and return
+    each gradient in its input's dtype; autograd's cast nodes bring the parameters' gradients
+    back to fp32 (master weights). Read at call time, so bf16 and fp16 autocast both work;
+    add_layernorm is never cast (it computes in fp32 like F.layer_norm under autocast)."""
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         return tuple(t.to(dtype) for t in tensors)

@@ -100,7 +100,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, dropout and data order"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)", "choices": ("auto", "cpu", "cuda")})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16", "choices": ("auto", "fp32", "bf16")})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, fp32 elsewhere), fp32 or bf16", "choices": ("auto", "fp32", "bf16")})
     fused: bool = field(default=True, metadata={"help": "run the model on the fused kernels (C++ on CPU, Triton on CUDA) instead of the PyTorch reference"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     log_every: int = field(default=10, metadata={"help": "log train loss and throughput every N updates"})
@@ -297,10 +297,10 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA (auto or bf16), None (fp32) on CPU unless bf16 is asked for."""
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
+    """The autocast dtype of cfg.precision on `device` (None: fp32); engine.precision says why."""
+    from .precision import resolve_precision
+
+    return resolve_precision(cfg.precision, device)[0]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
