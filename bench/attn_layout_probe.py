@@ -1,7 +1,9 @@
 """Offline layout probe of the attention kernels: compiles fwd / dK·dV / dQ for sm_90a with Triton's
 bundled ptxas (no GPU) at D=64, T=512, bf16, with and without dropout, for every autotune config,
-and prints per kernel: TTGIR convert_layout count, registers, spill bytes, bar.sync count (whole
-kernel), and the SASS instructions of the first inner loop (the key/query blocks off the diagonal).
+and prints per kernel: TTGIR convert_layout count (cvt; it also counts no-op conversions between
+equivalent layouts), registers, spill bytes, barriers (bar: whole kernel), and for the inner loop
+over the key/query blocks off the diagonal: SASS instructions (loop), bar.sync (lbar) and
+shared-memory loads/stores (lsm: what a real layout round trip costs).
 
     python bench/attn_layout_probe.py [fwd|dkdv|dq ...] [--configs N]
 """
@@ -24,11 +26,14 @@ from kernels import attention as A  # noqa: E402
 B, T, H, D = 32, 512, 12, 64
 C = H * D
 _INTS = dict(stride_qkv_b=T * 3 * C, stride_qkv_t=3 * C, stride_out_b=T * C, stride_out_t=C, stride_dout_b=T * C,
-             stride_dout_t=C, T=T, H=H, C=C, drop_thresh=26, T_BUCKET=T, BH_BUCKET=512)
+             stride_dout_t=C, T=T, H=H, C=C, drop_thresh=26, T_BUCKET=T, BH_BUCKET=B * H)
 _PTRS = dict(qkv_ptr="*bf16", out_ptr="*bf16", dout_ptr="*bf16", dqkv_ptr="*bf16", lse_ptr="*fp32",
              delta_ptr="*fp32", seed_ptr="*i64", keep_ptr="*u8", sm_scale="fp32", drop_scale="fp32", qk_scale="fp32")
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = {"fwd": A._fwd_tuned, "dkdv": A._dkdv_tuned, "dq": A._dq_tuned}
+# which loop, in program order, walks the unmasked blocks off the diagonal: fwd and dQ run it
+# first, dK/dV runs the diagonal blocks first
+OFF_DIAGONAL = {"fwd": 0, "dkdv": 1, "dq": 0}
 
 
 def compile_one(fn, config: triton.Config, dropout: bool):
@@ -82,14 +87,15 @@ def probe(name: str, config: triton.Config, dropout: bool) -> dict:
     sass = sass_of(k.asm["cubin"])
     body = []
     lp = loops(sass)
-    if lp:
-        start, end = lp[0]
+    if lp:  # with BLOCK_M == BLOCK_N the diagonal's one iteration is not compiled as a loop
+        start, end = lp[OFF_DIAGONAL[name]] if len(lp) == 2 else lp[0]
         body = [ins for a, ins in sass if start <= a <= end]
     regs, spills = resources(k.asm["ptx"])
     return dict(
         cvt=k.asm["ttgir"].count("ttg.convert_layout"), regs=regs, spills=spills,
         bar=sum("BAR.SYNC" in i or "BAR.ARV" in i or "BAR.RED" in i for _, i in sass),
         loop=len(body), loop_bar=sum("BAR.SYNC" in i for i in body),
+        loop_smem=sum(bool(re.match(r"(@\S+ )?(LDS|STS|LDSM|STSM)\b", i)) for i in body),
         wgmma=sum("HGMMA" in i for i in body), smem=k.metadata.shared,
     )
 
@@ -99,7 +105,7 @@ def main() -> None:
     ap.add_argument("kernels", nargs="*", default=list(KERNELS))
     ap.add_argument("--configs", type=int, default=None, help="only the first N configs of each list")
     args = ap.parse_args()
-    print(f"{'kernel':6} {'config':16} {'drop':4} {'cvt':>4} {'regs':>4} {'spill':>5} {'bar':>4} {'loop':>5} {'lbar':>4} {'smem':>6}  ratio")
+    print(f"{'kernel':6} {'config':16} {'drop':4} {'cvt':>4} {'regs':>4} {'spill':>5} {'bar':>4} {'loop':>5} {'lbar':>4} {'lsm':>4} {'smem':>6}  ratio")
     for name in args.kernels:
         for cfg in KERNELS[name].configs[: args.configs]:
             tag = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
@@ -108,7 +114,7 @@ def main() -> None:
                 r = probe(name, cfg, dropout)
                 ratio = f"{r['loop'] / base['loop']:.2f}" if base and base["loop"] else ""
                 print(f"{name:6} {tag:16} {int(dropout):4} {r['cvt']:4} {r['regs']:4} {r['spills']:5} {r['bar']:4} "
-                      f"{r['loop']:5} {r['loop_bar']:4} {r['smem']:6}  {ratio}", flush=True)
+                      f"{r['loop']:5} {r['loop_bar']:4} {r['loop_smem']:4} {r['smem']:6}  {ratio}", flush=True)
                 base = base or r
 
 

@@ -176,11 +176,13 @@ def _attn_fwd_inner(
         else:  # below the diagonal every key index is < start_m < T
             k = tl.load(ptrs)
             v = tl.load(ptrs + C)
-        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_MODE) * qk_scale
+        s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_MODE)  # unscaled
         if DIAGONAL:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees key 0 or its own first
-        p = tl.exp2(s - m_new[:, None])
+        # qk_scale > 0 commutes with max: scaling the row maximum, not the tile, lets the scale
+        # ride in the exp2 argument's FMA (s·qk_scale − m) instead of a multiply per score
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # finite: every row sees key 0 or its own first
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
         if HAS_DROPOUT:
@@ -202,7 +204,8 @@ def _attn_fwd_kernel(
     sm_scale,  # 1/√D
     drop_thresh,  # drop when the 8-bit draw < this
     drop_scale,  # 1/(1-p)
-    T_BUCKET,  # next_power_of_2(T): the autotuning key
+    T_BUCKET,  # next_power_of_2(T): part of the autotuning key
+    BH_BUCKET,  # next_power_of_2(B·H), the grid's height: part of the autotuning key
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
@@ -312,7 +315,8 @@ def _attn_bwd_dkdv_kernel(
     dqkv_ptr,  # (B, T, 3C) output; this kernel writes the dK and dV thirds
     stride_qkv_b, stride_qkv_t, stride_dout_b, stride_dout_t,
     T, H, C, sm_scale, drop_thresh, drop_scale,
-    T_BUCKET,  # next_power_of_2(T): the autotuning key
+    T_BUCKET,  # next_power_of_2(T): part of the autotuning key
+    BH_BUCKET,  # next_power_of_2(B·H), the grid's height: part of the autotuning key
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
@@ -395,7 +399,8 @@ def _attn_bwd_dq_kernel(
     dqkv_ptr,  # (B, T, 3C) output; this kernel writes the dQ third
     stride_qkv_b, stride_qkv_t, stride_dout_b, stride_dout_t,
     T, H, C, sm_scale, drop_thresh, drop_scale,
-    T_BUCKET,  # next_power_of_2(T): the autotuning key
+    T_BUCKET,  # next_power_of_2(T): part of the autotuning key
+    BH_BUCKET,  # next_power_of_2(B·H), the grid's height: part of the autotuning key
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
@@ -452,8 +457,10 @@ def _attn_dropout_mask_kernel(
 
 # ---- launch configurations --------------------------------------------------------------
 # Under the interpreter: one small fixed configuration per kernel (BLOCK_M ≠ BLOCK_N on purpose,
-# so tests cover the multi-block diagonal). On CUDA: autotuned per (next_power_of_2(T), D,
-# dropout, dtype): bucketing T keeps variable-length fine-tuning from re-tuning at every length.
+# so tests cover the multi-block diagonal). On CUDA: autotuned per (next_power_of_2(T),
+# next_power_of_2(B·H), D, dropout, dtype): the best tile depends on how many programs fill the
+# GPU, so a config tuned at one batch is not reused at another; bucketing T and B·H keeps
+# variable-length fine-tuning and ragged last batches from re-tuning at every shape.
 # Constraints: forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV BLOCK_N % BLOCK_M == 0; every
 # BLOCK_M is a multiple of 16 and every BLOCK_N of 32 (a Philox call covers 16 rows × 32 columns).
 
@@ -471,7 +478,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 def _autotune(kernel, shapes: list[tuple[int, int, int, int]]):
     # dtype joins the key by itself (the autotuner keys on argument dtypes too)
-    key = ["T_BUCKET", "HEAD_DIM", "HAS_DROPOUT"]
+    key = ["T_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_DROPOUT"]
     return triton.autotune(_configs(shapes), key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
@@ -574,7 +581,7 @@ def attention_fwd(qkv: Tensor, n_head: int, dropout_p: float, seed: Tensor | Non
             qkv, out, lse, seed if has_dropout else lse,  # any pointer stands in for an unused seed
             qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
             T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
-            HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype),
+            triton.next_power_of_2(B * n_head), HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype),
         )
     return out, lse
 
@@ -616,6 +623,7 @@ def attention_bwd(
             qkv, grad_out, lse, delta, seed if has_dropout else lse, grad_qkv,
             qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
             T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
+            triton.next_power_of_2(bh),
         )
         meta = dict(HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype))
         _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_INTERPRET, "BLOCK_N", T, bh, *args, **meta)

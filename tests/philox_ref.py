@@ -37,10 +37,15 @@ def keep_mask(seed: int, p: float, i: np.ndarray, j: np.ndarray, stream: np.ndar
     return draw >= round(p * 2**16)
 
 
+def attention_draw(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where attention's draw of query i, key j sits: counter words (c0, c1), word 0..3, byte 0..3."""
+    k = (j % 32) // 8
+    return 8 * (i // 16) + i % 8, 4 * (j // 32) + (j % 8) // 2, 2 * ((i // 8) % 2) + k // 2, 2 * (k % 2) + j % 2
+
+
 def attention_keep_mask(seed: int, p: float, i: np.ndarray, j: np.ndarray, bh: np.ndarray) -> np.ndarray:
     """Attention's keep decisions for query i, key j of head bh = b·H + h (8-bit draws)."""
-    words = philox4x32([8 * (i // 16) + i % 8, 4 * (j // 32) + (j % 8) // 2, bh, np.zeros_like(i)], seed)
-    k = (j % 32) // 8
-    word = np.choose(2 * ((i // 8) % 2) + k // 2, words)
-    draw = (word >> (8 * (2 * (k % 2) + j % 2)).astype(np.uint64)) & np.uint64(0xFF)
+    c0, c1, word, byte = attention_draw(i, j)
+    words = philox4x32([c0, c1, bh, np.zeros_like(i)], seed)
+    draw = (np.choose(word, words) >> (8 * byte).astype(np.uint64)) & np.uint64(0xFF)
     return draw >= min(round(p * 2**8), 255)
