@@ -492,7 +492,7 @@ _dkdv_tuned = _autotune(
     _attn_bwd_dkdv_kernel, [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
 )
 _dq_tuned = _autotune(
-    _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]
+    _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2)]
 )
 _DELTA_BLOCK = 16 if _INTERPRET else 64
 _MASK_BLOCKS = (64, 64)  # any tiles give the same mask; large ones are fastest everywhere
