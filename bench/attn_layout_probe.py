@@ -37,6 +37,7 @@ OFF_DIAGONAL = {"fwd": 0, "dkdv": 1, "dq": 0}
 
 
 def compile_one(fn, config: triton.Config, dropout: bool):
+    """`fn` at `config` for sm_90a, bf16, GPT-1's strides (16-divisible where they are)."""
     constexprs = dict(HEAD_DIM=D, HAS_DROPOUT=dropout, DOT_MODE="tf32", **config.kwargs)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -83,6 +84,7 @@ def resources(ptx: str) -> tuple[int, int]:
 
 
 def probe(name: str, config: triton.Config, dropout: bool) -> dict:
+    """One row of the table: kernel `name` ("fwd", "dkdv", "dq") at `config`."""
     k = compile_one(KERNELS[name].fn, config, dropout)
     sass = sass_of(k.asm["cubin"])
     body = []

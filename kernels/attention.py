@@ -20,20 +20,21 @@ below the diagonal. dQ: one program per query block, looping over the key blocks
 diagonal (it recomputes S and dP a second time: the price of determinism). Derivatives:
 dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − delta), dQ = dS K / √D, dK = dSᵀ Q / √D.
 
-Dropout: no mask tensor exists. Keep draws are Philox4x32-7 (tl.philox) keyed by the seed (an int64
-(1,) tensor loaded in-kernel: no host sync); one call yields four 32-bit words = sixteen 8-bit
-draws (FlashAttention-2's p_dropout_in_uint8_t), for the 16 score elements one thread of the
-wgmma accumulator owns: query rows i, i + 8 (i % 16 < 8) × the column pairs 2q + {0, 1} of four
-consecutive 8-column blocks (see _dropout_keep). So the draws are built in the accumulator's own
-layout: no convert_layout through shared memory in the forward and dQ passes. The counter is
-(8·(i // 16) + i % 8, 4·(j // 32) + (j % 8) // 2, b·H + h, 0): no word wraps for any realistic
-shape and no two elements share a byte. An element is dropped when its byte < min(round(p·2⁸),
-255) (the realised drop rate is p to within 2⁻⁹, as in FlashAttention-2), and kept probabilities
-are scaled by exactly 1/(1-p). The draw depends on (seed, b, h, i, j) only, never on block sizes,
-so forward, both backward passes and attention_dropout_mask (for tests) agree bit for bit
-whatever their tiles. dK/dV works on transposed tiles (keys × queries), where no thread owns a
-call's 16 elements: it builds the mask in query-major tiles and transposes it (a layout
-conversion, on 1-bit values). Seven Philox rounds pass BigCrush (Salmon et al., SC'11).
+Dropout: no mask tensor exists. Keep draws are Philox4x32-7 (_philox: tl.philox with wide
+multiplies) keyed by the seed (an int64 (1,) tensor loaded in-kernel: no host sync); one call
+yields four 32-bit words = sixteen 8-bit draws (FlashAttention-2's p_dropout_in_uint8_t), for the
+16 score elements one thread of the wgmma accumulator owns: query rows i, i + 8 (i % 16 < 8) ×
+the column pairs 2q + {0, 1} of four consecutive 8-column blocks (see _dropout_keep). So the
+draws are built in the accumulator's own layout: no data moves between threads in the forward
+and dQ passes. The counter is (8·(i // 16) + i % 8, 4·(j // 32) + (j % 8) // 2, b·H + h, 0): no
+word wraps for any realistic shape and no two elements share a byte. An element is dropped when
+its byte < min(round(p·2⁸), 255) (the realised drop rate is p to within 2⁻⁹, as in
+FlashAttention-2), and kept probabilities are scaled by exactly 1/(1-p). The draw depends on
+(seed, b, h, i, j) only, never on block sizes, so forward, both backward passes and
+attention_dropout_mask (for tests) agree bit for bit whatever their tiles. dK/dV works on
+transposed tiles (keys × queries), where no thread owns a call's 16 elements (they span 16 key
+rows, i.e. several warps): it builds the mask in query-major tiles and transposes it, a layout
+conversion through shared memory. Seven Philox rounds pass BigCrush (Salmon et al., SC'11).
 """
 from __future__ import annotations
 

@@ -115,7 +115,8 @@ def test_dropout_needs_no_layout_round_trip_on_sm90():
     register/lane/warp bases, spelled blocked and linear) and lower to nothing, which the loop's
     unchanged barrier and shared-memory counts confirm."""
     out = compile_for_sm90(_LAYOUT_SM90)
-    rows = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in out.splitlines() if re.match(r"(fwd|dq) ", line)}
+    lines = [line.split() for line in out.splitlines() if re.match(r"(fwd|dq) ", line)]
+    rows = {line[0]: [int(x) for x in line[1:]] for line in lines}
     assert sorted(rows) == ["dq", "fwd"], out
     for name, (cvt_off, cvt_on, bar_off, bar_on, smem_off, smem_on, loop_off, loop_on) in rows.items():
         assert bar_on <= bar_off, f"{name}: bar.sync per iteration {bar_off} -> {bar_on} with dropout"
