@@ -48,7 +48,8 @@ def compile_one(fn, config: triton.Config, dropout: bool):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", 90, 64), options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        target=GPUTarget("cuda", 90, 64),
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg),
     )
 
 
@@ -111,6 +112,7 @@ def main() -> None:
     for name in args.kernels:
         for cfg in KERNELS[name].configs[: args.configs]:
             tag = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+            tag += f" r{cfg.maxnreg}" if cfg.maxnreg else ""
             base = None
             for dropout in (False, True):
                 r = probe(name, cfg, dropout)

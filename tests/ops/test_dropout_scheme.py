@@ -123,3 +123,16 @@ def test_dropout_needs_no_layout_round_trip_on_sm90():
         assert smem_on <= smem_off, f"{name}: shared-memory ops per iteration {smem_off} -> {smem_on} with dropout"
         assert loop_on <= 1.5 * loop_off, f"{name}: inner loop {loop_off} -> {loop_on} instructions"
     assert rows["fwd"][1] <= rows["fwd"][0], f"fwd: convert_layout {rows['fwd'][0]} -> {rows['fwd'][1]}"
+
+
+def test_register_capped_config_is_tuned_only_with_dropout():
+    """The forward's 128-register config exists for dropout's RNG state; without dropout it is
+    its uncapped twin, so the autotuner must not time it twice."""
+    from kernels.attention import _fwd_tuned, _prune
+
+    configs = _fwd_tuned.configs
+    capped = [c for c in configs if c.maxnreg]
+    assert [c.maxnreg for c in capped] == [128]
+    assert capped[0] in _prune(configs, {"T_BUCKET": 512}, HAS_DROPOUT=True)
+    assert capped[0] not in _prune(configs, {"T_BUCKET": 512}, HAS_DROPOUT=False)
+    assert len(_prune(configs, {"T_BUCKET": 512}, HAS_DROPOUT=False)) == len(configs) - 1
