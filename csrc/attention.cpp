@@ -57,7 +57,7 @@ struct Geometry {
 template <typename scalar_t>
 struct Dropout {
   bool on;                // p > 0
-  Dropout16 draw;         // Philox key and 16-bit threshold
+  Dropout8 draw;          // Philox key and 8-bit threshold
   scalar_t scale;         // 1 / (1 − p)
 };
 
@@ -70,11 +70,11 @@ struct Scratch {
   static constexpr bool kLowp = !std::is_same_v<T, acc>;
   std::vector<acc> s, o, z, row_max, row_sum, keep;
   std::vector<T> operand, result;
-  std::vector<uint16_t> draws;
+  std::vector<uint8_t> draws;
   Scratch(int64_t rows, int64_t cols, int64_t D, bool dropout)
       : s(rows * cols), o(rows * std::max(D, cols)), z(dropout ? rows * cols : 0), row_max(rows), row_sum(rows),
         keep(cols), operand(kLowp ? rows * cols : 0), result(kLowp ? std::max(rows, cols) * std::max(cols, D) : 0),
-        draws(8 * (cols / 8 + 2)) {}
+        draws(32 * (cols / 32 + 2)) {}
   // The float tile t (n elements) as a GEMM operand in T: t itself, or rounded into `operand`.
   const T* as_operand(const acc* t, int64_t n) {
     if constexpr (kLowp) {
@@ -89,8 +89,8 @@ struct Scratch {
 // keep[j] = Z_ij = keep_ij / (1 − p) for query i, keys j0 + [0, n).
 template <typename scalar_t>
 GPT1_INLINE void dropout_row(const Dropout<scalar_t>& d, uint32_t bh, int64_t i, int64_t j0, int64_t n,
-                             scalar_t* __restrict keep, uint16_t* draws) {
-  keep_row(d.draw, bh, i, j0, j0 + n, keep, draws);
+                             scalar_t* __restrict keep, uint8_t* draws) {
+  attention_keep_row(d.draw, bh, i, j0, j0 + n, keep, draws);
   const scalar_t scale = d.scale;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) keep[j] *= scale;
@@ -103,7 +103,7 @@ template <typename scalar_t>
 GPT1_SIMD void fwd_softmax_tile(scalar_t* __restrict s, int64_t m, int64_t n, int64_t i0, int64_t j0, bool first,
                                 scalar_t* __restrict row_max, scalar_t* __restrict row_sum, scalar_t* __restrict o,
                                 int64_t D, const Dropout<scalar_t>& drop, uint32_t bh, scalar_t* __restrict keep,
-                                uint16_t* draws) {
+                                uint8_t* draws) {
   for (int64_t r = 0; r < m; ++r) {
     scalar_t* __restrict row = s + r * n;
     const int64_t nv = std::min(n, i0 + r - j0 + 1);  // keys j0 .. i of this row
@@ -200,7 +200,7 @@ GPT1_SIMD void bwd_delta(const T* __restrict dout, const T* __restrict out, int6
 template <typename scalar_t>
 GPT1_SIMD void bwd_probs_tile(scalar_t* __restrict s, int64_t m, int64_t n, int64_t i0, int64_t j0,
                               const float* __restrict lse, const Dropout<scalar_t>& drop, uint32_t bh,
-                              scalar_t* __restrict z, scalar_t* __restrict pz, uint16_t* draws) {
+                              scalar_t* __restrict z, scalar_t* __restrict pz, uint8_t* draws) {
   for (int64_t r = 0; r < m; ++r) {
     scalar_t* __restrict row = s + r * n;
     const int64_t nv = std::max<int64_t>(0, std::min(n, i0 + r - j0 + 1));
@@ -291,7 +291,7 @@ Geometry check_qkv(const at::Tensor& qkv, int64_t n_head) {
 template <typename scalar_t>
 Dropout<scalar_t> make_dropout(double dropout_p, const std::optional<at::Tensor>& seed) {
   const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
-  return {dropout_p > 0, Dropout16(seed_value, dropout_p), scalar_t(1.0 / (1.0 - dropout_p))};
+  return {dropout_p > 0, Dropout8(seed_value, dropout_p), scalar_t(1.0 / (1.0 - dropout_p))};
 }
 
 }  // namespace
@@ -355,13 +355,13 @@ at::Tensor attention_dropout_mask(const at::Tensor& seed, int64_t batch, int64_t
   const uint64_t seed_value = read_seed("attention_dropout_mask", dropout_p, seed);
   auto keep = at::empty({batch, n_head, seq_len, seq_len}, seed.options().dtype(at::kBool));
   if (dropout_p == 0) return keep.fill_(true);
-  const Dropout16 draw(seed_value, dropout_p);
+  const Dropout8 draw(seed_value, dropout_p);
   bool* dst = keep.data_ptr<bool>();
   at::parallel_for(0, batch * n_head * seq_len, grain_for(seq_len), [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> row(seq_len);
-    std::vector<uint16_t> draws(8 * (seq_len / 8 + 2));
+    std::vector<uint8_t> draws(32 * (seq_len / 32 + 2));
     for (int64_t r = begin; r < end; ++r) {  // r = (b·H + h)·T + i
-      keep_row(draw, uint32_t(r / seq_len), r % seq_len, 0, seq_len, row.data(), draws.data());
+      attention_keep_row(draw, uint32_t(r / seq_len), r % seq_len, 0, seq_len, row.data(), draws.data());
       std::copy(row.begin(), row.end(), dst + r * seq_len);
     }
   });

@@ -4,15 +4,16 @@
 // dropout mask on CPU and GPU, and a test can compare the two backends' masks.
 //
 // A keep decision is a pure function of (seed, element): forward and backward regenerate the
-// same mask, and no mask is ever stored. Both ops draw alike (kernels/attention.py's
-// _dropout_draws): key (seed mod 2³², seed >> 32), 7 rounds, counter (i, j >> 3, c2, 0) for row i
-// and column j; the four words are eight 16-bit draws, column j taking half (j & 1) (0 = low) of
-// word (j & 7) >> 1; keep iff draw ≥ round(p·2¹⁶), so the realised drop rate is round(p·2¹⁶)/2¹⁶.
-//   attention: i the query, j the key, c2 = b·H + h.
-//   add + LayerNorm: i the row, j the column of the (N, C) rows, c2 = 0 (N ≤ 2³², C ≤ 2³⁵:
-//     distinct counters).
-// Eight draws per 7-round call: ~1/11 of the integer work of one 10-round call (tl.rand) per
-// element.
+// same mask, and no mask is ever stored. Key (seed mod 2³², seed >> 32), 7 rounds.
+//   add + LayerNorm (keep_row, as kernels/attention.py's _dropout_draws): counter (i, j >> 3, 0, 0)
+//     for row i, column j of the (N, C) rows (N ≤ 2³², C ≤ 2³⁵: distinct counters); the four
+//     words are eight 16-bit draws, column j taking half (j & 1) (0 = low) of word (j & 7) >> 1;
+//     keep iff draw ≥ round(p·2¹⁶).
+//   attention (attention_keep_row, as kernels/attention.py's _dropout_keep): sixteen 8-bit draws
+//     per call, laid out as one thread of the GPU's wgmma accumulator holds them. Query
+//     i = 16a + 8h + r, key j = 32g + 8k + 2q + e (r < 8, k < 4, q < 4, e < 2): counter
+//     (8a + r, 4g + q, b·H + h, 0), byte 2(k & 1) + e of word 2h + (k >> 1); keep iff
+//     byte ≥ min(round(p·2⁸), 255).
 #pragma once
 
 #include <algorithm>
@@ -53,6 +54,55 @@ struct Dropout16 {
   Dropout16(uint64_t seed, double dropout_p)
       : k0(uint32_t(seed)), k1(uint32_t(seed >> 32)), thresh(int32_t(std::nearbyint(dropout_p * 65536.0))) {}
 };
+
+// A dropout's Philox key and 8-bit threshold (attention).
+struct Dropout8 {
+  uint32_t k0, k1;  // Philox key: low and high words of the seed
+  int32_t thresh;   // drop iff the 8-bit draw < thresh = min(round(p·2⁸), 255)
+  Dropout8(uint64_t seed, double dropout_p)
+      : k0(uint32_t(seed)), k1(uint32_t(seed >> 32)),
+        thresh(int32_t(std::min(std::nearbyint(dropout_p * 256.0), 255.0))) {}
+};
+
+// Attention's keep[j − j0] ∈ {0, kept} for query i, keys j ∈ [j0, j1) of head bh. `draws` is
+// scratch for 32·(⌊(j1−1)/32⌋ − ⌊j0/32⌋ + 1) bytes. A row reads two of each call's four words
+// (the other two are row i ± 8's), so on CPU a call yields 8 draws, as keep_row's do.
+template <typename T>
+GPT1_INLINE void attention_keep_row(const Dropout8& d, uint32_t bh, int64_t i, int64_t j0, int64_t j1,
+                                    T* __restrict keep, uint8_t* __restrict draws, T kept = T(1)) {
+  if (j1 <= j0) return;
+  constexpr int64_t kChunk = 64;  // calls per chunk (a multiple of 4: whole 32-column groups)
+  const uint32_t k0 = d.k0, k1 = d.k1, c0 = uint32_t(8 * (i >> 4) + (i & 7));
+  const bool upper = (i >> 3) & 1;  // this row reads words 2h, 2h + 1 with h = (i / 8) % 2
+  const int64_t first = 4 * (j0 >> 5), n_calls = 4 * (((j1 - 1) >> 5) + 1) - first;
+  uint32_t wa[kChunk], wb[kChunk];
+  for (int64_t c = 0; c < n_calls; c += kChunk) {
+    const int64_t n = std::min(kChunk, n_calls - c);
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) {
+      const Philox4 r = philox4x32<7>(c0, uint32_t(first + c + t), bh, 0, k0, k1);
+      wa[t] = upper ? r.w[2] : r.w[0];
+      wb[t] = upper ? r.w[3] : r.w[1];
+    }
+    uint8_t* __restrict out = draws + 8 * c;  // 32 columns per 4 calls
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) {  // call 4g + q: column 32g + 8k + 2q + e, byte 2(k & 1) + e
+      const int64_t at = 32 * (t >> 2) + 2 * (t & 3);
+      out[at + 0] = uint8_t(wa[t]);
+      out[at + 1] = uint8_t(wa[t] >> 8);
+      out[at + 8] = uint8_t(wa[t] >> 16);
+      out[at + 9] = uint8_t(wa[t] >> 24);
+      out[at + 16] = uint8_t(wb[t]);
+      out[at + 17] = uint8_t(wb[t] >> 8);
+      out[at + 24] = uint8_t(wb[t] >> 16);
+      out[at + 25] = uint8_t(wb[t] >> 24);
+    }
+  }
+  const uint8_t* __restrict row = draws + (j0 - 32 * (j0 >> 5));
+  const int32_t thresh = d.thresh;
+#pragma omp simd
+  for (int64_t j = 0; j < j1 - j0; ++j) keep[j] = int32_t(row[j]) >= thresh ? kept : T(0);
+}
 
 // keep[j − j0] ∈ {0, kept} (kept where the element survives) for row i, columns j ∈ [j0, j1) and
 // counter word c2. `draws` is scratch for 8·(⌊(j1−1)/8⌋ − ⌊j0/8⌋ + 1) uint16. Three loops that

@@ -1,8 +1,11 @@
-"""The dropout draw both backends document, in numpy: the spec their masks are pinned to.
+"""The dropout draws both backends document, in numpy: the spec their masks are pinned to.
 
-keep = [16-bit half (j%8)%2 of word (j%8)//2 of Philox4x32-7(seed, counter) ≥ round(p·2¹⁶)],
-one Philox call per 8 consecutive columns j. Counters: attention (i, j//8, b·H + h, 0);
-add+LayerNorm (row, col//8, 0, 0).
+add+LayerNorm (keep_mask): keep = [16-bit half (j%8)%2 of word (j%8)//2 of Philox4x32-7(seed,
+(row, col//8, 0, 0)) ≥ round(p·2¹⁶)], one Philox call per 8 consecutive columns.
+
+attention (attention_keep_mask): 8-bit draws, 16 per call. Query i = 16a + 8h + r, key
+j = 32g + 8k + 2q + e (r < 8, k < 4, q < 4, e < 2): keep = [byte 2(k%2) + e of word 2h + k//2
+of Philox4x32-7(seed, (8a + r, 4g + q, b·H + h, 0)) ≥ min(round(p·2⁸), 255)].
 """
 from __future__ import annotations
 
@@ -32,3 +35,17 @@ def keep_mask(seed: int, p: float, i: np.ndarray, j: np.ndarray, stream: np.ndar
     word = np.choose((j % 8) // 2, words)
     draw = np.where(j % 2 == 0, word & np.uint64(0xFFFF), word >> np.uint64(16))
     return draw >= round(p * 2**16)
+
+
+def attention_draw(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where attention's draw of query i, key j sits: counter words (c0, c1), word 0..3, byte 0..3."""
+    k = (j % 32) // 8
+    return 8 * (i // 16) + i % 8, 4 * (j // 32) + (j % 8) // 2, 2 * ((i // 8) % 2) + k // 2, 2 * (k % 2) + j % 2
+
+
+def attention_keep_mask(seed: int, p: float, i: np.ndarray, j: np.ndarray, bh: np.ndarray) -> np.ndarray:
+    """Attention's keep decisions for query i, key j of head bh = b·H + h (8-bit draws)."""
+    c0, c1, word, byte = attention_draw(i, j)
+    words = philox4x32([c0, c1, bh, np.zeros_like(i)], seed)
+    draw = (np.choose(word, words) >> (8 * byte).astype(np.uint64)) & np.uint64(0xFF)
+    return draw >= min(round(p * 2**8), 255)
