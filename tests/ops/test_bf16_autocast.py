@@ -124,7 +124,17 @@ def fwd_bwd(fn, *leaves):
 BF16_PAIR, FP32_PAIR = ("c10::BFloat16", "c10::BFloat16"), ("float", "float")
 
 
-def test_the_gemms_run_on_bf16_operands(tmp_path):
+@pytest.fixture
+def one_thread():
+    """The profiler records the ops of the calling thread only: keep at::parallel_for's tasks
+    (attention's per-head GEMMs) on it, so every GEMM is counted whatever OMP_NUM_THREADS is."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_the_gemms_run_on_bf16_operands(tmp_path, one_thread):
     g = torch.Generator().manual_seed(4)
     x, w, b = (torch.randn(*s, generator=g, requires_grad=True) for s in ((37, 48), (100, 48), (100,)))
     assert gemm_input_dtypes(fwd_bwd(ops.linear_gelu, x, w, b), tmp_path) == Counter({BF16_PAIR: 3})
