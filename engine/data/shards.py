@@ -42,7 +42,7 @@ BATCH_BYTES = 4 << 20  # text per tokenizer call: bounds the memory the encoding
 BATCH_UNITS = 1024
 PIECE_CHARS = 1 << 20  # longer units are encoded in pieces cut at line ends (same tokens)
 CHECKPOINT_BYTES = 64 << 20  # text between two progress records of a build
-STATS_CHUNK = 1 << 24  # tokens per step of the unigram statistics
+STATS_CHUNK = 1 << 20  # tokens per step of the unigram statistics (8 MB as int64)
 
 
 def default_cache_dir() -> Path:
@@ -349,14 +349,13 @@ def _meta(partial: Path, state: dict[str, Any], vocab_size: int, dtype: np.dtype
     n_train, n_val = state["train_tokens"], state["val_tokens"]
     if n_train == 0:
         raise ValueError("the training split holds no tokens after tokenisation")
-    train, val = _map(partial / "train.bin", dtype, n_train), _map(partial / "val.bin", dtype, n_val)
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for i in range(0, n_train, STATS_CHUNK):
-        counts += np.bincount(train[i : i + STATS_CHUNK], minlength=vocab_size)
+    for chunk in _chunks(partial / "train.bin", dtype):
+        counts += np.bincount(chunk, minlength=vocab_size)
     p = counts[counts > 0] / n_train
     q = (counts + 1) / (n_train + vocab_size)
     # One chunk sums exactly as numpy's mean of the whole did before the stream.
-    log_q = sum(float(np.log(q[val[i : i + STATS_CHUNK]]).sum()) for i in range(0, n_val, STATS_CHUNK))
+    log_q = sum(float(np.log(q[chunk]).sum()) for chunk in _chunks(partial / "val.bin", dtype))
     return {
         "version": SHARD_VERSION,
         "train_tokens": n_train,
@@ -369,3 +368,11 @@ def _meta(partial: Path, state: dict[str, Any], vocab_size: int, dtype: np.dtype
         "val_unigram_cross_entropy": -log_q / n_val if n_val else math.nan,
         "source": source,
     }
+
+
+def _chunks(path: Path, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The file's tokens, STATS_CHUNK at a time: read, not memory-mapped, since mapped pages
+    stay in the process's resident memory and would grow it with the corpus."""
+    with open(path, "rb") as f:
+        while (chunk := np.fromfile(f, dtype=dtype, count=STATS_CHUNK)).size:
+            yield chunk
