@@ -3,8 +3,6 @@ fine-tuning task readers and input transformations live beside them (tasks*)."""
 from .corpus import (
     SHAKESPEARE_VALIDATION,
     Document,
-    HashSplit,
-    iter_documents,
     read_documents,
     resolve_files,
     shakespeare_files,
@@ -18,12 +16,10 @@ from .windows import RandomWindows, eval_batches
 __all__ = [
     "SHAKESPEARE_VALIDATION",
     "Document",
-    "HashSplit",
     "RandomWindows",
     "TokenShards",
     "default_cache_dir",
     "eval_batches",
-    "iter_documents",
     "load_or_build_shards",
     "read_documents",
     "resolve_files",
