@@ -5,7 +5,7 @@ see it: the diagnostic behind the README's fine-tuning table.
     python bench/finetune_probe.py runs/pretrain --task shakespeare-order
 
 (1) zero-shot: the LM alone picks the choice whose tokens it finds most probable after the
-    passage (summed log-probability; the paper's §5 heuristic). This is what pretraining
+    passage (average token log-probability; the paper's §5 heuristic). This is what pretraining
     taught, read through the LM head.
 (2) linear probes on the frozen body, logistic regression fitted on train, scored on dev:
     the final state at the extract token (what the fine-tuning head reads), the final states
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import GPT1  # noqa: E402
+from engine import GPT1, zeroshot  # noqa: E402
 from engine.data.tasks import get_task  # noqa: E402
 from engine.data.transforms import InputTransform, collate  # noqa: E402
 from engine.finetune import add_task_tokens, load_tokenizer  # noqa: E402
@@ -77,23 +77,10 @@ def probe(Xtr: torch.Tensor, ytr: torch.Tensor, Xdv: torch.Tensor, ydv: torch.Te
         return ((Xtr @ w).argmax(-1) == ytr).float().mean().item(), ((Xdv @ w).argmax(-1) == ydv).float().mean().item()
 
 
-def zero_shot(body: GPT1, tokenizer, examples, batch: int = 32) -> float:
-    """Accuracy of picking the choice with the highest summed log-probability after the passage."""
-    right = 0
-    for k in range(0, len(examples), batch):
-        chunk = examples[k:k + batch]
-        pairs = [(tokenizer.encode(" ".join(e.segments)), tokenizer.encode(" " + c)) for e in chunk for c in e.choices]
-        T = max(len(c) + len(a) for c, a in pairs)
-        ids = torch.zeros(len(pairs), T, dtype=torch.long)
-        for i, (c, a) in enumerate(pairs):
-            ids[i, :len(c) + len(a)] = torch.tensor(c + a)
-        logp = body(ids, return_logits=True).logits.float().log_softmax(-1)
-        scores = [sum(logp[i, len(c) - 1 + j, t].item() for j, t in enumerate(a)) for i, (c, a) in enumerate(pairs)]
-        n = len(chunk[0].choices)
-        for i, e in enumerate(chunk):
-            s = scores[n * i:n * (i + 1)]
-            right += int(max(range(n), key=s.__getitem__) == e.label)
-    return right / len(examples)
+def zero_shot(body: GPT1, tokenizer, examples) -> float:
+    """Accuracy of picking the choice with the highest average token log-probability after the
+    passage (the paper's §5 heuristic, engine.zeroshot)."""
+    return zeroshot.multiple_choice(body, tokenizer, "probe", examples).value
 
 
 def main(argv: list[str] | None = None) -> int:

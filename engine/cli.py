@@ -90,17 +90,33 @@ def dataclass_kwargs(cls: type, namespace: argparse.Namespace) -> dict[str, Any]
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Runs a CLI's main; a user error (bad value, missing file) becomes one line on stderr
-    and exit code 2. GPT1_DEBUG=1 shows the traceback instead."""
+    and exit code 2, an environment fault (any other OSError: disk full, read-only file
+    system, no permission) one line naming the file and exit code 1. GPT1_DEBUG=1 shows the
+    traceback instead."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, UserError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, UserError) as e:
         if os.environ.get("GPT1_DEBUG") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the environment: disk full, read-only file system, permissions
+        if os.environ.get("GPT1_DEBUG") == "1":
+            raise
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns)
         print("error: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+
+
+def os_error_line(e: OSError) -> str:
+    """'<file>: <reason>' (the file first: it is what the user must look at)."""
+    reason = e.strerror or str(e)
+    if e.filename is not None:
+        other = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{other}: {reason}"
+    return reason
 
 
 class UserError(Exception):

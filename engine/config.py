@@ -26,7 +26,8 @@ class GPT1Config:
     n_inner: int | None = field(default=None, metadata={"help": "FFN hidden width; None means 4 * n_embd (GPT-1: 3072)"})
     afn: str = field(default="gelu", metadata={"help": "activation: 'gelu' (OpenAI's tanh form, as transformers' openai-gpt), 'gelu_new' (same), 'gelu_exact' (erf)"})
     resid_pdrop: float = field(default=0.1, metadata={"help": "dropout on each sub-layer's output before the residual add"})
-    embd_pdrop: float = field(default=0.1, metadata={"help": "dropout on token + position embeddings"})
+    embd_pdrop: float = field(default=0.1, metadata={"help": "embedding dropout probability (where: embd_dropout)"})
+    embd_dropout: str = field(default="sum", metadata={"help": "'sum': drop the token + position sum (transformers); 'matrix': drop elements of the whole embedding tables, one mask per pass, seen by the tied LM head too (OpenAI's code)"})
     attn_pdrop: float = field(default=0.1, metadata={"help": "dropout on the attention probabilities"})
     layer_norm_epsilon: float = field(default=1e-5, metadata={"help": "LayerNorm epsilon"})
     initializer_range: float = field(default=0.02, metadata={"help": "std of the N(0, std) init of weights and embeddings"})
@@ -46,6 +47,8 @@ class GPT1Config:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"GPT1Config.{name} must be a probability in [0, 1), got {value!r}")
+        if self.embd_dropout not in EMBEDDING_DROPOUT:
+            raise ValueError(f"GPT1Config.embd_dropout must be one of {EMBEDDING_DROPOUT}, got {self.embd_dropout!r}")
         if self.afn not in ACTIVATIONS:
             raise ValueError(
                 f"GPT1Config.afn must be one of {sorted(ACTIVATIONS)}, got {self.afn!r}"
@@ -115,6 +118,8 @@ class GPT1Config:
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
 
+
+EMBEDDING_DROPOUT = ("sum", "matrix")
 
 # Same architecture at several sizes. "gpt1" is the paper's model; "gpt1-small" trains a
 # visible amount in a few minutes on 2 CPU cores; "gpt1-tiny" is for tests.

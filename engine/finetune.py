@@ -2,26 +2,29 @@
 
     python -m engine.finetune --fused                       # shakespeare-cloze, from the default pretraining run
     python -m engine.finetune --init none                   # the same from random weights (no pre-training)
+    python -m engine.finetune --init none --preset gpt1-small --tokenizer tok.json   # random weights, on its own
     python -m engine.finetune --task rte --data-dir glue_data/RTE --init runs/pretrain
+    python -m engine.finetune --resume runs/finetune-rte    # continue an interrupted run (its settings apply)
     python -m engine.finetune --eval-only --init runs/finetune-rte   # re-evaluate a fine-tuned run
 
 Each example becomes token sequences ending in the extract token (engine.data.transforms); a
 linear head reads the extract token's final state (engine.heads); the objective is
-L3 = L2 + λ·L1 with the LM loss L1 on the same sequences. Defaults are the paper's: lr 6.25e-5,
-batch 32, 3 epochs, linear warm-up over 0.2% of the updates then linear decay, dropout 0.1,
-λ = 0.5. The loop is engine.train's (AdamW, AMP, accumulation, DDP, atomic checkpoints,
-resume, metrics.jsonl, progress bar, loss.png).
+L3 = L2 + λ·L1 with the LM loss L1 on the same sequences. Defaults are the paper's
+(FinetuneConfig and PAPER_TRAIN): lr 6.25e-5, batch 32, 3 epochs, linear warm-up over 0.2% of
+the updates then linear decay, dropout 0.1 before the head, λ = 0.5. The loop is
+engine.train's, the run's lifecycle (lock, saved config, resume policy, exit codes) engine.run's.
 
 The run directory (--out) ends up holding the best dev checkpoint: config.json +
 model.safetensors (Hugging Face openai-gpt layout, special tokens included), head.safetensors,
 tokenizer.json, task.json; metrics.json (final dev metrics of that checkpoint, n_train, n_dev);
 dev predictions; GLUE-format predictions for unlabelled test files; and the trainer's
-train_config.json, metrics.jsonl, loss.png and checkpoints/.
+train_config.json, metrics.jsonl, loss.png (L3, task and LM loss; the dev metric) and checkpoints/.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -30,12 +33,13 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from . import checkpoint, cli, train
+from . import checkpoint, cli, run, train
 from .config import GPT1Config
 from .data.records import Example
 from .data.tasks import DEFAULT_TASK, TASKS, Task, get_task
@@ -52,6 +56,63 @@ PRETRAIN_COMMAND = "python -m engine.pretrain --fused"
 HEAD_FILE, TASK_FILE, TOKENIZER_FILE, METRICS_FILE = "head.safetensors", "task.json", "tokenizer.json", "metrics.json"
 BEST = "best"  # the best dev checkpoint while training; moved into the run directory at the end
 WARMUP_FRACTION = 0.002  # the paper: warm-up over 0.2% of training
+# The paper's fine-tuning optimisation (§4.1), written once: --help shows it, runs use it.
+PAPER_TRAIN: dict[str, Any] = {"batch_size": 32, "lr": 6.25e-5, "schedule": "linear"}
+# The files of a fine-tuned model (what the best-dev checkpoint holds).
+MODEL_FILES = ("config.json", "model.safetensors", HEAD_FILE, TOKENIZER_FILE, TASK_FILE)
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneConfig:
+    """Task, model and fine-tuning (the paper's defaults)."""
+
+    task: str = field(default=DEFAULT_TASK, metadata={"help": f"task name: {', '.join(TASKS)}"})
+    data_dir: str | None = field(default=None, metadata={"help": "directory holding the task's files in their published layout (e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays) (default: none)"})
+    init: str = field(default=PRETRAIN_DEFAULT_OUT, metadata={"help": f"run directory to start from (config.json + model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run (default: {PRETRAIN_DEFAULT_OUT}, where `{PRETRAIN_COMMAND}` writes)"})
+    arch: str | None = field(default=None, metadata={"help": f"with --init none: a run whose config.json and tokenizer (never its weights) the random model takes, so the ablation differs from pretraining in the weights only (default: {PRETRAIN_DEFAULT_OUT} unless --preset is given)"})
+    preset: str | None = field(default=None, metadata={"help": "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's config; needs --tokenizer or --arch for the tokenizer (default: none)"})
+    tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer.json to use instead of the run's (default: the run's own)"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training set (paper: 3)"})
+    lm_coef: float = field(default=0.5, metadata={"help": "λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (paper: 0.5)"})
+    lm_average: str = field(default="token", metadata={"help": "L1 averaged over every token of the batch, or per sequence then over sequences (OpenAI's code)", "choices": ("token", "sequence")})
+    n_transfer: int | None = field(default=None, metadata={"help": "transfer the embeddings and the first K blocks from --init and initialise the rest afresh (the paper's §5 layers-transferred ablation) (default: all)"})
+    head_dropout: float = field(default=0.1, metadata={"help": "dropout before the task head's linear layer (paper: 0.1)"})
+    dropout: float | None = field(default=None, metadata={"help": "the model's residual, embedding and attention dropout (default: the model's config, 0.1 as the paper)"})
+    warmup_fraction: float = field(default=WARMUP_FRACTION, metadata={"help": "linear warm-up over this fraction of the updates (paper: 0.2%%)"})
+    max_len: int | None = field(default=None, metadata={"help": "longest sequence in tokens (default: the model's n_positions)"})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "examples per evaluation batch (default: --batch-size)"})
+
+    def __post_init__(self) -> None:
+        get_task(self.task)  # "unknown task ..." with the list
+        for name in ("epochs", "lm_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{cli.flag_name(name)} must be a finite number >= 0, got {value!r}")
+        if not self.epochs > 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs!r}")
+        for name in ("head_dropout", "dropout", "warmup_fraction"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"{cli.flag_name(name)} must be in [0, 1), got {value!r}")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 4):
+            raise ValueError(f"--max-len must be at least 4 (start, delimiter, extract and one token), got {self.max_len!r}")
+        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int) or self.eval_batch_size <= 0):
+            raise ValueError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size!r}")
+        if self.preset is not None:
+            from .config import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+        if self.lm_average not in ("token", "sequence"):
+            raise ValueError(f"--lm-average must be token or sequence, got {self.lm_average!r}")
+        if self.n_transfer is not None:
+            if isinstance(self.n_transfer, bool) or not isinstance(self.n_transfer, int) or self.n_transfer < 0:
+                raise ValueError(f"--n-transfer must be an integer >= 0, got {self.n_transfer!r}")
+            if self.init == "none":
+                raise ValueError("--n-transfer needs --init RUN_DIR: with --init none no layer is pretrained")
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -62,53 +123,86 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.finetune",
         description="Fine-tune GPT-1 on a task with the paper's input transformations and auxiliary LM loss.",
     )
-    g = p.add_argument_group("task and model")
-    g.add_argument("--task", default=DEFAULT_TASK, help=f"task name: {', '.join(TASKS)} (default: {DEFAULT_TASK})")
-    g.add_argument("--data-dir", default=None, help="directory holding the task's files in their published layout "
-                   "(e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays)")
-    g.add_argument("--init", default=PRETRAIN_DEFAULT_OUT, help="run directory to start from (config.json + "
-                   "model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run "
-                   f"(default: {PRETRAIN_DEFAULT_OUT}, where `{PRETRAIN_COMMAND}` writes)")
-    g.add_argument("--arch", default=PRETRAIN_DEFAULT_OUT, help="with --init none: the run whose config.json and "
-                   "tokenizer the random model takes, so the ablation differs from pretraining in the weights only "
-                   f"(default: {PRETRAIN_DEFAULT_OUT})")
-    g.add_argument("--preset", default=None, help="with --init none: a GPT1Config preset instead of --arch's config")
-    g.add_argument("--tokenizer", default=None, help="a tokenizer.json to use instead of the run's")
+    cli.add_dataclass_args(p, FinetuneConfig)
+    g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run directory (default: runs/finetune-<task>; with --eval-only: <init>/eval)")
     g.add_argument("--eval-only", action="store_true", help="evaluate the fine-tuned run --init on the dev (and test) files, no training")
-    g.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR with its saved settings")
+    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR with its saved settings, tokenizer and kernels")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="checkpoint and exit after update STEP "
                    "without changing the schedule (split a run into sessions; continue with --resume)")
-    h = p.add_argument_group("fine-tuning (the paper's defaults)")
-    h.add_argument("--epochs", type=float, default=3.0, help="passes over the training set (default: 3)")
-    h.add_argument("--lm-coef", type=float, default=0.5, help="λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (default: 0.5)")
-    h.add_argument("--dropout", type=float, default=0.1, help="dropout before the task head's linear layer (default: 0.1)")
-    h.add_argument("--warmup-fraction", type=float, default=WARMUP_FRACTION, help="linear warm-up over this fraction of the updates (default: 0.002)")
-    h.add_argument("--max-len", type=int, default=None, help="longest sequence in tokens (default: the model's n_positions)")
-    h.add_argument("--eval-batch-size", type=int, default=None, help="examples per evaluation batch (default: --batch-size)")
-    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_dataclass_args(
         p, train.TrainConfig,
-        defaults={"batch_size": 32, "lr": 6.25e-5, "schedule": "linear", "max_steps": None, "eval_every": None,
-                  "checkpoint_every": None, "warmup_steps": None},
+        defaults={**PAPER_TRAIN, "max_steps": None, "eval_every": None, "checkpoint_every": None, "warmup_steps": None},
         helps={
             "max_steps": "updates in the run; overrides --epochs (default: epochs × ceil(n_train / batch size))",
-            "batch_size": "examples per update, over all processes and accumulation steps (paper: 32) (default: 32)",
-            "lr": "peak learning rate (paper: 6.25e-5) (default: 6.25e-05)",
+            "batch_size": "examples per update, over all processes and accumulation steps (paper: 32)",
+            "lr": "peak learning rate (paper: 6.25e-5)",
             "warmup_steps": "updates of linear warm-up (default: --warmup-fraction of the updates, at least 1)",
             "eval_every": "evaluate on dev (and keep the best checkpoint) every N updates (default: once per epoch)",
             "checkpoint_every": "checkpoint every N updates (default: once per epoch)",
-            "schedule": "decay after warm-up (paper, fine-tuning: linear) (default: linear)",
+            "schedule": "decay after warm-up (paper, fine-tuning: linear)",
         },
         skip=("out",),
     )
     return p
 
 
-FINETUNE_TRAIN_DEFAULTS = {"batch_size": 32, "lr": 6.25e-5, "schedule": "linear"}
-# Settings a resumed run may change: where and how it runs, not what it computes.
-RESUME_MAY_CHANGE = ("device", "fused", "compile", "prefetch", "quiet", "resume", "overwrite", "log_every", "stop_at")
+@dataclass
+class Resolved:
+    """What a command line resolves to: the configs (train is None for a new run until the
+    training set's size is known), the run directory, and a resumed run's model config."""
+
+    finetune: FinetuneConfig
+    train: train.TrainConfig | None
+    given_train: dict[str, Any]
+    out: Path
+    saved_model: dict[str, Any] | None = None
+
+    @property
+    def device(self) -> str:
+        return self.train.device if self.train else self.given_train.get("device", "auto")
+
+    @property
+    def fused(self) -> bool:
+        return self.train.fused if self.train else self.given_train.get("fused", True)
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed if self.train else self.given_train.get("seed", 0)
+
+
+def resolve(ns: argparse.Namespace) -> Resolved:
+    """The run's settings: the flags given (new run) or the saved ones under the one resume
+    policy (engine.run.resume_sections)."""
+    given_f, given_t = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(train.TrainConfig, ns)
+    if ns.stop_at is not None and ns.stop_at <= 0:
+        raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
+    if not ns.resume:
+        fcfg = FinetuneConfig(**given_f)
+        return Resolved(fcfg, None, given_t, Path(ns.out or f"runs/finetune-{fcfg.task}"))
+    out = Path(ns.resume)
+    if ns.out and Path(ns.out) != out:
+        raise cli.UserError(f"--out {ns.out} differs from --resume {out}; a resumed run stays in its directory")
+    if ns.overwrite:
+        raise cli.UserError("--resume and --overwrite contradict each other; pass one")
+    built, saved = run.resume_sections(out, "finetune", {"finetune": given_f, "train": {**given_t, "out": str(out)}},
+                                       {"finetune": FinetuneConfig, "train": train.TrainConfig})
+    return Resolved(built["finetune"], built["train"], given_t, out, saved.get("model"))
+
+
+def _resolve_train_config(fcfg: FinetuneConfig, given: dict[str, Any], out: Path, n_train: int) -> train.TrainConfig:
+    kw = {**PAPER_TRAIN, **given, "out": str(out)}
+    steps_per_epoch = math.ceil(n_train / kw["batch_size"])
+    if "max_steps" not in given:
+        kw["max_steps"] = max(1, math.ceil(fcfg.epochs * n_train / kw["batch_size"]))
+    if "warmup_steps" not in given:
+        kw["warmup_steps"] = max(1, math.ceil(fcfg.warmup_fraction * kw["max_steps"]))
+    kw.setdefault("eval_every", min(steps_per_epoch, kw["max_steps"]))
+    kw.setdefault("checkpoint_every", min(steps_per_epoch, kw["max_steps"]))
+    kw.setdefault("log_every", max(1, min(10, kw["max_steps"] // 10)))
+    return train.TrainConfig(**kw)
 
 
 # ---- loading models and tokenizers -------------------------------------------------------------
@@ -117,14 +211,7 @@ RESUME_MAY_CHANGE = ("device", "fused", "compile", "prefetch", "quiet", "resume"
 def load_tokenizer(run_dir: Path, override: str | None = None) -> BPETokenizer:
     """tokenizer.json (this engine), vocab.json + merges.txt (Hugging Face openai-gpt), or
     encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's GPT-1 release)."""
-    if override:
-        return BPETokenizer.load(override)
-    if (run_dir / TOKENIZER_FILE).is_file():
-        return BPETokenizer.load(run_dir / TOKENIZER_FILE)
-    for vocab, merges in (("vocab.json", "merges.txt"), ("encoder_bpe_40000.json", "vocab_40000.bpe")):
-        if (run_dir / vocab).is_file() and (run_dir / merges).is_file():
-            return BPETokenizer.from_gpt1_files(run_dir / vocab, run_dir / merges)
-    raise FileNotFoundError(f"no tokenizer in {run_dir} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer PATH")
+    return run.load_tokenizer(run_dir, override)
 
 
 def _missing_run(path: Path, what: str) -> FileNotFoundError:
@@ -149,31 +236,61 @@ def add_task_tokens(body: GPT1, tokenizer: BPETokenizer) -> None:
                 body.tokens_embed.weight[i].normal_(0.0, body.config.initializer_range)
 
 
-def load_body(args: argparse.Namespace) -> tuple[GPT1, BPETokenizer, str]:
+def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, str]:
     """(body with the task tokens added, tokenizer, a description of where it came from)."""
-    if args.init == "none":
-        arch = Path(args.arch)
-        if args.preset is None and not (arch / "config.json").is_file():
-            raise _missing_run(arch, "--init none takes its config and tokenizer from --arch (or --preset with --tokenizer)")
-        tokenizer = load_tokenizer(arch, args.tokenizer)
-        base_vocab = tokenizer.vocab_size
-        if args.preset is not None:
-            config = GPT1Config.from_name(args.preset, vocab_size=base_vocab)
-        else:
-            config = GPT1Config.from_json_file(arch / "config.json")
-        body = GPT1(config, fused=args.fused)
-        source = f"random init ({args.preset or arch / 'config.json'})"
+    if fcfg.init == "none":
+        config, tokenizer, source = _random_init_source(fcfg)
+        body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
     else:
-        init = Path(args.init)
+        from .hf import load_pretrained
+
+        init = Path(fcfg.init)
         if not (init / "config.json").is_file():
             raise _missing_run(init, "--init")
-        tokenizer = load_tokenizer(init, args.tokenizer)
-        body = GPT1.from_pretrained(init, fused=args.fused)
-        if tokenizer.vocab_size > body.config.vocab_size + 4:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only {body.config.vocab_size} embedding rows")
+        tokenizer = load_tokenizer(init, fcfg.tokenizer)
+        config, state = load_pretrained(init)
+        if tokenizer.vocab_size > config.vocab_size + 4:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only {config.vocab_size} embedding rows")
+        body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
+        body.load_state_dict(state)
         source = str(init)
+        if fcfg.n_transfer is not None:
+            body.reset_blocks(fcfg.n_transfer)
+            source += f" (embeddings + {fcfg.n_transfer} of {body.config.n_layer} blocks)"
     add_task_tokens(body, tokenizer)
     return body, tokenizer, source
+
+
+def _random_init_source(fcfg: FinetuneConfig) -> tuple[GPT1Config, BPETokenizer, str]:
+    """--init none: the config of --preset or of --arch's config.json (weights never read),
+    the tokenizer of --tokenizer or --arch."""
+    arch = Path(fcfg.arch or PRETRAIN_DEFAULT_OUT)
+    if fcfg.preset is not None:
+        if fcfg.tokenizer is None and fcfg.arch is None:
+            raise cli.UserError(f"--init none --preset {fcfg.preset} needs a tokenizer: pass --tokenizer PATH "
+                                "(or --arch RUN to take that run's)")
+        tokenizer = load_tokenizer(arch, fcfg.tokenizer)
+        return GPT1Config.from_name(fcfg.preset, vocab_size=tokenizer.vocab_size), tokenizer, f"random init ({fcfg.preset})"
+    if not (arch / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--init none takes the model's config.json and tokenizer from --arch RUN ({arch} has no config.json"
+            + (f"; `{PRETRAIN_COMMAND}` makes one there" if fcfg.arch is None else "")
+            + "), or pass --preset NAME with --tokenizer PATH")
+    return GPT1Config.from_json_file(arch / "config.json"), load_tokenizer(arch, fcfg.tokenizer), f"random init ({arch / 'config.json'})"
+
+
+def _with_dropout(config: GPT1Config, dropout: float | None) -> GPT1Config:
+    if dropout is None:
+        return config
+    return dataclasses.replace(config, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
+def resumed_body(out: Path, saved_model: Any, fused: bool) -> tuple[GPT1, BPETokenizer]:
+    """A resumed run's body (weights: the checkpoint's) and its own tokenizer, task tokens included."""
+    tokenizer = run.load_tokenizer_file(out / TOKENIZER_FILE)
+    tokenizer.special_tokens()
+    config = run.build_section(GPT1Config, saved_model, out / checkpoint.RUN_CONFIG, "model")
+    return GPT1(config, fused=fused), tokenizer
 
 
 def make_head(task: Task, body: GPT1, dropout: float) -> TaskHead:
@@ -193,7 +310,10 @@ def load_head(head: TaskHead, path: Path) -> None:
     file = path / HEAD_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no {HEAD_FILE} in {path}: not a fine-tuned run")
-    state = load_file(str(file), device=str(head.linear.weight.device))
+    try:
+        state = load_file(str(file), device=str(head.linear.weight.device))
+    except Exception as e:  # safetensors' own error type, and OSError for a truncated file
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
     try:
         head.load_state_dict(state)
     except RuntimeError as e:
@@ -382,50 +502,18 @@ def evaluate_all(
 # ---- the run ----------------------------------------------------------------------------------------
 
 
-def _resolve_train_config(args: argparse.Namespace, out: Path, n_train: int) -> train.TrainConfig:
-    given = cli.dataclass_kwargs(train.TrainConfig, args)
-    kw = {**FINETUNE_TRAIN_DEFAULTS, **given, "out": str(out)}
-    batch = kw["batch_size"]
-    steps_per_epoch = math.ceil(n_train / batch)
-    if "max_steps" not in given:
-        if not args.epochs > 0:
-            raise ValueError(f"--epochs must be positive, got {args.epochs}")
-        kw["max_steps"] = max(1, math.ceil(args.epochs * n_train / batch))
-    if "warmup_steps" not in given:
-        if not 0 <= args.warmup_fraction < 1:
-            raise ValueError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
-        kw["warmup_steps"] = max(1, math.ceil(args.warmup_fraction * kw["max_steps"]))
-    kw.setdefault("eval_every", min(steps_per_epoch, kw["max_steps"]))
-    kw.setdefault("checkpoint_every", min(steps_per_epoch, kw["max_steps"]))
-    kw.setdefault("log_every", max(1, min(10, kw["max_steps"] // 10)))
-    return train.TrainConfig(**kw)
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.lm_coef < 0 or not math.isfinite(args.lm_coef):
-        raise ValueError(f"--lm-coef must be a finite number >= 0, got {args.lm_coef}")
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.max_len is not None and args.max_len < 4:
-        raise ValueError(f"--max-len must be at least 4 (start, delimiter, extract and one token), got {args.max_len}")
-    if args.stop_at is not None and args.stop_at <= 0:
-        raise ValueError(f"--stop-at must be a positive update number, got {args.stop_at}")
-    if args.eval_batch_size is not None and args.eval_batch_size <= 0:
-        raise ValueError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
-
-
-def _max_len(args: argparse.Namespace, body: GPT1) -> int:
+def _max_len(fcfg: FinetuneConfig, body: GPT1) -> int:
     P = body.config.n_positions
-    if args.max_len is not None and args.max_len > P:
-        raise ValueError(f"--max-len {args.max_len} exceeds the model's n_positions ({P})")
-    return args.max_len or P
+    if fcfg.max_len is not None and fcfg.max_len > P:
+        raise ValueError(f"--max-len {fcfg.max_len} exceeds the model's n_positions ({P})")
+    return fcfg.max_len or P
 
 
-def _task_meta(task: Task, args: argparse.Namespace, max_len: int, source: str) -> dict[str, Any]:
+def _task_meta(task: Task, fcfg: FinetuneConfig, max_len: int, source: str) -> dict[str, Any]:
     return {
         "task": task.name, "kind": task.kind, "labels": list(task.labels), "metrics": list(task.metrics),
-        "max_len": max_len, "lm_coef": args.lm_coef, "dropout": args.dropout, "init": source,
-        "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        "max_len": max_len, "lm_coef": fcfg.lm_coef, "lm_average": fcfg.lm_average, "head_dropout": fcfg.head_dropout, "init": source,
+        "data_dir": str(Path(fcfg.data_dir).resolve()) if fcfg.data_dir else None,
     }
 
 
@@ -443,67 +531,113 @@ def _summary(task: Task, result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def finetune(args: argparse.Namespace) -> int:
-    if args.resume:
-        args = _restore_args(args)
-    _check_args(args)
-    task = get_task(args.task)
-    data_dir = Path(args.data_dir) if args.data_dir else None
-    out = Path(args.out or f"runs/finetune-{task.name}")
-    resume_from = checkpoint.prepare_run_dir(out, resume=bool(args.resume), overwrite=args.overwrite)
-    dist = train.setup_distributed(vars(args).get("device", "auto"))
-    try:
-        return _finetune(args, task, data_dir, out, resume_from, dist)
-    finally:
-        train.teardown_distributed()
+def plot_panels(task: Task) -> list[tuple[str, list[tuple[str, str]]]]:
+    """loss.png's panels: the combined objective with its two parts, and the dev metric."""
+    primary = task.metrics[0]
+    return [
+        ("loss (nats)", [("loss", "L3 = L2 + λ·L1 (train)"), ("task_loss", "task loss L2 (train)"),
+                         ("lm_loss", "LM loss L1 (train)"), ("val_loss", "L3 (dev)")]),
+        (f"dev {primary}", [(f"dev_{primary}", "dev")]),
+    ]
 
 
-def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: Path, resume_from: Path | None,
-              dist: train.DistEnv) -> int:
+def _plot(metrics: Any, path: Path, panels: list[Any]) -> None:
+    params = inspect.signature(metrics.plot).parameters.values()
+    if any(p.name == "panels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        metrics.plot(path, panels=panels)
+    else:  # engine.train's plot without panels: its default figure stays
+        metrics.plot(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.eval_only:
+        return eval_only(ns)
+    res = resolve(ns)
+    with run.distributed(res.device) as dist, run.locked_run_dir(res.out, dist):
+        return _finetune(ns, res, dist)
+
+
+def _finetune(ns: argparse.Namespace, res: Resolved, dist: train.DistEnv) -> int:
     t0 = time.perf_counter()
-    torch.manual_seed(vars(args).get("seed", 0))  # the same new rows, head (and --init none weights) on every rank
-    body, tokenizer, source = load_body(args)
-    max_len = _max_len(args, body)
+    out, fcfg = res.out, res.finetune
+    resume_from = checkpoint.prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
+    if resume_from is not None and (done := run.finished_step(resume_from, res.train.max_steps, out / METRICS_FILE)):
+        _print(f"{out} already finished at update {done} of {res.train.max_steps}: nothing to do, its best dev weights "
+               f"and {METRICS_FILE} stay as they are (raise --max-steps to train further)", dist)
+        return 0
+    run.check_fused(res.fused, dist.device)
+    task = get_task(fcfg.task)
+    torch.manual_seed(res.seed)  # the same new rows, head (and --init none weights) on every rank
+    if resume_from is None:
+        body, tokenizer, source = load_body(fcfg, res.fused)
+    else:
+        (body, tokenizer), source = resumed_body(out, res.saved_model, res.fused), fcfg.init
+    max_len = _max_len(fcfg, body)
     transform = InputTransform(tokenizer, task.kind, max_len)
-    (train_split,) = load_splits(task, data_dir, "train", transform)
-    dev = load_splits(task, data_dir, "dev", transform)
-    test = load_splits(task, data_dir, "test", transform)
+    (train_split,) = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "train", transform)
     if not train_split.labelled:
         raise ValueError(f"task {task.name!r}: the training set has unlabelled examples")
-    cfg = _resolve_train_config(args, out, len(train_split.examples))
-    # Everything is read and checked: only now is a run being replaced cleared.
+    dev = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "dev", transform)
+    test = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "test", transform)
+    cfg = res.train or _resolve_train_config(fcfg, res.given_train, out, len(train_split.examples))
+    # Everything is read and checked: only now is the run directory written.
     if dist.is_main:
-        if args.overwrite:
-            checkpoint.clear_run_dir(out)
-            for name in (BEST, HEAD_FILE, TASK_FILE, METRICS_FILE, "predictions"):
-                p = out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
+        _prepare_out(out, ns.overwrite, resume_from is not None, tokenizer)
+        run.save_run_config(out, "finetune", {"finetune": fcfg, "train": cfg, "model": body.config})
     dist.barrier()
-
-    head = make_head(task, body, args.dropout)
+    head = make_head(task, body, fcfg.head_dropout)
     if task.kind == "regression":
         head.set_target_stats(torch.tensor([float(e.label) for e in train_split.examples]))
-    model = GPT1ForTask(body, head, lm_coef=args.lm_coef)
-    sp = tokenizer.special_tokens()
-    meta = _task_meta(task, args, max_len, source)
-    eval_bs = args.eval_batch_size or cfg.batch_size
+    model = GPT1ForTask(body, head, lm_coef=fcfg.lm_coef, lm_average=fcfg.lm_average)
+    _describe(task, train_split, dev + test, source, model, max_len, fcfg, cfg, dist)
+    meta = _task_meta(task, fcfg, max_len, source)
+    return _train(ns, task, model, tokenizer, train_split, dev, test, cfg, fcfg, meta, source, resume_from, dist, t0)
 
+
+def _prepare_out(out: Path, overwrite: bool, resuming: bool, tokenizer: BPETokenizer) -> None:
+    """--overwrite clears the old run; a new run's tokenizer is saved as part of it; a
+    finished run resumed for more updates gets its best-dev weights back into best/."""
+    if overwrite:
+        checkpoint.clear_run_dir(out)
+        for name in (BEST, HEAD_FILE, TASK_FILE, METRICS_FILE, "predictions"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        tokenizer.save(out / TOKENIZER_FILE)
+    elif (out / METRICS_FILE).is_file() and not (out / BEST).is_dir():
+        _copy_model(out, out / BEST)
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            atomic_write(dst / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
+
+
+def _describe(task: Task, train_split: "Split", others: list["Split"], source: str, model: GPT1ForTask, max_len: int,
+              fcfg: FinetuneConfig, cfg: train.TrainConfig, dist: train.DistEnv) -> None:
     n_params = sum(p.numel() for p in model.parameters())
-    seq_tokens = [sum(len(s) for s in e.sequences) for e in train_split.encoded]
-    mean_tokens = sum(seq_tokens) / len(seq_tokens)
-    mean_len = mean_tokens / len(train_split.encoded[0].sequences)
+    mean_len = _mean_tokens(train_split) / len(train_split.encoded[0].sequences)
     _print(f"task {task.name} ({task.kind}): {len(train_split.examples)} train, "
-           + ", ".join(f"{len(s.examples)} {s.name}" for s in dev + test)
+           + ", ".join(f"{len(s.examples)} {s.name}" for s in others)
            + f" | init {source} | {n_params / 1e6:.2f}M parameters, max_len {max_len}, mean sequence {mean_len:.0f} tokens", dist)
-    _print("config: " + json.dumps({**dataclasses.asdict(cfg), "lm_coef": args.lm_coef, "dropout": args.dropout,
-                                   "epochs": args.epochs}), dist)
-    if dist.is_main and resume_from is None:
-        atomic_write_text(out / checkpoint.RUN_CONFIG, json.dumps({"train": dataclasses.asdict(cfg), "args": _args_dict(args)}, indent=2) + "\n")
+    _print("config: " + json.dumps({"finetune": dataclasses.asdict(fcfg), "train": dataclasses.asdict(cfg)}), dist)
 
+
+def _mean_tokens(split: "Split") -> float:
+    return sum(sum(len(s) for s in e.sequences) for e in split.encoded) / len(split.encoded)
+
+
+def _train(ns: argparse.Namespace, task: Task, model: GPT1ForTask, tokenizer: BPETokenizer, train_split: "Split",
+           dev: list["Split"], test: list["Split"], cfg: train.TrainConfig, fcfg: FinetuneConfig, meta: dict[str, Any],
+           source: str, resume_from: Path | None, dist: train.DistEnv, t0: float) -> int:
+    out, sp, primary = Path(cfg.out), tokenizer.special_tokens(), task.metrics[0]
+    eval_bs = fcfg.eval_batch_size or cfg.batch_size
     best = {"score": -math.inf, "step": 0}
     best_dev: dict[str, Any] = {}  # the best checkpoint's predictions on the first dev set (this process's run)
-    primary = task.metrics[0]
 
     def evaluate(trainer: train.Trainer) -> dict[str, float]:
         preds, loss = predict(trainer.model, dev[0].encoded, eval_bs, trainer.device, sp.pad, trainer.autocast, trainer.dist)
@@ -523,25 +657,22 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
             extra["lm_loss"] = o.lm_loss.item()
         return o.loss, extra
 
+    n_params, mean_tokens = sum(p.numel() for p in model.parameters()), _mean_tokens(train_split)
+    mean_len = mean_tokens / len(train_split.encoded[0].sequences)
     trainer = train.Trainer(
         model, cfg, loss_fn, batch_fn(train_split.encoded, cfg.batch_size, cfg.seed, sp.pad),
         evaluate=evaluate, dist=dist, tokens_per_sample=round(mean_tokens),
-        flops_per_token=train.flops_per_token(n_params, body.config.n_layer, body.config.n_embd, round(mean_len)),
+        flops_per_token=train.flops_per_token(n_params, model.body.config.n_layer, model.body.config.n_embd, round(mean_len)),
         weights=TASK_WEIGHTS, extra_state=lambda: dict(best),
-        load_extra_state=lambda s: best.update(s), resume_from=resume_from, progress=not args.quiet,
+        load_extra_state=lambda s: best.update(s), resume_from=resume_from, progress=not ns.quiet,
     )
-    result = trainer.fit(stop_at=args.stop_at)
-    if result.status == "interrupted":
-        return 128 + (result.signal or 0)
-    if result.status == "diverged":
-        return 1
-    if result.status == "stopped":
-        _print(f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}", dist)
-        return 0
-    if not dist.is_main:
-        return 0
+    result = trainer.fit(stop_at=ns.stop_at)
+    code = run.exit_code(result, out, lambda m: _print(m, dist))
+    if code is not None or not dist.is_main:
+        return code or 0
+    _plot(trainer.metrics, out / checkpoint.LOSS_PLOT, plot_panels(task))
     # The run directory gets the best dev checkpoint (the trainer left the final weights there).
-    if (out / BEST).is_dir():  # absent when --resume found the run already finished
+    if (out / BEST).is_dir():
         install_run(out / BEST, out)
         shutil.rmtree(out / BEST, ignore_errors=True)
     _load_weights(model, out)
@@ -555,72 +686,49 @@ def _finetune(args: argparse.Namespace, task: Task, data_dir: Path | None, out: 
     return 0
 
 
-def _args_dict(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-
-
-def _restore_args(args: argparse.Namespace) -> argparse.Namespace:
-    """--resume DIR: the saved run's settings, except where and how it runs."""
-    saved_file = Path(args.resume) / checkpoint.RUN_CONFIG
-    if not saved_file.is_file():
-        raise FileNotFoundError(f"--resume {args.resume}: no {checkpoint.RUN_CONFIG} there (not a fine-tuning run)")
-    saved = json.loads(saved_file.read_text()).get("args")
-    if not isinstance(saved, dict):
-        raise ValueError(f"{saved_file} holds no fine-tuning settings")
-    merged = {**saved, **{k: v for k, v in vars(args).items() if k in RESUME_MAY_CHANGE and k in vars(args)}}
-    merged["out"], merged["resume"], merged["overwrite"] = args.resume, args.resume, False
-    return argparse.Namespace(**merged)
-
-
-def eval_only(args: argparse.Namespace) -> int:
+def eval_only(ns: argparse.Namespace) -> int:
     """Re-evaluates the fine-tuned run --init on its task's dev (and test) files."""
-    _check_args(args)
-    run = Path(args.init)
-    if args.init == "none" or not (run / TASK_FILE).is_file():
-        raise FileNotFoundError(f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); {run} has no {TASK_FILE}")
-    meta = json.loads((run / TASK_FILE).read_text())
-    name = meta.get("task")
-    task = get_task(name)
-    if args.task not in (DEFAULT_TASK, name):
-        raise ValueError(f"{run} was fine-tuned on {name!r}, not {args.task!r}")
-    data_dir = Path(args.data_dir) if args.data_dir else (Path(meta["data_dir"]) if meta.get("data_dir") else None)
-    out = Path(args.out) if args.out else run / "eval"
-    device = train.resolve_device(vars(args).get("device", "auto"))
-    body = GPT1.from_pretrained(run, fused=args.fused)
-    tokenizer = load_tokenizer(run, args.tokenizer)
+    given = cli.dataclass_kwargs(FinetuneConfig, ns)
+    fcfg = FinetuneConfig(**given)
+    run_dir = Path(fcfg.init)
+    if fcfg.init == "none" or not (run_dir / TASK_FILE).is_file():
+        raise FileNotFoundError(f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); {run_dir} has no {TASK_FILE}")
+    meta = _read_task_meta(run_dir / TASK_FILE)
+    task = get_task(meta.get("task"))
+    if "task" in given and given["task"] != task.name:
+        raise ValueError(f"{run_dir} was fine-tuned on {task.name!r}, not {given['task']!r}")
+    data_dir = Path(fcfg.data_dir) if fcfg.data_dir else (Path(meta["data_dir"]) if meta.get("data_dir") else None)
+    out = Path(ns.out) if ns.out else run_dir / "eval"
+    device = train.resolve_device(vars(ns).get("device", "auto"))
+    fused = vars(ns).get("fused", True)
+    run.check_fused(fused, device)
+    body = GPT1.from_pretrained(run_dir, fused=fused)
+    tokenizer = load_tokenizer(run_dir, fcfg.tokenizer)
     tokenizer.special_tokens()  # a fine-tuned run's tokenizer has them
-    head = make_head(task, body, meta.get("dropout", 0.1))
-    load_head(head, run)
-    model = GPT1ForTask(body, head, lm_coef=meta.get("lm_coef", 0.5)).to(device)
+    head = make_head(task, body, meta.get("head_dropout", meta.get("dropout", 0.1)))
+    load_head(head, run_dir)
+    model = GPT1ForTask(body, head, lm_coef=meta.get("lm_coef", 0.5), lm_average=meta.get("lm_average", "token")).to(device)
     transform = InputTransform(tokenizer, task.kind, int(meta.get("max_len", body.config.n_positions)))
     dev = load_splits(task, data_dir, "dev", transform)
     test = load_splits(task, data_dir, "test", transform)
     out.mkdir(parents=True, exist_ok=True)
-    bs = args.eval_batch_size or vars(args).get("batch_size", 32)
+    bs = fcfg.eval_batch_size or vars(ns).get("batch_size", PAPER_TRAIN["batch_size"])
     res = evaluate_all(task, model, dev, test, out, bs, device, tokenizer.special_tokens().pad)
     metrics = {"task": task.name, **{k: res[k] for k in task.metrics}, "n_dev": len(dev[0].examples),
-               "run": str(run), "dev": res["dev"], "test": res["test"]}
+               "run": str(run_dir), "dev": res["dev"], "test": res["test"]}
     atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     print(f"{_summary(task, res)} | {out / METRICS_FILE}", flush=True)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.fused = vars(args).get("fused", True)
-    if args.fused:
-        _check_fused()
-    return eval_only(args) if args.eval_only else finetune(args)
-
-
-def _check_fused() -> None:
-    """The fused path on CPU needs the C++ kernels: say so up front, not mid-run."""
-    from . import ops
-
-    if not torch.cuda.is_available():
-        err = ops.cpu_kernels_error()
-        if err:
-            raise cli.UserError(f"{err} (or pass --no-fused)")
+def _read_task_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+        raise ValueError(f"{path}: expected a JSON object with a \"task\" name")
+    return meta
 
 
 if __name__ == "__main__":

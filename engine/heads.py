@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.transforms import KINDS
-from .model import GPT1
+from .model import GPT1, LOSS_AVERAGES
 
 
 class SharedDropout(nn.Module):
@@ -118,11 +118,15 @@ def combine_losses(task_loss: Tensor, lm_loss: Tensor | None, lm_coef: float) ->
 class GPT1ForTask(nn.Module):
     """The GPT-1 body and a task head; one module, so DDP and checkpoints see both."""
 
-    def __init__(self, body: GPT1, head: TaskHead, lm_coef: float = 0.5) -> None:
+    def __init__(self, body: GPT1, head: TaskHead, lm_coef: float = 0.5, lm_average: str = "token") -> None:
+        """lm_average: how L1 averages — "token" (over every counted token of the batch) or
+        "sequence" (OpenAI's: per sequence, then over sequences; see GPT1.forward)."""
         super().__init__()
         if lm_coef < 0:
             raise ValueError(f"lm_coef must be >= 0, got {lm_coef}")
-        self.body, self.head, self.lm_coef = body, head, lm_coef
+        if lm_average not in LOSS_AVERAGES:
+            raise ValueError(f"lm_average must be one of {LOSS_AVERAGES}, got {lm_average!r}")
+        self.body, self.head, self.lm_coef, self.lm_average = body, head, lm_coef, lm_average
 
     def forward(self, input_ids: Tensor, extract: Tensor, labels: Tensor | None = None, lm_labels: Tensor | None = None) -> TaskOutput:
         """input_ids, lm_labels: (B, S, T); extract: (B, S) extract-token positions; labels: (B,)."""
@@ -132,6 +136,7 @@ class GPT1ForTask(nn.Module):
             input_ids.reshape(B * S, T),
             labels=lm_labels.reshape(B * S, T) if want_lm else None,
             return_logits=False,
+            loss_average=self.lm_average,
         )
         rows = torch.arange(B * S, device=input_ids.device)
         h = body.hidden_states[rows, extract.reshape(B * S)].view(B, S, -1)  # (B, S, C)

@@ -88,6 +88,9 @@ class Block(nn.Module):
         return a.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
 
 
+LOSS_AVERAGES = ("token", "sequence")
+
+
 class GPT1(nn.Module):
     """GPT-1 decoder with a tied LM head. ``fused=True`` runs engine.ops, else engine.reference."""
 
@@ -113,10 +116,15 @@ class GPT1(nn.Module):
         *,
         targets: Tensor | None = None,
         return_logits: bool | None = None,
+        loss_average: str = "token",
     ) -> GPT1Output:
         """input_ids (B, T). ``labels`` (B, T) are shifted inside (position t predicts labels[t+1],
         as transformers); ``targets`` (B, T) are already aligned (position t predicts targets[t]).
-        Entries equal to -100 are ignored by the loss."""
+        Entries equal to -100 are ignored by the loss. ``loss_average``: "token" — the mean over
+        every counted token (transformers); "sequence" — each sequence's mean over its tokens,
+        then the mean over the sequences that have any (OpenAI's auxiliary LM loss)."""
+        if loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
         self._check_tokens(input_ids, "input_ids")
         if labels is not None and targets is not None:
             raise ValueError("pass labels (shifted inside) or targets (already aligned), not both")
@@ -126,21 +134,42 @@ class GPT1(nn.Module):
         elif targets is not None:
             self._check_tokens(targets, "targets", like=input_ids, allow_ignore=True)
 
-        x = self._embed(input_ids, 0)
+        wte, wpe = self._tables()
+        x = self._embed(input_ids, 0, wte, wpe)
         for block in self.h:
             x = block(x)
 
         loss = None
         if targets is not None:
-            loss = self.fn.linear_cross_entropy(x, self.tokens_embed.weight, targets.long(), IGNORE_INDEX)
+            loss = self._lm_loss(x, wte, targets.long(), loss_average)
         if return_logits is None:
             return_logits = loss is None
-        logits = F.linear(x, self.tokens_embed.weight) if return_logits else None
+        logits = F.linear(x, wte) if return_logits else None
         return GPT1Output(loss=loss, logits=logits, hidden_states=x)
 
-    def _embed(self, input_ids: Tensor, start: int) -> Tensor:
+    def _lm_loss(self, x: Tensor, wte: Tensor, targets: Tensor, average: str) -> Tensor:
+        if average == "token":
+            return self.fn.linear_cross_entropy(x, wte, targets, IGNORE_INDEX)
+        # One fused LM-head call per sequence: its mean over its own tokens. A sequence with no
+        # counted token gets a stand-in target and weight 0 (no NaN, no host sync).
+        counted = (targets != IGNORE_INDEX).any(dim=1)  # (B,)
+        safe = targets.clone()
+        safe[:, 0] = torch.where(counted, targets[:, 0], torch.zeros_like(targets[:, 0]))
+        per_seq = torch.stack([self.fn.linear_cross_entropy(x[i], wte, safe[i], IGNORE_INDEX) for i in range(x.shape[0])])
+        w = counted.to(per_seq.dtype)
+        return (per_seq * w).sum() / w.sum().clamp(min=1.0)
+
+    def _tables(self) -> tuple[Tensor, Tensor]:
+        """The embedding tables this pass reads (dropped whole under embd_dropout="matrix")."""
+        p = self.config.embd_pdrop if self.training else 0.0
+        return reference.embedding_tables(self.tokens_embed.weight, self.positions_embed.weight, p, self.config.embd_dropout)
+
+    def _embed(self, input_ids: Tensor, start: int, wte: Tensor | None = None, wpe: Tensor | None = None) -> Tensor:
+        if wte is None or wpe is None:
+            wte, wpe = self._tables()
         pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        return self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))
+        x = F.embedding(input_ids, wte) + F.embedding(pos, wpe)
+        return self.drop(x) if self.config.embd_dropout == "sum" else x
 
     def _check_tokens(
         self, ids: Tensor, name: str, like: Tensor | None = None, allow_ignore: bool = False
@@ -217,6 +246,16 @@ class GPT1(nn.Module):
         return torch.cat(tokens, dim=1)
 
     # ---- vocabulary and Hugging Face I/O -------------------------------------------------
+
+    def reset_blocks(self, first: int) -> None:
+        """Re-initialises blocks first .. n_layer-1 as a new model would be (N(0, initializer_
+        range) weights, zero biases, unit LayerNorms), keeping the embeddings and blocks
+        0 .. first-1: a model loaded from a pretrained run then transfers `first` layers
+        (the paper's §5 "Impact of number of layers transferred", OpenAI's n_transfer)."""
+        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= self.config.n_layer:
+            raise ValueError(f"layers transferred must be an integer in [0, {self.config.n_layer}], got {first!r}")
+        for block in self.h[first:]:
+            block.apply(lambda m: init_weights(m, self.config.initializer_range))
 
     def resize_token_embeddings(self, vocab_size: int) -> None:
         """Grows (or shrinks) the tied embedding; new rows are N(0, initializer_range)."""

@@ -3,6 +3,7 @@
     python -m engine.pretrain --fused                      # embedded Shakespeare, ~5 min on 2 CPU cores
     python -m engine.pretrain --data books/ --preset gpt1 --out runs/books
     python -m engine.pretrain --resume runs/books          # continue exactly where it stopped
+    python -m engine.pretrain --init runs/books --data new.txt --out runs/more   # a model on new text
     torchrun --nproc_per_node=8 -m engine.pretrain --data books/ --out runs/books
 
 Without --data it trains on Shakespeare's works shipped by the `shakespeare` package (whole
@@ -11,7 +12,9 @@ cached. On a CPU-only machine the defaults (preset, vocabulary, batch, steps, le
 rate: see CPU_DEFAULTS for the measurements behind them) are sized to finish in about five
 minutes on two cores; on CUDA they train the paper's model with the paper's optimisation
 (gpt1 preset, 64 × 512-token batches, lr 2.5e-4). Every default can be overridden; --help
-lists them.
+lists them. --init starts a NEW run from a model (a run directory of ours or a Hugging Face
+openai-gpt directory): its tokenizer and config, a fresh optimizer and schedule. The run's
+lifecycle (lock, saved config, resume policy, exit codes) is engine.run's.
 """
 from __future__ import annotations
 
@@ -24,13 +27,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import LOSS_PLOT, METRICS, RUN_CONFIG, clear_run_dir, prepare_run_dir
-from .cli import ArgumentParser, UserError, add_dataclass_args, dataclass_kwargs, run_cli
+from . import run
+from .checkpoint import LOSS_PLOT, METRICS, clear_run_dir, prepare_run_dir
+from .cli import ArgumentParser, UserError, add_dataclass_args, dataclass_kwargs, flag_name, run_cli
 from .data.prepare import Corpus as _Corpus, load_tokenizer as _load_tokenizer, prepare  # noqa: F401 (_load_tokenizer: imported from here by callers)
 from .train import TrainConfig, batch_layout, resolve_device
 
-# Defaults that depend on the device.
+
+@dataclass(frozen=True)
+class DevicePreset:
+    """Every pretraining default that depends on the device, as one named whole."""
+
+    name: str
+    preset: str
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    max_steps: int
+    lr: float
+    eval_every: int
+    checkpoint_every: int
+    eval_windows: int
+    final_eval_windows: int | None
+
+    def pretrain_defaults(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("preset", "vocab_size", "seq_len", "eval_windows", "final_eval_windows")}
+
+    def train_defaults(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("batch_size", "max_steps", "lr", "eval_every", "checkpoint_every")}
+
+
 # CUDA: the paper's model, batch (64 x 512 tokens) and learning rate, a 8192-token BPE.
+CUDA_DEFAULTS = DevicePreset(
+    "cuda", preset="gpt1", vocab_size=8192, seq_len=512, batch_size=64, max_steps=400, lr=2.5e-4, eval_every=50,
+    checkpoint_every=200, eval_windows=256, final_eval_windows=None,
+)
 # CPU (about 5 minutes on 2 free cores, 1.6M tokens seen, ~1.2 epochs): gpt1-small (4
 # layers, 256 wide), 16 x 128-token batches, 800 updates. Three choices make that budget show
 # learning, each measured on the embedded corpus (final val loss vs the unigram entropy):
@@ -41,20 +72,13 @@ from .train import TrainConfig, batch_layout, resolve_device
 # * a 2048-token BPE: every embedding row gets 4x the updates, sub-word continuations are
 #   predictable, steps are cheaper: 600 x 8 x 128 reached 5.41 vs 6.19 with it, against
 #   5.95 vs 6.34 with 8192 tokens. The defaults reach ~4.85 vs 6.19.
-CPU_DEFAULTS: dict[str, Any] = dict(
-    preset="gpt1-small", vocab_size=2048, seq_len=128, batch_size=16, max_steps=800, lr=6e-4, eval_every=100,
+CPU_DEFAULTS = DevicePreset(
+    "cpu", preset="gpt1-small", vocab_size=2048, seq_len=128, batch_size=16, max_steps=800, lr=6e-4, eval_every=100,
     checkpoint_every=200, eval_windows=64, final_eval_windows=512,
 )
-CUDA_DEFAULTS: dict[str, Any] = dict(
-    preset="gpt1", vocab_size=8192, seq_len=512, batch_size=64, max_steps=400, lr=2.5e-4, eval_every=50,
-    checkpoint_every=200, eval_windows=256, final_eval_windows=None,
-)
-# What --resume may change; anything else would silently make a different run.
-RESUME_OVERRIDES = {
-    "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "prefetch", "compile",
-    "fused", "device", "peak_tflops", "eval_windows", "final_eval_windows", "sample_tokens", "prompt", "cache_dir",
-    "max_bad_steps",
-}
+DEVICE_PRESETS = {p.name: p for p in (CPU_DEFAULTS, CUDA_DEFAULTS)}
+# What --init brings with it: a model's tokenizer and shape cannot be chosen as well.
+INIT_EXCLUDES = ("preset", "tokenizer", "vocab_size")
 
 
 @dataclass
@@ -65,6 +89,7 @@ class PretrainConfig:
     val_data: list[str] | None = field(default=None, metadata={"help": "validation files (default: held out from --data: whole documents, or paragraphs when there are few)"})
     text_field: str = field(default="text", metadata={"help": "JSONL field holding the text"})
     val_fraction: float = field(default=0.05, metadata={"help": "share of --data held out for validation when --val-data is not given"})
+    init: str | None = field(default=None, metadata={"help": "start a new run from this model: a run directory or a Hugging Face openai-gpt directory (config.json + weights + tokenizer); its tokenizer and config are used, the optimizer and schedule start fresh (default: random weights)"})
     tokenizer: list[str] | None = field(default=None, metadata={"help": "a tokenizer.json, or GPT-1's encoder_bpe_40000.json and vocab_40000.bpe (two paths or their directory) (default: train a BPE on the training split, cached)"})
     vocab_size: int | None = field(default=None, metadata={"help": "vocabulary of the BPE trained when --tokenizer is not given (default: 8192 on CUDA, 2048 on CPU)"})
     cache_dir: str | None = field(default=None, metadata={"help": "where tokenizers and token shards are cached (default: $GPT1_CACHE_DIR or ~/.cache/gpt1-engine)"})
@@ -109,133 +134,168 @@ def build_parser() -> ArgumentParser:
         defaults={"out": "runs/pretrain"},
         helps={
             name: f"{TrainConfig.__dataclass_fields__[name].metadata['help']} "
-                  f"(default: {CUDA_DEFAULTS[name]} on CUDA, {CPU_DEFAULTS[name]} on CPU)"
-            for name in ("max_steps", "batch_size", "lr", "eval_every", "checkpoint_every")
+                  f"(default: {getattr(CUDA_DEFAULTS, name)} on CUDA, {getattr(CPU_DEFAULTS, name)} on CPU)"
+            for name in CPU_DEFAULTS.train_defaults()
         },
     )
-    run = parser.add_argument_group("run")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (its saved settings apply)")
-    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    run.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and exit after update STEP without changing the schedule (split a run into sessions)")
-    run.add_argument("--prepare-only", action="store_true", help="build (or find) the tokenizer and token shards in the cache, print where they are and exit; a run with the same data and tokenizer flags reuses them")
+    group = parser.add_argument_group("run")
+    group.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (its saved settings, tokenizer and kernels apply)")
+    group.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    group.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and exit after update STEP without changing the schedule (split a run into sessions)")
+    group.add_argument("--prepare-only", action="store_true", help="build (or find) the tokenizer and token shards in the cache, print where they are and exit; a run with the same data and tokenizer flags reuses them")
     return parser
 
 
 def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig, Any]:
-    """Parses argv and fills every 'auto' value: the configs as this run will use them."""
+    """Parses argv and fills every 'auto' value: the configs as this run will use them. On
+    --resume, the saved model config is in the namespace's `saved_model`."""
     ns = build_parser().parse_args(argv)
     given_p, given_t = dataclass_kwargs(PretrainConfig, ns), dataclass_kwargs(TrainConfig, ns)
+    ns.saved_model = None
     if ns.stop_at is not None and ns.stop_at <= 0:
         raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
     if ns.resume:
-        run = Path(ns.resume)
-        if "out" in given_t and Path(given_t["out"]) != run:
-            raise UserError(f"--out {given_t['out']} differs from --resume {run}; a resumed run stays in its directory")
-        saved_path = run / RUN_CONFIG
-        if not saved_path.is_file():
-            raise UserError(f"--resume {run}: no {RUN_CONFIG} there (not a run directory)")
-        saved = json.loads(saved_path.read_text())
-        changed = sorted(k for k, v in {**given_p, **given_t}.items() if k not in RESUME_OVERRIDES
-                         and {**saved["pretrain"], **saved["train"]}.get(k, v) != v)
-        if changed:
-            raise UserError(f"--resume cannot change {', '.join('--' + c.replace('_', '-') for c in changed)} "
-                            f"(only run-control flags such as --max-steps); start a new run instead")
-        pcfg = PretrainConfig(**{**saved["pretrain"], **given_p})
-        tcfg = TrainConfig(**{**saved["train"], **given_t, "out": str(run)})
-        return pcfg, tcfg, ns
+        out = Path(ns.resume)
+        if "out" in given_t and Path(given_t["out"]) != out:
+            raise UserError(f"--out {given_t['out']} differs from --resume {out}; a resumed run stays in its directory")
+        built, saved = run.resume_sections(out, "pretrain", {"pretrain": given_p, "train": {**given_t, "out": str(out)}},
+                                           {"pretrain": PretrainConfig, "train": TrainConfig})
+        ns.saved_model = saved.get("model")
+        return built["pretrain"], built["train"], ns
     device = resolve_device(given_t.get("device", "auto"))
     defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    p_names = {f.name for f in dataclasses.fields(PretrainConfig)}
-    t_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    pcfg = PretrainConfig(**{**{k: v for k, v in defaults.items() if k in p_names}, **given_p})
-    from .config import PRESETS
-
-    n_positions = PRESETS[pcfg.preset].get("n_positions", 512)
+    p_defaults = defaults.pretrain_defaults()
+    if "init" in given_p:
+        clash = [flag_name(k) for k in INIT_EXCLUDES if k in given_p]
+        if clash:
+            raise UserError(f"--init {given_p['init']} brings its own tokenizer and config; drop {', '.join(clash)}")
+        p_defaults.update(preset=None, vocab_size=None)
+    pcfg = PretrainConfig(**{**p_defaults, **given_p})
+    if pcfg.init is not None and not (Path(pcfg.init) / "config.json").is_file():
+        raise FileNotFoundError(f"--init {pcfg.init}: no config.json there (expected a run directory or a "
+                                "Hugging Face openai-gpt directory)")
+    n_positions = _n_positions(pcfg)
     if "seq_len" not in given_p:
         pcfg.seq_len = min(pcfg.seq_len, n_positions)
-    tcfg = TrainConfig(**{"out": "runs/pretrain", **{k: v for k, v in defaults.items() if k in t_names}, **given_t})
+    if pcfg.seq_len > n_positions:
+        source = f"--init {pcfg.init}" if pcfg.init else f"the {pcfg.preset} preset"
+        raise ValueError(f"--seq-len {pcfg.seq_len} exceeds {source}'s n_positions ({n_positions})")
+    tcfg = TrainConfig(**{"out": "runs/pretrain", **defaults.train_defaults(), **given_t})
     return pcfg, tcfg, ns
+
+
+def _n_positions(pcfg: PretrainConfig) -> int:
+    from .config import GPT1Config
+
+    if pcfg.init is not None:
+        return GPT1Config.from_json_file(Path(pcfg.init) / "config.json").n_positions
+    return GPT1Config.from_name(pcfg.preset).n_positions
 
 
 def main(argv: list[str] | None = None) -> int:
     pcfg, tcfg, ns = resolve_configs(argv)
-    if ns.prepare_only:
+    if ns.prepare_only:  # the data this run would read, and nothing of a run
         from .data.shards import default_cache_dir
 
-        return prepare(pcfg, Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir(), lambda *a: print(*a, flush=True))
-    from .train import setup_distributed, teardown_distributed
-
-    dist = setup_distributed(tcfg.device)
-    try:
-        code = _pretrain(pcfg, tcfg, ns, dist)
-    except BaseException:
-        teardown_distributed()
-        raise
-    teardown_distributed(sync=True)
-    return code
+        given = ((run.load_tokenizer_file(Path(ns.resume) / "tokenizer.json"), f"the run's own ({ns.resume})") if ns.resume
+                 else (run.load_tokenizer(Path(pcfg.init)), f"--init {pcfg.init}'s") if pcfg.init else None)
+        return prepare(pcfg, Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir(), lambda *a: print(*a, flush=True), given)
+    with run.distributed(tcfg.device) as dist, run.locked_run_dir(Path(tcfg.out), dist):
+        return _pretrain(pcfg, tcfg, ns, dist)
 
 
 def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> int:
-    import torch
-
-    from .config import GPT1Config
-    from .data.shards import default_cache_dir
-    from .data.windows import RandomWindows, check_length, eval_batches
-    from .model import GPT1
-    from .train import Trainer, flops_per_token
-
-    n_positions = GPT1Config.from_name(pcfg.preset).n_positions
-    if pcfg.seq_len > n_positions:
-        raise ValueError(f"--seq-len {pcfg.seq_len} exceeds the {pcfg.preset} preset's n_positions ({n_positions})")
     out = Path(tcfg.out)
     resume_from = prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
-    micro, accum = batch_layout(tcfg, dist.world_size)
     say = (lambda *a: print(*a, flush=True)) if dist.is_main else (lambda *a: None)
+    if resume_from is not None and (done := run.finished_step(resume_from, tcfg.max_steps, out / "model.safetensors")):
+        say(f"{out} already finished at update {done} of {tcfg.max_steps}: nothing to do (raise --max-steps to train further)")
+        return 0
+    run.check_fused(tcfg.fused, dist.device)
+    micro, accum = batch_layout(tcfg, dist.world_size)
+    corpus, tokenizer, tok_note, shards, built = _data(pcfg, out, resume_from is not None, dist, say)
+    model = _model(pcfg, tcfg, tokenizer, ns.saved_model if resume_from else None)
 
-    # ---- data and tokenizer: prepared by rank 0 into the cache, read by every rank ------
+    # The run directory is written only now that every input checked out.
+    if dist.is_main:
+        if ns.overwrite:
+            clear_run_dir(out)
+        run.save_run_config(out, "pretrain", {"pretrain": pcfg, "train": tcfg, "model": model.config})
+        if resume_from is None:
+            tokenizer.save(out / "tokenizer.json")
+    dist.barrier()
+    say(_describe(pcfg, tcfg, model.config, dist, _n_params(model), corpus, shards, tok_note, built, resume_from, (micro, accum)))
+    return _train(pcfg, tcfg, ns, dist, model, tokenizer, shards, resume_from, micro, say)
+
+
+def _n_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _data(pcfg: PretrainConfig, out: Path, resuming: bool, dist: Any, say: Any) -> tuple[Any, Any, str, Any, bool]:
+    """(corpus, tokenizer, where it came from, token shards, whether they were built now):
+    prepared by rank 0 into the cache, read by every rank. A resumed run's tokenizer is its
+    own tokenizer.json, never one trained or cached anew (BPE ids could differ)."""
+    from .data.shards import default_cache_dir
+    from .data.windows import check_length
+
     cache = Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir()
     corpus = _Corpus(pcfg)
     if not dist.is_main:
         dist.barrier()
     try:
-        tokenizer, tok_note = corpus.tokenizer(cache, say)
+        if resuming:
+            tokenizer, tok_note = run.load_tokenizer_file(out / "tokenizer.json"), f"the run's own ({out / 'tokenizer.json'})"
+        elif pcfg.init is not None:
+            tokenizer, tok_note = run.load_tokenizer(Path(pcfg.init)), f"--init {pcfg.init}'s"
+        else:
+            tokenizer, tok_note = corpus.tokenizer(cache, say)
         shards, built = corpus.shards(cache, tokenizer, say)
+        check_length(shards.train, pcfg.seq_len + 1, "training")
+        check_length(shards.val, pcfg.seq_len + 1, "validation")
     finally:
         if dist.is_main:
             dist.barrier()
+    return corpus, tokenizer, tok_note, shards, built
 
-    # ---- model --------------------------------------------------------------------------
-    overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
+
+def _model(pcfg: PretrainConfig, tcfg: TrainConfig, tokenizer: Any, saved_model: dict[str, Any] | None) -> Any:
+    """The model: the saved config on resume (weights come from the checkpoint), --init's
+    config and weights, or the preset with random weights (the same on every rank)."""
+    import torch
+
+    from .config import GPT1Config
+    from .model import GPT1
+
+    state = None
+    if saved_model is not None:
+        mcfg = run.build_section(GPT1Config, saved_model, Path(tcfg.out) / "train_config.json", "model")
+    elif pcfg.init is not None:
+        from .hf import load_pretrained
+
+        mcfg, state = load_pretrained(pcfg.init)
+    else:
+        mcfg = GPT1Config.from_name(pcfg.preset, vocab_size=tokenizer.vocab_size)
     if pcfg.dropout is not None:
-        overrides.update(resid_pdrop=pcfg.dropout, embd_pdrop=pcfg.dropout, attn_pdrop=pcfg.dropout)
-    mcfg = GPT1Config.from_name(pcfg.preset, **overrides)
-    window = pcfg.seq_len + 1
-    check_length(shards.train, window, "training")
-    check_length(shards.val, window, "validation")
-    if tcfg.fused and dist.device.type == "cpu":
-        from . import ops
-
-        reason = ops.cpu_kernels_error()
-        if reason is not None:
-            raise UserError(f"--fused: {reason}")
+        mcfg = dataclasses.replace(mcfg, resid_pdrop=pcfg.dropout, embd_pdrop=pcfg.dropout, attn_pdrop=pcfg.dropout)
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size} embedding rows")
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank and every run
     model = GPT1(mcfg, fused=tcfg.fused)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
 
-    # ---- the run directory: written only now that every input checked out ---------------
-    if dist.is_main:
-        if ns.overwrite:
-            clear_run_dir(out)
-        out.mkdir(parents=True, exist_ok=True)
-        from .fileio import atomic_write_text
 
-        atomic_write_text(out / RUN_CONFIG, json.dumps({"pretrain": dataclasses.asdict(pcfg), "train": dataclasses.asdict(tcfg)}, indent=2) + "\n")
-        tokenizer.save(out / "tokenizer.json")
-    dist.barrier()
+def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: Any, tokenizer: Any, shards: Any,
+           resume_from: Path | None, micro: int, say: Any) -> int:
+    import torch
 
-    n_params = sum(p.numel() for p in model.parameters())
-    say(_describe(pcfg, tcfg, mcfg, dist, n_params, corpus, shards, tok_note, built, resume_from, (micro, accum)))
+    from .data.windows import RandomWindows, eval_batches
+    from .train import Trainer, flops_per_token
 
-    # ---- train --------------------------------------------------------------------------
+    out, window = Path(tcfg.out), pcfg.seq_len + 1
+
     def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return m(batch[:, :-1], targets=batch[:, 1:]).loss
 
@@ -244,6 +304,7 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
         loss = trainer.eval_loss(batches)
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0))}
 
+    mcfg, n_params = model.config, _n_params(model)
     trainer = Trainer(
         model, tcfg, loss_fn, RandomWindows(shards.train, window, tcfg.batch_size, tcfg.seed),
         evaluate=evaluate, dist=dist, tokens_per_sample=pcfg.seq_len,
@@ -253,26 +314,25 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     t0 = time.perf_counter()
     result = trainer.fit(stop_at=ns.stop_at)
     wall = time.perf_counter() - t0
-    if result.status == "diverged":
-        return 1
-    if result.status == "interrupted":
-        return 128 + (result.signal or 0)
-    if result.status == "stopped":
-        say(f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}")
-        return 0
-
-    # ---- final evaluation, sample, summary ----------------------------------------------
+    code = run.exit_code(result, out, say)
+    if code is not None:
+        return code
     model.eval()
     with torch.no_grad():
         final = evaluate(trainer, pcfg.final_eval_windows, prefix="final_val")
     trainer.log(final)
     if dist.is_main:
-        trainer.metrics.plot(out / LOSS_PLOT, {f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy})
+        trainer.metrics.plot(out / LOSS_PLOT, hlines={f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy})
     sample = _sample(model, tokenizer, pcfg, tcfg, dist.device) if dist.is_main and pcfg.sample_tokens else None
     if sample is not None:
         from .fileio import atomic_write_text
 
         atomic_write_text(out / "samples.txt", sample + "\n")
+    _summary(say, out, result, wall, final, shards, sample)
+    return 0
+
+
+def _summary(say: Any, out: Path, result: Any, wall: float, final: dict[str, float], shards: Any, sample: str | None) -> None:
     tps = [r["tokens_per_s"] for r in result.metrics if "tokens_per_s" in r]
     say("")
     say(f"done: {result.step} updates in {wall:.0f} s" + (f", {sum(tps) / len(tps):,.0f} tokens/s on average" if tps else ""))
@@ -288,7 +348,6 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     say(f"  checkpoints  {result.checkpoint}   (resume: python -m engine.pretrain --resume {out})")
     if sample is not None:
         say(f"  sample       {out}/samples.txt")
-    return 0
 
 
 def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_params: int, corpus: _Corpus,
@@ -301,7 +360,7 @@ def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_p
         "GPT-1 pretraining" + (f" — resuming {resume_from}" if resume_from else ""),
         f"  device      {device}, {dist.world_size} process(es), {'fused kernels' if tcfg.fused else 'reference ops (--no-fused)'}"
         + (", torch.compile" if tcfg.compile else ""),
-        f"  model       {pcfg.preset}: {mcfg.n_layer} layers, n_embd {mcfg.n_embd}, {mcfg.n_head} heads, "
+        f"  model       {pcfg.preset or 'from --init ' + str(pcfg.init)}: {mcfg.n_layer} layers, n_embd {mcfg.n_embd}, {mcfg.n_head} heads, "
         f"n_positions {mcfg.n_positions}, vocab {mcfg.vocab_size}, dropout {mcfg.resid_pdrop} — {n_params / 1e6:.2f}M parameters",
         f"  corpus      {corpus.name}: {len(corpus.train_files)} train files, "
         + (f"held-out works {', '.join(corpus.split['held_out_works'])}" if "held_out_works" in corpus.split else f"validation {corpus.split}"),

@@ -119,6 +119,17 @@ def linear_cross_entropy(
 # ---- the model --------------------------------------------------------------------------
 
 
+def embedding_tables(wte: Tensor, wpe: Tensor, p: float, mode: str) -> tuple[Tensor, Tensor]:
+    """The (token, position) tables one forward pass reads. mode "sum" (transformers): as they
+    are — the looked-up sum is dropped instead; "matrix" (OpenAI's code, which drops its one
+    embedding matrix of tokens, special tokens and positions): every element of both tables
+    dropped with probability p, one mask per pass, so the tied LM head reads the dropped token
+    table too. Pass p = 0 outside training."""
+    if mode == "matrix" and p > 0:
+        return F.dropout(wte, p, True), F.dropout(wpe, p, True)
+    return wte, wpe
+
+
 def init_weights(module: nn.Module, std: float) -> None:
     """GPT-1's init: weights and embeddings N(0, std), biases 0, LayerNorm gains 1."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -189,10 +200,14 @@ class ReferenceGPT1(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, T) → logits (B, T, V)."""
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))
+        p = self.cfg.embd_pdrop if self.training else 0.0
+        wte, wpe = embedding_tables(self.tokens_embed.weight, self.positions_embed.weight, p, self.cfg.embd_dropout)
+        x = F.embedding(input_ids, wte) + F.embedding(pos, wpe)
+        if self.cfg.embd_dropout == "sum":
+            x = self.drop(x)
         for block in self.h:
             x = block(x)
-        return x @ self.tokens_embed.weight.t()
+        return x @ wte.t()
 
     def loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Next-token cross-entropy: position t predicts labels[t + 1]; -100 is ignored."""

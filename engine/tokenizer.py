@@ -1,9 +1,16 @@
 """GPT-1's BPE on Hugging Face `tokenizers`: train a new one, or load OpenAI's original files.
 
-GPT-1's scheme: lower-cased, BERT-normalised text, split by BERT's pre-tokenizer, BPE over
-characters with a ``</w>`` end-of-word suffix (transformers' openai-gpt does the same; OpenAI's
-own code used ftfy + spaCy before it). Fine-tuning adds four special tokens at the end of the
-vocabulary (``add_special_tokens``): start, delimiter, classify (the paper's "extract") and pad.
+Two ways to cut text into words before the BPE (``mode``):
+
+* ``"hf"`` (default): lower-cased, BERT-normalised text split by BERT's pre-tokenizer, as
+  transformers' openai-gpt falls back to; all inside one `tokenizers` pipeline (fast, batched).
+* ``"openai"``: OpenAI's TextEncoder — ftfy, text_standardize, spaCy's English tokenizer,
+  lower-case (engine.openai_text); the words then go through the same BPE model. This gives
+  OpenAI's own ids, the text GPT-1's weights were pretrained on (``from_gpt1_files`` only).
+
+Both run BPE over characters with a ``</w>`` end-of-word suffix. Fine-tuning adds four special
+tokens at the end of the vocabulary (``add_special_tokens``): start, delimiter, classify (the
+paper's "extract") and pad.
 """
 from __future__ import annotations
 
@@ -16,6 +23,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 END_OF_WORD = "</w>"
 UNK = "<unk>"
+MODES = ("hf", "openai")
+# An "openai" tokenizer is saved wrapped, {WRAPPER: {"mode": ...}, "tokenizer": ...}: plain
+# `tokenizers` then refuses the file loudly instead of cutting words the other way.
+WRAPPER = "gpt1_engine"
 
 
 @dataclass(frozen=True)
@@ -78,8 +89,15 @@ def _train_deterministic(texts: Callable[[], Iterable[str]], vocab_size: int, mi
 class BPETokenizer:
     """GPT-1 style BPE tokenizer. Build with ``train``, ``from_gpt1_files`` or ``load``."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, mode: str = "hf") -> None:
+        if mode not in MODES:
+            raise ValueError(f"tokenizer mode must be one of {', '.join(MODES)}, got {mode!r}")
         self._tok = tokenizer
+        self.mode = mode
+        if mode == "openai":
+            # The words come cut already (engine.openai_text); the model adds </w>.
+            tokenizer.normalizer = None
+            tokenizer.pre_tokenizer = None
 
     # ---- construction -------------------------------------------------------------------
 
@@ -120,9 +138,12 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def from_gpt1_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> "BPETokenizer":
+    def from_gpt1_files(cls, encoder_json: str | Path, vocab_bpe: str | Path, mode: str = "hf") -> "BPETokenizer":
         """GPT-1's original vocabulary: OpenAI's `encoder_bpe_40000.json` (token → id) and
-        `vocab_40000.bpe` (merges, one "a b" pair per line after a version header)."""
+        `vocab_40000.bpe` (merges, one "a b" pair per line after a version header).
+        mode="openai" cuts words as OpenAI's TextEncoder did (module doc); "hf" as transformers."""
+        if mode not in MODES:
+            raise ValueError(f"tokenizer mode must be one of {', '.join(MODES)}, got {mode!r}")
         encoder_json, vocab_bpe = Path(encoder_json), Path(vocab_bpe)
         for p in (encoder_json, vocab_bpe):
             if not p.is_file():
@@ -159,7 +180,7 @@ class BPETokenizer:
             model = models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD, fuse_unk=False)
         except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
             raise ValueError(f"{vocab_bpe} does not fit {encoder_json}: {e}") from None
-        return cls(_gpt1_pipeline(Tokenizer(model)))
+        return cls(_gpt1_pipeline(Tokenizer(model)), mode)
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
@@ -168,24 +189,40 @@ class BPETokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            text = path.read_text(encoding="utf-8")
+            saved = json.loads(text)
+            if isinstance(saved, dict) and WRAPPER in saved:
+                return cls(Tokenizer.from_str(json.dumps(saved["tokenizer"])), saved[WRAPPER]["mode"])
+            return cls(Tokenizer.from_str(text))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a valid tokenizer JSON file: {e}") from None
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(f"{path} is not a valid tokenizer JSON file: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        from .fileio import atomic_write
+        from .fileio import atomic_write_text
 
-        atomic_write(path, lambda tmp: self._tok.save(str(tmp)))
+        text = self._tok.to_str()
+        if self.mode != "hf":
+            text = json.dumps({WRAPPER: {"mode": self.mode}, "tokenizer": json.loads(text)})
+        atomic_write_text(path, text)
 
     # ---- use ----------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
+        if self.mode == "openai":
+            return self.encode_batch([text])[0]
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Each text's ids, encoded in parallel; without the character offsets (which nothing
         here reads) where the library can skip them (encode_batch_fast, tokenizers >= 0.20)."""
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        if self.mode == "openai":
+            from .openai_text import words
+
+            cut = [words(t) for t in texts]
+            return [e.ids if w else [] for w, e in zip(cut, encode([w or [""] for w in cut], is_pretokenized=True, add_special_tokens=False))]
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:

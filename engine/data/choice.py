@@ -13,8 +13,9 @@ Layouts, as published:
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
+
+import numpy as np
 
 from .records import Example, csv_header, csv_rows, fail, json_file, require_file
 
@@ -23,7 +24,9 @@ from .records import Example, csv_header, csv_rows, fail, json_file, require_fil
 STORY_COLUMNS = ["InputStoryid", *(f"InputSentence{i}" for i in range(1, 5)), "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2"]
 STORY_ANSWER = "AnswerRightEnding"
 STORY_DEV_FRACTION = 0.2  # OpenAI's code held out 374 of the 1,871 validation stories
-STORY_DEV_SEED = 0  # fixed, so the dev set does not move with --seed
+# OpenAI's split (datasets.py): sklearn's train_test_split(test_size=374,
+# random_state=3535999445), i.e. a NumPy RandomState(seed) permutation, dev = its first 374.
+STORY_DEV_SEED = 3535999445
 
 
 def read_story_cloze_file(path: Path, labelled: bool) -> list[Example]:
@@ -66,9 +69,16 @@ def read_story_cloze(data_dir: Path, split: str) -> dict[str, list[Example]]:
     n_dev = round(STORY_DEV_FRACTION * len(stories))
     if not 0 < n_dev < len(stories):
         raise fail(path, None, f"{len(stories)} stories: too few to hold out a fifth as dev")
-    dev = set(random.Random(STORY_DEV_SEED).sample(range(len(stories)), n_dev))
-    keep = (lambda i: i in dev) if split == "dev" else (lambda i: i not in dev)
-    return {split: [s for i, s in enumerate(stories) if keep(i)]}
+    order = openai_story_split(len(stories), n_dev)
+    return {split: [stories[i] for i in order[split]]}
+
+
+def openai_story_split(n: int, n_dev: int) -> dict[str, list[int]]:
+    """OpenAI's train/dev split of the n validation stories, in its order: what
+    ``sklearn.model_selection.train_test_split(range(n), test_size=n_dev, random_state=STORY_DEV_SEED)``
+    returns (ShuffleSplit: dev = the permutation's first n_dev, train = the rest)."""
+    perm = np.random.RandomState(STORY_DEV_SEED).permutation(n).tolist()
+    return {"dev": perm[:n_dev], "train": perm[n_dev:]}
 
 
 # ---- RACE ----------------------------------------------------------------------------------

@@ -172,11 +172,12 @@ def load_tokenizer(spec: list[str]) -> Any:
     raise FileNotFoundError(f"--tokenizer {p}: no tokenizer.json or encoder_bpe_*.json + vocab_*.bpe in it")
 
 
-def prepare(pcfg: Any, cache: Path, say: Callable[..., None] = print) -> int:
+def prepare(pcfg: Any, cache: Path, say: Callable[..., None] = print, tokenizer: tuple[Any, str] | None = None) -> int:
     """--prepare-only: the tokenizer and token shards, built (or found) in the cache, and
-    where they are. A run with the same data, tokenizer flags and cache reuses them."""
+    where they are. A run with the same data, tokenizer flags and cache reuses them.
+    `tokenizer` = (tokenizer, where it came from) when the run's is not the corpus's (--init)."""
     data = Corpus(pcfg)
-    tokenizer, note = data.tokenizer(cache, say)
+    tokenizer, note = tokenizer if tokenizer is not None else data.tokenizer(cache, say)
     shards, built = data.shards(cache, tokenizer, say)
     meta = shards.meta
     say(f"tokenizer  {note}")

@@ -50,6 +50,45 @@ class RandomWindows:
         return gather(self.tokens, self.offsets(step)[start : start + count], self.window)
 
 
+class EpochWindows:
+    """Training batches in epochs (the paper trains 100 epochs): the split is cut into the
+    windows of `eval_starts` (each token predicted once per epoch), and epoch e visits all of
+    them once in the order of a PCG64 permutation seeded with (seed, e). Sample i of the run
+    (update i // batch_size) is window perm_e[i mod n] of epoch e = i // n: a pure function of
+    (step, sample), so resuming mid-epoch reads exactly what the interrupted run would have."""
+
+    def __init__(self, tokens: np.ndarray, window: int, batch_size: int, seed: int) -> None:
+        check_length(tokens, window, "training")
+        self.tokens, self.window, self.batch_size, self.seed = tokens, window, batch_size, seed
+        self.starts = eval_starts(len(tokens), window)
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return len(self.starts)
+
+    def steps(self, epochs: float) -> int:
+        """Updates that cover `epochs` passes (the last batch may reach into the next epoch)."""
+        return max(1, int(np.ceil(epochs * len(self.starts) / self.batch_size)))
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._perm = (epoch, rng.permutation(len(self.starts)))
+        return self._perm[1]
+
+    def __call__(self, step: int, start: int, count: int) -> Tensor:
+        if start < 0 or count < 0 or start + count > self.batch_size:
+            raise ValueError(f"samples [{start}, {start + count}) outside the batch of {self.batch_size}")
+        n = len(self.starts)
+        idx = np.arange(step * self.batch_size + start, step * self.batch_size + start + count)
+        picked = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(idx // n):
+            here = idx // n == epoch
+            picked[here] = self.starts[self.order(int(epoch))[idx[here] % n]]
+        return gather(self.tokens, picked, self.window)
+
+
 def eval_starts(n_tokens: int, window: int, max_windows: int | None = None) -> np.ndarray:
     """Starts of non-overlapping windows that share one token (stride window - 1), so each
     token is predicted once; `max_windows` of them spread evenly over the split if given."""

@@ -119,3 +119,34 @@ def test_pads_after_the_extract_token_change_nothing():
     a = model(b.input_ids, b.extract, b.labels, b.lm_labels)
     c = model(wider, b.extract, b.labels, wider_lm)
     assert torch.allclose(a.out, c.out, atol=1e-5) and torch.allclose(a.lm_loss, c.lm_loss, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_lm_loss_averaged_per_sequence_as_openai(fused):
+    """OpenAI's L1: sum(loss·M)/sum(M) per sequence, then the mean over sequences (train.py);
+    every gradient matches that formula written with per-token losses."""
+    torch.manual_seed(0)
+    cfg = GPT1Config(vocab_size=40, n_positions=16, n_embd=C, n_layer=2, n_head=2)
+    body = GPT1(cfg, fused=fused).eval()
+    spec = GPT1(cfg, fused=False).eval()
+    spec.load_state_dict(body.state_dict())
+    model = GPT1ForTask(body, TaskHead("multiple_choice", C, 1), lm_coef=0.5, lm_average="sequence").eval()
+    b = _batch()
+    B, S, T = b.input_ids.shape
+    ids, lm = b.input_ids.view(B * S, T), b.lm_labels.view(B * S, T)
+    lm = lm.clone()
+    lm[1] = -100  # a sequence with no counted token: left out of the mean, no NaN
+    out = model(b.input_ids, b.extract, b.labels, lm.view(B, S, T))
+    logits = spec(ids, return_logits=True).logits[:, :-1]
+    tok = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), lm[:, 1:].reshape(-1), ignore_index=-100, reduction="none").view(B * S, T - 1)
+    m = (lm[:, 1:] != -100).float()
+    rows = m.sum(1) > 0
+    expected = ((tok * m).sum(1)[rows] / m.sum(1)[rows]).mean()
+    assert torch.allclose(out.lm_loss, expected, atol=1e-6)
+    assert not torch.allclose(out.lm_loss, spec(ids, labels=lm).loss, atol=1e-4)  # not the token mean
+    out.lm_loss.backward()
+    expected.backward()
+    for (name, p), q in zip(body.named_parameters(), spec.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    with pytest.raises(ValueError, match="lm_average"):
+        GPT1ForTask(body, TaskHead("multiple_choice", C, 1), lm_average="example")

@@ -147,3 +147,29 @@ def test_resize_token_embeddings_keeps_rows():
     assert torch.equal(model.tokens_embed.weight[: cfg.vocab_size], old)
     ids = torch.tensor([[cfg.vocab_size + 2, 0]])
     assert model(ids, labels=ids).loss.isfinite()
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_reset_blocks_transfers_embeddings_and_the_first_k_blocks(k):
+    torch.manual_seed(0)
+    cfg = GPT1Config(**CFG)
+    pretrained = GPT1(cfg, fused=False)
+    with torch.no_grad():  # make "pretrained" weights unlike a fresh init
+        for p in pretrained.parameters():
+            p.add_(1.0)
+    model = GPT1(cfg, fused=False)
+    model.load_state_dict(pretrained.state_dict())
+    model.reset_blocks(k)
+    before, after = dict(pretrained.named_parameters()), dict(model.named_parameters())
+    for name, p in after.items():
+        layer = int(name.split(".")[1]) if name.startswith("h.") else None
+        if layer is None or layer < k:
+            assert torch.equal(p, before[name]), name  # transferred
+        elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            assert abs(p.std().item() - cfg.initializer_range) < 0.01 and abs(p.mean().item()) < 0.01, name
+    with pytest.raises(ValueError, match="layers transferred"):
+        model.reset_blocks(cfg.n_layer + 1)

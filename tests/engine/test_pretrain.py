@@ -63,9 +63,9 @@ def test_default_run_is_sized_for_the_cpu():
     if torch.cuda.is_available():
         assert pcfg.preset == "gpt1" and tcfg.batch_size == 64 and pcfg.seq_len == 512 and tcfg.lr == 2.5e-4
         return
-    assert pcfg.preset == CPU_DEFAULTS["preset"] and pcfg.data is None and tcfg.fused
-    assert tcfg.max_steps == CPU_DEFAULTS["max_steps"] and tcfg.warmup_steps == tcfg.max_steps // 10
-    assert pcfg.vocab_size == CPU_DEFAULTS["vocab_size"] and tcfg.lr == CPU_DEFAULTS["lr"]
+    assert pcfg.preset == CPU_DEFAULTS.preset and pcfg.data is None and tcfg.fused
+    assert tcfg.max_steps == CPU_DEFAULTS.max_steps and tcfg.warmup_steps == tcfg.max_steps // 10
+    assert pcfg.vocab_size == CPU_DEFAULTS.vocab_size and tcfg.lr == CPU_DEFAULTS.lr
     assert (tcfg.beta1, tcfg.beta2, tcfg.eps) == (0.9, 0.999, 1e-8)
     assert tcfg.weight_decay == 0.01 and tcfg.grad_clip == 1.0 and tcfg.schedule == "cosine"
 

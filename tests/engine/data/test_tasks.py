@@ -178,7 +178,7 @@ def test_scitail_no_header_three_columns():
 def test_story_cloze_split_and_csv_quoting():
     d = FIX / "rocstories"
     train, dev = load("rocstories", d, "train")["train"], load("rocstories", d, "dev")["dev"]
-    assert len(train) + len(dev) == 6 and len(dev) == 1  # a fixed fifth held out
+    assert len(train) + len(dev) == 6 and len(dev) == 1  # a fifth held out, by OpenAI's permutation
     assert not {e.uid for e in train} & {e.uid for e in dev}
     assert load("rocstories", d, "dev")["dev"] == dev  # fixed: the same on every call
     story = {e.uid: e for e in train + dev}
@@ -187,6 +187,18 @@ def test_story_cloze_split_and_csv_quoting():
     assert story["id-0"].choices == ("Ann adopted the puppy.", "Ann hated dogs.") and story["id-0"].label == 0
     test = load("rocstories", d, "test")["test"]
     assert len(test) == 1 and test[0].label == 0  # the 2016 test file is labelled
+
+
+@pytest.mark.parametrize("n", [6, 1871])
+def test_story_cloze_split_is_openais(n):
+    """OpenAI's dev split: sklearn's train_test_split(test_size=round(n/5), random_state=3535999445),
+    in sklearn's order (1871 stories → 1497 train / 374 dev, as datasets.py)."""
+    from sklearn import model_selection  # a test-only dependency (the dev extra)
+    from engine.data.choice import openai_story_split
+
+    n_dev = round(0.2 * n)
+    train, dev = model_selection.train_test_split(list(range(n)), test_size=n_dev, random_state=3535999445)
+    assert openai_story_split(n, n_dev) == {"train": train, "dev": dev}
 
 
 def test_story_cloze_bad_answer(tmp_path):

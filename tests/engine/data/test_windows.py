@@ -69,3 +69,22 @@ def test_uint32_tokens_read_as_uint16_ones():
     batch = RandomWindows(big, 17, 8, seed=0)(3, 0, 8)
     assert torch.equal(batch, RandomWindows(TOKENS, 17, 8, seed=0)(3, 0, 8) + 70_000)
     assert torch.equal(torch.cat(list(eval_batches(big, 17, 4))), torch.cat(list(eval_batches(TOKENS, 17, 4))) + 70_000)
+
+
+def test_epoch_windows_visit_every_window_once_per_epoch():
+    from engine.data.windows import EpochWindows, eval_starts
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    w = EpochWindows(tokens, window=9, batch_size=4, seed=3)
+    n = w.windows_per_epoch
+    assert n == len(eval_starts(1000, 9))
+    steps = w.steps(2)
+    seen = torch.cat([w(s, 0, 4) for s in range(steps)])[: 2 * n, 0].tolist()
+    first, second = seen[:n], seen[n:]
+    assert sorted(first) == sorted(second) == sorted(eval_starts(1000, 9).tolist())  # each window once per epoch
+    assert first != second  # a new permutation each epoch
+    # a pure function of (step, slice): any slice of any update, in any order, is the same
+    assert torch.equal(w(5, 1, 2), w(5, 0, 4)[1:3])
+    again = EpochWindows(tokens, window=9, batch_size=4, seed=3)
+    assert torch.equal(again(steps - 1, 0, 4), w(steps - 1, 0, 4))
+    assert not torch.equal(EpochWindows(tokens, 9, 4, seed=4)(0, 0, 4), w(0, 0, 4))

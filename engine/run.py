@@ -1,0 +1,276 @@
+"""The run lifecycle both training CLIs share (`engine.pretrain`, `engine.finetune`).
+
+    with run.distributed(device) as dist, run.locked_run_dir(out, dist):
+        resume_from = prepare_run_dir(...)          # engine.checkpoint
+        ...  data, model, loss: the CLI's own ...
+        code = run.exit_code(trainer.fit(), out, say)
+
+What lives here, once: DDP set-up and teardown (with the barrier on a normal exit), the
+fused-kernel check on the resolved device, the run directory's exclusive lock (held for the
+run's lifetime; a second run on the same --out fails at once naming the holder's pid), the
+clean-up of a killed run's leftovers, the saved run configuration (train_config.json), one
+resume policy (only RUN_CONTROL settings may change; everything else — tokenizer, kernels,
+model, optimisation — is the run's own) and the exit codes (0 done, 1 diverged or an
+environment fault, 2 bad input, 128 + signal when interrupted; see engine.cli.run_cli).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import checkpoint
+from .checkpoint import RUN_CONFIG
+from .cli import UserError, flag_name
+from .fileio import atomic_write_text
+
+LOCK_FILE = ".run.lock"
+# What --resume may change: where and how the run runs and reports, never what it computes.
+RUN_CONTROL = frozenset({
+    "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "prefetch", "compile", "device",
+    "peak_tflops", "max_bad_steps", "cache_dir", "eval_windows", "final_eval_windows", "sample_tokens", "prompt",
+    "eval_batch_size",
+})
+
+
+# ---- processes and devices --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[Any]:
+    """Joins the torchrun job (or runs alone) on `device`; leaves it at the end, waiting for
+    every process after a normal exit (gloo aborts a rank that tears down while a peer is
+    still using the group) and not after an error (peers may never arrive)."""
+    from .train import setup_distributed, teardown_distributed
+
+    dist = setup_distributed(device)
+    try:
+        yield dist
+    except BaseException:
+        teardown_distributed()
+        raise
+    teardown_distributed(sync=True)
+
+
+def check_fused(fused: bool, device: torch.device) -> None:
+    """The fused path on a CPU needs the C++ kernels: say so before any work, not mid-run."""
+    if fused and device.type == "cpu":
+        from . import ops
+
+        reason = ops.cpu_kernels_error()
+        if reason is not None:
+            raise UserError(f"--fused: {reason} (or pass --no-fused)")
+
+
+# ---- the run directory and its lock ----------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive flock on <run_dir>/.run.lock, which records the holder's pid. The
+    kernel drops it when the process dies, so a killed run never leaves the directory locked."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.created_dir = False
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--out {self.run_dir} exists and is not a directory")
+        self.created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{self.run_dir} is in use by another run (pid {holder}); "
+                                "wait for it to end or pass another --out") from None
+            if self._is_current(fd):  # not a lock file a finishing run just removed
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self, *, remove_empty_dir: bool = False) -> None:
+        """Unlocks; `remove_empty_dir` also removes the lock file, and the directory when this
+        lock created it, if nothing else is there (a run that failed before writing anything
+        leaves no trace)."""
+        if self._fd is None:
+            return
+        try:
+            if remove_empty_dir and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
+                if self.created_dir:
+                    self.run_dir.rmdir()
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.release(remove_empty_dir=exc_type is not None)
+
+
+@contextlib.contextmanager
+def locked_run_dir(out: Path, dist: Any) -> Iterator[None]:
+    """Holds the run directory's lock (rank 0 takes it for the job) and cleans a killed
+    run's leftovers once it is ours."""
+    lock = RunLock(out) if dist.is_main else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = str(e)
+    error = _from_rank0(error, dist)
+    if error is not None:
+        raise UserError(error)
+    ok = False
+    try:
+        if lock is not None:
+            clean = getattr(checkpoint, "clean_run_dir", None)  # engine.checkpoint's leak clean-up
+            if clean is not None:
+                clean(out)
+        dist.barrier()
+        yield
+        ok = True
+    finally:
+        if lock is not None:
+            lock.release(remove_empty_dir=not ok)
+
+
+def _from_rank0(value: Any, dist: Any) -> Any:
+    if not dist.distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- the saved configuration and the resume policy -----------------------------------------------
+
+
+def save_run_config(out: Path, kind: str, sections: dict[str, Any]) -> None:
+    """train_config.json: which CLI wrote the run and every resolved setting, by section."""
+    data = {"kind": kind, **{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in sections.items()}}
+    atomic_write_text(out / RUN_CONFIG, json.dumps(data, indent=2) + "\n")
+
+
+def read_run_config(run_dir: Path, kind: str) -> dict[str, Any]:
+    """The saved configuration of the run in `run_dir`, which `kind`'s CLI must have written."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: no {RUN_CONFIG} there (not a run directory)")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: not a run configuration (expected a JSON object)")
+    found = saved.get("kind") or ("pretrain" if "pretrain" in saved else "finetune" if "args" in saved else None)
+    if found != kind:
+        who = f"python -m engine.{found}" if found in ("pretrain", "finetune") else "no CLI of this engine"
+        raise UserError(f"{path} was written by {who}, not engine.{kind}"
+                        + (f"; resume it with python -m engine.{found} --resume {run_dir}" if found in ("pretrain", "finetune") else ""))
+    return saved
+
+
+def build_section(cls: Callable[..., Any], values: Any, path: Path, section: str) -> Any:
+    """cls(**values); a bad saved value becomes an error naming the file."""
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: no {section!r} section (written by an older version of the engine?)")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def resume_sections(run_dir: Path, kind: str, given: dict[str, dict[str, Any]],
+                    classes: dict[str, Callable[..., Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one resume policy: the saved sections with the flags given now applied, refusing
+    any given flag outside RUN_CONTROL that differs from the saved value. Returns (built
+    sections, the raw saved file)."""
+    saved = read_run_config(run_dir, kind)
+    changed = sorted(
+        k for section, flags in given.items() for k, v in flags.items()
+        if k not in RUN_CONTROL and isinstance(saved.get(section), dict) and saved[section].get(k, v) != v
+    )
+    if changed:
+        raise UserError(f"--resume cannot change {', '.join(flag_name(c) for c in changed)} (saved in {run_dir / RUN_CONFIG}); "
+                        "only run-control flags such as --max-steps may change; start a new run instead")
+    path, built = run_dir / RUN_CONFIG, {}
+    for section, cls in classes.items():
+        values = saved.get(section)
+        if isinstance(values, dict):
+            values = {**values, **given.get(section, {})}
+        built[section] = build_section(cls, values, path, section)
+    return built, saved
+
+
+def finished_step(resume_from: Path, max_steps: int, done_marker: Path) -> int | None:
+    """The step a resumed run already finished at (its last checkpoint is at max_steps and
+    the CLI's final output exists), else None: a finished run is left exactly as it is."""
+    if not done_marker.exists():
+        return None
+    step = int(checkpoint.load_trainer_state(resume_from)["step"])
+    return step if step >= max_steps else None
+
+
+# ---- how a run ends ------------------------------------------------------------------------------
+
+
+def exit_code(result: Any, out: Path, say: Callable[[str], None]) -> int | None:
+    """The exit code of a run that ended early (the trainer has printed why), or None when it
+    finished and the CLI goes on to its final evaluation."""
+    if result.status == "diverged":
+        return 1
+    if result.status == "interrupted":
+        return 128 + (result.signal or 0)
+    if result.status == "stopped":
+        say(f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}")
+        return 0
+    return None
+
+
+def load_tokenizer(run_dir: Path, override: str | None = None) -> Any:
+    """A model directory's tokenizer: tokenizer.json (this engine), vocab.json + merges.txt
+    (Hugging Face openai-gpt), or encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's release)."""
+    from .tokenizer import BPETokenizer
+
+    if override:
+        return BPETokenizer.load(override)
+    if (run_dir / "tokenizer.json").is_file():
+        return BPETokenizer.load(run_dir / "tokenizer.json")
+    for vocab, merges in (("vocab.json", "merges.txt"), ("encoder_bpe_40000.json", "vocab_40000.bpe")):
+        if (run_dir / vocab).is_file() and (run_dir / merges).is_file():
+            return BPETokenizer.from_gpt1_files(run_dir / vocab, run_dir / merges)
+    raise FileNotFoundError(f"no tokenizer in {run_dir} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer PATH")
+
+
+def load_tokenizer_file(path: Path) -> Any:
+    """A run's own tokenizer.json (part of the run: its ids are what the weights were trained on)."""
+    from .tokenizer import BPETokenizer
+
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a run's tokenizer is part of the run (a new BPE could give other ids)")
+    return BPETokenizer.load(path)
