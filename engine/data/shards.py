@@ -172,7 +172,7 @@ def load_or_build_shards(
     shards = open_shards(directory)
     if shards is not None:
         return shards, False
-    with _build_lock(directory.parent):
+    with _build_lock(directory.parent, say):
         shards = open_shards(directory)  # built by whoever held the lock before us
         if shards is not None:
             return shards, False
@@ -192,11 +192,15 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 @contextlib.contextmanager
-def _build_lock(shard_root: Path) -> Iterator[None]:
+def _build_lock(shard_root: Path, say: Callable[[str], None]) -> Iterator[None]:
     """Holds <cache>/shards/.lock exclusively: other builds in this cache wait."""
     shard_root.mkdir(parents=True, exist_ok=True)
     with open(shard_root / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process's token-shard build in {shard_root} ...")
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -204,9 +208,10 @@ def _build_lock(shard_root: Path) -> Iterator[None]:
 
 
 def remove_leftovers(shard_root: Path, keep: str) -> list[Path]:
-    """Removes what killed builds left: `.<key>.*.tmp` directories (before resumable builds)
-    and `.<key>.partial` ones of other keys (a changed corpus or tokenizer never resumes them).
-    Call under the build lock. Returns what was removed."""
+    """Removes what killed builds left: `.<key>.*.tmp` directories (from before builds were
+    resumable) and the `.<key>.partial` ones of keys other than `keep` (only a build of its
+    own key resumes a partial one; a changed file or tokenizer never does). Call under the
+    build lock, so that none of them is in use. Returns what was removed."""
     removed = []
     for p in shard_root.glob(".*"):
         if p.is_dir() and (p.name.endswith(".tmp") or (p.name.endswith(".partial") and p.name != f".{keep}.partial")):

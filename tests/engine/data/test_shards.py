@@ -184,3 +184,22 @@ def test_leftovers_of_killed_builds_are_removed(tmp_path, tokenizer):
     assert not legacy.exists() and not other.exists()
     assert len([m for m in said if "left by a build that was killed" in m]) == 2
     assert sorted(p.name for p in root.iterdir()) == [".lock", shards.directory.name]
+
+
+def test_one_build_at_a_time_per_cache(tmp_path, tokenizer):
+    """A second process's build waits for the first (which may be building the same shards)."""
+    import fcntl
+    import threading
+
+    (tmp_path / "shards").mkdir()
+    said, result = [], {}
+    with open(tmp_path / "shards" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # flock locks are per open file: this one blocks the thread's
+        worker = threading.Thread(target=lambda: result.update(out=load_or_build_shards(tmp_path, {"k": 6}, docs, tokenizer, say=said.append)))
+        worker.start()
+        worker.join(timeout=2)
+        assert worker.is_alive() and "out" not in result
+        assert any("waiting for another process's token-shard build" in m for m in said)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(timeout=60)
+    assert result["out"][1] and result["out"][0].train.tolist() == [t for d in docs().train for t in tokenizer.encode(d.text)]
