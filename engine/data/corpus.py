@@ -135,12 +135,13 @@ def read_text_file(path: Path) -> str:
 def strip_gutenberg(text: str) -> str:
     """Drops a Project Gutenberg licence header (up to the "*** START OF ..." line) and
     footer (from "*** END OF ..." / "End of the Project Gutenberg ..."), when present."""
-    start = _GUTENBERG_START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _GUTENBERG_END.search(text)
-    if end:
-        text = text[: end.start()]
+    if "gutenberg" in text.lower():  # both patterns need the word; they are slow over MBs without it
+        start = _GUTENBERG_START.search(text)
+        if start:
+            text = text[start.end():]
+        end = _GUTENBERG_END.search(text)
+        if end:
+            text = text[: end.start()]
     return text.strip("\n") + "\n" if text.strip() else ""
 
 

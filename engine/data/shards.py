@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -315,7 +316,7 @@ def _write_batch(batch: list[tuple[bool, str]], tokenizer: Any, dtype: np.dtype,
         sides[batch[owner][0]].append(ids)
     for is_val, (f, id_lists) in enumerate(zip(files, sides)):
         n = sum(map(len, id_lists))
-        f.write(np.fromiter((t for ids in id_lists for t in ids), dtype=dtype, count=n).tobytes())
+        f.write(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype, count=n).tobytes())
         name = "val" if is_val else "train"
         state[f"{name}_tokens"] += n
         state[f"{name}_units"] += sum(1 for v, _ in batch if v == bool(is_val))
