@@ -1,13 +1,15 @@
 """Pretraining text: the embedded Shakespeare corpus, user files, and train/validation splits.
 
-A corpus is a list of `Document`s read from plain-text files (.txt, .md, .text: one document
-each), JSONL files (one document per line, its text under a field) or directories and glob
-patterns of those. Every file must be UTF-8 text; a binary or non-UTF-8 file is an error
-naming it. Project Gutenberg licence headers and footers are stripped when present.
+A corpus is a stream of `Document`s (`iter_documents`) read from plain-text files (.txt, .md,
+.text: one document each), JSONL files (one document per line, its text under a field, read
+line by line) or directories and glob patterns of those. Every file must be UTF-8 text; a
+binary or non-UTF-8 file is an error naming it. Project Gutenberg licence headers and
+footers are stripped when present.
 
 Splits never leak: the Shakespeare corpus holds out whole works; other corpora hold out
-whole units (documents, or paragraphs when there are few documents) chosen by a hash of
-their text, so identical units always land on the same side.
+whole units (documents, or paragraphs when there are fewer than 20 documents) chosen by a
+hash of their text (`HashSplit`, decided unit by unit as the corpus streams past), so
+identical units always land on the same side.
 """
 from __future__ import annotations
 
