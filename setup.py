@@ -13,7 +13,15 @@ from setuptools import setup
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
 from _build import CXX_FLAGS, LD_FLAGS, sources  # noqa: E402  (engine/ itself imports torch lazily)
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    # pip's default isolated build environment holds only [build-system] requires, never torch
+    # (listing it there would pull a second, multi-GB torch): say what to run, in one sentence.
+    sys.exit(
+        "error: building engine._C needs torch importable in the build environment, which pip's "
+        "isolated build does not have; run `pip install \"torch>=2.5\" && pip install --no-build-isolation -e .` instead"
+    )
 
 setup(
     ext_modules=[

@@ -1,9 +1,10 @@
 """Shared benchmark set-up: shapes, providers, and a side-by-side summary table.
 
-Every benchmark records (group, provider, seconds, work, unit) through the `record`
-fixture; at the end of the run the summary prints each group's providers side by side in
-physical units (GB/s for memory-bound ops, GFLOP/s for matmul-bound ones, tokens/s for a
-training step) with the ratios fused/eager and fused/compile (speed-ups, > 1 is faster).
+Every benchmark records (group, provider, median seconds, work, unit) through the `record`
+fixture; at the very end of the run, after pytest-benchmark's own tables, the summary prints
+each group's providers side by side in physical units (GB/s for memory-bound ops, GFLOP/s
+for matmul-bound ones, tokens/s for a training step) with the fused provider's speed against
+eager and compile ("1.25x faster", or "1.14x slower" where fused loses).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def fused_cpu_error() -> str | None:
 
 @pytest.fixture
 def record():
-    """record(group, provider, seconds, work=None, unit=None, **extra)."""
+    """record(group, provider, seconds, work=None, unit=None, **extra); seconds: the median."""
 
     def _record(group: str, provider: str, seconds: float, work: float | None = None, unit: str | None = None, **extra):
         _RESULTS[group][provider] = dict(seconds=seconds, work=work, unit=unit, **extra)
@@ -61,12 +62,20 @@ def _rate(r: dict) -> str:
     return f"{r['work'] / r['seconds']:,.1f} {r['unit']}"
 
 
+def speed_text(base_seconds: float, fused_seconds: float) -> str:
+    """How fused compares with a baseline, in words: a ratio below 1 is a slowdown."""
+    ratio = base_seconds / fused_seconds
+    return f"{ratio:6.2f}x faster" if ratio >= 1 else f"{1 / ratio:6.2f}x slower"
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables (its hook has no ordering)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RESULTS:
         return
     tr = terminalreporter
-    tr.section("GPT-1 engine benchmarks: providers side by side")
+    tr.section("GPT-1 engine benchmarks: providers side by side (medians)")
     tr.write_line(f"shapes: {SHAPES} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    tr.write_line("times are the median of each benchmark's rounds; rates are work / median time")
     for group in sorted(_RESULTS):
         rows = _RESULTS[group]
         tr.write_line("")
@@ -77,4 +86,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         fused = rows.get("fused")
         for base in ("eager", "compile", "sdpa", "hf"):
             if fused and base in rows:
-                tr.write_line(f"  fused / {base:<8} {rows[base]['seconds'] / fused['seconds']:6.2f}x faster")
+                tr.write_line(f"  fused vs {base:<8} {speed_text(rows[base]['seconds'], fused['seconds'])}")

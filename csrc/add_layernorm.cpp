@@ -174,7 +174,7 @@ GPT1_SIMD void mask_rows(const Dropout16& key, int64_t C, int64_t begin, int64_t
 
 // Dropout needs rows ≤ 2³² and columns ≤ 2³⁵: Philox counters (i, ⌊j/8⌋) of 32 bits each.
 void check_counter_range(const char* op, int64_t N, int64_t C, double dropout_p) {
-  TORCH_CHECK(dropout_p == 0 || (N <= (int64_t(1) << 32) && C <= (int64_t(1) << 35)), op,
+  TORCH_CHECK_VALUE(dropout_p == 0 || (N <= (int64_t(1) << 32) && C <= (int64_t(1) << 35)), op,
               ": dropout draws need rows <= 2**32 and columns <= 2**35 (distinct Philox counters), got ", N,
               " rows of ", C);
 }
@@ -182,9 +182,9 @@ void check_counter_range(const char* op, int64_t N, int64_t C, double dropout_p)
 // x: the float16/bfloat16/float32/float64 activation; returns (N, C) and checks the affine params.
 std::pair<int64_t, int64_t> check_shapes(const at::Tensor& x, const at::Tensor& weight) {
   check_float(kOp, "x", x);
-  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, kOp, ": x must be 2-D (N, C), got shape ", x.sizes());
   check_float(kOp, "weight", weight);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), kOp, ": weight must have shape (", x.size(1),
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(1), kOp, ": weight must have shape (", x.size(1),
               ",), got ", weight.sizes());
   return {x.size(0), x.size(1)};
 }
@@ -192,7 +192,7 @@ std::pair<int64_t, int64_t> check_shapes(const at::Tensor& x, const at::Tensor& 
 // The residual: any float dtype, shape (N, C); returned contiguous.
 at::Tensor checked_residual(const at::Tensor& residual, int64_t N, int64_t C) {
   check_float(kOp, "residual", residual);
-  TORCH_CHECK(residual.dim() == 2 && residual.size(0) == N && residual.size(1) == C, kOp,
+  TORCH_CHECK_VALUE(residual.dim() == 2 && residual.size(0) == N && residual.size(1) == C, kOp,
               ": residual must have shape [", N, ", ", C, "] (as x), got ", residual.sizes());
   return residual.contiguous();
 }
@@ -207,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layernorm_fwd(
   const auto dtype = x_.scalar_type(), cdtype = compute_dtype(dtype);
   auto residual = checked_residual(residual_, N, C);
   check_float(kOp, "bias", bias_);
-  TORCH_CHECK(bias_.sizes() == weight_.sizes(), kOp, ": bias must have shape (", C, ",), got ", bias_.sizes());
-  TORCH_CHECK(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(bias_.sizes() == weight_.sizes(), kOp, ": bias must have shape (", C, ",), got ", bias_.sizes());
+  TORCH_CHECK_VALUE(eps >= 0, kOp, ": eps must be >= 0, got ", eps);
   const uint64_t seed_value = read_seed(kOp, dropout_p, seed);
   check_counter_range(kOp, N, C, dropout_p);
 
@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layernorm_bwd(
 }
 
 at::Tensor add_layernorm_dropout_mask(const at::Tensor& seed, int64_t rows, int64_t cols, double dropout_p) {
-  TORCH_CHECK(rows >= 0 && cols >= 0, "add_layernorm_dropout_mask: rows and cols must be >= 0, got ", rows,
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, "add_layernorm_dropout_mask: rows and cols must be >= 0, got ", rows,
               " and ", cols);
   const uint64_t seed_value = read_seed("add_layernorm_dropout_mask", dropout_p, seed);
   check_counter_range("add_layernorm_dropout_mask", rows, cols, dropout_p);

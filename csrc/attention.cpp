@@ -244,9 +244,9 @@ void bwd_head(const Geometry& g, int64_t bh, const scalar_t* dout, const scalar_
 // Checks qkv (B, T, 3C) with C divisible by n_head; returns the geometry.
 Geometry check_qkv(const at::Tensor& qkv, int64_t n_head) {
   check_float(kOp, "qkv", qkv);
-  TORCH_CHECK(qkv.dim() == 3, kOp, ": qkv must be 3-D (B, T, 3C), got shape ", qkv.sizes());
-  TORCH_CHECK(n_head >= 1, kOp, ": n_head must be >= 1, got ", n_head);
-  TORCH_CHECK(qkv.size(2) % (3 * n_head) == 0 && qkv.size(2) > 0, kOp, ": qkv's last dimension must be 3C with C ",
+  TORCH_CHECK_VALUE(qkv.dim() == 3, kOp, ": qkv must be 3-D (B, T, 3C), got shape ", qkv.sizes());
+  TORCH_CHECK_VALUE(n_head >= 1, kOp, ": n_head must be >= 1, got ", n_head);
+  TORCH_CHECK_VALUE(qkv.size(2) % (3 * n_head) == 0 && qkv.size(2) > 0, kOp, ": qkv's last dimension must be 3C with C ",
               "divisible by n_head = ", n_head, ", got ", qkv.size(2));
   const int64_t C = qkv.size(2) / 3;
   return {qkv.size(0), qkv.size(1), n_head, C / n_head, C};
@@ -309,7 +309,7 @@ at::Tensor attention_bwd(const at::Tensor& grad_out_, const at::Tensor& qkv_, co
 
 at::Tensor attention_dropout_mask(const at::Tensor& seed, int64_t batch, int64_t n_head, int64_t seq_len,
                                   double dropout_p) {
-  TORCH_CHECK(batch >= 0 && n_head >= 1 && seq_len >= 0, "attention_dropout_mask: need batch >= 0, n_head >= 1, ",
+  TORCH_CHECK_VALUE(batch >= 0 && n_head >= 1 && seq_len >= 0, "attention_dropout_mask: need batch >= 0, n_head >= 1, ",
               "seq_len >= 0, got ", batch, ", ", n_head, ", ", seq_len);
   const uint64_t seed_value = read_seed("attention_dropout_mask", dropout_p, seed);
   auto keep = at::empty({batch, n_head, seq_len, seq_len}, seed.options().dtype(at::kBool));

@@ -65,18 +65,18 @@ GPT1_INLINE double exp_fast(double x) { return std::exp(x); }
 
 // float16, bfloat16, float32 or float64.
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
   const auto d = t.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf, op, ": ", name,
+  TORCH_CHECK_VALUE(d == at::kFloat || d == at::kDouble || d == at::kBFloat16 || d == at::kHalf, op, ": ", name,
               " must be float32, float64, bfloat16 or float16, got ", d);
 }
 
 // A CPU tensor of exactly `dtype` and `sizes`; returned contiguous.
 inline at::Tensor checked(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype,
                           at::IntArrayRef sizes) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
   return t.contiguous();
 }
@@ -84,11 +84,11 @@ inline at::Tensor checked(const char* op, const char* name, const at::Tensor& t,
 // The dropout seed: checks p ∈ [0, 1) and, when p > 0, that seed is an int64 CPU tensor of
 // one element; returns its value (0 when p == 0, where no random number is drawn).
 inline uint64_t read_seed(const char* op, double dropout_p, const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   if (dropout_p == 0.0) return 0;
-  TORCH_CHECK(seed.has_value(), op, ": dropout_p = ", dropout_p, " > 0 needs a seed tensor, got None");
+  TORCH_CHECK_VALUE(seed.has_value(), op, ": dropout_p = ", dropout_p, " > 0 needs a seed tensor, got None");
   const at::Tensor& s = *seed;
-  TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kLong && s.numel() == 1, op,
+  TORCH_CHECK_VALUE(s.device().is_cpu() && s.scalar_type() == at::kLong && s.numel() == 1, op,
               ": seed must be an int64 CPU tensor of one element, got ", s.scalar_type(), " of shape ",
               s.sizes(), " on ", s.device());
   return static_cast<uint64_t>(s.item<int64_t>());

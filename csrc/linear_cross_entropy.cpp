@@ -66,10 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at
                                                                         int64_t ignore_index, bool compute_grad) {
   const NoAutocast no_autocast;
   check_float(kOp, "hidden", hidden_);
-  TORCH_CHECK(hidden_.dim() == 2, kOp, ": hidden must be 2-D (N, C), got shape ", hidden_.sizes());
+  TORCH_CHECK_VALUE(hidden_.dim() == 2, kOp, ": hidden must be 2-D (N, C), got shape ", hidden_.sizes());
   const int64_t N = hidden_.size(0), C = hidden_.size(1);
   const auto dtype = hidden_.scalar_type(), cdtype = compute_dtype(dtype);
-  TORCH_CHECK(weight_.dim() == 2 && weight_.size(1) == C && weight_.size(0) >= 1, kOp,
+  TORCH_CHECK_VALUE(weight_.dim() == 2 && weight_.size(1) == C && weight_.size(0) >= 1, kOp,
               ": weight must have shape (V, ", C, ") with V >= 1, got ", weight_.sizes());
   const int64_t V = weight_.size(0);
   auto weight = checked(kOp, "weight", weight_, dtype, {V, C}).to(cdtype);
@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd(const at
   int64_t n_valid = 0;
   for (int64_t i = 0; i < N; ++i) {
     if (t[i] == ignore_index) continue;
-    TORCH_CHECK(t[i] >= 0 && t[i] < V, kOp, ": targets[", i, "] = ", t[i], " is outside [0, ", V,
+    TORCH_CHECK_VALUE(t[i] >= 0 && t[i] < V, kOp, ": targets[", i, "] = ", t[i], " is outside [0, ", V,
                 ") and is not ignore_index = ", ignore_index);
     ++n_valid;
   }

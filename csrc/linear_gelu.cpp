@@ -118,7 +118,7 @@ GPT1_SIMD void gelu_bwd_blocks(const T* __restrict dy, const T* __restrict pre, 
 }
 
 bool is_tanh(std::string_view approximate) {
-  TORCH_CHECK(approximate == "tanh" || approximate == "none", kOp, ": approximate must be 'tanh' or 'none', got '",
+  TORCH_CHECK_VALUE(approximate == "tanh" || approximate == "none", kOp, ": approximate must be 'tanh' or 'none', got '",
               approximate, "'");
   return approximate == "tanh";
 }
@@ -126,8 +126,8 @@ bool is_tanh(std::string_view approximate) {
 // Checks x (N, C) and weight (F, C) of one float dtype; returns (N, C, F).
 std::tuple<int64_t, int64_t, int64_t> check_shapes(const at::Tensor& x, const at::Tensor& weight) {
   check_float(kOp, "x", x);
-  TORCH_CHECK(x.dim() == 2, kOp, ": x must be 2-D (N, C), got shape ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), kOp, ": weight must have shape (F, ", x.size(1),
+  TORCH_CHECK_VALUE(x.dim() == 2, kOp, ": x must be 2-D (N, C), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(1), kOp, ": weight must have shape (F, ", x.size(1),
               "), got ", weight.sizes());
   return {x.size(0), x.size(1), weight.size(0)};
 }

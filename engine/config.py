@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,18 @@ class GPT1Config:
             )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(f"GPT1Config.{name} must be a probability in [0, 1), got {value!r}")
-        if self.embd_dropout not in EMBEDDING_DROPOUT:
+        if not isinstance(self.embd_dropout, str) or self.embd_dropout not in EMBEDDING_DROPOUT:
             raise ValueError(f"GPT1Config.embd_dropout must be one of {EMBEDDING_DROPOUT}, got {self.embd_dropout!r}")
-        if self.afn not in ACTIVATIONS:
+        if not isinstance(self.afn, str) or self.afn not in ACTIVATIONS:
             raise ValueError(
                 f"GPT1Config.afn must be one of {sorted(ACTIVATIONS)}, got {self.afn!r}"
             )
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"GPT1Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        if not self.initializer_range > 0:
-            raise ValueError(f"GPT1Config.initializer_range must be > 0, got {self.initializer_range!r}")
+        for name in ("layer_norm_epsilon", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 < value < math.inf:
+                raise ValueError(f"GPT1Config.{name} must be a finite number > 0, got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -116,7 +117,15 @@ class GPT1Config:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:  # a field's message, with the file it came from
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _is_number(value: Any) -> bool:
+    """int or float, but not bool (JSON's true would otherwise read as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 EMBEDDING_DROPOUT = ("sum", "matrix")

@@ -1,4 +1,11 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written file.
+
+Temporaries are hidden names next to their target (``.NAME.<random>.tmp``, files and
+directories alike), so a killed process leaves only something recognisable as garbage
+(engine.checkpoint.clean_run_dir removes them). Files and directories made here honour
+the umask like ``open``/``mkdir`` do, not mkstemp's 0600 / mkdtemp's 0700. An OSError
+(disk full, read-only file system, permissions) propagates with the target's path in it.
+"""
 from __future__ import annotations
 
 import os
@@ -7,22 +14,63 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+TMP_SUFFIX = ".tmp"
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_path(error: OSError, path: str | Path) -> OSError:
+    """`error` naming `path` (a failed write() says only "No space left on device")."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, error.strerror or str(error), str(path))
+
+
+def make_temp_dir(target: str | Path) -> Path:
+    """A new hidden directory ``.NAME.<random>.tmp`` beside `target`, with the permissions
+    mkdir would give it (0o777 & ~umask), to be renamed onto `target` once filled."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path next to `path`; on success it is fsynced and renamed onto
     `path` (atomic on POSIX), on error removed. The old file stays intact until the rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise with_path(e, path) from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # The mode open() would give, set after the write: some writers (safetensors)
+        # replace the file with one of their own at 0600.
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise with_path(e, path) from e
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -37,7 +85,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | Path) -> None:
+    """Makes a rename inside `directory` durable (best effort: not every FS allows it)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -48,3 +97,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir  # the name engine.data.shards and engine.finetune import

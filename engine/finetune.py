@@ -44,8 +44,8 @@ from .config import GPT1Config
 from .data.records import Example
 from .data.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from .data.transforms import Encoded, InputTransform, collate
-from .fileio import _fsync_dir, atomic_write, atomic_write_text
-from .heads import GPT1ForTask, TaskHead
+from .fileio import _fsync_dir, atomic_write, atomic_write_text, make_temp_dir
+from .heads import GPT1ForTask, TaskHead, add_task_tokens
 from .metrics import compute
 from .model import GPT1
 from .tokenizer import BPETokenizer
@@ -223,19 +223,6 @@ def _missing_run(path: Path, what: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what}: {path} is not a run directory (config.json + model.safetensors)")
 
 
-def add_task_tokens(body: GPT1, tokenizer: BPETokenizer) -> None:
-    """Appends start / delimiter / extract / pad to the vocabulary and gives them embedding
-    rows drawn from N(0, initializer_range), as the paper's new tokens."""
-    fresh = any(tokenizer.token_to_id(t) is None for t in ("<start>", "<delim>", "<classify>", "<pad>"))
-    sp = tokenizer.add_special_tokens()
-    if body.config.vocab_size < tokenizer.vocab_size:
-        body.resize_token_embeddings(tokenizer.vocab_size)  # new rows: N(0, 0.02)
-    elif fresh:  # the table already has rows there (a padded vocabulary): draw them anew
-        with torch.no_grad():
-            for i in (sp.start, sp.delimiter, sp.classify, sp.pad):
-                body.tokens_embed.weight[i].normal_(0.0, body.config.initializer_range)
-
-
 def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, str]:
     """(body with the task tokens added, tokenizer, a description of where it came from)."""
     if fcfg.init == "none":
@@ -343,7 +330,7 @@ def save_run(model: GPT1ForTask, tokenizer: BPETokenizer, meta: dict[str, Any], 
     """A self-contained fine-tuned checkpoint, written to a temporary directory and renamed
     into place (the old one is removed only after the new one is complete)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path)  # honours the umask, unlike mkdtemp's 0700
     try:
         _save_weights(model, tmp)
         tokenizer.save(tmp / TOKENIZER_FILE)

@@ -16,6 +16,7 @@ model loss on the transformed sequences (pads ignored), λ = 0.5 in the paper (0
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,3 +146,16 @@ class GPT1ForTask(nn.Module):
             return TaskOutput(None, None, body.loss, out)
         task_loss = self.head.loss(out, labels)
         return TaskOutput(combine_losses(task_loss, body.loss, self.lm_coef), task_loss, body.loss, out)
+
+
+def add_task_tokens(body: GPT1, tokenizer: Any) -> None:
+    """Appends start / delimiter / extract / pad to the vocabulary and gives them embedding
+    rows drawn from N(0, initializer_range), as the paper's new tokens."""
+    fresh = any(tokenizer.token_to_id(t) is None for t in ("<start>", "<delim>", "<classify>", "<pad>"))
+    sp = tokenizer.add_special_tokens()
+    if body.config.vocab_size < tokenizer.vocab_size:
+        body.resize_token_embeddings(tokenizer.vocab_size)  # new rows: N(0, 0.02)
+    elif fresh:  # the table already has rows there (a padded vocabulary): draw them anew
+        with torch.no_grad():
+            for i in (sp.start, sp.delimiter, sp.classify, sp.pad):
+                body.tokens_embed.weight[i].normal_(0.0, body.config.initializer_range)

@@ -12,9 +12,12 @@ Every op with a fused kernel goes through one namespace chosen at construction:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -211,28 +214,41 @@ class GPT1(nn.Module):
     ) -> Tensor:
         """Samples max_new_tokens after input_ids (B, T) with a KV cache; returns (B, T + new).
         temperature 0 is greedy; top_k keeps the k most likely tokens. Dropout is off."""
+        steps = self.generate_stream(input_ids, max_new_tokens, temperature, top_k, generator)
+        return torch.cat([input_ids, *steps], dim=1)
+
+    def generate_stream(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """``generate`` one token at a time: yields each new (B, 1) step as soon as it is drawn.
+        The arguments are checked here, before the first token (not when iteration starts)."""
         self._check_tokens(input_ids, "input_ids")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        B, T = input_ids.shape
-        cfg = self.config
-        if T + max_new_tokens > cfg.n_positions:
-            raise ValueError(
-                f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds n_positions={cfg.n_positions}"
-            )
-        if max_new_tokens == 0:
-            return input_ids
-        p = self.tokens_embed.weight
-        shape = (cfg.n_layer, B, cfg.n_head, T + max_new_tokens, cfg.head_dim)
+        _check_sampling(max_new_tokens, temperature, top_k, generator)
+        T, P = input_ids.shape[1], self.config.n_positions
+        if T + max_new_tokens > P:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds n_positions={P}")
+        device = self.tokens_embed.weight.device
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {device}; make it with torch.Generator(device=...)")
+        return self._decode(input_ids, max_new_tokens, float(temperature), top_k, generator)
+
+    @torch.no_grad()
+    def _decode(
+        self, input_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> Iterator[Tensor]:
+        cfg, p = self.config, self.tokens_embed.weight
+        shape = (cfg.n_layer, input_ids.shape[0], cfg.n_head, input_ids.shape[1] + max_new_tokens, cfg.head_dim)
         cache = KVCache(p.new_empty(shape), p.new_empty(shape))
         was_training = self.training
         self.eval()
         try:
-            tokens, step = [input_ids], input_ids
+            step = input_ids
             for _ in range(max_new_tokens):
                 x = self._embed(step, cache.length)
                 for block in self.h:
@@ -240,10 +256,9 @@ class GPT1(nn.Module):
                 cache.length += step.shape[1]
                 logits = F.linear(x[:, -1], self.tokens_embed.weight).float()  # (B, V)
                 step = _sample(logits, temperature, top_k, generator).to(input_ids.dtype)
-                tokens.append(step)
+                yield step
         finally:
             self.train(was_training)
-        return torch.cat(tokens, dim=1)
 
     # ---- vocabulary and Hugging Face I/O -------------------------------------------------
 
@@ -286,6 +301,22 @@ class GPT1(nn.Module):
         from .hf import save_pretrained
 
         save_pretrained(self.config, self.state_dict(), path)
+
+
+def _check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> None:
+    """A ValueError naming the argument for every value sampling cannot use (bools are not
+    numbers here: top_k=True would silently mean 1)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:

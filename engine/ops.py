@@ -339,6 +339,12 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw):
             "call it with compute_grad=True (engine.ops.linear_cross_entropy decides this from "
             "torch.is_grad_enabled() and requires_grad)"
         )
+    if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants to autograd
+        raise RuntimeError(
+            "gpt1::linear_cross_entropy_fwd: double backward is not supported by the fused kernels "
+            "(its gradients are computed in the forward); use GPT1(config, fused=False) for "
+            "higher-order gradients"
+        )
     grad_hidden, grad_weight = ctx.saved_tensors
     return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
 
@@ -349,6 +355,26 @@ torch.library.register_autograd(
     setup_context=_linear_cross_entropy_setup,
     lib=_lib,
 )
+
+
+# The backward ops have no derivative of their own: double backward (e.g. gradient penalties,
+# Hessian-vector products) raises one clear error instead of autograd's silent-wrong-answer warning.
+
+
+def _no_double_backward(name: str) -> Callable[..., Any]:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"gpt1::{name}: double backward is not supported by the fused kernels (the backward op "
+            "has no derivative); use GPT1(config, fused=False) for higher-order gradients"
+        )
+
+    return backward
+
+
+for _name in ("attention_bwd", "add_layernorm_bwd", "linear_gelu_bwd"):
+    torch.library.register_autograd(
+        f"gpt1::{_name}", _no_double_backward(_name), setup_context=lambda ctx, inputs, output: None, lib=_lib
+    )
 
 
 # ---- functional API: what GPT1(fused=True) calls; same signatures as engine.reference ----

@@ -200,7 +200,7 @@ def run(out: Path, *, quick: bool, pretrained: Path | None, tasks: tuple[str, ..
 
 def zeroshot_curve(pre: Path, tasks: tuple[str, ...], fused: bool, say: Callable[[str], None]) -> list[dict[str, Any]]:
     from . import zeroshot
-    from .finetune import load_tokenizer
+    from .run import load_tokenizer
 
     tokenizer = load_tokenizer(pre)
     import torch

@@ -14,18 +14,26 @@ What the caller supplies:
   of its arguments: the trainer asks each process (rank) for a different slice, prefetches
   in a thread, and resumes exactly by asking for the same (step, slice) again.
 
-What the trainer does: the paper's optimisation (AdamW, warm-up then cosine/linear decay,
-weight decay on matrices and embeddings only, grad-norm clip), gradient accumulation,
-bf16 autocast on CUDA, DistributedDataParallel under torchrun, atomic checkpoints keeping
-the last K with exact resume, skipping of non-finite updates, SIGINT/SIGTERM handling,
-metrics.jsonl + tqdm + loss.png (+ TensorBoard when installed).
+What the trainer does: the paper's optimisation (AdamW, warm-up then cosine/linear decay
+set as group["lr"] = lr · Schedule(step) before each update, weight decay on matrices and
+embeddings only, grad-norm clip), gradient accumulation, bf16 autocast on CUDA,
+DistributedDataParallel under torchrun, atomic checkpoints keeping the last K good ones with
+exact resume (falling back from a corrupt newest one), skipping of non-finite updates (no
+checkpoint or final weights from inside a non-finite streak), SIGINT/SIGTERM handling,
+metrics.jsonl + progress (a tqdm bar on a terminal, plain lines otherwise) + loss.png
+(+ TensorBoard when installed).
+
+``Trainer.train_step(micro_batches)`` is one update; ``fit`` is the loop around it that only
+keeps the cadence (log, evaluate, checkpoint, stop). ``state_dict()`` / ``load_state_dict()``
+are the trainer's state (all but the weights) that a checkpoint holds.
 
 Run directory::
 
     train_config.json               the resolved configuration (written by the CLI)
     metrics.jsonl                   one JSON object per logged step / evaluation
-    loss.png                        train and validation loss
-    checkpoints/step_00000500/      weights (WeightsIO) + trainer_state.pt, last K kept
+    loss.png                        train and validation loss (MetricsLog.plot panels)
+    checkpoints/step_00000500/      weights (WeightsIO) + trainer_state.pt + checkpoint.json
+                                    (good or not, file sizes), the last K good ones kept
     config.json, model.safetensors  the final weights (GPT1: Hugging Face layout)
 
 The run directory's layout and checkpoint I/O live in engine.checkpoint, the CLIs' flag
@@ -35,14 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import queue
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -54,21 +59,19 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import (
-    CHECKPOINTS,
     LOSS_PLOT,
-    METRICS,
-    TRAINER_STATE,
     WeightsIO,
+    checkpoint_dir,
     default_weights_io,
     latest_checkpoint,
-    list_checkpoints,
-    load_trainer_state,
+    load_checkpoint,
     rng_state,
+    save_checkpoint,
     seed_everything,
     set_rng_state,
 )
 from .cli import UserError, flag_name
-from .fileio import _fsync_dir, atomic_write, atomic_write_text
+from .metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported: callers import them from here)
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, by a substring of the device name.
@@ -93,6 +96,7 @@ class TrainConfig:
     beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (paper: 0.999)"})
     eps: float = field(default=1e-8, metadata={"help": "Adam epsilon (paper: 1e-8)"})
     weight_decay: float = field(default=0.01, metadata={"help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains get none (paper: 0.01)"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); engine.optim)", "choices": ("adamw", "openai-adam")})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, dropout and data order"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)", "choices": ("auto", "cpu", "cuda")})
@@ -164,13 +168,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; torch's fused implementation where the device has it
-    (CUDA, and CPU since torch 2.4), else foreach."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """cfg.optimizer over `param_groups`: AdamW (torch's fused implementation where the device
+    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.optim)."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     device = params[0].device.type if params else "cpu"
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "openai-adam":
+        from .optim import OpenAIAdam
+
+        return OpenAIAdam(groups, **kwargs)
     fused_ok = device in _fused_adamw_devices() and all(p.is_floating_point() for p in params)
     if fused_ok:
         try:
@@ -209,11 +217,6 @@ class Schedule:
         if self.kind == "linear":
             return 1.0 - p
         return 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over `Schedule`: update k runs at lr · Schedule(k)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(cfg.warmup_steps, cfg.max_steps, cfg.schedule))
 
 
 # ---- devices and processes ----------------------------------------------------------------
@@ -364,81 +367,42 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-# ---- metrics --------------------------------------------------------------------------------
+# ---- progress ---------------------------------------------------------------------
 
+class Progress:
+    """Progress on stderr: a tqdm bar on a terminal; elsewhere (a log file, a pipe) one plain
+    line per logged update, since a bar written to a file is one endless line. Off: silent,
+    except for `write` (warnings)."""
 
-class MetricsLog:
-    """metrics.jsonl (one object per record, each with "step"), TensorBoard scalars when the
-    package is installed, and loss.png. Only the main process writes."""
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.enabled, self.bar = total, enabled, None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.path = run_dir / METRICS
-        self.enabled = enabled
-        self.records: list[dict[str, Any]] = []
-        self._tb = None
-        if enabled:
-            with contextlib.suppress(Exception):  # tensorboard absent or broken: JSONL only
-                from torch.utils.tensorboard import SummaryWriter
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
-    def resume(self, step: int) -> None:
-        """Keeps the records up to `step` (later ones belong to work the checkpoint lost)."""
-        if not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rec = json.loads(line)
-                if isinstance(rec, dict) and rec.get("step", 0) <= step:
-                    kept.append(rec)
-        self.records = kept
-        if self.enabled:
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    def show(self, step: int, record: dict[str, Any]) -> None:
+        """A logged update's numbers: the bar's postfix, or one line."""
+        fields = _postfix(record)
+        if self.bar is not None:
+            self.bar.set_postfix(fields, refresh=False)
+        elif self.enabled:
+            print(f"update {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items()), file=sys.stderr, flush=True)
 
-    def log(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, record["step"])
-
-    def plot(self, path: Path, hlines: dict[str, float] | None = None) -> None:
-        """loss.png: train loss and validation loss against the update step; `hlines` adds
-        labelled horizontal reference lines (e.g. the unigram entropy)."""
-        if not self.enabled:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key, label in (("loss", "train"), ("val_loss", "validation")):
-            pts = [(r["step"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
-        for label, y in (hlines or {}).items():
-            if math.isfinite(y):
-                ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
-        ax.set_xlabel("update")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        fig.tight_layout()
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -451,13 +415,27 @@ BatchFn = Callable[[int, int, int], Any]
 class TrainResult:
     """How fit() ended. status: "finished" (max_steps reached), "stopped" (stop_at reached),
     "interrupted" (SIGINT/SIGTERM; signal holds its number), "diverged" (max_bad_steps
-    consecutive non-finite losses; nothing saved after the last good checkpoint)."""
+    consecutive non-finite losses, or the run ended inside a shorter streak: no final
+    weights written, nothing saved after the last good checkpoint, which `checkpoint` names).
+    """
 
     step: int
     status: str
     checkpoint: Path | None
     signal: int | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """What one update (Trainer.train_step) did."""
+
+    loss: float  # mean over micro-batches and processes; the non-finite value when bad
+    grad_norm: float  # before clipping
+    extra: dict[str, float]  # the extra numbers loss_fn returned, averaged over micro-batches
+    bad: bool  # some process saw a non-finite loss or gradient: the update was skipped
+    stop: bool  # some process was signalled (SIGINT/SIGTERM)
+    seconds: float
 
 
 class Trainer:
@@ -469,6 +447,8 @@ class Trainer:
     logged with the step (name your keys "val_loss" etc. to get them plotted).
     extra_state() -> dict / load_extra_state(dict): anything else a checkpoint must hold
     (tensors, numbers, strings, lists, dicts: what torch.load(weights_only=True) reads).
+    resume_from: a checkpoint (or a run directory: its newest good one); an unreadable one
+    falls back to the newest older one that reads (engine.checkpoint.load_checkpoint).
     """
 
     def __init__(
@@ -496,13 +476,13 @@ class Trainer:
         self.tokens_per_sample, self.flops_per_token = tokens_per_sample, flops_per_token
         self.extra_state, self.load_extra_state = extra_state, load_extra_state
         self.progress = progress and self.dist.is_main
-
         self.micro_batch_size, self.accum_steps = batch_layout(cfg, self.dist.world_size)
 
         self.model = model.to(self.device)  # the module whose weights are saved
         self.weights = weights or default_weights_io(model)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.schedule = Schedule(cfg.warmup_steps, cfg.max_steps, cfg.schedule)
         self.autocast = autocast_dtype(cfg, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -510,22 +490,26 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main)
+        self.resumed_from: Path | None = None
         self._signal: int | None = None
+        self._saved: tuple[int, Path] | None = None  # (step, checkpoint) of the last save
+        self._progress = Progress(cfg.max_steps, 0, enabled=False)  # fit() makes the real one; warnings before go to stderr
 
         if resume_from is not None:
-            self._load_checkpoint(Path(resume_from))
+            self.resume(resume_from)
         else:
             seed_everything(cfg.seed + self.dist.rank)  # dropout differs per rank; data does not depend on it
+        self.wrapped = self._wrap(self.model)  # what loss_fn calls
 
-        wrapped: nn.Module = self.model
-        if cfg.compile:
-            wrapped = torch.compile(wrapped)
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.compile:
+            model = torch.compile(model)
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(wrapped, device_ids=ids)
-        self.wrapped = wrapped  # what loss_fn calls
+            model = DistributedDataParallel(model, device_ids=ids)
+        return model
 
     # ---- pieces users may call ------------------------------------------------------------
 
@@ -546,7 +530,7 @@ class Trainer:
             for batch in batches:
                 batch = to_device(batch, self.device)
                 with self.autocast_context():
-                    loss = _loss_only(loss_fn(self.model, batch))
+                    loss = _split(loss_fn(self.model, batch))[0]
                 n = _leading_dim(batch)
                 total[0] += loss.double() * n
                 total[1] += n
@@ -560,109 +544,50 @@ class Trainer:
         """Appends a record (with "step") to metrics.jsonl on the main process."""
         self.metrics.log({"step": self.step, **record})
 
-    # ---- fit -------------------------------------------------------------------------------
+    # ---- one update ------------------------------------------------------------------------
 
-    def fit(self, stop_at: int | None = None) -> TrainResult:
-        """Trains to cfg.max_steps (or until update `stop_at`, saving a checkpoint there as
-        an interruption would). SIGINT/SIGTERM finish the current update, save and return."""
-        cfg, dist = self.cfg, self.dist
-        end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
-        jobs = (
-            (s, m, (dist.rank * self.accum_steps + m) * self.micro_batch_size, self.micro_batch_size)
-            for s in range(self.step, end)
-            for m in range(self.accum_steps)
-        )
-        prefetch = Prefetcher(jobs, self.batches, cfg.prefetch, pin=self.device.type == "cuda")
-        bar = self._progress_bar()
-        old_handlers = self._install_signal_handlers()
-        status, last_ckpt = "finished", None
+    def train_step(self, micro_batches: Iterable[Any]) -> StepOutput:
+        """One update from this process's `accum_steps` micro-batches: forward and backward
+        of each (DDP syncs gradients on the last), the grad-norm clip, the decision every
+        process shares (a non-finite loss or gradient anywhere skips the update), and the
+        AdamW step at lr · schedule(step). Advances self.step."""
+        t0 = time.perf_counter()
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.schedule(self.step)
+        loss_sum, extra = self._accumulate(micro_batches)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        window_tokens, window_time, window_start = 0, 0.0, self.step
-        peak = self._peak_flops()
-        self.model.train()
-        try:
-            while self.step < end:
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=self.device)
-                extra: dict[str, float] = {}
-                for micro in range(self.accum_steps):
-                    _, _, batch = next(prefetch)
-                    batch = to_device(batch, self.device)
-                    sync = micro == self.accum_steps - 1 or not dist.distributed
-                    with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self.autocast_context():
-                        out = self.loss_fn(self.wrapped, batch)
-                        loss, more = (out if isinstance(out, tuple) else (out, {}))
-                        (loss / self.accum_steps).backward()
-                    loss_sum += loss.detach().float()
-                    for k, v in more.items():
-                        extra[k] = extra.get(k, 0.0) + float(v) / self.accum_steps
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                loss_mean, bad, stop = self._agree(loss_sum / self.accum_steps, norm)
-                if bad:
-                    self.bad_steps += 1
-                    self._write(f"warning: non-finite loss or gradient at update {self.step + 1} "
-                                f"(loss {loss_mean}); update skipped ({self.bad_steps}/{cfg.max_bad_steps})", bar)
-                else:
-                    self.optimizer.step()
-                    self.bad_steps = 0
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                window_time += time.perf_counter() - t0
-                window_tokens += cfg.batch_size * (self.tokens_per_sample or 0)
-                if bar is not None:
-                    bar.update(1)
-                if self.bad_steps >= cfg.max_bad_steps:
-                    status = "diverged"
-                    self._write(f"error: {self.bad_steps} consecutive non-finite losses; stopping. "
-                                f"The last good checkpoint is {latest_checkpoint(self.run_dir)}", bar)
-                    break
-                if self.step % cfg.log_every == 0 or self.step == end:
-                    rec = {"loss": loss_mean, "lr": self._lr_of_last_update(), "grad_norm": float(norm), **extra}
-                    if self.tokens_per_sample:
-                        tps = window_tokens / max(window_time, 1e-9)
-                        rec["tokens_per_s"] = tps
-                        if peak and self.flops_per_token:
-                            rec["mfu"] = tps * self.flops_per_token / (peak * dist.world_size)
-                    rec["s_per_step"] = window_time / max(1, self.step - window_start)
-                    self.log(rec)
-                    if bar is not None:
-                        bar.set_postfix(_postfix(rec), refresh=False)
-                    window_tokens, window_time, window_start = 0, 0.0, self.step
-                at_end = self.step == cfg.max_steps
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or at_end:
-                    self._evaluate(bar)
-                if stop:
-                    status = "interrupted"
-                    break
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or at_end:
-                    last_ckpt = self.save_checkpoint()
-            else:
-                if stop_at is not None and self.step < cfg.max_steps:
-                    status = "stopped"
-            if status in ("interrupted", "stopped"):
-                last_ckpt = self.save_checkpoint()
-            if status != "diverged" and dist.is_main:
-                self.weights.save(self.model, self.run_dir)
-        finally:
-            self._restore_signal_handlers(old_handlers)
-            prefetch.close()
-            if bar is not None:
-                bar.close()
-            self.metrics.plot(self.run_dir / LOSS_PLOT)
-            self.metrics.close()
-        if status == "interrupted":
-            self._write(f"interrupted by signal {self._signal} at update {self.step}; checkpoint "
-                        f"{last_ckpt}; continue with --resume {self.run_dir}", None)
-        return TrainResult(self.step, status, last_ckpt or latest_checkpoint(self.run_dir), self._signal, self.metrics.records)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        loss, bad, stop = self._agree(loss_sum / self.accum_steps, norm)
+        if bad:
+            self.bad_steps += 1
+            self._write(f"warning: non-finite loss or gradient at update {self.step + 1} (loss {loss}); "
+                        f"update skipped ({self.bad_steps}/{self.cfg.max_bad_steps})")
+        else:
+            self.optimizer.step()
+            self.bad_steps = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return StepOutput(loss, float(norm), extra, bad, stop, time.perf_counter() - t0)
 
-    # ---- internals -------------------------------------------------------------------------
-
-    def _lr_of_last_update(self) -> float:
-        """The lr the update just taken ran at (the scheduler has already moved on)."""
-        return self.cfg.lr * self.scheduler.lr_lambdas[0](self.step - 1)
+    def _accumulate(self, micro_batches: Iterable[Any]) -> tuple[Tensor, dict[str, float]]:
+        """Backward of each micro-batch's loss / accum_steps; (summed loss, averaged extras)."""
+        loss_sum = torch.zeros((), device=self.device)
+        extra: dict[str, float] = {}
+        n = 0
+        for n, batch in enumerate(micro_batches, 1):
+            batch = to_device(batch, self.device)
+            sync = n == self.accum_steps or not self.dist.distributed  # DDP all-reduces on the last only
+            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self.autocast_context():
+                loss, more = _split(self.loss_fn(self.wrapped, batch))
+                (loss / self.accum_steps).backward()
+            loss_sum += loss.detach().float()
+            for k, v in more.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / self.accum_steps
+        if n != self.accum_steps:
+            raise ValueError(f"train_step needs {self.accum_steps} micro-batches (accumulation steps), got {n}")
+        return loss_sum, extra
 
     def _agree(self, loss: Tensor, norm: Tensor) -> tuple[float, bool, bool]:
         """The loss averaged over processes, whether any process saw a non-finite loss or
@@ -676,7 +601,88 @@ class Trainer:
         loss_value = loss.item() if n_bad else loss_mean / self.dist.world_size
         return loss_value, n_bad > 0, n_stop > 0
 
-    def _evaluate(self, bar: Any) -> None:
+    # ---- the loop: cadence only -------------------------------------------------------------
+
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        """Trains to cfg.max_steps (or until update `stop_at`, saving a checkpoint there as
+        an interruption would). SIGINT/SIGTERM finish the current update, save and return."""
+        end = self.cfg.max_steps if stop_at is None else min(stop_at, self.cfg.max_steps)
+        jobs = ((s, m, (self.dist.rank * self.accum_steps + m) * self.micro_batch_size, self.micro_batch_size)
+                for s in range(self.step, end) for m in range(self.accum_steps))
+        prefetch = Prefetcher(jobs, self.batches, self.cfg.prefetch, pin=self.device.type == "cuda")
+        self._progress = Progress(self.cfg.max_steps, self.step, self.progress)
+        old_handlers = self._install_signal_handlers()
+        self.model.train()
+        try:
+            status, checkpoint = self._finish(self._loop(prefetch, end))
+            self.metrics.plot(self.run_dir / LOSS_PLOT)
+        finally:
+            self._restore_signal_handlers(old_handlers)
+            prefetch.close()
+            self._progress.close()
+            self.metrics.close()
+        return TrainResult(self.step, status, checkpoint, self._signal, self.metrics.records)
+
+    def _loop(self, prefetch: Prefetcher, end: int) -> str:
+        """Updates until `end`: logs, evaluates and checkpoints at their cadence; returns
+        how it ended ("finished", "stopped", "interrupted" or "diverged")."""
+        cfg, due = self.cfg, self._due
+        window = _Window(self.step)
+        while self.step < end:
+            out = self.train_step(next(prefetch)[2] for _ in range(self.accum_steps))
+            window.add(out.seconds, cfg.batch_size * (self.tokens_per_sample or 0))
+            self._progress.advance()
+            if self.bad_steps >= cfg.max_bad_steps:
+                return "diverged"
+            at_end = self.step == cfg.max_steps
+            if due(cfg.log_every) or self.step == end:
+                self._log_update(out, window)
+                window = _Window(self.step)
+            if due(cfg.eval_every) or at_end:
+                self._evaluate()
+            if out.stop:
+                return "interrupted"
+            if due(cfg.checkpoint_every) or at_end:
+                self.save_checkpoint()
+        return "finished" if self.step >= cfg.max_steps else "stopped"
+
+    def _due(self, every: int) -> bool:
+        """Whether the update just taken is on an `every`-update cadence (0: never)."""
+        return bool(every) and self.step % every == 0
+
+    def _finish(self, status: str) -> tuple[str, Path | None]:
+        """The end of a run: a checkpoint and the final weights, unless it ends inside a
+        non-finite streak: that is a divergence, and nothing is written from that state."""
+        if self.bad_steps and status != "interrupted":
+            status = "diverged"
+        if status == "diverged":
+            good = latest_checkpoint(self.run_dir)
+            why = "stopping" if self.bad_steps >= self.cfg.max_bad_steps else "the run ended inside the streak"
+            self._write(f"error: {self.bad_steps} consecutive non-finite losses up to update {self.step}; {why}; no final "
+                        f"weights written. The last good checkpoint is {good or 'none (none was saved)'}")
+            return status, good
+        checkpoint = self.save_checkpoint()
+        if self.dist.is_main and not self.bad_steps:
+            self.weights.save(self.model, self.run_dir)
+        if status == "interrupted":
+            self._write(f"interrupted by signal {self._signal} at update {self.step}; checkpoint "
+                        f"{checkpoint}; continue with --resume {self.run_dir}")
+        return status, checkpoint
+
+    def _log_update(self, out: StepOutput, window: "_Window") -> None:
+        """A metrics record of the update just taken (lr: the one it ran at) and its line."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        rec: dict[str, Any] = {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, **out.extra}
+        if self.tokens_per_sample:
+            rec["tokens_per_s"] = tps = window.tokens / max(window.seconds, 1e-9)
+            peak = self._peak_flops()
+            if peak and self.flops_per_token:
+                rec["mfu"] = tps * self.flops_per_token / (peak * self.dist.world_size)
+        rec["s_per_step"] = window.seconds / max(1, self.step - window.start)
+        self.log(rec)
+        self._progress.show(self.step, rec)
+
+    def _evaluate(self) -> None:
         if self.evaluate is None:
             return
         self.model.eval()
@@ -687,56 +693,35 @@ class Trainer:
             self.model.train()
         if result:
             self.log(dict(result))
-            if bar is not None:
-                self._write(f"update {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()), bar)
+            if self.progress:
+                self._write(f"update {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
 
-    def save_checkpoint(self) -> Path:
-        """Writes checkpoints/step_<step>/ (weights + trainer_state.pt) atomically: files go to
-        a temporary directory, each fsynced, which is then renamed into place. Keeps the
-        newest cfg.keep_checkpoints. Every process must call it (RNG states are gathered)."""
+    # ---- state and checkpoints ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights that continuing exactly needs: step, optimizer, every
+        process's RNG state, the non-finite streak, the config and `extra_state()`. Every
+        process must call it (RNG states are gathered)."""
         rng = rng_state()
+        rngs: list[Any] = [rng]
         if self.dist.distributed:
-            states: list[Any] = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(states, rng)
-        else:
-            states = [rng]
-        final = self.run_dir / CHECKPOINTS / f"step_{self.step:08d}"
-        if self.dist.is_main and not (final / TRAINER_STATE).is_file():
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": states,
-                "data": {"next_step": self.step},  # batches are a pure function of (step, slice)
-                "bad_steps": self.bad_steps,
-                "world_size": self.dist.world_size,
-                "train_config": dataclasses.asdict(self.cfg),
-                "extra": self.extra_state() if self.extra_state else {},
-            }
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-            try:
-                self.weights.save(self.model, tmp)
-                atomic_write(tmp / TRAINER_STATE, lambda p: torch.save(state, p))
-                _fsync_dir(tmp)
-                os.replace(tmp, final)
-                _fsync_dir(final.parent)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.dist.barrier()
-        return final
+            rngs = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(rngs, rng)
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rngs,
+            "data": {"next_step": self.step},  # batches are a pure function of (step, slice)
+            "bad_steps": self.bad_steps,
+            "world_size": self.dist.world_size,
+            "train_config": dataclasses.asdict(self.cfg),
+            "extra": self.extra_state() if self.extra_state else {},
+        }
 
-    def _load_checkpoint(self, ckpt: Path) -> None:
-        state = load_trainer_state(ckpt)
-        self.weights.load(self.model, ckpt)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from `state_dict()`'s result (the weights are loaded separately). The
+        learning rate follows this run's schedule from the restored step on."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        # The schedule follows this run's config (load_state_dict restored the saved one's).
-        self.scheduler.lr_lambdas[0] = schedule = Schedule(self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.schedule)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * schedule(self.scheduler.last_epoch)
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         rngs = state["rng"]
@@ -750,21 +735,38 @@ class Trainer:
             self.load_extra_state(state.get("extra", {}))
         self.metrics.resume(self.step)
 
-    def _progress_bar(self) -> Any:
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
+    def resume(self, checkpoint: str | Path) -> Path:
+        """Loads weights and trainer state from `checkpoint` (falling back from an unreadable
+        one, see engine.checkpoint.load_checkpoint); returns the checkpoint used."""
+        used, state = load_checkpoint(checkpoint, lambda d: self.weights.load(self.model, d), warn=self._write)
+        self.load_state_dict(state)
+        self.resumed_from = used
+        self._saved = (self.step, used)
+        return used
 
-        return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                    file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 5.0)
+    def save_checkpoint(self) -> Path | None:
+        """Writes checkpoints/step_<step>/ (engine.checkpoint.save_checkpoint), keeping the
+        newest cfg.keep_checkpoints good ones; returns it. Inside a non-finite streak nothing
+        is written and the last good checkpoint (or None) is returned. Every process must
+        call it (RNG states are gathered)."""
+        if self.bad_steps:
+            return latest_checkpoint(self.run_dir)
+        if self._saved is not None and self._saved[0] == self.step:
+            return self._saved[1]
+        state = self.state_dict()
+        path = checkpoint_dir(self.run_dir, self.step)
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, self.step, state, lambda d: self.weights.save(self.model, d),
+                            good=self.bad_steps == 0, keep=self.cfg.keep_checkpoints)
+        self.dist.barrier()
+        self._saved = (self.step, path)
+        return path
 
-    def _write(self, message: str, bar: Any) -> None:
-        if not self.dist.is_main:
-            return
-        if bar is not None:
-            bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
+    # ---- internals -------------------------------------------------------------------------
+
+    def _write(self, message: str) -> None:
+        if self.dist.is_main:
+            self._progress.write(message)
 
     def _peak_flops(self) -> float | None:
         if self.device.type != "cuda":
@@ -794,8 +796,22 @@ class Trainer:
             signal.signal(sig, h)
 
 
-def _loss_only(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
+@dataclass
+class _Window:
+    """Updates since the last log line, for throughput."""
+
+    start: int
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.seconds += seconds
+        self.tokens += tokens
+
+
+def _split(out: Any) -> tuple[Tensor, dict[str, float]]:
+    """loss_fn's result as (loss, extra numbers)."""
+    return out if isinstance(out, tuple) else (out, {})
 
 
 def _leading_dim(batch: Any) -> int:
@@ -808,8 +824,14 @@ def _leading_dim(batch: Any) -> int:
     raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
 
 
+_RATES = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "s_per_step", "step")
+
+
 def _postfix(rec: dict[str, Any]) -> dict[str, str]:
+    """The numbers a logged update shows: the loss, the extra ones loss_fn returned (e.g.
+    task_loss), throughput, lr."""
     out = {"loss": f"{rec['loss']:.3f}"}
+    out.update({k: f"{v:.3f}" for k, v in rec.items() if k not in _RATES and isinstance(v, (int, float))})
     if "tokens_per_s" in rec:
         out["tok/s"] = f"{rec['tokens_per_s']:,.0f}"
     if "mfu" in rec:

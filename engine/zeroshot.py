@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.task:
         if t not in TASKS:
             raise ValueError(f"unknown zero-shot task {t!r}; expected one of {', '.join(TASKS)}")
-    from .finetune import load_tokenizer
+    from .run import load_tokenizer
     from .train import resolve_device
 
     run = Path(args.run)

@@ -19,13 +19,15 @@ FA_FLOOR = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    """max |actual - expected| in float64, on the CPU (a CUDA result against a CPU reference)."""
+    return (actual.detach().cpu().double() - expected.detach().cpu().double()).abs().max().item() if actual.numel() else 0.0
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> None:
     """fp32 / fp64 comparison at the tolerance of the dtype (see FP32_TOL / FP64_TOL)."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
     tol = FP64_TOL if expected.dtype == torch.float64 else FP32_TOL
     scale = max(1.0, expected.double().abs().max().item()) if expected.numel() else 1.0
     err = max_err(actual, expected)
@@ -38,23 +40,43 @@ def assert_fa_rule(actual: torch.Tensor, ref_fp32: torch.Tensor, pytorch_lowp: t
     assert torch.isfinite(actual.float()).all(), f"{name}: non-finite values"
     err = max_err(actual, ref_fp32)
     base = max_err(pytorch_lowp, ref_fp32)
-    floor = FA_FLOOR.get(actual.dtype, 0.0) * ref_fp32.double().abs().max().item()
+    floor = FA_FLOOR.get(actual.dtype, 0.0) * ref_fp32.double().abs().max().item() if ref_fp32.numel() else 0.0
     assert err <= FA_SLACK * base + floor, (
         f"{name}: error {err:.3e} > {FA_SLACK} x PyTorch's {actual.dtype} error {base:.3e} (+ floor {floor:.1e})"
     )
 
 
-# ---- the attention reference, as the kernel tests (Triton and C++) compare against it ----
+# ---- references by autograd: one upstream gradient for the output and every input's grad ----
+
+
+def autograd_reference(fn, tensors, dout, *args, **kwargs):
+    """out = fn(*tensors, *args, **kwargs) and the grad of every tensor for upstream `dout`
+    (None: out is a scalar loss), by autograd on the CPU, in the tensors' dtype."""
+    leaves = [t.detach().cpu().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, *args, **kwargs)
+    out.backward(None if dout is None else dout.detach().cpu().to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def exact_reference(fn, tensors, dout, *args, **kwargs):
+    """The reference in float64, results in float32: what an fp32 kernel should give (PyTorch's
+    own fp32 ops have errors of their own, e.g. LayerNorm's backward where the answer is 0)."""
+    out, grads = autograd_reference(
+        fn, [t.double() for t in tensors], None if dout is None else dout.double(), *args, **kwargs
+    )
+    return out.float(), [g.float() for g in grads]
+
+
+# ---- the attention reference, as the op tests compare against it ----
 
 
 def attention_reference(qkv, dout, H, p=0.0, mask=None, upcast=False):
     """out and grad_qkv of engine.reference.causal_attention, by autograd, in qkv's dtype."""
     from engine import reference
 
-    leaf = qkv.detach().clone().requires_grad_()
-    out = reference.causal_attention(leaf, H, p, upcast=upcast, dropout_mask=mask)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), leaf.grad
+    mask = None if mask is None else mask.cpu()
+    out, (grad,) = autograd_reference(reference.causal_attention, [qkv], dout, H, p, upcast=upcast, dropout_mask=mask)
+    return out, grad
 
 
 def attention_exact_reference(qkv, dout, H, p=0.0, mask=None):
@@ -69,7 +91,7 @@ def attention_reference_lse(qkv, H):
 
     B, T, C3 = qkv.shape
     D = C3 // 3 // H
-    q, k, _ = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.double().split(H * D, dim=2))
+    q, k, _ = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.detach().cpu().double().split(H * D, dim=2))
     s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
     s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     return torch.logsumexp(s, dim=-1).float()

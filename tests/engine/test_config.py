@@ -51,6 +51,11 @@ def test_preset_overrides_and_unknown_name():
         (dict(afn="relu6"), "afn"),
         (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon"),
         (dict(initializer_range=-1.0), "initializer_range"),
+        (dict(initializer_range=float("inf")), "initializer_range"),
+        (dict(layer_norm_epsilon=True), "layer_norm_epsilon"),  # a JSON true is not 1
+        (dict(resid_pdrop=True), "resid_pdrop"),
+        (dict(afn=["gelu"]), "afn"),  # unhashable: was a TypeError
+        (dict(layer_norm_epsilon="1e-5"), "layer_norm_epsilon"),  # was a TypeError from '>'
     ],
 )
 def test_bad_values_name_the_field(kwargs, field):

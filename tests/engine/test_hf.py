@@ -78,7 +78,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         GPT1.from_pretrained(tmp_path)
     GPT1(tiny_config(), fused=False).save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf_dict(), "n_layer": 3}))
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match="n_layer is 3, the weights hold 2 layers"):
         GPT1.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf_dict(), "vocab_size": 102}))
     with pytest.raises(ValueError, match="tokens_embed.weight has shape"):
@@ -86,3 +86,32 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         GPT1.from_pretrained(tmp_path)
+
+
+def test_a_huge_config_is_refused_before_anything_is_allocated(tmp_path):
+    """12.8 TB of embedding: building the model first fails in the allocator (RuntimeError) or
+    exhausts memory; checking the config against the weights' shapes first is a ValueError."""
+    GPT1(tiny_config(), fused=False).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf_dict(), "vocab_size": 100_000_000_000}))
+    with pytest.raises(ValueError, match="tokens_embed.weight has shape \\(101, 32\\), the config implies \\(100000000000, 32\\)"):
+        GPT1.from_pretrained(tmp_path, fused=False)
+
+
+def test_a_config_with_a_million_layers_is_refused_at_once(tmp_path):
+    """Even a meta-device model of 10**6 blocks takes minutes and gigabytes of Python objects."""
+    GPT1(tiny_config(), fused=False).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf_dict(), "n_layer": 10**6}))
+    with pytest.raises(ValueError, match="n_layer is 1000000, the weights hold 2 layers"):
+        GPT1.from_pretrained(tmp_path, fused=False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_layer", "2"), ("n_head", None), ("n_embd", [32]), ("vocab_size", 1e11), ("afn", ["gelu"]),
+    ("layer_norm_epsilon", "1e-5"), ("initializer_range", None), ("resid_pdrop", [0.1]), ("attn_pdrop", True),
+    ("layer_norm_epsilon", True),
+])
+def test_config_values_of_the_wrong_type_name_the_file_and_field(tmp_path, field, value):
+    GPT1(tiny_config(), fused=False).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf_dict(), field: value}))
+    with pytest.raises(ValueError, match=f"config.json: GPT1Config.{field} "):
+        GPT1.from_pretrained(tmp_path, fused=False)

@@ -173,3 +173,41 @@ def test_reset_blocks_transfers_embeddings_and_the_first_k_blocks(k):
             assert abs(p.std().item() - cfg.initializer_range) < 0.01 and abs(p.mean().item()) < 0.01, name
     with pytest.raises(ValueError, match="layers transferred"):
         model.reset_blocks(cfg.n_layer + 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature="1.0"), "temperature"),
+        (dict(temperature=True), "temperature"),
+        (dict(top_k=True), "top_k"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=-3), "top_k"),
+        (dict(top_k=2.0), "top_k"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(max_new_tokens=2.0), "max_new_tokens"),
+        (dict(generator=0), "generator"),
+    ],
+)
+def test_generate_rejects_bad_sampling_arguments_by_name(kwargs, name):
+    _, model, cfg = make_pair(False)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 3))
+    args = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        model.generate(prompt, **args)
+    with pytest.raises(ValueError, match=name):  # checked at the call, before any token is drawn
+        model.generate_stream(prompt, **args)
+
+
+def test_generate_stream_yields_the_tokens_of_generate():
+    _, model, cfg = make_pair(False)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 4))
+    steps = list(model.generate_stream(prompt, 6, temperature=0.7, top_k=9, generator=torch.Generator().manual_seed(3)))
+    assert len(steps) == 6 and all(s.shape == (2, 1) for s in steps)
+    full = model.generate(prompt, 6, temperature=0.7, top_k=9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat([prompt, *steps], dim=1), full)
+    assert torch.equal(model.generate(prompt, 0), prompt)

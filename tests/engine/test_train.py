@@ -1,7 +1,12 @@
 """The shared training engine: schedule, weight-decay groups, accumulation, exact resume,
 checkpoints, non-finite losses, metrics and the run-directory policy (CPU, tiny model)."""
+import errno
 import json
 import math
+import os
+import signal
+import stat
+import sys
 
 import numpy as np
 import pytest
@@ -9,9 +14,9 @@ import torch
 
 from engine import GPT1, GPT1Config
 from engine.data.windows import RandomWindows, eval_batches
-from engine.checkpoint import TRAINER_STATE, clear_run_dir, list_checkpoints, load_trainer_state, prepare_run_dir
+from engine.checkpoint import TRAINER_STATE, clear_run_dir, latest_checkpoint, list_checkpoints, load_trainer_state, prepare_run_dir
 from engine.cli import UserError
-from engine.train import Schedule, TrainConfig, Trainer, build_optimizer, build_scheduler, param_groups
+from engine.train import Schedule, TrainConfig, Trainer, build_optimizer, param_groups
 from helpers import assert_close
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)
@@ -55,17 +60,32 @@ def test_schedule_warmup_peak_and_end():
     assert Schedule(10, 110, "constant")(100) == 1.0
 
 
-def test_scheduler_drives_the_optimizer_lr():
-    model = torch.nn.Linear(3, 3)
-    cfg = TrainConfig(max_steps=10, warmup_steps=4, lr=2.5e-4)
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
+def spy_lr(trainer, seen):
+    """Records the lr AdamW reads at each update of `trainer`."""
+    step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        seen.append([g["lr"] for g in trainer.optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+
+
+def test_each_update_runs_at_lr_times_the_schedule_also_after_resume(tmp_path):
+    """group["lr"] = lr · schedule(k) is set before update k, in a fresh and a resumed run."""
+    schedule = Schedule(2, 6, "cosine")
     seen = []
-    for _ in range(10):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen[0] == pytest.approx(2.5e-4 / 4) and seen[3] == pytest.approx(2.5e-4) and seen[9] == pytest.approx(0.0)
+    part = make_trainer(tmp_path, dropout=0.0)
+    spy_lr(part, seen)
+    ckpt = part.fit(stop_at=3).checkpoint
+    resumed = make_trainer(tmp_path, dropout=0.0, resume_from=ckpt)
+    for g in resumed.optimizer.param_groups:
+        g["lr"] = 123.0  # a stale value (as restored from a checkpoint) must not reach the next update
+    spy_lr(resumed, seen)
+    resumed.fit()
+    assert seen == [[1e-3 * schedule(k)] * 2 for k in range(6)]
+    logged = [r["lr"] for r in resumed.metrics.records if "loss" in r]
+    assert logged == [1e-3 * schedule(k) for k in range(6)]
 
 
 def test_warmup_default_is_capped_at_a_tenth_of_the_run():
@@ -114,18 +134,20 @@ def weights(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_exact_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "openai-adam"])
+def test_exact_resume_is_bit_identical(tmp_path, optimizer):
     """Interrupt after update 3 (checkpoint), resume in a fresh trainer built from different
     initial weights: the final weights and optimizer state equal an uninterrupted run's, bit
     for bit. Dropout on, so the restored RNG state matters."""
-    full = make_trainer(tmp_path / "full")
+    full = make_trainer(tmp_path / "full", optimizer=optimizer)
     assert full.fit().status == "finished"
-    part = make_trainer(tmp_path / "part")
+    assert type(full.optimizer).__name__ == {"adamw": "AdamW", "openai-adam": "OpenAIAdam"}[optimizer]
+    part = make_trainer(tmp_path / "part", optimizer=optimizer)
     result = part.fit(stop_at=3)
     assert result.status == "stopped" and result.step == 3
     torch.manual_seed(1234)  # disturb every RNG before resuming
     np.random.seed(1234)
-    resumed = make_trainer(tmp_path / "part", resume_from=result.checkpoint, init_seed=99)
+    resumed = make_trainer(tmp_path / "part", resume_from=result.checkpoint, init_seed=99, optimizer=optimizer)
     assert resumed.step == 3
     assert resumed.fit().status == "finished"
     a, b = weights(full), weights(resumed)
@@ -159,12 +181,26 @@ def test_checkpoints_keep_the_last_k_and_load_safely(tmp_path):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp dirs
     state = load_trainer_state(ckpts[-1])  # torch.load(weights_only=True)
     assert state["step"] == 7 and state["data"] == {"next_step": 7} and state["world_size"] == 1
-    assert {"optimizer", "scheduler", "rng", "train_config", "bad_steps"} <= state.keys()
+    assert {"optimizer", "rng", "train_config", "bad_steps", "extra"} <= state.keys()
+    assert state.keys() == t.state_dict().keys()
+    assert json.loads((ckpts[-1] / "checkpoint.json").read_text())["good"] is True
     assert {"python", "numpy", "torch"} <= state["rng"][0].keys()
     final = GPT1.from_pretrained(tmp_path, fused=False)  # the run dir's final weights
     ckpt = GPT1.from_pretrained(ckpts[-1], fused=False)
     for k, v in weights(t).items():
         assert torch.equal(final.state_dict()[k], v) and torch.equal(ckpt.state_dict()[k], v)
+
+
+def test_every_file_of_a_run_honours_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        make_trainer(tmp_path / "run", max_steps=2, checkpoint_every=1).fit()
+    finally:
+        os.umask(old)
+    paths = list((tmp_path / "run").rglob("*"))
+    assert {p.name for p in paths} >= {"model.safetensors", "config.json", "trainer_state.pt", "checkpoint.json", "loss.png"}
+    modes = {p.relative_to(tmp_path): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    assert modes == {p: 0o755 if (tmp_path / p).is_dir() else 0o644 for p in modes}
 
 
 def test_metrics_and_plot(tmp_path):
@@ -211,17 +247,95 @@ def test_non_finite_loss_skips_the_update(tmp_path, capsys):
     assert all(torch.isfinite(v).all() for v in weights(t).values())
 
 
-def test_consecutive_non_finite_losses_stop_with_the_good_checkpoint_intact(tmp_path):
+def test_consecutive_non_finite_losses_stop_with_the_good_checkpoint_intact(tmp_path, capsys):
     t = make_trainer(tmp_path, dropout=0.0, loss=nan_at({3, 4, 5, 6}), max_steps=8, checkpoint_every=2, max_bad_steps=3)
     result = t.fit()
     assert result.status == "diverged" and result.step == 5
     assert not (tmp_path / "model.safetensors").exists()  # no final weights from a diverged run
-    two, four = list_checkpoints(tmp_path)  # update 4 was skipped: its checkpoint holds update 2's weights
-    assert (two.name, four.name) == ("step_00000002", "step_00000004")
-    good, same = (GPT1.from_pretrained(p, fused=False).state_dict() for p in (two, four))
-    for k, v in good.items():
-        assert torch.isfinite(v).all() and torch.equal(v, same[k])
-    assert load_trainer_state(four)["bad_steps"] == 2
+    # Update 4 came inside the streak: no checkpoint of that state.
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert result.checkpoint == tmp_path / "checkpoints" / "step_00000002"
+    assert "The last good checkpoint is " + str(result.checkpoint) in capsys.readouterr().err
+    assert all(torch.isfinite(v).all() for v in GPT1.from_pretrained(result.checkpoint, fused=False).state_dict().values())
+
+
+def test_a_run_ending_inside_a_short_streak_diverges_and_keeps_the_good_checkpoints(tmp_path, capsys):
+    """A streak shorter than --max-bad-steps at the end: no final weights, no checkpoint of
+    the bad state, the good ones not rotated out, and the last good one named."""
+    t = make_trainer(tmp_path, dropout=0.0, loss=nan_at({5, 6}), max_steps=6, checkpoint_every=1, keep_checkpoints=2,
+                     max_bad_steps=5)
+    result = t.fit()
+    assert result.status == "diverged" and result.step == 6
+    assert not (tmp_path / "model.safetensors").exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert result.checkpoint == tmp_path / "checkpoints" / "step_00000004"
+    assert latest_checkpoint(tmp_path) == result.checkpoint
+    assert f"The last good checkpoint is {result.checkpoint}" in capsys.readouterr().err
+
+
+def test_stop_at_inside_a_streak_is_diverged_too(tmp_path):
+    t = make_trainer(tmp_path, dropout=0.0, loss=nan_at({3}), max_steps=6, checkpoint_every=2)
+    result = t.fit(stop_at=3)
+    assert result.status == "diverged" and result.checkpoint.name == "step_00000002"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+
+
+def test_an_interrupt_inside_a_streak_writes_nothing_from_the_bad_state(tmp_path):
+    nan = nan_at({3})
+
+    def signalled(model, batch):
+        out = nan(model, batch)
+        if not torch.isfinite(out):
+            t._signal = signal.SIGTERM  # as the handler does
+        return out
+
+    t = make_trainer(tmp_path, dropout=0.0, loss=signalled, max_steps=6, checkpoint_every=2)
+    result = t.fit()
+    assert result.status == "interrupted" and result.step == 3
+    assert result.checkpoint.name == "step_00000002" and [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_resume_falls_back_from_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    """The newest checkpoint's weights are truncated: resuming says so in one line and
+    continues from the one before, ending where an uninterrupted run does."""
+    full = make_trainer(tmp_path / "full")
+    full.fit()
+    part = make_trainer(tmp_path / "part", checkpoint_every=2)
+    part.fit(stop_at=4)
+    newest = tmp_path / "part" / "checkpoints" / "step_00000004"
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    capsys.readouterr()
+    resumed = make_trainer(tmp_path / "part", resume_from=newest, init_seed=99)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_00000004" in err[0] and "resuming from" in err[0] and err[0].endswith(
+        "step_00000002, the newest that reads")
+    assert resumed.step == 2 and resumed.resumed_from.name == "step_00000002"
+    resumed.fit()
+    for k, v in weights(full).items():
+        assert torch.equal(v, weights(resumed)[k]), f"{k} differs after the fallback resume"
+
+
+def test_disk_full_while_checkpointing_loses_nothing(tmp_path):
+    t = make_trainer(tmp_path, max_steps=4, checkpoint_every=2)
+    save = t.weights.save
+    calls = {"n": 0}
+
+    def full_disk(model, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint
+            (path / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(model, path)
+
+    t.weights.save = full_disk
+    with pytest.raises(OSError, match=r"No space left on device.*step_00000004") as info:
+        t.fit()
+    assert info.value.errno == errno.ENOSPC
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]  # no temporaries
+    GPT1.from_pretrained(tmp_path / "checkpoints" / "step_00000002", fused=False)  # still readable
+    assert load_trainer_state(tmp_path / "checkpoints" / "step_00000002")["step"] == 2
 
 
 def test_loader_errors_reach_the_training_thread(tmp_path):
@@ -256,29 +370,31 @@ def test_run_dir_policy(tmp_path):
     assert not list((tmp_path / "run").glob(f"**/{TRAINER_STATE}"))
 
 
-def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
-    import sys
-    import types
+# ---- progress -------------------------------------------------------------
 
-    from engine.train import MetricsLog
 
-    calls = []
+def with_task_loss(model, batch):
+    loss = loss_fn(model, batch)
+    return loss, {"task_loss": 0.5 * loss.item()}
 
-    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (not installed here)
-        def __init__(self, logdir):
-            calls.append(("init", logdir))
 
-        def add_scalar(self, tag, value, step):
-            calls.append((tag, value, step))
+def test_progress_is_one_plain_line_per_log_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    t = make_trainer(tmp_path, loss=with_task_loss, max_steps=4, log_every=2)
+    t.progress = True
+    t.fit()
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no tqdm bar
+    lines = err.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [["update", "2/4"], ["update", "4/4"], ["update", "4:"]]
+    assert all("loss " in line and "task_loss " in line and "lr " in line and "tok/s " in line for line in lines[:2])
+    assert lines[2].startswith("update 4: val_loss ")  # the evaluation at the end
 
-        def close(self):
-            calls.append(("close",))
 
-    fake = types.ModuleType("torch.utils.tensorboard")
-    fake.SummaryWriter = FakeWriter
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
-    log = MetricsLog(tmp_path, enabled=True)
-    log.log({"step": 3, "loss": 2.5, "note": "text is not a scalar"})
-    log.close()
-    assert calls == [("init", str(tmp_path / "tensorboard")), ("loss", 2.5, 3), ("close",)]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 2.5, "note": "text is not a scalar"}
+def test_the_bar_on_a_terminal_shows_the_extra_losses(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    t = make_trainer(tmp_path, loss=with_task_loss, max_steps=2, log_every=1)
+    t.progress = True
+    t.fit()
+    err = capsys.readouterr().err
+    assert "\r" in err and "task_loss=" in err and "2/2" in err
+    assert "update 1/2 loss" not in err  # no plain lines beside the bar

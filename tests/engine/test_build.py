@@ -1,6 +1,7 @@
 """The C++ extension as a whole: what it registers, and how it is built (engine/_build.py)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -8,6 +9,15 @@ import pytest
 import torch
 
 from engine import _build, ops
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_kernels():
+    """Every test here needs the C++ kernels built from csrc/ and fails if they cannot be loaded."""
+    if os.environ.get("GPT1_CPU_KERNELS", "cpp") != "cpp":
+        pytest.skip("GPT1_CPU_KERNELS is not 'cpp': the CPU ops are not served by csrc/")
+    error = ops.cpu_kernels_error()
+    assert error is None, error
 
 
 @pytest.mark.parametrize("name", sorted(ops.SCHEMAS))

@@ -1,0 +1,221 @@
+"""gpt1::linear_cross_entropy_fwd on every backend against engine.reference.linear_cross_entropy.
+
+The op returns the gradients of the mean loss with its forward (the logits never exist whole);
+register_autograd scales them by the upstream gradient, which the tests check too.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backends import cases
+from engine import ops, reference
+from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
+
+IGNORE = -100
+gpt1 = torch.ops.gpt1
+
+
+def make_inputs(N, C, V, dtype=torch.float32, n_ignored=2, seed=0):
+    """hidden, weight (logits of a few units: a non-trivial softmax) and int64 targets (CPU), a few
+    of them (never all) ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g).to(dtype)
+    weight = (torch.randn(V, C, generator=g) * 2.0 / math.sqrt(C)).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.randperm(N, generator=g)[: min(n_ignored, N - 1)]] = IGNORE
+    return hidden, weight, targets
+
+
+def run(backend, hidden, weight, targets, ignore_index=IGNORE, upstream=1.0):
+    """loss and (grad_hidden, grad_weight) of upstream·loss through engine.ops, back on the CPU."""
+    h, w = (backend.tensor(t).requires_grad_() for t in (hidden, weight))
+    loss = ops.linear_cross_entropy(h, w, backend.tensor(targets), ignore_index)
+    (loss * upstream).backward()
+    return loss.detach().cpu(), (h.grad.cpu(), w.grad.cpu())
+
+
+def reference_of(hidden, weight, targets, ignore_index=IGNORE, exact=True, **kwargs):
+    fn = exact_reference if exact else autograd_reference
+    return fn(lambda h, w: reference.linear_cross_entropy(h, w, targets, ignore_index, **kwargs), (hidden, weight), None)
+
+
+# (N, C, V): one row, primes, V not a power of two (partial last vocabulary block); C++ chunks its
+# logits by 256+ rows, so its multi-chunk cases are large: GPT-1's V = 40478, and V = 4099
+SHAPES = [(1, 16, 13), (37, 48, 257), (13, 96, 1009)]
+COMPILED = [(64, 96, 1000), (450, 16, 40478), (1100, 16, 4099)]
+
+
+@pytest.mark.parametrize("backend,shape", cases(SHAPES, compiled=COMPILED), indirect=["backend"])
+def test_fp32_loss_and_grads(backend, shape):
+    hidden, weight, targets = make_inputs(*shape)
+    loss, (grad_h, grad_w) = run(backend, hidden, weight, targets, upstream=2.5)
+    loss_ref, (grad_h_ref, grad_w_ref) = reference_of(hidden, weight, targets)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close(loss, loss_ref, "loss")
+    assert_close(grad_h, 2.5 * grad_h_ref, "grad_hidden")  # scaled by the upstream gradient
+    assert_close(grad_w, 2.5 * grad_w_ref, "grad_weight")
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (5, torch.float32), (8, torch.bfloat16), (8, torch.float16)])
+def test_triton_chunks_accumulate_the_same_gradients(backend, monkeypatch, rows, dtype):
+    """Chunks of `rows` rows (CHUNK_BYTES shrunk): grad_weight sums over chunks in float32."""
+    from kernels import linear_cross_entropy as kernel
+
+    hidden, weight, targets = make_inputs(29, 48, 1009, dtype, n_ignored=3)
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", rows * 1009 * hidden.element_size())
+    loss, grads = run(backend, hidden, weight, targets)
+    if dtype == torch.float32:
+        loss_ref, grads_ref = reference_of(hidden, weight, targets)
+        assert_close(loss, loss_ref, "loss")
+        for name, got, want in zip(("grad_hidden", "grad_weight"), grads, grads_ref):
+            assert_close(got, want, name)
+        return
+    _, grads_ref = reference_of(hidden.float(), weight.float(), targets, exact=False, upcast=True)
+    _, grads_low = reference_of(hidden, weight, targets, exact=False)
+    for name, got, want, low in zip(("grad_hidden", "grad_weight"), grads, grads_ref, grads_low):
+        assert_fa_rule(got, want, low, name)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_refuses_chunks_of_no_rows(backend):
+    from kernels.linear_cross_entropy import linear_cross_entropy_fwd
+
+    hidden, weight, targets = (backend.tensor(t) for t in make_inputs(4, 8, 10))
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
+        linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True, chunk_rows=0)
+
+
+def test_ignore_index_inside_the_vocabulary(backend):
+    """ignore_index = 0 is also a class id: rows targeting 0 are the ignored ones."""
+    hidden, weight, targets = make_inputs(11, 48, 257, n_ignored=0)
+    targets[[2, 7]] = 0
+    loss, (grad_h, grad_w) = run(backend, hidden, weight, targets, 0)
+    loss_ref, (grad_h_ref, grad_w_ref) = reference_of(hidden, weight, targets, 0)
+    assert_close(loss, loss_ref, "loss")
+    assert_close(grad_h, grad_h_ref, "grad_hidden")
+    assert_close(grad_w, grad_w_ref, "grad_weight")
+    assert grad_h[2].abs().max() == 0 and grad_h[7].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_without_grad_returns_the_loss_and_empty_tensors(backend):
+    hidden, weight, targets = (backend.tensor(t) for t in make_inputs(9, 48, 101))
+    loss, grad_h, grad_w = gpt1.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, False)
+    assert grad_h.numel() == 0 and grad_w.numel() == 0
+    assert_close(loss.cpu(), reference_of(hidden.cpu(), weight.cpu(), targets.cpu())[0], "loss")
+    with torch.no_grad():  # engine.ops asks for no gradients where autograd will not want them
+        assert torch.equal(ops.linear_cross_entropy(hidden, weight.requires_grad_(), targets), loss)
+
+
+def test_all_targets_ignored_gives_nan_loss_and_zero_grads(backend):
+    hidden, weight, targets = make_inputs(5, 16, 23)
+    targets[:] = IGNORE
+    loss, (grad_h, grad_w) = run(backend, hidden, weight, targets)
+    loss_ref, (grad_h_ref, grad_w_ref) = reference_of(hidden, weight, targets, exact=False)
+    assert torch.isnan(loss) and torch.isnan(loss_ref)
+    assert torch.equal(grad_h, grad_h_ref) and torch.equal(grad_w, grad_w_ref)  # zeros, as F.cross_entropy
+    assert grad_h.abs().max() == 0 and grad_w.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("N,C,V", [(29, 96, 1009), (37, 96, 1000)])
+def test_low_precision_fa_rule(backend, dtype, N, C, V):
+    hidden, weight, targets = make_inputs(N, C, V, dtype)
+    loss, grads = run(backend, hidden, weight, targets)
+    loss_ref, grads_ref = reference_of(hidden.float(), weight.float(), targets, exact=False, upcast=True)
+    loss_low, grads_low = reference_of(hidden, weight, targets, exact=False)
+    assert loss.dtype == torch.float32
+    assert_fa_rule(loss, loss_ref, loss_low, "loss")
+    for name, got, want, low in zip(("grad_hidden", "grad_weight"), grads, grads_ref, grads_low):
+        assert got.dtype == dtype
+        assert_fa_rule(got, want, low, name)
+
+
+def test_strided_inputs_give_the_contiguous_result(backend):
+    hidden, weight, targets = (backend.tensor(t) for t in make_inputs(12, 40, 30))
+    strided = (hidden.t().contiguous().t(), weight.t().contiguous().t(), torch.stack([targets, targets], 1)[:, 0])
+    for got, want in zip(gpt1.linear_cross_entropy_fwd(*strided, IGNORE, True),
+                         gpt1.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True)):
+        assert_close(got.cpu(), want.cpu())
+
+
+# ---- the registered op ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_opcheck(backend, compute_grad):
+    hidden, weight, targets = (backend.tensor(t) for t in make_inputs(6, 10, 17))
+    args = (hidden.requires_grad_(), weight.requires_grad_(), targets, IGNORE, compute_grad)
+    # without grads the op has no derivative, so the autograd checks do not apply
+    kwargs = {} if compute_grad else {"test_utils": ("test_schema", "test_faketensor")}
+    torch.library.opcheck(gpt1.linear_cross_entropy_fwd.default, args, **kwargs)
+
+
+def test_double_backward_raises_a_clear_error(backend):
+    hidden, weight, targets = (backend.tensor(t) for t in make_inputs(6, 8, 11))
+    hidden.requires_grad_()
+    with pytest.raises(RuntimeError, match="gpt1::linear_cross_entropy_fwd: double backward is not supported"):
+        torch.autograd.grad(ops.linear_cross_entropy(hidden, weight, targets), hidden, create_graph=True)
+
+
+def test_fused_path_dispatches_the_op(backend, gpt1_ops_run_by):
+    hidden, weight, targets = (backend.tensor(t) for t in make_inputs(6, 8, 11))
+    weight.requires_grad_()
+    names = gpt1_ops_run_by(lambda: ops.linear_cross_entropy(hidden.view(2, 3, 8), weight, targets.view(2, 3)).backward())
+    assert names == ["linear_cross_entropy_fwd"]  # the gradients come out of the forward
+
+
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+def test_float64_grads_and_gradcheck(backend):
+    hidden, weight, targets = make_inputs(6, 5, 7, torch.float64)
+    _, (grad_h, grad_w) = run(backend, hidden, weight, targets)
+    _, (grad_h_ref, grad_w_ref) = reference_of(hidden, weight, targets, exact=False)
+    assert grad_h.dtype == torch.float64
+    assert_close(grad_h, grad_h_ref, "grad_hidden")
+    assert_close(grad_w, grad_w_ref, "grad_weight")
+    # The loss is float32 by contract (even for float64 inputs), so finite differences must be
+    # wide enough to resolve it: eps = 1e-3 gives derivative noise of ~ulp(loss)/eps ≈ 5e-4 and
+    # truncation error ~eps² ≈ 1e-6; a wrong formula is off by O(0.1).
+    args = [hidden.requires_grad_(), weight.requires_grad_()]
+    assert torch.autograd.gradcheck(
+        lambda h, w: ops.linear_cross_entropy(h, w, targets), args, eps=1e-3, atol=2e-3, rtol=1e-3
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+def test_cpp_result_is_thread_count_independent(backend):
+    hidden, weight, targets = make_inputs(300, 32, 5000)
+    first = gpt1.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = gpt1.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(got, want) for got, want in zip(first, one_thread))  # per-row losses summed in order
+
+
+# ---- bad inputs: one table, the same ValueError on every backend -----------------------------
+
+_H, _W, _T = make_inputs(4, 8, 10)
+BAD = {  # case → (arguments (CPU; moved to the backend's device), pattern both messages match)
+    "target too large": ((_H, _W, torch.tensor([1, 10, 2, 3]), IGNORE, True),
+                         r"targets\[1\] = 10 .*\[0, 10\).*ignore_index ?= ?-100|\[0, 10\).*-100.*targets\[1\] = 10"),
+    "negative target": ((_H, _W, torch.tensor([1, 2, -1, 3]), IGNORE, False), r"targets\[2\] = -1"),
+    "int32 targets": ((_H, _W, _T.int(), IGNORE, True), r"targets must .*(Long|int64).*(Int|int32)"),
+    "targets length": ((_H, _W, _T[:3], IGNORE, True), r"targets must .*shape.*4.*3"),
+    "weight width": ((_H, _W[:, :7], _T, IGNORE, True), r"weight must .*\(V.*, 8\).*10, 7"),
+    "weight dtype": ((_H, _W.double(), _T, IGNORE, True), r"weight must .*(Float|float32).*(Double|float64)"),
+    "3-D hidden": ((_H.view(2, 2, 8), _W, _T, IGNORE, True), r"hidden must be 2-D \(N, C.*2, 2, 8"),
+    "integer hidden": ((_H.long(), _W.long(), _T, IGNORE, True), r"hidden must be .*float32.*(Long|int64)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_inputs_raise_value_error(backend, case):
+    args, pattern = BAD[case]
+    with pytest.raises(ValueError, match=pattern):
+        gpt1.linear_cross_entropy_fwd(*backend.args(args))
