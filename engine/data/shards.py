@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from ..fileio import _fsync_dir, atomic_write_text
+from ..fileio import atomic_write_text, fsync_dir
 
 SHARD_VERSION = 1  # unchanged by streaming: the same inputs give the same bytes as before
 MAX_VOCAB = 2**32  # uint32 ids
@@ -240,9 +240,9 @@ def build_shards(directory: Path, source: UnitSource, tokenizer: Any, key_parts:
     meta = _meta(partial, state, tokenizer.vocab_size, dtype, key_parts)
     atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1) + "\n")
     (partial / "progress.json").unlink()
-    _fsync_dir(partial)
+    fsync_dir(partial)
     os.replace(partial, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     shards = open_shards(directory)
     assert shards is not None, f"shards at {directory} unreadable right after writing"
     return shards
