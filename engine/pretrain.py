@@ -30,6 +30,7 @@ from typing import Any
 from . import run
 from .checkpoint import LOSS_PLOT, METRICS, clear_run_dir, prepare_run_dir
 from .cli import ArgumentParser, UserError, add_dataclass_args, dataclass_kwargs, flag_name, run_cli
+from .data.prepare import Corpus as _Corpus, load_tokenizer as _load_tokenizer, prepare  # noqa: F401 (_load_tokenizer: imported from here by callers)
 from .train import TrainConfig, batch_layout, resolve_device
 
 
@@ -141,6 +142,7 @@ def build_parser() -> ArgumentParser:
     group.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (its saved settings, tokenizer and kernels apply)")
     group.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     group.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and exit after update STEP without changing the schedule (split a run into sessions)")
+    group.add_argument("--prepare-only", action="store_true", help="build (or find) the tokenizer and token shards in the cache, print where they are and exit; a run with the same data and tokenizer flags reuses them")
     return parser
 
 
@@ -192,6 +194,12 @@ def _n_positions(pcfg: PretrainConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     pcfg, tcfg, ns = resolve_configs(argv)
+    if ns.prepare_only:  # the data this run would read, and nothing of a run
+        from .data.shards import default_cache_dir
+
+        given = ((run.load_tokenizer_file(Path(ns.resume) / "tokenizer.json"), f"the run's own ({ns.resume})") if ns.resume
+                 else (run.load_tokenizer(Path(pcfg.init)), f"--init {pcfg.init}'s") if pcfg.init else None)
+        return prepare(pcfg, Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir(), lambda *a: print(*a, flush=True), given)
     with run.distributed(tcfg.device) as dist, run.locked_run_dir(Path(tcfg.out), dist):
         return _pretrain(pcfg, tcfg, ns, dist)
 
@@ -340,98 +348,6 @@ def _summary(say: Any, out: Path, result: Any, wall: float, final: dict[str, flo
     say(f"  checkpoints  {result.checkpoint}   (resume: python -m engine.pretrain --resume {out})")
     if sample is not None:
         say(f"  sample       {out}/samples.txt")
-
-
-class _Corpus:
-    """Where the text comes from (the embedded corpus or --data), read lazily: a warm cache
-    never opens the files."""
-
-    def __init__(self, pcfg: PretrainConfig) -> None:
-        from .data import corpus
-
-        self.pcfg = pcfg
-        self._docs: tuple[list[Any], list[Any]] | None = None
-        if pcfg.data is None:
-            if pcfg.val_data is not None:
-                raise UserError("--val-data needs --data (the embedded corpus has its own held-out works)")
-            self.train_files, self.val_files = corpus.shakespeare_split()
-            self.name = "shakespeare"
-            self.split = {"held_out_works": list(corpus.SHAKESPEARE_VALIDATION)}
-        else:
-            self.train_files = corpus.resolve_files(pcfg.data)
-            self.val_files = corpus.resolve_files(pcfg.val_data) if pcfg.val_data else []
-            both = {p.resolve() for p in self.train_files} & {p.resolve() for p in self.val_files}
-            if both:
-                raise UserError(f"{sorted(both)[0]} is in both --data and --val-data")
-            self.name = ", ".join(pcfg.data)
-            self.split = {"val_files": True} if pcfg.val_data else {"val_fraction": pcfg.val_fraction}
-        self.split["text_field"] = pcfg.text_field
-
-    def documents(self) -> tuple[list[Any], list[Any]]:
-        from .data import corpus
-
-        if self._docs is None:
-            if self.val_files:
-                train = corpus.read_documents(self.train_files, self.pcfg.text_field)
-                val = corpus.read_documents(self.val_files, self.pcfg.text_field)
-            else:
-                train, val = corpus.split_documents(corpus.read_documents(self.train_files, self.pcfg.text_field), self.pcfg.val_fraction)
-            self._docs = (train, val)
-        return self._docs
-
-    def key(self) -> dict[str, Any]:
-        from .data.shards import file_fingerprint
-
-        return {"train_files": file_fingerprint(self.train_files), "val_files": file_fingerprint(self.val_files), "split": self.split}
-
-    def tokenizer(self, cache: Path, say: Any) -> tuple[Any, str]:
-        from .tokenizer import BPETokenizer
-
-        spec = self.pcfg.tokenizer
-        if spec is not None:
-            return _load_tokenizer(spec), f"loaded from {' + '.join(spec)}"
-        from .data.shards import cache_key
-
-        path = cache / "tokenizers" / f"{cache_key({**self.key(), 'vocab_size': self.pcfg.vocab_size, 'kind': 'bpe'})}.json"
-        if path.is_file():
-            return BPETokenizer.load(path), f"BPE trained on the training split (cached: {path})"
-        say(f"training a {self.pcfg.vocab_size}-token BPE tokenizer on the training split ...")
-        train, _ = self.documents()
-        tok = BPETokenizer.train(texts=(d.text for d in train), vocab_size=self.pcfg.vocab_size)
-        tok.save(path)
-        return tok, f"BPE trained on the training split (saved: {path})"
-
-    def shards(self, cache: Path, tokenizer: Any, say: Any) -> tuple[Any, bool]:
-        from .data.shards import load_or_build_shards
-
-        def documents() -> tuple[list[Any], list[Any]]:
-            say("tokenising the corpus into token shards (once; cached) ...")
-            return self.documents()
-
-        return load_or_build_shards(cache, self.key(), documents, tokenizer)
-
-
-def _load_tokenizer(spec: list[str]) -> Any:
-    """One path: a tokenizer.json, or a directory holding tokenizer.json or GPT-1's two
-    vocabulary files. Two paths: GPT-1's encoder_bpe_40000.json and vocab_40000.bpe."""
-    from .tokenizer import BPETokenizer
-
-    paths = [Path(p) for p in spec]
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"--tokenizer path not found: {p}")
-    if len(paths) == 2:
-        enc, bpe = sorted(paths, key=lambda p: p.suffix != ".json")
-        return BPETokenizer.from_gpt1_files(enc, bpe)
-    (p,) = paths
-    if p.is_file():
-        return BPETokenizer.load(p)
-    if (p / "tokenizer.json").is_file():
-        return BPETokenizer.load(p / "tokenizer.json")
-    enc, bpe = sorted(p.glob("encoder_bpe_*.json")), sorted(p.glob("vocab_*.bpe"))
-    if enc and bpe:
-        return BPETokenizer.from_gpt1_files(enc[0], bpe[0])
-    raise FileNotFoundError(f"--tokenizer {p}: no tokenizer.json or encoder_bpe_*.json + vocab_*.bpe in it")
 
 
 def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_params: int, corpus: _Corpus,

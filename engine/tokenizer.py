@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -49,6 +49,43 @@ def _gpt1_pipeline(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
+def _file_lines(paths: list[Path]) -> Iterator[str]:
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            yield from f
+
+
+def _train_deterministic(texts: Callable[[], Iterable[str]], vocab_size: int, min_frequency: int) -> Tokenizer:
+    """BPE training whose id map does not depend on the process.
+
+    Why tokenizers' BpeTrainer alone is not reproducible: it gives the initial characters
+    sorted ids, but the end-of-word forms ("e</w>") get theirs in the order it meets them
+    while iterating its word counts, a hash map seeded at random in each process (threads
+    play no part: RAYON_NUM_THREADS=1 still differs). Those ids then break ties between
+    equally frequent merges, so the merges differ too. Declaring every "c</w>" of the
+    corpus's (normalised) alphabet up front, in sorted order, leaves nothing to that
+    iteration order; the tokenizer is then rebuilt from the learned vocabulary and merges so
+    those forms are ordinary tokens, not special ones matched in raw text."""
+    pipeline = _gpt1_pipeline(Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=END_OF_WORD)))
+    alphabet: set[str] = set()
+    for text in texts():
+        alphabet.update(pipeline.normalizer.normalize_str(text))
+    alphabet.discard(" ")  # the normaliser turns all whitespace into spaces; words never hold one
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[UNK] + [c + END_OF_WORD for c in sorted(alphabet)],
+        end_of_word_suffix=END_OF_WORD,
+        show_progress=False,
+    )
+    pipeline.train_from_iterator(iter(texts()), trainer)
+    learned = json.loads(pipeline.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]  # "a b" before tokenizers 0.20
+    tok = _gpt1_pipeline(Tokenizer(models.BPE(vocab=learned["vocab"], merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD)))
+    tok.add_special_tokens([UNK])
+    return tok
+
+
 class BPETokenizer:
     """GPT-1 style BPE tokenizer. Build with ``train``, ``from_gpt1_files`` or ``load``."""
 
@@ -69,32 +106,33 @@ class BPETokenizer:
         cls,
         files: Iterable[str | Path] | None = None,
         *,
-        texts: Iterable[str] | None = None,
+        texts: Iterable[str] | Callable[[], Iterable[str]] | None = None,
         vocab_size: int = 8192,
         min_frequency: int = 2,
     ) -> "BPETokenizer":
         """Learns a BPE vocabulary of `vocab_size` tokens (incl. <unk>) from text `files` or
-        from `texts`, an iterable of strings (exactly one of the two)."""
+        from `texts` (exactly one of the two). The texts are read twice, streamed: pass a
+        re-iterable collection or a function returning a fresh iterable.
+
+        The result is a function of the texts and their order alone, the same in every
+        process: see ``_train_deterministic``."""
         if (files is None) == (texts is None):
             raise ValueError("BPETokenizer.train needs exactly one of files=[paths] or texts=iterable")
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-        tok = _gpt1_pipeline(Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=END_OF_WORD)))
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=[UNK],
-            end_of_word_suffix=END_OF_WORD,
-            show_progress=False,
-        )
         if files is not None:
             paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(p) for p in files]
             missing = [str(p) for p in paths if not p.is_file()]
             if missing or not paths:
                 raise FileNotFoundError(f"tokenizer training files not found: {missing[:5] or '(none given)'}")
-            tok.train([str(p) for p in paths], trainer)
+            source: Callable[[], Iterable[str]] = lambda: _file_lines(paths)
+        elif callable(texts):
+            source = texts
+        elif iter(texts) is texts:  # type: ignore[arg-type]
+            raise ValueError("BPETokenizer.train reads texts twice: pass a list or a function returning a fresh iterable, not an iterator")
         else:
-            tok.train_from_iterator(iter(texts), trainer)
+            source = lambda: texts  # type: ignore[assignment,return-value]
+        tok = _train_deterministic(source, vocab_size, min_frequency)
         if tok.get_vocab_size() <= 1:
             raise ValueError("tokenizer training data is empty: no tokens learned")
         return cls(tok)
@@ -114,9 +152,16 @@ class BPETokenizer:
             vocab = json.loads(encoder_json.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{encoder_json} is not a JSON token→id map: {e}") from None
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
             raise ValueError(f"{encoder_json} must map tokens to integer ids")
-        lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+        if not all(0 <= v < 2**32 for v in vocab.values()):
+            raise ValueError(f"{encoder_json} holds an id outside [0, 2^32)")
+        if len(set(vocab.values())) != len(vocab):
+            raise ValueError(f"{encoder_json} gives two tokens the same id; expected one id per token")
+        try:
+            lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{vocab_bpe} is not UTF-8 text (byte offset {e.start}); expected GPT-1's merges file") from None
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = []
@@ -126,8 +171,15 @@ class BPETokenizer:
             pair = line.split(" ")
             if len(pair) != 2:
                 raise ValueError(f"{vocab_bpe}:{n}: expected a merge 'a b', got {line!r}")
+            # Checked here: tokenizers panics on some of these (a merge whose result is unknown).
+            unknown = [t for t in (pair[0], pair[1], pair[0] + pair[1]) if t not in vocab]
+            if unknown:
+                raise ValueError(f"{vocab_bpe}:{n}: the merge {line!r} uses {unknown[0]!r}, which is not in {encoder_json}")
             merges.append((pair[0], pair[1]))
-        model = models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD, fuse_unk=False)
+        try:
+            model = models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD, fuse_unk=False)
+        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+            raise ValueError(f"{vocab_bpe} does not fit {encoder_json}: {e}") from None
         return cls(_gpt1_pipeline(Tokenizer(model)), mode)
 
     @classmethod
@@ -163,12 +215,15 @@ class BPETokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids, encoded in parallel; without the character offsets (which nothing
+        here reads) where the library can skip them (encode_batch_fast, tokenizers >= 0.20)."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         if self.mode == "openai":
             from .openai_text import words
 
             cut = [words(t) for t in texts]
-            return [e.ids if w else [] for w, e in zip(cut, self._tok.encode_batch([w or [""] for w in cut], is_pretokenized=True, add_special_tokens=False))]
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+            return [e.ids if w else [] for w, e in zip(cut, encode([w or [""] for w in cut], is_pretokenized=True, add_special_tokens=False))]
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

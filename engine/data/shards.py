@@ -1,33 +1,53 @@
-"""Token shards: a corpus tokenised once into uint16 arrays on disk, memory-mapped, cached.
+"""Token shards: a corpus tokenised once, in a stream, into arrays on disk, memory-mapped, cached.
 
-    <cache>/shards/<key>/train.bin, val.bin   token ids, uint16, documents back to back
-    <cache>/shards/<key>/meta.json            counts, vocabulary size, unigram statistics
+    <cache>/shards/<key>/train.bin, val.bin   token ids (uint16, or uint32 past 65,536 tokens),
+                                              units back to back in corpus order
+    <cache>/shards/<key>/meta.json            counts, vocabulary size, dtype, unigram statistics
 
 The key hashes everything the tokens depend on: each corpus file's path, size and mtime,
-the split, the JSONL text field and the tokenizer itself. A shard directory is built under
-a temporary name and renamed into place when complete, so a crashed build is never used;
-a changed file or tokenizer gives a new key, hence a rebuild.
+the split, the JSONL text field and the tokenizer itself; a changed file or tokenizer gives
+a new key, hence a rebuild.
+
+The build streams: units of text are tokenised in batches (the tokenizers library's batch
+encoding, which runs on every core) and appended to the two files, so memory holds one batch,
+not the corpus. It happens in ``.<key>.partial/`` and records its progress there every
+CHECKPOINT_BYTES of text: a build that is killed continues from its last record at the next
+call. The finished directory is renamed into place, so a half-built one is never used. One
+build at a time per cache (a lock file), which also makes it safe to remove what killed builds
+of other keys left behind.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from ..fileio import _fsync_dir, atomic_write_text
+from ..fileio import atomic_write_text, fsync_dir
 
-SHARD_VERSION = 1
-TOKEN_DTYPE = np.uint16
-MAX_VOCAB = int(np.iinfo(TOKEN_DTYPE).max) + 1  # ids 0..65535
-ENCODE_CHUNK = 256  # documents per tokenizer call
+SHARD_VERSION = 1  # unchanged by streaming: the same inputs give the same bytes as before
+MAX_VOCAB = 2**32  # uint32 ids
+# Text per tokenizer call. Its encodings are what a build's memory holds: ~90 bytes per
+# character of text (measured with tokenizers 0.23, an 8192-token BPE), ~180 MB at 2 MB.
+BATCH_BYTES = 2 << 20
+BATCH_UNITS = 1024
+# Longer units are encoded in pieces cut at line ends (the same tokens): every batch then
+# has pieces for every core of the tokenizer's thread pool, even a batch of one document.
+PIECE_CHARS = 1 << 16
+CHECKPOINT_BYTES = 64 << 20  # text between two progress records of a build
+STATS_CHUNK = 1 << 20  # tokens per step of the unigram statistics (8 MB as int64)
 
 
 def default_cache_dir() -> Path:
@@ -50,16 +70,54 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocabularies up to 65,536), else uint32."""
+    check_vocab(vocab_size)
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
 def check_vocab(vocab_size: int) -> None:
     if vocab_size > MAX_VOCAB:
-        raise ValueError(
-            f"the tokenizer has {vocab_size} tokens, more than the {MAX_VOCAB} ids uint16 token shards can hold"
-        )
+        raise ValueError(f"the tokenizer has {vocab_size} tokens, more than the {MAX_VOCAB} ids uint32 token shards can hold")
+
+
+class UnitSource(Protocol):
+    """What a build reads: the corpus's units, each with its side of the split."""
+
+    plan: str  # names the split decision; progress recorded under another plan is discarded
+    total_bytes: int  # about how much text units() yields (for the progress bar)
+
+    def units(self) -> Iterable[tuple[bool, str]]:
+        """(is validation, text) for each unit, in the same order on every call."""
+
+    def finish(self) -> "UnitSource | None":
+        """Called once units() is exhausted: None when the split stands, else the source to
+        build from instead (a fix-up of the split); raises ValueError for an unusable corpus."""
+
+
+@dataclass
+class ListSource:
+    """Units from two lists of objects with .text: training first, then validation."""
+
+    train: list[Any]
+    val: list[Any]
+    plan: str = "lists"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(len(d.text) for d in self.train + self.val)
+
+    def units(self) -> Iterator[tuple[bool, str]]:
+        yield from ((False, d.text) for d in self.train)
+        yield from ((True, d.text) for d in self.val)
+
+    def finish(self) -> None:
+        return None
 
 
 @dataclass
 class TokenShards:
-    """Memory-mapped train and validation token arrays (uint16) and their metadata."""
+    """Memory-mapped train and validation token arrays and their metadata."""
 
     directory: Path
     train: np.ndarray
@@ -81,39 +139,53 @@ class TokenShards:
 
 def open_shards(directory: Path) -> TokenShards | None:
     """The shards in `directory`, or None when it is not a complete shard directory."""
-    meta_path = directory / "meta.json"
-    if not meta_path.is_file():
-        return None
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, OSError):
+        meta = json.loads((directory / "meta.json").read_text())
+        dtype = np.dtype(meta.get("dtype", "uint16"))
+    except (json.JSONDecodeError, OSError, TypeError):
         return None
-    arrays = []
-    for split in ("train", "val"):
-        path = directory / f"{split}.bin"
-        n = meta.get(f"{split}_tokens")
-        if not path.is_file() or not isinstance(n, int) or path.stat().st_size != n * np.dtype(TOKEN_DTYPE).itemsize:
-            return None
-        arrays.append(np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(n,)) if n else np.zeros(0, TOKEN_DTYPE))
+    if dtype not in (np.uint16, np.uint32):
+        return None
+    arrays = [_map(directory / f"{split}.bin", dtype, meta.get(f"{split}_tokens")) for split in ("train", "val")]
+    if any(a is None for a in arrays):
+        return None
     return TokenShards(directory, arrays[0], arrays[1], meta)
+
+
+def _map(path: Path, dtype: np.dtype, n: Any) -> np.ndarray | None:
+    if not path.is_file() or not isinstance(n, int) or path.stat().st_size != n * dtype.itemsize:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
 
 
 def load_or_build_shards(
     cache_dir: Path,
     key_parts: dict[str, Any],
-    documents: Callable[[], tuple[list[Any], list[Any]]],
+    source: Callable[[], UnitSource],
     tokenizer: Any,
+    *,
+    progress: bool = False,
+    say: Callable[[str], None] = lambda message: None,
 ) -> tuple[TokenShards, bool]:
-    """The cached shards for `key_parts` (+ the tokenizer), built from `documents()` →
-    (train docs, val docs) on a miss. Returns (shards, whether they were built now)."""
-    check_vocab(tokenizer.vocab_size)
+    """The cached shards for `key_parts` (+ the tokenizer), built from `source()` on a miss
+    (continuing an interrupted build of the same key). Returns (shards, whether built now).
+    `progress` shows a progress bar (MB/s, tokens/s) when stderr is a terminal; `say` hears
+    what was cleaned up or resumed."""
+    token_dtype(tokenizer.vocab_size)
     key = cache_key({**key_parts, "tokenizer": tokenizer_digest(tokenizer)})
     directory = cache_dir / "shards" / key
     shards = open_shards(directory)
     if shards is not None:
         return shards, False
-    train_docs, val_docs = documents()
-    return build_shards(directory, train_docs, val_docs, tokenizer, key_parts), True
+    with _build_lock(directory.parent, say):
+        shards = open_shards(directory)  # built by whoever held the lock before us
+        if shards is not None:
+            return shards, False
+        for p in remove_leftovers(directory.parent, keep=directory.name):
+            say(f"removed {p}, left by a build that was killed")
+        if (directory.parent / f".{directory.name}.partial" / "progress.json").is_file():
+            say(f"continuing the interrupted build in {directory.parent / f'.{directory.name}.partial'}")
+        return build_shards(directory, source(), tokenizer, key_parts, progress=progress), True
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -124,59 +196,193 @@ def tokenizer_digest(tokenizer: Any) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_shards(directory: Path, train_docs: list[Any], val_docs: list[Any], tokenizer: Any, source: dict[str, Any]) -> TokenShards:
-    """Tokenises the documents (objects with .text) into `directory` atomically."""
-    check_vocab(tokenizer.vocab_size)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-        n_train = _write_tokens(tmp / "train.bin", train_docs, tokenizer, counts)
-        n_val = _write_tokens(tmp / "val.bin", val_docs, tokenizer, None)
-        if n_train == 0:
-            raise ValueError("the training split holds no tokens after tokenisation")
-        p = counts[counts > 0] / n_train
-        val = np.memmap(tmp / "val.bin", dtype=TOKEN_DTYPE, mode="r", shape=(n_val,)) if n_val else np.zeros(0, TOKEN_DTYPE)
-        q = (counts + 1) / (n_train + tokenizer.vocab_size)
-        val_xent = float(-np.log(q[val]).mean()) if n_val else math.nan
-        del val
-        meta = {
-            "version": SHARD_VERSION,
-            "train_tokens": n_train,
-            "val_tokens": n_val,
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-            "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(TOKEN_DTYPE).name,
-            "unigram_entropy": float(-(p * np.log(p)).sum()),
-            "val_unigram_cross_entropy": val_xent,
-            "source": source,
-        }
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
-        _fsync_dir(tmp)
+@contextlib.contextmanager
+def _build_lock(shard_root: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Holds <cache>/shards/.lock exclusively: other builds in this cache wait."""
+    shard_root.mkdir(parents=True, exist_ok=True)
+    with open(shard_root / ".lock", "a") as f:
         try:
-            os.replace(tmp, directory)
-        except OSError:  # another process finished the same shards first: use theirs
-            if open_shards(directory) is None:
-                raise
-        _fsync_dir(directory.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process's token-shard build in {shard_root} ...")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_leftovers(shard_root: Path, keep: str) -> list[Path]:
+    """Removes what killed builds left: `.<key>.*.tmp` directories (from before builds were
+    resumable) and the `.<key>.partial` ones of keys other than `keep` (only a build of its
+    own key resumes a partial one; a changed file or tokenizer never does). Call under the
+    build lock, so that none of them is in use. Returns what was removed."""
+    removed = []
+    for p in shard_root.glob(".*"):
+        if p.is_dir() and (p.name.endswith(".tmp") or (p.name.endswith(".partial") and p.name != f".{keep}.partial")):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def build_shards(directory: Path, source: UnitSource, tokenizer: Any, key_parts: dict[str, Any], *, progress: bool = False) -> TokenShards:
+    """Tokenises `source` into `directory`: streamed, resumable, renamed into place when done."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    partial = directory.parent / f".{directory.name}.partial"
+    while True:
+        state = _resume_state(partial, source.plan, dtype)
+        _stream(partial, source, tokenizer, dtype, state, progress)
+        replacement = source.finish()
+        if replacement is None:
+            break
+        shutil.rmtree(partial)  # the split changed: what was written is on the wrong sides
+        source = replacement
+    meta = _meta(partial, state, tokenizer.vocab_size, dtype, key_parts)
+    atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1) + "\n")
+    (partial / "progress.json").unlink()
+    fsync_dir(partial)
+    os.replace(partial, directory)
+    fsync_dir(directory.parent)
     shards = open_shards(directory)
     assert shards is not None, f"shards at {directory} unreadable right after writing"
     return shards
 
 
-def _write_tokens(path: Path, docs: list[Any], tokenizer: Any, counts: np.ndarray | None) -> int:
-    n = 0
-    with open(path, "wb") as f:
-        for i in range(0, len(docs), ENCODE_CHUNK):
-            encoded = tokenizer.encode_batch([d.text for d in docs[i : i + ENCODE_CHUNK]])
-            arr = np.fromiter((t for ids in encoded for t in ids), dtype=np.int64)
-            if counts is not None:
-                counts += np.bincount(arr, minlength=len(counts))
-            f.write(arr.astype(TOKEN_DTYPE).tobytes())
-            n += len(arr)
+def _resume_state(partial: Path, plan: str, dtype: np.dtype) -> dict[str, Any]:
+    """The recorded progress of a build in `partial` under `plan` (its files cut back to it),
+    or a fresh start."""
+    fresh = {"plan": plan, "dtype": dtype.name, "units": 0, "text_bytes": 0,
+             "train_tokens": 0, "val_tokens": 0, "train_units": 0, "val_units": 0}
+    try:
+        state = json.loads((partial / "progress.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        state = None
+    if not isinstance(state, dict) or {k: state.get(k) for k in ("plan", "dtype")} != {"plan": plan, "dtype": dtype.name}:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for split in ("train", "val"):
+            (partial / f"{split}.bin").touch()
+        return fresh
+    for split in ("train", "val"):  # anything written after the record is redone
+        os.truncate(partial / f"{split}.bin", state[f"{split}_tokens"] * dtype.itemsize)
+    return state
+
+
+def _stream(partial: Path, source: UnitSource, tokenizer: Any, dtype: np.dtype, state: dict[str, Any], progress: bool) -> None:
+    """Appends the tokens of every unit after the first state['units'] to the two files,
+    recording progress in `state` and on disk every CHECKPOINT_BYTES of text."""
+    from tqdm import tqdm
+
+    skip, since_record = state["units"], 0
+    # On a terminal only: a CLI's stderr otherwise holds nothing but its one-line errors.
+    bar = tqdm(total=source.total_bytes, initial=state["text_bytes"], unit="B", unit_scale=True, unit_divisor=1024,
+               desc="tokenising", disable=not (progress and sys.stderr.isatty()), mininterval=1.0, smoothing=0.1)
+    start, tokens_at_start = time.perf_counter(), state["train_tokens"] + state["val_tokens"]
+    with open(partial / "train.bin", "ab") as train_f, open(partial / "val.bin", "ab") as val_f, bar:
+        for batch in _batches(source.units(), skip):
+            n_bytes = _write_batch(batch, tokenizer, dtype, (train_f, val_f), state)
+            bar.update(n_bytes)
+            tokens = state["train_tokens"] + state["val_tokens"] - tokens_at_start
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tokens/s", refresh=False)
+            since_record += n_bytes
+            if since_record >= CHECKPOINT_BYTES:
+                _record(partial, state, (train_f, val_f))
+                since_record = 0
+        _record(partial, state, (train_f, val_f))
+
+
+def _batches(units: Iterable[tuple[bool, str]], skip: int) -> Iterator[list[tuple[bool, str]]]:
+    """Units after the first `skip`, grouped up to BATCH_BYTES of text / BATCH_UNITS units."""
+    batch: list[tuple[bool, str]] = []
+    size = 0
+    for i, unit in enumerate(units):
+        if i < skip:
+            continue
+        batch.append(unit)
+        size += len(unit[1])
+        if size >= BATCH_BYTES or len(batch) >= BATCH_UNITS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_batch(batch: list[tuple[bool, str]], tokenizer: Any, dtype: np.dtype, files: tuple[Any, Any], state: dict[str, Any]) -> int:
+    """Encodes one batch and appends each unit's ids to its side's file; returns its text size."""
+    pieces, owners = [], []
+    for i, (_, text) in enumerate(batch):
+        cut = split_at_lines(text, PIECE_CHARS)
+        pieces += cut
+        owners += [i] * len(cut)
+    encoded = tokenizer.encode_batch(pieces)
+    sides: list[list[list[int]]] = [[], []]
+    for owner, ids in zip(owners, encoded):
+        sides[batch[owner][0]].append(ids)
+    for is_val, (f, id_lists) in enumerate(zip(files, sides)):
+        n = sum(map(len, id_lists))
+        f.write(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype, count=n).tobytes())
+        name = "val" if is_val else "train"
+        state[f"{name}_tokens"] += n
+        state[f"{name}_units"] += sum(1 for v, _ in batch if v == bool(is_val))
+    state["units"] += len(batch)
+    n_bytes = sum(len(t) for _, t in batch)
+    state["text_bytes"] += n_bytes
+    return n_bytes
+
+
+def split_at_lines(text: str, size: int) -> list[str]:
+    """`text` in pieces of about `size` characters, each cut after a newline (a piece runs on
+    to the next newline when there is none within `size`). Tokens never span a newline, so
+    the pieces' tokens, concatenated, are the text's."""
+    if len(text) <= size:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.rfind("\n", start, start + size) + 1 if start + size < len(text) else len(text)
+        if end <= start:
+            end = text.find("\n", start + size) + 1 or len(text)
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def _record(partial: Path, state: dict[str, Any], files: tuple[Any, Any]) -> None:
+    """Makes the tokens written so far durable, then says so (progress.json)."""
+    for f in files:
         f.flush()
         os.fsync(f.fileno())
-    return n
+    atomic_write_text(partial / "progress.json", json.dumps(state) + "\n")
+
+
+def _meta(partial: Path, state: dict[str, Any], vocab_size: int, dtype: np.dtype, source: dict[str, Any]) -> dict[str, Any]:
+    """meta.json's content: counts and the unigram statistics, read back from the files."""
+    n_train, n_val = state["train_tokens"], state["val_tokens"]
+    if n_train == 0:
+        raise ValueError("the training split holds no tokens after tokenisation")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for chunk in _chunks(partial / "train.bin", dtype):
+        counts += np.bincount(chunk, minlength=vocab_size)
+    p = counts[counts > 0] / n_train
+    q = (counts + 1) / (n_train + vocab_size)
+    # One chunk sums exactly as numpy's mean of the whole did before the stream.
+    log_q = sum(float(np.log(q[chunk]).sum()) for chunk in _chunks(partial / "val.bin", dtype))
+    return {
+        "version": SHARD_VERSION,
+        "train_tokens": n_train,
+        "val_tokens": n_val,
+        "train_documents": state["train_units"],
+        "val_documents": state["val_units"],
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "unigram_entropy": float(-(p * np.log(p)).sum()),
+        "val_unigram_cross_entropy": -log_q / n_val if n_val else math.nan,
+        "source": source,
+    }
+
+
+def _chunks(path: Path, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """The file's tokens, STATS_CHUNK at a time: read, not memory-mapped, since mapped pages
+    stay in the process's resident memory and would grow it with the corpus."""
+    with open(path, "rb") as f:
+        while (chunk := np.fromfile(f, dtype=dtype, count=STATS_CHUNK)).size:
+            yield chunk

@@ -1,4 +1,10 @@
+"""GPT-1's BPE: OpenAI's files as transformers reads them, training (reproducible across
+processes), save/load, and bad vocabulary files."""
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +87,61 @@ def test_bad_inputs(tmp_path):
         BPETokenizer.train()
     with pytest.raises(FileNotFoundError):
         BPETokenizer.train([tmp_path / "missing.txt"])
+
+
+TRAIN_IN_A_PROCESS = """
+import hashlib, sys
+from engine.data.corpus import read_documents, shakespeare_files
+from engine.tokenizer import BPETokenizer
+docs = read_documents(shakespeare_files()[:3])
+tok = BPETokenizer.train(texts=lambda: (d.text for d in docs), vocab_size=int(sys.argv[1]))
+tok.save(sys.argv[2])
+"""
+
+
+def test_training_gives_one_id_map_in_every_process(tmp_path):
+    """Issue 12, probe 1: three processes training the same BPE on the same text got three id
+    maps (the end-of-word forms' ids followed a per-process random hash order)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    digests = set()
+    for i in range(3):
+        path = tmp_path / f"tok{i}.json"
+        subprocess.run([sys.executable, "-c", TRAIN_IN_A_PROCESS, "500", str(path)], check=True, env=env, cwd=tmp_path)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    tok = BPETokenizer.load(tmp_path / "tok0.json")
+    assert tok.vocab_size == 500 and tok.id_to_token(0) == "<unk>"
+    assert tok.encode("e!") == [tok.token_to_id("e</w>"), tok.token_to_id("!</w>")]  # ordinary tokens, not special ones
+    assert tok.encode("e</w>") != [tok.token_to_id("e</w>")]  # raw text "e</w>" is not matched as one token
+
+
+def test_train_refuses_a_one_shot_iterator():
+    with pytest.raises(ValueError, match="reads texts twice"):
+        BPETokenizer.train(texts=iter(["to be or not to be"] * 5), vocab_size=40)
+
+
+GOOD_ENCODER = {"<unk>": 0, "t": 1, "o": 2, "o</w>": 3, "t</w>": 4, "to</w>": 5}
+MALFORMED_GPT1_FILES = {
+    "merge of unknown tokens": (GOOD_ENCODER, "#version: 0.2\nt x</w>\n", "vocab.bpe:2: the merge .t x</w>. uses .x</w>., which is not in .*enc.json"),
+    "merge result not in the vocabulary": ({"<unk>": 0, "t": 1, "o</w>": 2}, "#version: 0.2\nt o</w>\n", "uses .to</w>., which is not in"),
+    "two tokens, one id": ({**GOOD_ENCODER, "x": 5}, "#version: 0.2\nt o</w>\n", "enc.json gives two tokens the same id"),
+    "negative id": ({**GOOD_ENCODER, "x": -1}, "#version: 0.2\nt o</w>\n", "enc.json holds an id outside"),
+    "string ids": ({"t": "1"}, "#version: 0.2\n", "enc.json must map tokens to integer ids"),
+    "not a map": ([1, 2], "#version: 0.2\n", "enc.json must map tokens to integer ids"),
+    "merges not UTF-8": (GOOD_ENCODER, b"#version: 0.2\n\xff\xfe o\n", "vocab.bpe is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_GPT1_FILES))
+def test_malformed_gpt1_files_are_a_value_error_naming_the_file(tmp_path, name):
+    """Issue 12, probe 6: these raised the tokenizers library's bare Exception."""
+    encoder, merges, message = MALFORMED_GPT1_FILES[name]
+    (tmp_path / "enc.json").write_text(json.dumps(encoder))
+    (tmp_path / "vocab.bpe").write_bytes(merges if isinstance(merges, bytes) else merges.encode())
+    with pytest.raises(ValueError, match=message):
+        BPETokenizer.from_gpt1_files(tmp_path / "enc.json", tmp_path / "vocab.bpe")
+    # The same directory with a well-formed pair loads: the error was about the content.
+    (tmp_path / "enc.json").write_text(json.dumps(GOOD_ENCODER))
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\nt o</w>\n")
+    assert BPETokenizer.from_gpt1_files(tmp_path / "enc.json", tmp_path / "vocab.bpe").encode("to") == [5]

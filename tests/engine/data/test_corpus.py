@@ -6,6 +6,10 @@ import pytest
 from engine.data.corpus import (
     SHAKESPEARE_VALIDATION,
     Document,
+    HashSplit,
+    SplitTally,
+    count_documents,
+    iter_documents,
     read_documents,
     resolve_files,
     shakespeare_files,
@@ -135,3 +139,39 @@ def test_split_guarantees_both_sides_and_rejects_tiny():
         split_documents([Document("a", "just one paragraph")], 0.1)
     with pytest.raises(ValueError, match="val-fraction"):
         split_documents([Document("a", "x\n\ny")], 1.5)
+
+
+def test_hash_split_of_a_stream_is_the_split_of_the_list():
+    docs = [Document(f"d{i}", f"document number {i % 30}\n") for i in range(60)]
+    split, tally = HashSplit.for_documents(0.2, 60), SplitTally()
+    sides = list(split.assign(iter(docs), tally))  # one pass, one unit at a time
+    assert tally.settle(split) is None and tally.units == 60
+    train, val = split_documents(docs, 0.2)
+    assert [u for v, u in sides if not v] == train and [u for v, u in sides if v] == val
+    assert HashSplit.for_documents(0.2, 19).by_paragraph and not split.by_paragraph  # paragraphs below 20 documents
+
+
+def test_split_fix_ups_hold_one_unit_out_on_each_side():
+    doc = Document("a", "one\n\ntwo\n\nthree\n\nfour")
+    train, val = split_documents([doc], 0.999)  # every hash below 0.999: the highest one trains
+    assert len(train) == 1 and len(val) == 3
+    split, tally = HashSplit(0.999, by_paragraph=True), SplitTally()
+    list(split.assign([doc], tally))
+    fixed = tally.settle(split)
+    assert fixed is not None and fixed.forced_train and fixed.plan != split.plan
+    assert [u.text for v, u in fixed.assign([doc]) if not v] == [u.text for u in train]
+    with pytest.raises(ValueError, match="every unit of the corpus is the same text"):
+        split_documents([Document("a", "same\n\nsame\n\nsame")], 0.999)
+
+
+def test_jsonl_is_read_line_by_line(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b'{"text": "one"}\n{"text": "two"}\n{"text": "caf\xe9"}\n')
+    docs = iter_documents([path])
+    assert [next(docs).text, next(docs).text] == ["one", "two"]  # yielded before the bad line is read
+    with pytest.raises(ValueError, match=r"big.jsonl is not UTF-8 text \(byte 0xe9 at offset 45\)"):
+        next(docs)
+    assert count_documents([path], limit=2) == 2  # stops before the bad line
+    (tmp_path / "blank.jsonl").write_text('\n{"text": "  "}\n')
+    with pytest.raises(ValueError, match="corpus is empty"):
+        count_documents([tmp_path / "blank.jsonl"])

@@ -63,6 +63,14 @@ def test_shorter_than_one_window():
         list(eval_batches(TOKENS[:10], 17, 4))
 
 
+def test_uint32_tokens_read_as_uint16_ones():
+    """Shards past a 65,536-token vocabulary are uint32: windows read them alike, ids intact."""
+    big = TOKENS.astype(np.uint32) + 70_000
+    batch = RandomWindows(big, 17, 8, seed=0)(3, 0, 8)
+    assert torch.equal(batch, RandomWindows(TOKENS, 17, 8, seed=0)(3, 0, 8) + 70_000)
+    assert torch.equal(torch.cat(list(eval_batches(big, 17, 4))), torch.cat(list(eval_batches(TOKENS, 17, 4))) + 70_000)
+
+
 def test_epoch_windows_visit_every_window_once_per_epoch():
     from engine.data.windows import EpochWindows, eval_starts
 
