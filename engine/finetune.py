@@ -75,6 +75,7 @@ class FinetuneConfig:
     arch: str | None = field(default=None, metadata={"help": f"with --init none: a run whose config.json and tokenizer (never its weights) the random model takes, so the ablation differs from pretraining in the weights only (default: {PRETRAIN_DEFAULT_OUT} unless --preset is given)"})
     preset: str | None = field(default=None, metadata={"help": "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's config; needs --tokenizer or --arch for the tokenizer (default: none)"})
     tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer.json to use instead of the run's (default: the run's own)"})
+    tokenizer_mode: str = field(default="hf", metadata={"help": "how text is cut into words when --init holds GPT-1's original vocabulary files (encoder_bpe_40000.json + vocab_40000.bpe, or vocab.json + merges.txt): hf (transformers) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own", "choices": ("hf", "openai")})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training set (paper: 3)"})
     lm_coef: float = field(default=0.5, metadata={"help": "λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (paper: 0.5)"})
     lm_average: str = field(default="token", metadata={"help": "L1 averaged over every token of the batch, or per sequence then over sequences (OpenAI's code)", "choices": ("token", "sequence")})
@@ -106,6 +107,8 @@ class FinetuneConfig:
 
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+        if self.tokenizer_mode not in ("hf", "openai"):
+            raise ValueError(f"--tokenizer-mode must be hf or openai, got {self.tokenizer_mode!r}")
         if self.lm_average not in ("token", "sequence"):
             raise ValueError(f"--lm-average must be token or sequence, got {self.lm_average!r}")
         if self.n_transfer is not None:
@@ -208,10 +211,10 @@ def _resolve_train_config(fcfg: FinetuneConfig, given: dict[str, Any], out: Path
 # ---- loading models and tokenizers -------------------------------------------------------------
 
 
-def load_tokenizer(run_dir: Path, override: str | None = None) -> BPETokenizer:
+def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf") -> BPETokenizer:
     """tokenizer.json (this engine), vocab.json + merges.txt (Hugging Face openai-gpt), or
     encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's GPT-1 release)."""
-    return run.load_tokenizer(run_dir, override)
+    return run.load_tokenizer(run_dir, override, mode)
 
 
 def _missing_run(path: Path, what: str) -> FileNotFoundError:
@@ -234,7 +237,7 @@ def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, st
         init = Path(fcfg.init)
         if not (init / "config.json").is_file():
             raise _missing_run(init, "--init")
-        tokenizer = load_tokenizer(init, fcfg.tokenizer)
+        tokenizer = load_tokenizer(init, fcfg.tokenizer, fcfg.tokenizer_mode)
         config, state = load_pretrained(init)
         if tokenizer.vocab_size > config.vocab_size + 4:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only {config.vocab_size} embedding rows")
@@ -256,14 +259,14 @@ def _random_init_source(fcfg: FinetuneConfig) -> tuple[GPT1Config, BPETokenizer,
         if fcfg.tokenizer is None and fcfg.arch is None:
             raise cli.UserError(f"--init none --preset {fcfg.preset} needs a tokenizer: pass --tokenizer PATH "
                                 "(or --arch RUN to take that run's)")
-        tokenizer = load_tokenizer(arch, fcfg.tokenizer)
+        tokenizer = load_tokenizer(arch, fcfg.tokenizer, fcfg.tokenizer_mode)
         return GPT1Config.from_name(fcfg.preset, vocab_size=tokenizer.vocab_size), tokenizer, f"random init ({fcfg.preset})"
     if not (arch / "config.json").is_file():
         raise FileNotFoundError(
             f"--init none takes the model's config.json and tokenizer from --arch RUN ({arch} has no config.json"
             + (f"; `{PRETRAIN_COMMAND}` makes one there" if fcfg.arch is None else "")
             + "), or pass --preset NAME with --tokenizer PATH")
-    return GPT1Config.from_json_file(arch / "config.json"), load_tokenizer(arch, fcfg.tokenizer), f"random init ({arch / 'config.json'})"
+    return GPT1Config.from_json_file(arch / "config.json"), load_tokenizer(arch, fcfg.tokenizer, fcfg.tokenizer_mode), f"random init ({arch / 'config.json'})"
 
 
 def _with_dropout(config: GPT1Config, dropout: float | None) -> GPT1Config:

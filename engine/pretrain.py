@@ -92,6 +92,8 @@ class PretrainConfig:
     init: str | None = field(default=None, metadata={"help": "start a new run from this model: a run directory or a Hugging Face openai-gpt directory (config.json + weights + tokenizer); its tokenizer and config are used, the optimizer and schedule start fresh (default: random weights)"})
     tokenizer: list[str] | None = field(default=None, metadata={"help": "a tokenizer.json, or GPT-1's encoder_bpe_40000.json and vocab_40000.bpe (two paths or their directory) (default: train a BPE on the training split, cached)"})
     vocab_size: int | None = field(default=None, metadata={"help": "vocabulary of the BPE trained when --tokenizer is not given (default: 8192 on CUDA, 2048 on CPU)"})
+    tokenizer_mode: str = field(default="hf", metadata={"help": "how text is cut into words before GPT-1's original BPE files (--tokenizer encoder_bpe_40000.json vocab_40000.bpe, or an --init directory holding them): hf (transformers' BERT-style cut) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own", "choices": ("hf", "openai")})
+    epochs: float | None = field(default=None, metadata={"help": "train in epochs: each visits every (seq_len+1)-token window of the training split once, in a seeded order, and sets --max-steps (the paper: 100) (default: windows drawn at random, --max-steps updates)"})
     cache_dir: str | None = field(default=None, metadata={"help": "where tokenizers and token shards are cached (default: $GPT1_CACHE_DIR or ~/.cache/gpt1-engine)"})
     preset: str | None = field(default=None, metadata={"help": "model size: gpt1 (the paper's), gpt1-medium, gpt1-small, gpt1-tiny (default: gpt1 on CUDA, gpt1-small on CPU)"})
     seq_len: int | None = field(default=None, metadata={"help": "tokens per training sequence (n_ctx), at most the preset's n_positions (default: 512 on CUDA, 128 on CPU)"})
@@ -121,6 +123,13 @@ class PretrainConfig:
 
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
+        if self.tokenizer_mode not in ("hf", "openai"):
+            raise ValueError(f"--tokenizer-mode must be hf or openai, got {self.tokenizer_mode!r}")
+        if self.tokenizer_mode == "openai" and self.tokenizer is None and self.init is None:
+            raise ValueError("--tokenizer-mode openai cuts words for GPT-1's original vocabulary: pass --tokenizer "
+                             "encoder_bpe_40000.json vocab_40000.bpe (or --init a directory holding them)")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not 0 < self.epochs < math.inf):
+            raise ValueError(f"--epochs must be a positive number, got {self.epochs!r}")
 
 
 def build_parser() -> ArgumentParser:
@@ -151,7 +160,9 @@ def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig
     --resume, the saved model config is in the namespace's `saved_model`."""
     ns = build_parser().parse_args(argv)
     given_p, given_t = dataclass_kwargs(PretrainConfig, ns), dataclass_kwargs(TrainConfig, ns)
-    ns.saved_model = None
+    ns.saved_model, ns.given_train = None, set(given_t)
+    if "epochs" in given_p and "max_steps" in given_t:
+        raise UserError("--epochs and --max-steps both set the run's length; pass one")
     if ns.stop_at is not None and ns.stop_at <= 0:
         raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
     if ns.resume:
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data.shards import default_cache_dir
 
         given = ((run.load_tokenizer_file(Path(ns.resume) / "tokenizer.json"), f"the run's own ({ns.resume})") if ns.resume
-                 else (run.load_tokenizer(Path(pcfg.init)), f"--init {pcfg.init}'s") if pcfg.init else None)
+                 else (run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s") if pcfg.init else None)
         return prepare(pcfg, Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir(), lambda *a: print(*a, flush=True), given)
     with run.distributed(tcfg.device) as dist, run.locked_run_dir(Path(tcfg.out), dist):
         return _pretrain(pcfg, tcfg, ns, dist)
@@ -214,6 +225,8 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     run.check_fused(tcfg.fused, dist.device)
     micro, accum = batch_layout(tcfg, dist.world_size)
     corpus, tokenizer, tok_note, shards, built = _data(pcfg, out, resume_from is not None, dist, say)
+    if pcfg.epochs is not None and resume_from is None:
+        tcfg = _epoch_steps(pcfg, tcfg, shards, ns.given_train)
     model = _model(pcfg, tcfg, tokenizer, ns.saved_model if resume_from else None)
 
     # The run directory is written only now that every input checked out.
@@ -226,6 +239,18 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     dist.barrier()
     say(_describe(pcfg, tcfg, model.config, dist, _n_params(model), corpus, shards, tok_note, built, resume_from, (micro, accum)))
     return _train(pcfg, tcfg, ns, dist, model, tokenizer, shards, resume_from, micro, say)
+
+
+def _epoch_steps(pcfg: PretrainConfig, tcfg: TrainConfig, shards: Any, given: set[str]) -> TrainConfig:
+    """The train config with --max-steps covering --epochs passes over the training windows
+    (and its default warm-up recomputed for that length)."""
+    from .data.windows import EpochWindows
+
+    steps = EpochWindows(shards.train, pcfg.seq_len + 1, tcfg.batch_size, tcfg.seed).steps(pcfg.epochs)
+    fields = {**dataclasses.asdict(tcfg), "max_steps": steps}
+    if "warmup_steps" not in given:
+        fields["warmup_steps"] = None
+    return TrainConfig(**fields)
 
 
 def _n_params(model: Any) -> int:
@@ -247,7 +272,7 @@ def _data(pcfg: PretrainConfig, out: Path, resuming: bool, dist: Any, say: Any) 
         if resuming:
             tokenizer, tok_note = run.load_tokenizer_file(out / "tokenizer.json"), f"the run's own ({out / 'tokenizer.json'})"
         elif pcfg.init is not None:
-            tokenizer, tok_note = run.load_tokenizer(Path(pcfg.init)), f"--init {pcfg.init}'s"
+            tokenizer, tok_note = run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s"
         else:
             tokenizer, tok_note = corpus.tokenizer(cache, say)
         shards, built = corpus.shards(cache, tokenizer, say)
@@ -291,7 +316,7 @@ def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: A
            resume_from: Path | None, micro: int, say: Any) -> int:
     import torch
 
-    from .data.windows import RandomWindows, eval_batches
+    from .data.windows import EpochWindows, RandomWindows, eval_batches
     from .train import Trainer, flops_per_token
 
     out, window = Path(tcfg.out), pcfg.seq_len + 1
@@ -306,7 +331,7 @@ def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: A
 
     mcfg, n_params = model.config, _n_params(model)
     trainer = Trainer(
-        model, tcfg, loss_fn, RandomWindows(shards.train, window, tcfg.batch_size, tcfg.seed),
+        model, tcfg, loss_fn, (EpochWindows if pcfg.epochs is not None else RandomWindows)(shards.train, window, tcfg.batch_size, tcfg.seed),
         evaluate=evaluate, dist=dist, tokens_per_sample=pcfg.seq_len,
         flops_per_token=flops_per_token(n_params, mcfg.n_layer, mcfg.n_embd, pcfg.seq_len),
         resume_from=resume_from,

@@ -253,9 +253,10 @@ def exit_code(result: Any, out: Path, say: Callable[[str], None]) -> int | None:
     return None
 
 
-def load_tokenizer(run_dir: Path, override: str | None = None) -> Any:
+def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf") -> Any:
     """A model directory's tokenizer: tokenizer.json (this engine), vocab.json + merges.txt
-    (Hugging Face openai-gpt), or encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's release)."""
+    (Hugging Face openai-gpt), or encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's release);
+    `mode` is how the last two cut words (engine.tokenizer: "hf" or "openai")."""
     from .tokenizer import BPETokenizer
 
     if override:
@@ -264,7 +265,7 @@ def load_tokenizer(run_dir: Path, override: str | None = None) -> Any:
         return BPETokenizer.load(run_dir / "tokenizer.json")
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder_bpe_40000.json", "vocab_40000.bpe")):
         if (run_dir / vocab).is_file() and (run_dir / merges).is_file():
-            return BPETokenizer.from_gpt1_files(run_dir / vocab, run_dir / merges)
+            return BPETokenizer.from_gpt1_files(run_dir / vocab, run_dir / merges, mode=mode)
     raise FileNotFoundError(f"no tokenizer in {run_dir} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer PATH")
 
 

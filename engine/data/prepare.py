@@ -130,7 +130,7 @@ class Corpus:
 
         spec = self.pcfg.tokenizer
         if spec is not None:
-            return load_tokenizer(spec), f"loaded from {' + '.join(spec)}"
+            return load_tokenizer(spec, self.pcfg.tokenizer_mode), f"loaded from {' + '.join(spec)}"
         path = self.tokenizer_path(cache)
         if path.is_file():
             return BPETokenizer.load(path), f"BPE trained on the training split (cached: {path})"
@@ -149,9 +149,10 @@ class Corpus:
         return load_or_build_shards(cache, self.key(), source, tokenizer, progress=progress, say=say)
 
 
-def load_tokenizer(spec: list[str]) -> Any:
+def load_tokenizer(spec: list[str], mode: str = "hf") -> Any:
     """One path: a tokenizer.json, or a directory holding tokenizer.json or GPT-1's two
-    vocabulary files. Two paths: GPT-1's encoder_bpe_40000.json and vocab_40000.bpe."""
+    vocabulary files. Two paths: GPT-1's encoder_bpe_40000.json and vocab_40000.bpe. `mode`:
+    how GPT-1's files cut words ("hf" or "openai", engine.tokenizer)."""
     from ..tokenizer import BPETokenizer
 
     paths = [Path(p) for p in spec]
@@ -160,7 +161,7 @@ def load_tokenizer(spec: list[str]) -> Any:
             raise FileNotFoundError(f"--tokenizer path not found: {p}")
     if len(paths) == 2:
         enc, bpe = sorted(paths, key=lambda p: p.suffix != ".json")
-        return BPETokenizer.from_gpt1_files(enc, bpe)
+        return BPETokenizer.from_gpt1_files(enc, bpe, mode=mode)
     (p,) = paths
     if p.is_file():
         return BPETokenizer.load(p)
@@ -168,7 +169,7 @@ def load_tokenizer(spec: list[str]) -> Any:
         return BPETokenizer.load(p / "tokenizer.json")
     enc, bpe = sorted(p.glob("encoder_bpe_*.json")), sorted(p.glob("vocab_*.bpe"))
     if enc and bpe:
-        return BPETokenizer.from_gpt1_files(enc[0], bpe[0])
+        return BPETokenizer.from_gpt1_files(enc[0], bpe[0], mode=mode)
     raise FileNotFoundError(f"--tokenizer {p}: no tokenizer.json or encoder_bpe_*.json + vocab_*.bpe in it")
 
 

@@ -2,6 +2,7 @@
 through the CLI, SIGTERM, the overwrite policy, DDP with 2 gloo processes, and bad input."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -249,3 +250,31 @@ def test_explicit_validation_files(tmp_path):
         _Corpus(PretrainConfig(data=[train], val_data=[train]))
     with pytest.raises(Exception, match="--val-data needs --data"):
         _Corpus(PretrainConfig(val_data=[val]))
+
+
+def test_epochs_set_the_length_and_resume_mid_epoch_is_bit_identical(tmp_path, cache, capsys):
+    """--epochs 0.5: every window at most once, max_steps from the split's window count; a run
+    stopped mid-epoch and resumed equals the uninterrupted one."""
+    base = [a for a in args(tmp_path / "x", cache) if a not in ("--max-steps", "6")]
+    epoch = lambda out, *extra: [*[a if a != str(tmp_path / "x") else str(out) for a in base], "--epochs", "0.5", *extra]  # noqa: E731
+    code, stdout, _ = run(epoch(tmp_path / "full"), capsys)
+    assert code == 0
+    saved = json.loads((tmp_path / "full" / "train_config.json").read_text())
+    from engine.data.windows import eval_starts
+
+    n_train = int(re.search(r"tokens\s+train ([\d,]+)", stdout).group(1).replace(",", ""))
+    expected = -(-len(eval_starts(n_train, 33)) // 2 // 4)  # ceil(0.5 · windows / batch 4)
+    assert saved["train"]["max_steps"] == max(1, expected) and saved["pretrain"]["epochs"] == 0.5
+    stop = max(1, expected // 2)
+    assert run(epoch(tmp_path / "part", "--stop-at", str(stop)), capsys)[0] == 0
+    assert run(["--resume", str(tmp_path / "part")], capsys)[0] == 0
+    full, resumed = tensors(tmp_path / "full"), tensors(tmp_path / "part")
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    code, _, err = run([*epoch(tmp_path / "both"), "--max-steps", "3"], capsys)
+    assert code == 2 and "--epochs and --max-steps" in err
+
+
+def test_tokenizer_mode_openai_needs_gpt1_files(tmp_path, cache, capsys):
+    code, _, err = run(args(tmp_path / "r", cache, "--tokenizer-mode", "openai"), capsys)
+    assert code == 2 and "--tokenizer-mode openai" in err and err.count("\n") == 1
