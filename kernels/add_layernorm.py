@@ -8,9 +8,12 @@ y = (s - mean)·rstd·γ + β. Statistics are float32 whatever the input dtype, 
 Parallelisation: a row is a head of BLOCK_C columns (the largest power of two ≤ C) and a tail of
 TAIL (a power of two covering the rest; masked), so C = 768 = 512 + 256 has no idle lanes and
 no dropout draws past column C. Forward: one program per tile of ROWS whole rows, ROWS growing
-as C shrinks so every program moves ~4K elements. Backward: one row per step, 4 warps, so the
-tile, x̂ and the dγ/dβ accumulators fit in ~110 registers: 4 CTAs (16 warps) per SM on sm_90
-(bench/sm90_report.py). x and r are read once in each direction.
+as C shrinks so every program moves ~4K elements. Backward: one warp per program, one row per
+step: at C = 768 each thread owns 24 elements, i.e. exactly three 8-column Philox groups (fewer
+elements per thread would make threads recompute the same draws), its row sums are warp
+shuffles (no bar.sync), and tile, x̂ and the dγ/dβ accumulators fit in ~240 registers × 32
+threads: 8 CTAs per SM on sm_90 (bench/sm90_report.py; was 207 × 256 threads, 1 CTA).
+x and r are read once in each direction.
 
 Dropout is the point of the fusion: no mask tensor exists. With the seed an int64 (1,) tensor read
 in-kernel (no host sync), element (i, j) of the (N, C) rows is kept iff d(i, j) ≥ round(p·2¹⁶), where
@@ -45,8 +48,8 @@ from .attention import _dropout_draws
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 4096  # elements per forward program (ROWS · (BLOCK_C + TAIL)) for moderate C
-_MAX_GROUPS = 512  # backward programs at most: partial-sum buffer ≤ 512·C floats
-_BWD_ROWS, _BWD_WARPS = 1, 4  # backward: one row per tile, 128 threads (see bwd_launch)
+_MAX_GROUPS = 1024  # backward programs at most (~8 per SM on an H200): partials ≤ 1024·C floats
+_BWD_ROWS, _BWD_WARPS = 1, 1  # backward: one row per step, one warp (see bwd_launch)
 _DRAW_BITS = 16  # bits per dropout draw: 8 draws per Philox4x32 call
 _MAX_ROWS = 2**32  # dropout counters: row i < 2³² and column group ⌊j/8⌋ < 2³²
 _MAX_COLS = 2**35
@@ -259,9 +262,9 @@ def fwd_launch(C: int) -> dict:
 
 
 def bwd_launch(N: int, C: int) -> dict:
-    """Backward tiling: _BWD_ROWS rows per tile (small, so the four float32 accumulators and the
-    tile stay in registers at ≥ 2 CTAs per SM: bench/sm90_report.py shows registers × threads),
-    BLOCKS_PER_GROUP tiles per program, n_groups ≤ _MAX_GROUPS programs."""
+    """Backward tiling: _BWD_ROWS rows per step on _BWD_WARPS warps (the module docstring says why;
+    bench/sm90_report.py shows registers × threads), BLOCKS_PER_GROUP steps per program, n_groups
+    ≤ _MAX_GROUPS programs."""
     head, tail = _split(C)
     rows = _floor_pow2(min(_BWD_ROWS, max(1, _TILE // (head + tail))))
     n_blocks = triton.cdiv(N, rows)
