@@ -21,9 +21,10 @@ Columns, per compile:
   spill     spill stores + spill loads (bytes per thread, ptxas -v)
   wgmma     wgmma.mma_async instructions in the PTX (static count)
   cvt       ttg.convert_layout ops in the TTGIR (layout changes, often through shared memory)
-  loop      SASS instructions of each innermost loop: the instructions from a label to the
-            backward branch (BRA) that returns to it, with no other such loop inside,
-            in program order; bar = BAR.SYNC/RED/ARV inside each of those loops.
+  loop      SASS instructions (cuobjdump -sass) of each innermost loop, in program order: from
+            the target address of a backward BRA to that BRA, with no other such loop inside
+            (the loop's back edge; sm_90 instructions are 16 bytes); bar = BAR.SYNC/RED/ARV in
+            each of those loops. Attention's fwd/dq have two (off-diagonal, then diagonal).
 """
 from __future__ import annotations
 
