@@ -24,7 +24,7 @@ Columns, per compile:
   loop      SASS instructions (cuobjdump -sass) of each innermost loop, in program order: from
             the target address of a backward BRA to that BRA, with no other such loop inside
             (the loop's back edge; sm_90 instructions are 16 bytes); bar = BAR.SYNC/RED/ARV in
-            each of those loops. Attention's fwd/dq have two (off-diagonal, then diagonal).
+            each of those loops. Attention's kernels have two: off-diagonal and diagonal blocks.
 """
 from __future__ import annotations
 
