@@ -71,11 +71,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .cli import UserError, flag_name
+from .flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: F401  (one formula; pretrain/finetune import it from here)
 from .metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported: callers import them from here)
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU, by a substring of the device name.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
 # ---- configuration ----------------------------------------------------------------------
@@ -838,10 +835,3 @@ def _postfix(rec: dict[str, Any]) -> dict[str, str]:
         out["mfu"] = f"{100 * rec['mfu']:.1f}%"
     out["lr"] = f"{rec['lr']:.2e}"
     return out
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6·N for the matmuls with the N
-    parameters, plus 6·L·T·C for causal attention (QKᵀ and AV: 2 matmuls × 2·T·C per
-    token, halved by the causal mask, ×3 for backward)."""
-    return 6.0 * n_params + 6.0 * n_layer * seq_len * n_embd

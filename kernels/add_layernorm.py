@@ -5,9 +5,15 @@ Spec: engine/reference.py::add_layernorm. Rows of width C (GPT-1: C = 768).
 Forward, per row: s = x + r·keep/(1-p); mean = Σs/C; rstd = 1/√(Σ(s-mean)²/C + eps);
 y = (s - mean)·rstd·γ + β. Statistics are float32 whatever the input dtype, and saved.
 
-Parallelisation: one program per tile of ROWS whole rows (BLOCK_C = next_power_of_2(max(C, 8))
-columns, masked); ROWS grows as C shrinks so every program moves ~4K elements. x and r are read
-once.
+Parallelisation: a row is a head of BLOCK_C columns (the largest power of two ≤ C) and a tail of
+TAIL (a power of two covering the rest; masked), so C = 768 = 512 + 256 has no idle lanes and
+no dropout draws past column C. Forward: one program per tile of ROWS whole rows, ROWS growing
+as C shrinks so every program moves ~4K elements. Backward: one warp per program, one row per
+step: at C = 768 each thread owns 24 elements, i.e. exactly three 8-column Philox groups (fewer
+elements per thread would make threads recompute the same draws), its row sums are warp
+shuffles (no bar.sync), and tile, x̂ and the dγ/dβ accumulators fit in ~240 registers × 32
+threads: 8 CTAs per SM on sm_90 (bench/sm90_report.py; was 207 × 256 threads, 1 CTA).
+x and r are read once in each direction.
 
 Dropout is the point of the fusion: no mask tensor exists. With the seed an int64 (1,) tensor read
 in-kernel (no host sync), element (i, j) of the (N, C) rows is kept iff d(i, j) ≥ round(p·2¹⁶), where
@@ -20,10 +26,10 @@ Philox call serves 8 consecutive columns: the ~100 integer operations of a full 
 (tl.rand) would make this memory-bound kernel compute-bound. The draw is attention's
 (kernels/attention.py, whose @triton.jit helper _dropout_draws is imported and called with
 counter word 2 = 0) and csrc/philox.h's keep_row: the C++ CPU kernel draws the same mask bit for
-bit. i < 2³² and ⌊j/8⌋ < 2³² (C ≤ 2³⁵) keep counters distinct; larger shapes are refused. Tiles
-hold whole rows from column 0 with BLOCK_C ≥ 8 a power of two, so every tile covers whole groups
-of 8 columns; the draw depends on (seed, i, j) only, so forward, backward and
-add_layernorm_dropout_mask (for tests) agree bit for bit.
+bit. i < 2³² and ⌊j/8⌋ < 2³² (C ≤ 2³⁵) keep counters distinct; larger shapes are refused. Both
+parts start at a multiple of 8 and are ≥ 8 wide, so each covers whole groups of 8 columns; the
+draw depends on (seed, i, j) only, so forward, backward and add_layernorm_dropout_mask (for
+tests) agree bit for bit.
 
 Backward is deterministic without atomics: each program owns a fixed group of rows, writes its
 float32 partial sums of dγ, dβ to row g of a (n_groups, C) buffer, and torch sums those in a
@@ -41,18 +47,35 @@ from torch import Tensor
 from .attention import _dropout_draws
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TILE = 4096  # elements per program (ROWS · BLOCK_C) for moderate C
-_MAX_GROUPS = 512  # backward programs at most: partial-sum buffer ≤ 512·C floats
+_TILE = 4096  # elements per forward program (ROWS · (BLOCK_C + TAIL)) for moderate C
+_MAX_GROUPS = 1024  # backward programs at most (~8 per SM on an H200): partials ≤ 1024·C floats
+_BWD_ROWS, _BWD_WARPS = 1, 1  # backward: one row per step, one warp (see bwd_launch)
 _DRAW_BITS = 16  # bits per dropout draw: 8 draws per Philox4x32 call
 _MAX_ROWS = 2**32  # dropout counters: row i < 2³² and column group ⌊j/8⌋ < 2³²
 _MAX_COLS = 2**35
 
 
 @triton.jit
-def _keep(seed, rows, drop_thresh, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Keep-mask of rows × columns [0, BLOCK_C): 16-bit draw ≥ drop_thresh (module docstring)."""
+def _keep(seed, rows, start, drop_thresh, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """Keep-mask of rows × columns start + [0, WIDTH): 16-bit draw ≥ drop_thresh (module docstring)."""
     # counter word 0 is the row mod 2³² (int32 bits: tl.philox reads them as uint32)
-    return _dropout_draws(seed, 0, rows.to(tl.int32), 0, ROWS, BLOCK_C) >= drop_thresh
+    return _dropout_draws(seed, 0, rows.to(tl.int32), start, ROWS, WIDTH) >= drop_thresh
+
+
+@triton.jit
+def _load_part(x_ptr, r_ptr, seed, rows, row_ok, C, drop_thresh, dropout_scale,
+               START: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Columns START + [0, WIDTH) of the rows: (offsets, mask, s = x + dropout(r), keep) in fp32."""
+    cols = START + tl.arange(0, WIDTH)
+    ok = row_ok[:, None] & (cols < C)[None, :]
+    offs = rows[:, None] * C + cols[None, :]  # (ROWS, WIDTH) element index
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    keep = ok
+    if HAS_DROPOUT:
+        keep = _keep(seed, rows, START, drop_thresh, ROWS, WIDTH)
+        r = tl.where(keep, r * dropout_scale, 0.0)
+    return offs, ok, x + r, keep
 
 
 @triton.jit
@@ -72,31 +95,57 @@ def _add_layernorm_fwd_kernel(
     dropout_scale,  # 1 / (1 - p)
     HAS_DROPOUT: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # columns [0, BLOCK_C): the head part
+    TAIL: tl.constexpr,  # columns [BLOCK_C, BLOCK_C + TAIL): the tail part
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
-    col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * C + cols[None, :]  # (ROWS, BLOCK_C) element index
-
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        r = tl.where(_keep(seed, rows, drop_thresh, ROWS, BLOCK_C), r * dropout_scale, 0.0)
-    s = x + r
-    mean = tl.sum(s, axis=1) / C
-    d = tl.where(ok, s - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = d * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
+    offs0, ok0, s0, _ = _load_part(x_ptr, r_ptr, seed, rows, row_ok, C, drop_thresh, dropout_scale,
+                                   0, BLOCK_C, ROWS, HAS_DROPOUT)
+    offs1, ok1, s1, _ = _load_part(x_ptr, r_ptr, seed, rows, row_ok, C, drop_thresh, dropout_scale,
+                                   BLOCK_C, TAIL, ROWS, HAS_DROPOUT)
+    mean = (tl.sum(s0, axis=1) + tl.sum(s1, axis=1)) / C
+    d0 = tl.where(ok0, s0 - mean[:, None], 0.0)
+    d1 = tl.where(ok1, s1 - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt((tl.sum(d0 * d0, axis=1) + tl.sum(d1 * d1, axis=1)) / C + eps)
+    _store_y(w_ptr, b_ptr, y_ptr, offs0, ok0, d0, rstd, C, 0, BLOCK_C)
+    _store_y(w_ptr, b_ptr, y_ptr, offs1, ok1, d1, rstd, C, BLOCK_C, TAIL)
     tl.store(mean_ptr + rows, mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _store_y(w_ptr, b_ptr, y_ptr, offs, ok, d, rstd, C, START: tl.constexpr, WIDTH: tl.constexpr):
+    """y = (s - mean)·rstd·γ + β for columns START + [0, WIDTH)."""
+    cols = START + tl.arange(0, WIDTH)
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_part(dy_ptr, x_ptr, r_ptr, w_ptr, seed, rows, row_ok, mean, rstd, C, drop_thresh, dropout_scale,
+              START: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """Columns START + [0, WIDTH): (offsets, mask, keep, dy, x̂, ĝ = dy·γ) in fp32."""
+    offs, ok, s, keep = _load_part(x_ptr, r_ptr, seed, rows, row_ok, C, drop_thresh, dropout_scale,
+                                   START, WIDTH, ROWS, HAS_DROPOUT)
+    cols = START + tl.arange(0, WIDTH)
+    w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    xhat = tl.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)  # x̂ = (s - mean)·rstd
+    return offs, ok, keep, dy, xhat, dy * w[None, :]
+
+
+@triton.jit
+def _store_dx(dx_ptr, dr_ptr, offs, ok, keep, g, xhat, rstd, mean_g, mean_gx, dropout_scale,
+              HAS_DROPOUT: tl.constexpr):
+    """∂L/∂s = rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) = ∂L/∂x; ∂L/∂r = ∂L/∂s·keep/(1-p)."""
+    dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if HAS_DROPOUT:
+        tl.store(dr_ptr + offs, tl.where(keep, dx * dropout_scale, 0.0).to(dr_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -121,46 +170,45 @@ def _add_layernorm_bwd_kernel(
     # loop to a runtime bound under numpy >= 2.4 (triton-lang/triton#9171); one compile per value
     BLOCKS_PER_GROUP: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # columns [0, BLOCK_C): the head part
+    TAIL: tl.constexpr,  # columns [BLOCK_C, BLOCK_C + TAIL): the tail part
 ):
     group = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-    db_acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
+    # ∂L/∂γ = Σ_rows dy·x̂, ∂L/∂β = Σ_rows dy (masked rows and columns contribute 0)
+    dw0 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    db0 = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+    dw1 = tl.zeros([ROWS, TAIL], dtype=tl.float32)
+    db1 = tl.zeros([ROWS, TAIL], dtype=tl.float32)
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     for i in range(0, BLOCKS_PER_GROUP):
         rows = (group.to(tl.int64) * BLOCKS_PER_GROUP + i) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < N
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None] * C + cols[None, :]
-        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            keep = _keep(seed, rows, drop_thresh, ROWS, BLOCK_C)  # the forward's mask, regenerated
-            r = tl.where(keep, r * dropout_scale, 0.0)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(ok, (x + r - mean[:, None]) * rstd[:, None], 0.0)  # x̂ = (s - mean)·rstd
-        # y = x̂·γ + β  ⇒  ĝ = ∂L/∂x̂ = dy·γ and, differentiating x̂ through mean and rstd,
-        # ∂L/∂s = rstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)); ∂L/∂x = ∂L/∂s, ∂L/∂r = ∂L/∂s·keep/(1-p).
-        g = dy * w[None, :]
-        mean_g = tl.sum(g, axis=1) / C
-        mean_gx = tl.sum(g * xhat, axis=1) / C
-        dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-        if HAS_DROPOUT:
-            dr = tl.where(keep, dx * dropout_scale, 0.0)
-            tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=ok)
-        # ∂L/∂γ = Σ_rows dy·x̂, ∂L/∂β = Σ_rows dy (masked rows and columns contribute 0)
-        dw_acc += dy * xhat
-        db_acc += dy
+        offs0, ok0, keep0, dy0, xhat0, g0 = _bwd_part(dy_ptr, x_ptr, r_ptr, w_ptr, seed, rows, row_ok, mean, rstd,
+                                                      C, drop_thresh, dropout_scale, 0, BLOCK_C, ROWS, HAS_DROPOUT)
+        offs1, ok1, keep1, dy1, xhat1, g1 = _bwd_part(dy_ptr, x_ptr, r_ptr, w_ptr, seed, rows, row_ok, mean, rstd,
+                                                      C, drop_thresh, dropout_scale, BLOCK_C, TAIL, ROWS, HAS_DROPOUT)
+        # y = x̂·γ + β ⇒ ĝ = ∂L/∂x̂ = dy·γ; x̂ depends on s through mean and rstd (see _store_dx)
+        mean_g = (tl.sum(g0, axis=1) + tl.sum(g1, axis=1)) / C
+        mean_gx = (tl.sum(g0 * xhat0, axis=1) + tl.sum(g1 * xhat1, axis=1)) / C
+        _store_dx(dx_ptr, dr_ptr, offs0, ok0, keep0, g0, xhat0, rstd, mean_g, mean_gx, dropout_scale, HAS_DROPOUT)
+        _store_dx(dx_ptr, dr_ptr, offs1, ok1, keep1, g1, xhat1, rstd, mean_g, mean_gx, dropout_scale, HAS_DROPOUT)
+        dw0 += dy0 * xhat0
+        db0 += dy0
+        dw1 += dy1 * xhat1
+        db1 += dy1
+    _store_partials(dw_part_ptr, db_part_ptr, group, dw0, db0, C, 0, BLOCK_C)
+    _store_partials(dw_part_ptr, db_part_ptr, group, dw1, db1, C, BLOCK_C, TAIL)
+
+
+@triton.jit
+def _store_partials(dw_part_ptr, db_part_ptr, group, dw, db, C, START: tl.constexpr, WIDTH: tl.constexpr):
+    """Row g of the partial-sum buffers, columns START + [0, WIDTH): the program's column sums."""
+    cols = START + tl.arange(0, WIDTH)
     part = group.to(tl.int64) * C + cols
-    tl.store(dw_part_ptr + part, tl.sum(dw_acc, axis=0), mask=col_ok)
-    tl.store(db_part_ptr + part, tl.sum(db_acc, axis=0), mask=col_ok)
+    tl.store(dw_part_ptr + part, tl.sum(dw, axis=0), mask=cols < C)
+    tl.store(db_part_ptr + part, tl.sum(db, axis=0), mask=cols < C)
 
 
 @triton.jit
@@ -171,26 +219,58 @@ def _add_layernorm_dropout_mask_kernel(
     n_cols,
     drop_thresh,  # drop when the 16-bit draw < this = round(p·2¹⁶)
     ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # columns [0, BLOCK_C): the head part
+    TAIL: tl.constexpr,  # columns [BLOCK_C, BLOCK_C + TAIL): the tail part
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
+    seed = tl.load(seed_ptr)
+    _store_keep(keep_ptr, seed, rows, n_rows, n_cols, drop_thresh, 0, BLOCK_C, ROWS)
+    _store_keep(keep_ptr, seed, rows, n_rows, n_cols, drop_thresh, BLOCK_C, TAIL, ROWS)
+
+
+@triton.jit
+def _store_keep(keep_ptr, seed, rows, n_rows, n_cols, drop_thresh,
+                START: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+    cols = START + tl.arange(0, WIDTH)
     ok = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    offs = rows[:, None] * n_cols + cols[None, :]
-    keep = _keep(tl.load(seed_ptr), rows, drop_thresh, ROWS, BLOCK_C)
-    tl.store(keep_ptr + offs, keep.to(tl.int8), mask=ok)
+    keep = _keep(seed, rows, START, drop_thresh, ROWS, WIDTH)
+    tl.store(keep_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=ok)
 
 
 # ---- launchers ----------------------------------------------------------------------------
 
 
-def _tiling(C: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_C, num_warps): whole rows per program, ~_TILE elements per program. BLOCK_C is
-    a power of two ≥ 8, so a tile covers whole 8-column groups of dropout draws."""
-    block_c = triton.next_power_of_2(max(C, 8))
-    rows = max(1, min(64, _TILE // block_c))
-    num_warps = min(16, max(1, rows * block_c // 512))
-    return rows, block_c, num_warps
+def _floor_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def _split(C: int) -> tuple[int, int]:
+    """(BLOCK_C, TAIL): a row as a head of BLOCK_C columns (the largest power of two ≤ C, ≥ 8)
+    and a tail of TAIL ≥ 8 (a power of two covering the rest, or 8 masked columns when there is
+    none). C = 768 → 512 + 256: no masked lanes, so no dropout draws for columns past C (one
+    power-of-two tile of 1024 would waste a quarter of them). Both parts start at a multiple of
+    8, so each covers whole 8-column groups of dropout draws."""
+    head = _floor_pow2(max(C, 8))
+    return head, triton.next_power_of_2(max(C - head, 8))
+
+
+def fwd_launch(C: int) -> dict:
+    """Forward (and mask) tiling: whole rows per program, ~_TILE elements per program."""
+    head, tail = _split(C)
+    rows = _floor_pow2(min(64, max(1, _TILE // (head + tail))))
+    return dict(ROWS=rows, BLOCK_C=head, TAIL=tail, num_warps=_floor_pow2(min(16, max(1, rows * (head + tail) // 512))))
+
+
+def bwd_launch(N: int, C: int) -> dict:
+    """Backward tiling: _BWD_ROWS rows per step on _BWD_WARPS warps (the module docstring says why;
+    bench/sm90_report.py shows registers × threads), BLOCKS_PER_GROUP steps per program, n_groups
+    ≤ _MAX_GROUPS programs."""
+    head, tail = _split(C)
+    rows = _floor_pow2(min(_BWD_ROWS, max(1, _TILE // (head + tail))))
+    n_blocks = triton.cdiv(N, rows)
+    per_group = max(1, triton.cdiv(n_blocks, _MAX_GROUPS))
+    return dict(ROWS=rows, BLOCK_C=head, TAIL=tail, BLOCKS_PER_GROUP=per_group,
+                n_groups=triton.cdiv(n_blocks, per_group), num_warps=_BWD_WARPS)
 
 
 def _check_dropout(dropout_p: float, seed: Tensor | None, device: torch.device, N: int, C: int) -> int:
@@ -261,12 +341,11 @@ def add_layernorm_fwd(
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     if N == 0:
         return y, mean, rstd
-    rows, block_c, num_warps = _tiling(C)
+    launch = fwd_launch(C)
     has_dropout = dropout_p > 0
-    _add_layernorm_fwd_kernel[(triton.cdiv(N, rows),)](
+    _add_layernorm_fwd_kernel[(triton.cdiv(N, launch["ROWS"]),)](
         x, residual, weight, bias, seed if has_dropout else x, y, mean, rstd,
-        N, C, eps, thresh, 1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=has_dropout, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+        N, C, eps, thresh, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, **launch,
     )
     return y, mean, rstd
 
@@ -292,18 +371,15 @@ def add_layernorm_bwd(
     has_dropout = dropout_p > 0
     grad_x = torch.empty_like(x)
     grad_residual = torch.empty_like(residual) if has_dropout else x.new_empty(0)
-    rows, block_c, num_warps = _tiling(C)
-    n_blocks = triton.cdiv(N, rows)
-    blocks_per_group = max(1, triton.cdiv(n_blocks, _MAX_GROUPS))
-    n_groups = triton.cdiv(n_blocks, blocks_per_group)
+    launch = bwd_launch(N, C)
+    n_groups = launch.pop("n_groups")
     dw_part = torch.zeros(n_groups, C, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(n_groups, C, dtype=torch.float32, device=x.device)
     if N > 0:
         _add_layernorm_bwd_kernel[(n_groups,)](
             grad_y, x, residual, weight, mean.contiguous(), rstd.contiguous(), seed if has_dropout else x,
             grad_x, grad_residual if has_dropout else grad_x, dw_part, db_part,
-            N, C, thresh, 1.0 / (1.0 - dropout_p),
-            HAS_DROPOUT=has_dropout, BLOCKS_PER_GROUP=blocks_per_group, ROWS=rows, BLOCK_C=block_c, num_warps=num_warps,
+            N, C, thresh, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, **launch,
         )
     # second stage: a fixed-order column sum of the per-group partials (deterministic)
     return grad_x, grad_residual, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
@@ -316,8 +392,6 @@ def add_layernorm_dropout_mask(seed: Tensor, rows: int, cols: int, dropout_p: fl
     thresh = _check_dropout(dropout_p, seed, seed.device, rows, cols)
     keep = torch.ones(rows, cols, dtype=torch.int8, device=seed.device)
     if dropout_p > 0 and rows > 0 and cols > 0:
-        n_rows, block_c, num_warps = _tiling(cols)
-        _add_layernorm_dropout_mask_kernel[(triton.cdiv(rows, n_rows),)](
-            seed, keep, rows, cols, thresh, ROWS=n_rows, BLOCK_C=block_c, num_warps=num_warps
-        )
+        launch = fwd_launch(cols)
+        _add_layernorm_dropout_mask_kernel[(triton.cdiv(rows, launch["ROWS"]),)](seed, keep, rows, cols, thresh, **launch)
     return keep.view(torch.bool)

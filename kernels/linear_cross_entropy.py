@@ -7,20 +7,32 @@ over the n_valid rows that do (NaN when n_valid = 0, as F.cross_entropy).
 The (N, V) logits never exist whole (GPT-1: 16384 × 40478 bf16 would be 1.3 GB, and the
 softmax's float32 copy twice that). Rows are processed in chunks of at most CHUNK_BYTES of logits:
 
-    Z = h_chunk Wᵀ                          cuBLAS (torch.mm), compute dtype, fp32 accumulation
-    one Triton program per row of Z:        online max / logsumexp over V in BLOCK_V blocks,
-                                            loss_i = lse_i - z_i,t; then, in place,
-                                            Z ← G = (softmax(z_i) - onehot(t_i)) / n_valid
-                                            (zero rows where t_i is ignored)
-    grad_h_chunk = G W,  grad_W += Gᵀ h_chunk   cuBLAS; grad_W accumulates in float32
+    Z = h_chunk W_padᵀ                      cuBLAS (torch.mm), compute dtype, fp32 accumulation
+    one Triton program per row of Z:        online max / logsumexp over the V real columns in
+                                            BLOCK_V blocks, loss_i = lse_i - z_i,t; then, in
+                                            place, Z ← G = softmax(z_i) - onehot(t_i)
+                                            (zero rows where t_i is ignored, zero padding columns)
+    grad_h_chunk = (G W_pad) / n_valid      cuBLAS, scaled in fp32 after the GEMM
+    acc += Gᵀ h_chunk                       cuBLAS into one float32 (V_pad, C) accumulator
+                                            (beta = 1: no per-chunk temporary); grad_W = acc / n_valid
 
 so the gradients of the mean loss come out of the forward (Liger-style) and backward only
 scales them by the upstream gradient (engine.ops). d loss / d z_ij = (p_ij - [j = t_i]) / n_valid
-for a kept row i, p = softmax(z_i).
+for a kept row i, p = softmax(z_i). G is stored unscaled (|G| ≤ 1) and 1/n_valid is applied in
+fp32 after the GEMMs: stored already divided by n_valid (~16K rows), fp16's G would underflow.
 
-Targets outside [0, V) that are not ignore_index are rejected by a host-side check in the
-launcher (one device→host sync per call, acceptable next to three large GEMMs per chunk); the
-kernel also masks its target-logit read, so such a target could never read out of bounds.
+The vocabulary is padded inside the op to V_pad = a multiple of PAD (64) with zero rows of W:
+V = 40478 ≡ 6 (mod 8) would make the logits' leading dimension misaligned for all three GEMMs,
+which takes cuBLAS off its fastest kernels. The kernel reads only the V real columns of a row of
+V_pad (row stride LD = V_pad) and writes G = 0 in the padding; the module, its state dict and the
+HF files keep V rows.
+
+Targets outside [0, V) that are not ignore_index: for CPU tensors the launcher raises a
+ValueError naming the first one (host memory, no sync to speak of); on CUDA there is no host
+sync in the training step's forward, so instead such a target makes the loss NaN (a device-side
+flag: the train loop skips non-finite steps and stops with an error after max_bad_steps) —
+validate token ids where the batch is built for a message naming the token. The kernel masks its
+target-logit read, so a bad target can never read out of bounds.
 """
 from __future__ import annotations
 
@@ -29,7 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK_BYTES = 256 * 2**20  # logits of one chunk at most (GPT-1 bf16: ~3300 rows of 40478)
+CHUNK_BYTES = 256 * 2**20  # logits of one chunk at most (GPT-1 bf16: ~3300 rows of 40512)
+PAD = 64  # the padded vocabulary is a multiple of this (16-byte aligned rows in any dtype)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK_V_CUDA = 4096  # vocabulary columns per loop step on the GPU
 _BLOCK_V_INTERPRETER = 256  # small, so tests loop over V in several (partial) blocks
@@ -40,16 +53,16 @@ def _cross_entropy_chunk_kernel(
     logits_ptr,  # (rows, V) logits of this chunk; overwritten by ∂loss/∂logits if WRITE_GRAD
     targets_ptr,  # (rows,) int64 targets of this chunk
     loss_ptr,  # (rows,) float32 output: lse - target logit, 0 for ignored rows
-    n_valid_ptr,  # () float32: non-ignored targets in the whole batch (the mean's divisor)
     ignore_index,
-    # V is constexpr: Triton 3.6's interpreter cannot loop to a runtime bound under numpy >= 2.4
-    # (triton-lang/triton#9171); the vocabulary is fixed per model, so one compile.
+    # V and LD are constexpr: Triton 3.6's interpreter cannot loop to a runtime bound under numpy
+    # >= 2.4 (triton-lang/triton#9171); the vocabulary is fixed per model, so one compile.
     V: tl.constexpr,
+    LD: tl.constexpr,  # row stride of logits: the padded vocabulary V_pad ≥ V
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
-    base = logits_ptr + row.to(tl.int64) * V
+    base = logits_ptr + row.to(tl.int64) * LD
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
     cols = tl.arange(0, BLOCK_V)
@@ -70,14 +83,20 @@ def _cross_entropy_chunk_kernel(
     tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
 
     if WRITE_GRAD:
-        # pass 2, in place: ∂(mean loss)/∂z_j = (softmax_j - [j = target]) / n_valid, 0 if ignored
-        scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0)  # n_valid ≥ 1 if valid
-        for start in range(0, V, BLOCK_V):
-            ok = start + cols < V
-            z = tl.load(base + start + cols, mask=ok, other=0.0).to(tl.float32)
+        # pass 2, in place: n_valid · ∂(mean loss)/∂z_j = softmax_j - [j = target], 0 if ignored
+        # or in the padding (the launcher applies 1/n_valid in fp32 after the GEMMs)
+        for start in range(0, LD, BLOCK_V):
+            real = (start + cols < V) & valid
+            z = tl.load(base + start + cols, mask=real, other=0.0).to(tl.float32)
             p = tl.exp(z - lse)
-            g = tl.where(start + cols == target, p - 1.0, p) * scale
-            tl.store(base + start + cols, g.to(logits_ptr.dtype.element_ty), mask=ok)
+            g = tl.where(real, tl.where(start + cols == target, p - 1.0, p), 0.0)
+            tl.store(base + start + cols, g.to(logits_ptr.dtype.element_ty), mask=start + cols < LD)
+
+
+def chunk_launch(V: int, cuda: bool) -> dict:
+    """The row kernel's launch: padded row stride LD, BLOCK_V columns per step, warps."""
+    block_v = min(_BLOCK_V_CUDA if cuda else _BLOCK_V_INTERPRETER, triton.next_power_of_2(V))
+    return dict(LD=triton.cdiv(V, PAD) * PAD, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
 
 
 def _chunk_rows(N: int, V: int, itemsize: int) -> int:
@@ -108,7 +127,7 @@ def _check(hidden: Tensor, weight: Tensor, targets: Tensor) -> None:
 
 
 def _check_targets(targets: Tensor, V: int, ignore_index: int) -> None:
-    """Host check (syncs): every target is ignore_index or a valid class in [0, V)."""
+    """Host check of CPU targets: every target is ignore_index or a valid class in [0, V)."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
     if bad.any():
         i = int(bad.nonzero()[0, 0])
@@ -118,14 +137,30 @@ def _check_targets(targets: Tensor, V: int, ignore_index: int) -> None:
         )
 
 
+def _grad_hidden(out: Tensor, g: Tensor, w: Tensor, inv_n: Tensor) -> None:
+    """out = (g w) · inv_n, the scale applied in fp32 after the GEMM (g unscaled: no underflow)."""
+    prod = torch.mm(g, w, out_dtype=torch.float32) if g.is_cuda and g.dtype != torch.float32 else torch.mm(g, w)
+    out.copy_(prod.float().mul_(inv_n))
+
+
 def _add_grad_weight(acc: Tensor, g: Tensor, h: Tensor) -> None:
-    """acc (V, C) float32 += gᵀ h, with g, h in the compute dtype."""
+    """acc (V_pad, C) float32 += gᵀ h, g and h in the compute dtype, without a (V_pad, C) temporary
+    on CUDA (cuBLAS accumulates into acc with beta = 1)."""
     if g.dtype == torch.float32:
         acc.addmm_(g.t(), h)
-    elif g.is_cuda:  # cuBLAS writes its fp32 accumulator directly (torch >= 2.8)
-        acc.add_(torch.mm(g.t(), h, out_dtype=torch.float32))
-    else:  # no fp32-output low-precision mm on CPU: one rounding per chunk, then fp32 sums
+    elif g.is_cuda:
+        torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
+    else:  # no fp32-output low-precision mm on CPU (tests only): one rounding per chunk
         acc.add_(torch.mm(g.t(), h))
+
+
+def _pad_rows(weight: Tensor, rows: int) -> Tensor:
+    """weight with zero rows appended up to `rows` (the padded vocabulary)."""
+    if weight.shape[0] == rows:
+        return weight
+    padded = weight.new_zeros(rows, weight.shape[1])
+    padded[: weight.shape[0]].copy_(weight)
+    return padded
 
 
 def linear_cross_entropy_fwd(
@@ -140,33 +175,34 @@ def linear_cross_entropy_fwd(
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     (N, C), V = hidden.shape, weight.shape[0]
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    _check_targets(targets, V, ignore_index)
+    if not hidden.is_cuda:
+        _check_targets(targets, V, ignore_index)
+    launch = chunk_launch(V, hidden.is_cuda)
+    w_pad = _pad_rows(weight, launch["LD"])
 
-    n_valid = (targets != ignore_index).sum().to(torch.float32)  # () on the device: no sync
+    valid = targets != ignore_index
+    n_valid = valid.sum().to(torch.float32)  # () on the device: no sync
+    inv_n = 1.0 / n_valid.clamp(min=1.0)  # rows are all ignored ⇒ G = 0 and grads 0
     losses = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-    rows = chunk_rows or _chunk_rows(N, V, hidden.element_size())
-    n_chunks = triton.cdiv(N, rows)
+    rows = chunk_rows or _chunk_rows(N, launch["LD"], hidden.element_size())
     grad_hidden, grad_weight = hidden.new_empty(0), weight.new_empty(0)
     if compute_grad:
         grad_hidden = torch.empty_like(hidden)
-        # several chunks accumulate grad_W in float32; one chunk's product is grad_W itself
-        grad_weight = torch.zeros(V, C, dtype=torch.float32, device=weight.device) if n_chunks > 1 \
-            else torch.zeros_like(weight)
-    block_v = min(_BLOCK_V_CUDA if hidden.is_cuda else _BLOCK_V_INTERPRETER, triton.next_power_of_2(V))
+        acc = torch.zeros(launch["LD"], C, dtype=torch.float32, device=weight.device)
 
     for start in range(0, N, rows):
         end = min(start + rows, N)
         h = hidden[start:end]
-        logits = h @ weight.t()  # (rows, V)
+        logits = h @ w_pad.t()  # (rows, V_pad), leading dimension a multiple of PAD
         _cross_entropy_chunk_kernel[(end - start,)](
-            logits, targets[start:end], losses[start:end], n_valid, ignore_index,
-            V=V, WRITE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+            logits, targets[start:end], losses[start:end], ignore_index,
+            V=V, WRITE_GRAD=compute_grad, **launch,
         )
         if compute_grad:
-            torch.mm(logits, weight, out=grad_hidden[start:end])  # G W: (rows, V) @ (V, C)
-            if n_chunks == 1:
-                torch.mm(logits.t(), h, out=grad_weight)  # Gᵀ h: (V, rows) @ (rows, C)
-            else:
-                _add_grad_weight(grad_weight, logits, h)
-    loss = losses.sum() / n_valid  # fixed-order sum of the per-row losses
-    return loss, grad_hidden, grad_weight.to(weight.dtype)
+            _grad_hidden(grad_hidden[start:end], logits, w_pad, inv_n)  # G W: (rows, V_pad) @ (V_pad, C)
+            _add_grad_weight(acc, logits, h)  # Gᵀ h: (V_pad, rows) @ (rows, C)
+    if compute_grad:
+        grad_weight = acc[:V].mul_(inv_n).to(weight.dtype)
+    bad = (valid & ((targets < 0) | (targets >= V))).any()  # device flag (CPU targets raised above)
+    loss = torch.where(bad, float("nan"), losses.sum() / n_valid)  # fixed-order sum of the row losses
+    return loss, grad_hidden, grad_weight
