@@ -69,6 +69,7 @@ class Job:
     num_warps: int
     num_stages: int = 3
     config: str = ""
+    maxnreg: int | None = None  # a config's register cap (triton.Config.maxnreg)
 
     @property
     def label(self) -> str:
@@ -109,10 +110,12 @@ def _ptr(dtype: str) -> str:
     return "*" + dtype
 
 
-def _tuner_configs(tuner, named_args: dict) -> list:
-    """The configs the autotuner would benchmark at these arguments (its early pruning applied)."""
+def _tuner_configs(tuner, named_args: dict, meta: dict | None = None) -> list:
+    """The configs the autotuner would benchmark at these arguments (its early pruning applied;
+    like the autotuner, the hook gets the call's constexprs as keyword arguments too)."""
     prune = getattr(tuner, "early_config_prune", None)
-    return prune(tuner.configs, named_args) if prune else tuner.configs
+    meta = meta or {}
+    return prune(tuner.configs, {**named_args, **meta}, **meta) if prune else tuner.configs
 
 
 def _named_args(args: dict) -> dict:
@@ -163,15 +166,15 @@ def attention_jobs() -> list[Job]:
                 qkv_ptr=_ptr(dtype), out_ptr=_ptr(dtype), dout_ptr=_ptr(dtype), dqkv_ptr=_ptr(dtype),
                 lse_ptr="*fp32", delta_ptr="*fp32", seed_ptr="*i64", keep_ptr="*u8",
                 stride_qkv_b=T * 3 * C, stride_qkv_t=3 * C, stride_out_b=T * C, stride_out_t=C,
-                stride_dout_b=T * C, stride_dout_t=C, T=T, H=H, C=C, T_BUCKET=T, BH=B * H,
+                stride_dout_b=T * C, stride_dout_t=C, T=T, H=H, C=C, T_BUCKET=T, BH=B * H, BH_BUCKET=1 << (B * H - 1).bit_length(),
                 sm_scale=D**-0.5, qk_scale=D**-0.5, drop_thresh=DROP_THRESH, drop_scale=1 / 0.9,
             )
             meta = dict(HEAD_DIM=D, HAS_DROPOUT=dropout, DOT_MODE=A._dot_mode(_torch_dtype(dtype)))
             for name, tuner in tuners.items():
-                for cfg in _tuner_configs(tuner, {**_named_args(args), **meta}):
+                for cfg in _tuner_configs(tuner, _named_args(args), meta):
+                    label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages) + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
                     jobs.append(Job("attention", "kernels.attention", name, dtype, dropout, args,
-                                    {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
-                                    _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
+                                    {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, label, cfg.maxnreg))
             for name, blocks in plain.items():
                 if name == "_attn_dropout_mask_kernel" and (not dropout or dtype != "bf16"):
                     continue  # draws only: one compile covers it
@@ -222,7 +225,7 @@ def linear_gelu_jobs() -> list[Job]:
         )
         meta = dict(K=C, APPROX_TANH=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_OPERANDS=False)
         tuner = G._matmul_autotuned
-        for cfg in _tuner_configs(tuner, {**_named_args(args), **meta}):
+        for cfg in _tuner_configs(tuner, _named_args(args), meta):
             jobs.append(Job("linear_gelu", "kernels.linear_gelu", "_matmul_autotuned", dtype, False, args,
                             {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
                             _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
@@ -342,7 +345,7 @@ def compile_job(job: Job) -> Result:
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
             compiled = triton.compile(
                 ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=job.num_warps, num_stages=job.num_stages),
+                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=job.num_warps, num_stages=job.num_stages, **({"maxnreg": job.maxnreg} if job.maxnreg else {})),
             )
         text = log.getvalue()
         res.regs = int(re.search(r"Used (\d+) registers", text).group(1))

@@ -475,20 +475,33 @@ def _configs(shapes: list[tuple[int, ...]]) -> list[triton.Config]:
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Short sequences skip tiles much longer than themselves (the last config is the smallest).
-    Register-capped configs are for dropout only: without it they equal their uncapped twin."""
+    """fp32 (the exact "ieee" correctness path on CUDA cores) runs its one small tile. Otherwise:
+    short sequences skip tiles much longer than themselves (the last config is the smallest), and
+    register-capped configs are for dropout only (without it they equal their uncapped twin)."""
+    if getattr(named_args.get("qkv_ptr"), "dtype", None) == torch.float32:
+        return [c for c in configs if _is_fp32_tile(c)]
+    lowp = [c for c in configs if not _is_fp32_tile(c)]
     limit = max(named_args["T_BUCKET"], 64)
     kept = [
-        c for c in configs
+        c for c in lowp
         if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit and (c.maxnreg is None or kwargs.get("HAS_DROPOUT"))
     ]
-    return kept or configs[-1:]
+    return kept or lowp[-1:]
 
 
-def _autotune(kernel, shapes: list[tuple[int, ...]]):
+def _is_fp32_tile(config: triton.Config) -> bool:
+    return any(config is c for c in _FP32_TILES)
+
+
+_FP32_TILES: list[triton.Config] = []  # the fp32-only config of each autotuned kernel
+
+
+def _autotune(kernel, shapes: list[tuple[int, ...]], fp32_shape: tuple[int, ...]):
     # dtype joins the key by itself (the autotuner keys on argument dtypes too)
     key = ["T_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_DROPOUT"]
-    return triton.autotune(_configs(shapes), key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+    (fp32,) = _configs([fp32_shape])
+    _FP32_TILES.append(fp32)
+    return triton.autotune(_configs(shapes) + [fp32], key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 _FWD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 32}
@@ -497,15 +510,21 @@ _DQ_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 32}
 # fwd 128×64 w8 capped at 128 registers: with dropout it needs 182 (1 CTA of 8 warps per SM);
 # at 128 it runs 2 CTAs per SM without spilling (sm_90a compile: 0 spill bytes, +10 SASS in the
 # inner loop). The autotuner decides whether the occupancy is worth it.
+# Every config here compiles for sm_90a without spilling, in bf16 with and without dropout
+# (bench/sm90_report.py; tests/ops/test_sm90.py gates it). Dropped for spilling: fwd 128×64 w4
+# (20 B with dropout), dK/dV 32×128 w4 (184 B), 64×128 w8 (12 B with dropout), 64×64 w4 (8 B).
+# fp32 spills in every bf16 tile (0.5–161 KB per thread): it gets one small clean tile each
+# (fwd 32×32 w4: 80 / 104 registers without / with dropout; dK/dV 16×32 w4: 128 / 134; dQ 16×32
+# w4: 69 / 84), enough for the exact path it is.
 _fwd_tuned = _autotune(
     _attn_fwd_kernel,
-    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    (32, 32, 4, 2),
 )
-_dkdv_tuned = _autotune(
-    _attn_bwd_dkdv_kernel, [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
-)
+_dkdv_tuned = _autotune(_attn_bwd_dkdv_kernel, [(32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2)], (16, 32, 4, 2))
 _dq_tuned = _autotune(
-    _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2)]
+    _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
+    (16, 32, 4, 2),
 )
 _DELTA_BLOCK = 16 if _INTERPRET else 64
 _MASK_BLOCKS = (64, 64)  # any tiles give the same mask; large ones are fastest everywhere

@@ -95,3 +95,27 @@ def attention_reference_lse(qkv, H):
     s = (q @ k.transpose(-2, -1)) / math.sqrt(D)
     s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     return torch.logsumexp(s, dim=-1).float()
+
+
+# ---- the CUDA build without a GPU ----------------------------------------------------------
+
+
+def compile_for_sm90(script: str) -> str:
+    """Runs `script` (which calls triton.compile for an sm_90 GPUTarget) in a fresh interpreter
+    without TRITON_INTERPRET, from the repository root; returns its stdout. Skips the calling
+    test when Triton's bundled ptxas (needed for the cubin) is missing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"no bundled ptxas at {ptxas}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

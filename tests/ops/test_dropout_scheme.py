@@ -99,8 +99,8 @@ def test_threshold_is_eight_bits():
 
 _LAYOUT_SM90 = r"""
 from bench.attn_layout_probe import KERNELS, probe
-for name, index in (("fwd", 1), ("dq", 1)):  # 128x64 w8 and 128x32 w8, the issue's configs
-    config = KERNELS[name].configs[index]
+for name, n in (("fwd", 64), ("dq", 32)):  # 128x64 w8 and 128x32 w8, the issue's configs
+    config = next(c for c in KERNELS[name].configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg) == (128, n, 8, None))
     off, on = probe(name, config, False), probe(name, config, True)
     print(name, *(r[k] for k in ("cvt", "loop_bar", "loop_smem", "loop") for r in (off, on)))
 """
@@ -135,4 +135,17 @@ def test_register_capped_config_is_tuned_only_with_dropout():
     assert [c.maxnreg for c in capped] == [128]
     assert capped[0] in _prune(configs, {"T_BUCKET": 512}, HAS_DROPOUT=True)
     assert capped[0] not in _prune(configs, {"T_BUCKET": 512}, HAS_DROPOUT=False)
-    assert len(_prune(configs, {"T_BUCKET": 512}, HAS_DROPOUT=False)) == len(configs) - 1
+    assert len(_prune(configs, {"T_BUCKET": 512}, HAS_DROPOUT=False)) == len(configs) - 2  # less the fp32 tile too
+
+
+def test_fp32_runs_its_one_clean_tile_and_low_precision_never_does():
+    """fp32 (the exact path) spills in the bf16 tiles on sm_90a: each kernel has one small tile
+    for it, and only fp32 gets it."""
+    from kernels.attention import _dkdv_tuned, _dq_tuned, _fwd_tuned, _prune
+
+    for tuner in (_fwd_tuned, _dkdv_tuned, _dq_tuned):
+        fp32 = _prune(tuner.configs, {"T_BUCKET": 512, "qkv_ptr": torch.empty(0, dtype=torch.float32)}, HAS_DROPOUT=True)
+        assert len(fp32) == 1 and fp32[0].kwargs["BLOCK_M"] * fp32[0].kwargs["BLOCK_N"] <= 32 * 32
+        for dtype in (torch.bfloat16, torch.float16):
+            lowp = _prune(tuner.configs, {"T_BUCKET": 512, "qkv_ptr": torch.empty(0, dtype=dtype)}, HAS_DROPOUT=True)
+            assert fp32[0] not in lowp and len(lowp) == len(tuner.configs) - 1
