@@ -1,6 +1,9 @@
 """Tolerances, in one place, each with its reason; and the comparisons that use them."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 # fp32 kernels against the fp32 reference differ only in accumulation order. Error is
@@ -119,3 +122,9 @@ def compile_for_sm90(script: str) -> str:
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
+
+
+# GPT-1's original BPE files (MIT, OpenAI's release), kept beside the project for tests only.
+GPT1_BPE = Path(__file__).resolve().parents[2] / "shared" / "gpt1-bpe"
+GPT1_ENCODER, GPT1_MERGES = GPT1_BPE / "encoder_bpe_40000.json", GPT1_BPE / "vocab_40000.bpe"
+needs_gpt1_files = pytest.mark.skipif(not GPT1_ENCODER.is_file(), reason="GPT-1's BPE files are not in ../shared/gpt1-bpe")

@@ -12,9 +12,7 @@ pytest.importorskip("spacy", reason="the [openai] extra is not installed")
 from engine.openai_text import text_standardize  # noqa: E402
 from engine.tokenizer import BPETokenizer  # noqa: E402
 
-GPT1_BPE = Path(__file__).resolve().parents[3] / "shared" / "gpt1-bpe"
-ENCODER, MERGES = GPT1_BPE / "encoder_bpe_40000.json", GPT1_BPE / "vocab_40000.bpe"
-needs_gpt1_files = pytest.mark.skipif(not ENCODER.is_file(), reason="GPT-1's BPE files are not in ../shared/gpt1-bpe")
+from helpers import GPT1_ENCODER as ENCODER, GPT1_MERGES as MERGES, needs_gpt1_files  # noqa: E402
 
 TEXTS = [
     "I don't know — she said “no”… and left.",

@@ -11,9 +11,7 @@ import pytest
 
 from engine.tokenizer import BPETokenizer
 
-GPT1_BPE = Path(__file__).resolve().parents[3] / "shared" / "gpt1-bpe"
-ENCODER, MERGES = GPT1_BPE / "encoder_bpe_40000.json", GPT1_BPE / "vocab_40000.bpe"
-needs_gpt1_files = pytest.mark.skipif(not ENCODER.is_file(), reason="GPT-1's BPE files are not in ../shared/gpt1-bpe")
+from helpers import GPT1_ENCODER as ENCODER, GPT1_MERGES as MERGES, needs_gpt1_files  # noqa: E402
 
 TEXTS = [
     "Hello, World! It's a test.",
