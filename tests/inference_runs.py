@@ -28,6 +28,21 @@ def make_lm_run(path: Path, n_positions: int = 64, vocab_size: int = 200, seed: 
     return path
 
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def make_fixture_run(path: Path, n_positions: int = 96, vocab_size: int = 400) -> Path:
+    """A random-weight 2×32 GPT1 and a BPE trained on every fixture file's lines (so the GLUE-
+    format fixtures tokenise without unknowns), saved as a pretraining run."""
+    texts = [line for f in sorted(FIXTURES.rglob("*")) if f.is_file() for line in f.read_text(encoding="utf-8").split("\n")]
+    tok = BPETokenizer.train(texts=texts * 2, vocab_size=vocab_size)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(path / "tokenizer.json")
+    torch.manual_seed(0)
+    GPT1(GPT1Config(vocab_size=tok.vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2), fused=False).save_pretrained(path)
+    return path
+
+
 # task name, kind and labels of each kind's fine-tuned run (the names are registered tasks)
 TASKS = {
     "classification": ("sst2", ("0", "1")),

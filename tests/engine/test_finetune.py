@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import GPT1, GPT1Config
-from engine.finetune import add_task_tokens, batch_fn, main
+from engine import GPT1
+from engine.finetune import CPU_LR, PAPER_TRAIN, FinetuneConfig, _resolve_train_config, add_task_tokens, batch_fn, main
 from engine.data.transforms import Encoded
 from engine.tokenizer import BPETokenizer
 from engine.cli import run_cli
+from inference_runs import make_fixture_run
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 GLUE = FIX / "glue"
@@ -19,13 +20,7 @@ GLUE = FIX / "glue"
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny run directory in the pretraining CLI's layout."""
-    texts = [line for f in sorted(FIX.rglob("*")) if f.is_file() for line in f.read_text(encoding="utf-8").split("\n")]
-    tok = BPETokenizer.train(texts=texts * 2, vocab_size=400)
-    run = tmp_path_factory.mktemp("pretrained")
-    tok.save(run / "tokenizer.json")
-    torch.manual_seed(0)
-    GPT1(GPT1Config(vocab_size=tok.vocab_size, n_positions=96, n_embd=32, n_layer=2, n_head=2), fused=False).save_pretrained(run)
-    return run
+    return make_fixture_run(tmp_path_factory.mktemp("pretrained"))
 
 
 def finetune(args: list[str]) -> int:
@@ -233,3 +228,12 @@ def test_learns_a_separable_multiple_choice_task(pretrained, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_dev"] == 50 and metrics["accuracy"] >= 0.9, metrics
+
+
+@pytest.mark.parametrize("device, given, lr", [
+    ("cpu", {}, CPU_LR), ("cuda", {}, PAPER_TRAIN["lr"]), ("cpu", {"lr": 3e-5}, 3e-5), ("cuda", {"lr": 3e-5}, 3e-5),
+])
+def test_default_lr_is_the_papers_on_cuda_and_cpu_lr_on_cpu(tmp_path, device, given, lr):
+    cfg = _resolve_train_config(FinetuneConfig(), given, tmp_path, 6000, torch.device(device))
+    assert cfg.lr == lr
+    assert cfg.batch_size == PAPER_TRAIN["batch_size"] and cfg.max_steps == 563  # 3 epochs: ceil(3 · 6000 / 32)

@@ -18,6 +18,7 @@ from engine.cli import run_cli
 from engine.data.corpus import shakespeare_dir
 from engine.tokenizer import BPETokenizer
 from helpers import assert_close
+from inference_runs import make_fixture_run
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -48,13 +49,7 @@ def cli(main, argv, capsys):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A tiny run directory in the pretraining CLI's layout (weights + tokenizer)."""
-    texts = [line for f in sorted(FIX.rglob("*")) if f.is_file() for line in f.read_text(encoding="utf-8").split("\n")]
-    tok = BPETokenizer.train(texts=texts * 2, vocab_size=400)
-    out = tmp_path_factory.mktemp("pretrained")
-    tok.save(out / "tokenizer.json")
-    torch.manual_seed(0)
-    GPT1(GPT1Config(vocab_size=tok.vocab_size, n_positions=96, n_embd=32, n_layer=2, n_head=2), fused=False).save_pretrained(out)
-    return out
+    return make_fixture_run(tmp_path_factory.mktemp("pretrained"))
 
 
 def ft_args(out, init, *extra):

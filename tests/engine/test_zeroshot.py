@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import GPT1, GPT1Config
+from engine import GPT1
 from engine.cli import run_cli
+from inference_runs import make_fixture_run
 from engine.data.records import Example, TaskDataError
 from engine.data.winograd import read_winograd
 from engine.tokenizer import BPETokenizer
@@ -19,13 +20,7 @@ FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    texts = [line for f in sorted(FIX.rglob("*")) if f.is_file() for line in f.read_text(encoding="utf-8").split("\n")]
-    tok = BPETokenizer.train(texts=texts * 2, vocab_size=300)
-    d = tmp_path_factory.mktemp("pretrained")
-    tok.save(d / "tokenizer.json")
-    torch.manual_seed(0)
-    GPT1(GPT1Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2), fused=False).save_pretrained(d)
-    return d
+    return make_fixture_run(tmp_path_factory.mktemp("pretrained"), n_positions=64, vocab_size=300)
 
 
 def load(run):
