@@ -53,6 +53,8 @@ def test_report_end_to_end_and_resumable(pretrained, tmp_path, capsys, monkeypat
         assert (out / png).stat().st_size > 1000
     meta = json.loads((out / "shakespeare-order" / "transfer-1" / "task.json").read_text())
     assert "1 of 2 blocks" in meta["init"] and json.loads((out / "shakespeare-order" / "no-aux-lm" / "task.json").read_text())["lm_coef"] == 0
+    saved = json.loads((out / "shakespeare-order" / "full" / "train_config.json").read_text())
+    assert saved["train"]["lr"] == paper.BUDGETS["default"].finetune_lr and saved["train"]["max_steps"] == 2  # the budget's rate
 
     calls = []
     monkeypatch.setattr(paper, "_run_cli", lambda *a: calls.append(a))
