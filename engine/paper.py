@@ -1,7 +1,7 @@
 """`python -m engine.paper`: the paper's analyses in miniature, on the embedded data, from nothing.
 
     python -m engine.paper --out runs/paper            # ~28 min on 2 CPU cores (measured: bench/results/paper-2026-12-01)
-    python -m engine.paper --quick --out runs/paper-q  # ~10 min
+    python -m engine.paper --quick --out runs/paper-q  # ~10 min: a check that everything runs (its LM is still on the unigram plateau)
     python -m engine.paper --pretrained runs/pretrain --out runs/paper   # reuse a pretraining run
 
 Writes into --out: ``report.md`` (the tables, the figures and a sentence per effect),
