@@ -33,6 +33,9 @@ def test_paired_difference_and_sentences():
     assert "does not match" in paper.effect_sentence("x", -0.02, 0.05, +1) and "within noise" in paper.effect_sentence("x", -0.02, 0.05, +1)
     with pytest.raises(ValueError):
         paper.paired_difference([1], [1, 0])
+    # Table 5: the auxiliary LM loss helps the large data sets, not the small ones
+    assert paper.aux_lm_expected_sign(550_152) == +1 and paper.aux_lm_expected_sign(6000) == -1
+    assert "matches the paper's" in paper.effect_sentence("x", -0.02, 0.01, paper.aux_lm_expected_sign(6000))
 
 
 @pytest.mark.slow
