@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused kernels (default: on)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the budget's pretraining updates")
     p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's updates per fine-tuning")
-    p.add_argument("--finetune-lr", type=float, default=None, help="override the budget's peak fine-tuning rate (default: 3e-4)")
+    p.add_argument("--finetune-lr", type=float, default=None, help=f"override the budget's peak fine-tuning rate (default: {BUDGETS['default'].finetune_lr})")
     p.add_argument("--checkpoint-every", type=int, default=None, help="override: pretraining checkpoints (zero-shot curve points) every N updates")
     p.add_argument("--preset", default=None, help="pretraining preset (default: the pretraining CLI's)")
     return p

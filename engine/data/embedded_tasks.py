@@ -34,13 +34,11 @@ N_CHOICES = 2  # the true continuation and one distractor, as the Story Cloze Te
 DISTRACTORS = ("other_line", "shuffled")  # a line of another speech / the true line's words reordered
 MIN_WORDS = 3  # shorter lines ("My lord,") carry too little to choose between
 # Examples per split (the train plays yield ~30,000 cloze passages, the dev plays ~3,450).
-# 2000 dev examples put the standard error of a dev accuracy near 1.1 points. Measured on
-# shakespeare-cloze from the default pretraining run, pretrained vs --init none, best dev
-# accuracy: 3000 train (282 updates, ~4 CPU minutes) → 57.9% vs 50.0% at lr 6.25e-5; 6000 train
-# (563 updates, ~8 minutes) → 60.4% vs 50.9% at 6.25e-5, 62.2% vs 50.6% at 1e-4 (the CPU
-# default, engine.finetune.CPU_LR); 1000 / 500 → 57.2% vs 52.2% (the random start learns
-# train-play cues that do not transfer). The pretrained start gains with every example; the
-# random one does not.
+# 2000 dev examples put the standard error of a dev accuracy near 1.1 points. On
+# shakespeare-cloze the pretrained start gains with every training example and the random one
+# does not (pretrained vs --init none at the paper's lr: 3000 → 57.9% vs 50.0%, 6000 → 60.4%
+# vs 50.9%; 1000 / 500 → 57.2% vs 52.2%, the random start learning train-play cues that do not
+# transfer); the CPU default's lr: engine.finetune.CPU_LR.
 SIZES = {"train": 6000, "dev": 2000}
 GENRE_LINES = 4  # lines per genre passage
 
