@@ -26,15 +26,18 @@ yields four 32-bit words = sixteen 8-bit draws (FlashAttention-2's p_dropout_in_
 16 score elements one thread of the wgmma accumulator owns: query rows i, i + 8 (i % 16 < 8) ×
 the column pairs 2q + {0, 1} of four consecutive 8-column blocks (see _dropout_keep). So the
 draws are built in the accumulator's own layout: no data moves between threads in the forward
-and dQ passes. The counter is (8·(i // 16) + i % 8, 4·(j // 32) + (j % 8) // 2, b·H + h, 0): no
+and dQ passes (bf16/fp16; fp32's tiles are not wgmma's and move packed keep words, as dK/dV's). The counter is (8·(i // 16) + i % 8, 4·(j // 32) + (j % 8) // 2, b·H + h, 0): no
 word wraps for any realistic shape and no two elements share a byte. An element is dropped when
 its byte < min(round(p·2⁸), 255) (the realised drop rate is p to within 2⁻⁹, as in
 FlashAttention-2), and kept probabilities are scaled by exactly 1/(1-p). The draw depends on
 (seed, b, h, i, j) only, never on block sizes, so forward, both backward passes and
 attention_dropout_mask (for tests) agree bit for bit whatever their tiles. dK/dV works on
-transposed tiles (keys × queries), where no thread owns a call's 16 elements (they span 16 key
-rows, i.e. several warps): it builds the mask in query-major tiles and transposes it, a layout
-conversion through shared memory. Seven Philox rounds pass BigCrush (Salmon et al., SC'11).
+transposed tiles (keys × queries), where no thread owns a call's 16 elements (they span 32 key
+rows, i.e. two warps; a thread of the transposed accumulator holds 4 of any call's elements):
+each thread runs one call, packs its 16 keep bits into one word (byte compares four at a time,
+_keep_msbs) and only those words cross threads, one conversion through shared memory (1 KB per
+32×128 tile, one more bar.sync per iteration); each thread then tests the bits of its elements.
+Seven Philox rounds pass BigCrush (Salmon et al., SC'11).
 """
 from __future__ import annotations
 
@@ -132,6 +135,19 @@ def _philox(seed, c0, c1, c2):
 
 
 @triton.jit
+def _dropout_words(seed, bh, start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The four words of the Philox calls of a tile, each (BLOCK_M // 16, 8, BLOCK_N // 32, 4) =
+    (a, r, g, q): call (8a + r + start_m // 2, 4g + q + start_n // 8, bh, 0) (see _dropout_keep)."""
+    A: tl.constexpr = BLOCK_M // 16
+    G: tl.constexpr = BLOCK_N // 32
+    zero = tl.zeros((A, 8, G, 4), dtype=tl.int32)
+    c0 = (start_m // 2 + 8 * tl.arange(0, A))[:, None, None, None] + tl.arange(0, 8)[None, :, None, None] + zero
+    c1 = (start_n // 8 + 4 * tl.arange(0, G))[None, None, :, None] + tl.arange(0, 4)[None, None, None, :] + zero
+    w0, w1, w2, w3 = _philox(seed, c0, c1, bh + zero)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep mask (BLOCK_M, BLOCK_N) of queries start_m + [0, BLOCK_M) × keys start_n + [0, BLOCK_N)
     of head bh (= b·H + h); start_m, BLOCK_M multiples of 16, start_n, BLOCK_N multiples of 32.
@@ -140,18 +156,73 @@ def _dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M: tl.constexpr
     kept iff that byte ≥ drop_thresh. Those 16 elements are exactly the ones a single thread of
     the wgmma accumulator holds (rows lane/4 + {0, 8}, columns 2·(lane % 4) + {0, 1} of each
     8-column block), so the draws need no data movement."""
-    A: tl.constexpr = BLOCK_M // 16
-    G: tl.constexpr = BLOCK_N // 32
-    zero = tl.zeros((A, 8, G, 4), dtype=tl.int32)
-    c0 = (start_m // 2 + 8 * tl.arange(0, A))[:, None, None, None] + tl.arange(0, 8)[None, :, None, None] + zero
-    c1 = (start_n // 8 + 4 * tl.arange(0, G))[None, None, :, None] + tl.arange(0, 4)[None, None, None, :] + zero
-    w0, w1, w2, w3 = _philox(seed, c0, c1, bh + zero)
+    w0, w1, w2, w3 = _dropout_words(seed, bh, start_m, start_n, BLOCK_M, BLOCK_N)
     x = tl.join(tl.join(w0, w1), tl.join(w2, w3))  # (a, r, g, q, k // 2, h)
     # byte y on top: u32 compare with thresh·2²⁴ is the byte compare (lower bytes cannot lift it)
     z = tl.join(tl.join(x << 24, x << 16), tl.join(x << 8, x))  # (a, r, g, q, k // 2, h, e, k % 2)
     keep = z >= drop_thresh.to(tl.uint32) << 24
     keep = tl.permute(keep, (0, 5, 1, 2, 4, 7, 3, 6))  # (a, h, r, g, k // 2, k % 2, q, e)
     return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _keep_msbs(x, t7, u):
+    """Bit 8y + 7 of the result: byte y of x ≥ the threshold t (t7 = (t mod 128)·0x01010101,
+    u = all ones iff t < 128), four bytes at once. d = (x | 0x80808080) − t7 borrows from no byte,
+    and its byte msb says (byte mod 128) ≥ t mod 128; with x's own msb that decides byte ≥ t: or
+    for t < 128, and for t ≥ 128 (the majority of d, x and u, one LOP3)."""
+    d = (x | 0x80808080) - t7
+    return ((d & x) | (u & (d | x))) & 0x80808080
+
+
+@triton.jit
+def _dropout_keep_bits(seed, bh, start_m, start_n, drop_thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_dropout_keep packed: (BLOCK_M // 16, 8, BLOCK_N // 32, 4) int32, one Philox call each,
+    whose bit 8y + 7 − w is the keep of byte y of word w (see _dropout_keep_unpack)."""
+    w0, w1, w2, w3 = _dropout_words(seed, bh, start_m, start_n, BLOCK_M, BLOCK_N)
+    t = drop_thresh.to(tl.uint32)
+    t7 = (t & 127) * 0x01010101
+    u = tl.where(t < 128, 0xFFFFFFFF, 0).to(tl.uint32)
+    k = _keep_msbs(w0, t7, u) | (_keep_msbs(w1, t7, u) >> 1) | (_keep_msbs(w2, t7, u) >> 2) | (_keep_msbs(w3, t7, u) >> 3)
+    # A reduction over a size-1 axis changes nothing but pins the layout: Triton does not
+    # rematerialise through reductions, so the transposed tile's layout conversion happens on
+    # these words (one per call) instead of recomputing every call in each of the four threads
+    # that hold part of it (4× the Philox work; sm_90a dK/dV 32×128: 510 instructions, not 365).
+    k = tl.reduce(k[:, :, :, :, None], 4, _bit_or)
+    return k.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _dropout_keep_unpack(bits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) keep mask from _dropout_keep_bits: query 16a + 8h + r, key
+    32g + 8(2kk + k2) + 2q + e reads bit 8(2·k2 + e) + 7 − (2h + kk) of entry (a, r, g, q)."""
+    b = bits[:, None, :, :, None, None, :, None]  # (a, h, r, g, kk, k2, q, e)
+    h = tl.arange(0, 2)[None, :, None, None, None, None, None, None]
+    kk = tl.arange(0, 2)[None, None, None, None, :, None, None, None]
+    k2 = tl.arange(0, 2)[None, None, None, None, None, :, None, None]
+    e = tl.arange(0, 2)[None, None, None, None, None, None, None, :]
+    keep = ((b >> (16 * k2 + 8 * e + 7 - 2 * h - kk)) & 1) != 0
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _keep_tile(seed, bh, start_m, start_n, drop_thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OWNED: tl.constexpr):
+    """The keep mask of _dropout_keep, built to suit the consumer's layout. OWNED: a wgmma
+    accumulator in query-major order (fwd and dQ in bf16/fp16), whose threads hold whole calls,
+    so each byte is compared where it is drawn. Otherwise (dK/dV's transposed tiles, fp32's
+    non-wgmma layouts) a call's elements span threads: its 16 keep bits are packed into one
+    word and only those words move (sm_90a fp32 fwd 32×32: 15 → 5 bar.sync per iteration)."""
+    if OWNED:
+        keep = _dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N)
+    else:
+        bits = _dropout_keep_bits(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N)
+        keep = _dropout_keep_unpack(bits, BLOCK_M, BLOCK_N)
+    return keep
 
 
 # ---- forward ----------------------------------------------------------------------------
@@ -187,7 +258,7 @@ def _attn_fwd_inner(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N)
+            keep = _keep_tile(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N, DOT_MODE != "ieee")
             p = tl.where(keep, p, _opaque_zero(qk_scale))
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_MODE)
         m_i = m_new
@@ -295,7 +366,7 @@ def _attn_bwd_dkdv_inner(
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
         dpT = _dot(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), DOT_MODE)  # (dO Vᵀ)ᵀ
         if HAS_DROPOUT:
-            keepT = tl.trans(_dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N))
+            keepT = tl.trans(_keep_tile(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N, False))
             pzT = tl.where(keepT, pT, _opaque_zero(qk_scale))  # (P ∘ keep)ᵀ: 1/(1-p) goes on dV at the end
             dpT = tl.where(keepT, dpT, 0.0) * drop_scale  # dP = (dO Vᵀ) ∘ Z (the product fuses below)
         else:
@@ -383,7 +454,7 @@ def _attn_bwd_dq_inner(
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
         dp = _dot(do, vT, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), DOT_MODE)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N)
+            keep = _keep_tile(seed, bh, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N, DOT_MODE != "ieee")
             dp = tl.where(keep, dp, 0.0) * drop_scale  # dP = (dO Vᵀ) ∘ Z (the product fuses below)
         ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − delta)
         dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_MODE)  # dQ += dS K (· 1/√D later)

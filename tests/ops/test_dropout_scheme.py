@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from helpers import compile_for_sm90
-from kernels.attention import PHILOX_ROUNDS, _check_dropout, _philox
+from backends import TRITON
+from kernels.attention import PHILOX_ROUNDS, _check_dropout, _dropout_keep, _dropout_keep_bits, _dropout_keep_unpack, _philox
 from philox_ref import attention_draw, attention_keep_mask, philox4x32
 
 # triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)
@@ -67,9 +68,9 @@ def test_philox_matches_tl_philox_and_numpy():
     on counters with the top bit set (uint32 handling) and a seed above 2³²."""
     n, seed = 64, 2**47 + 3141592653
     counters = torch.randint(-(2**31), 2**31, (3, n), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
-    out = torch.empty(8, n, dtype=torch.int32)
-    _both_philox[(1,)](seed_tensor(seed), counters.to(torch.int32).contiguous(), out, N=n)
-    words = out.numpy().view(np.uint32).astype(np.uint64)
+    out = torch.empty(8, n, dtype=torch.int32, device=TRITON.device)
+    _both_philox[(1,)](TRITON.seed(seed), TRITON.tensor(counters.to(torch.int32).contiguous()), out, N=n)
+    words = out.cpu().numpy().view(np.uint32).astype(np.uint64)
     expected = philox4x32([c.numpy().astype(np.uint32) for c in counters] + [np.zeros(n, np.uint32)], seed)
     for w in range(4):
         assert np.array_equal(words[w], words[4 + w]), f"word {w}: _philox != tl.philox"
@@ -89,6 +90,29 @@ def test_cpu_mask_is_the_numpy_spec(B, H, T, p, seed):
     assert np.array_equal(keep, attention_keep_mask(seed, p, i, j, bh).reshape(B, H, T, T))
 
 
+@triton.jit
+def _both_keeps(seed_ptr, out_ptr, start_m, start_n, drop_thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[0] = _dropout_keep's tile, out[1] = the same tile through dK/dV's packed keep bits."""
+    seed = tl.load(seed_ptr)
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    direct = _dropout_keep(seed, 5, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N)
+    bits = _dropout_keep_bits(seed, 5, start_m, start_n, drop_thresh, BLOCK_M, BLOCK_N)
+    tl.store(out_ptr + offs, direct.to(tl.int8))
+    tl.store(out_ptr + BLOCK_M * BLOCK_N + offs, _dropout_keep_unpack(bits, BLOCK_M, BLOCK_N).to(tl.int8))
+
+
+@pytest.mark.parametrize("thresh", [1, 26, 127, 128, 129, 230, 255])
+def test_packed_keep_bits_are_the_mask(thresh):
+    """dK/dV's path (four byte compares per word, 16 keep bits per call, unpacked per element) is
+    _dropout_keep bit for bit, for thresholds below 128 (keep = either msb) and from 128 up (both):
+    the SWAR compare's two cases and its borrow-free subtraction."""
+    out = torch.empty(2, 32, 64, dtype=torch.int8, device=TRITON.device)
+    _both_keeps[(1,)](TRITON.seed(2**40 + 77), out, 48, 96, thresh, BLOCK_M=32, BLOCK_N=64)
+    direct, packed = out.cpu()
+    assert 0 < direct.sum() < direct.numel()
+    assert torch.equal(direct, packed), f"{(direct != packed).sum()} of {direct.numel()} differ"
+
+
 def test_threshold_is_eight_bits():
     """drop iff byte < min(round(p·2⁸), 255): p = 0.1 drops bytes 0..25; p close to 1 keeps the
     bytes equal to 255, so a p < 1 never drops everything."""
@@ -99,28 +123,34 @@ def test_threshold_is_eight_bits():
 
 _LAYOUT_SM90 = r"""
 from bench.attn_layout_probe import KERNELS, probe
-for name, n in (("fwd", 64), ("dq", 32)):  # 128x64 w8 and 128x32 w8, the issue's configs
-    config = next(c for c in KERNELS[name].configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg) == (128, n, 8, None))
+for name, m, n in (("fwd", 128, 64), ("dq", 128, 32), ("dkdv", 32, 128)):  # the issue's configs, all w8
+    config = next(c for c in KERNELS[name].configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg) == (m, n, 8, None))
     off, on = probe(name, config, False), probe(name, config, True)
     print(name, *(r[k] for k in ("cvt", "loop_bar", "loop_smem", "loop") for r in (off, on)))
 """
+# dK/dV's one shared-memory conversion per iteration: the packed keep words (one per Philox call)
+# written once and read by the four threads of the transposed tile that hold part of each call
+DKDV_EXTRA = {"bar": 1, "smem": 6}
 
 
 def test_dropout_needs_no_layout_round_trip_on_sm90():
     """Compiled for sm_90a (bundled ptxas, no GPU): with dropout, the inner loops of fwd and dQ
     have no more bar.sync and no more shared-memory loads/stores than without, and at most 1.5×
     the instructions (measured 1.48× / 1.46×; the old scheme's shared-memory round trip made it
-    2.4× / 2.5×, with 9 more bar.sync per iteration). The forward also has no more TTGIR
+    2.4× / 2.5×, with 9 more bar.sync per iteration). dK/dV, whose transposed tile cannot own a
+    call's draws, moves one packed word per call: one more bar.sync (the old scheme: 9 more, its
+    mask moved as 32-bit words per element) and 1.43×. The forward also has no more TTGIR
     convert_layout; dQ's 128×32 tile gains four that convert between equivalent layouts (the same
     register/lane/warp bases, spelled blocked and linear) and lower to nothing, which the loop's
     unchanged barrier and shared-memory counts confirm."""
     out = compile_for_sm90(_LAYOUT_SM90)
-    lines = [line.split() for line in out.splitlines() if re.match(r"(fwd|dq) ", line)]
+    lines = [line.split() for line in out.splitlines() if re.match(r"(fwd|dq|dkdv) ", line)]
     rows = {line[0]: [int(x) for x in line[1:]] for line in lines}
-    assert sorted(rows) == ["dq", "fwd"], out
+    assert sorted(rows) == ["dkdv", "dq", "fwd"], out
     for name, (cvt_off, cvt_on, bar_off, bar_on, smem_off, smem_on, loop_off, loop_on) in rows.items():
-        assert bar_on <= bar_off, f"{name}: bar.sync per iteration {bar_off} -> {bar_on} with dropout"
-        assert smem_on <= smem_off, f"{name}: shared-memory ops per iteration {smem_off} -> {smem_on} with dropout"
+        extra = DKDV_EXTRA if name == "dkdv" else {"bar": 0, "smem": 0}
+        assert bar_on <= bar_off + extra["bar"], f"{name}: bar.sync per iteration {bar_off} -> {bar_on} with dropout"
+        assert smem_on <= smem_off + extra["smem"], f"{name}: shared-memory ops per iteration {smem_off} -> {smem_on} with dropout"
         assert loop_on <= 1.5 * loop_off, f"{name}: inner loop {loop_off} -> {loop_on} instructions"
     assert rows["fwd"][1] <= rows["fwd"][0], f"fwd: convert_layout {rows['fwd'][0]} -> {rows['fwd'][1]}"
 

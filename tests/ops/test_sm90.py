@@ -56,6 +56,21 @@ def test_add_layernorm_dropout_spends_one_philox_call_per_8_elements(results):
             assert r.imuls <= 4 * 7 * per_thread // 8 + 8, f"{r.job.label}: {r.imuls} multiplies, {per_thread} elements"
 
 
+def test_attention_dropout_adds_at_most_one_conversion_per_loop(results):
+    """Every attention config and dtype: dropout adds at most one shared-memory conversion per
+    inner-loop iteration (dK/dV's transposed tiles and fp32's non-wgmma layouts move one packed
+    keep word per Philox call; bf16 fwd and dQ move nothing): at most two more bar.sync, one in
+    bf16 where the loop's own barrier serves the other. The old mask transposition cost 9 more."""
+    plain = {(r.job.attr, r.job.config, r.job.dtype): r for r in results if r.job.op == "attention" and not r.job.dropout}
+    pairs = [(plain[(r.job.attr, r.job.config, r.job.dtype)], r) for r in results
+             if r.job.op == "attention" and r.job.dropout and (r.job.attr, r.job.config, r.job.dtype) in plain]
+    assert len(pairs) >= 10, f"only {len(pairs)} attention configs compiled with and without dropout"
+    for off, on in pairs:
+        assert len(on.bars) == len(off.bars), on.job.label
+        for b_off, b_on in zip(off.bars, on.bars):
+            assert b_on <= b_off + (1 if on.job.dtype == "bf16" else 2), f"{on.job.label}: bar.sync per iteration {off.bars} -> {on.bars}"
+
+
 def test_the_gate_flags_each_failure_kind():
     """Result.failures, the gate's rule, on synthetic results: each fault is caught."""
     job = R.Job("op", "m", "k", "bf16", False, {}, {}, 4)
