@@ -98,7 +98,8 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, UserError) as e:
         if os.environ.get("GPT1_DEBUG") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if getattr(e, "echo", True):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the environment: disk full, read-only file system, permissions
         if os.environ.get("GPT1_DEBUG") == "1":
@@ -120,4 +121,9 @@ def os_error_line(e: OSError) -> str:
 
 
 class UserError(Exception):
-    """A problem with the user's input or environment, reported as one line."""
+    """A problem with the user's input or environment, reported as one line. `echo`: whether
+    this process prints it (False on the other ranks of a job whose rank 0 prints the same line)."""
+
+    def __init__(self, message: str, *, echo: bool = True):
+        super().__init__(message)
+        self.echo = echo

@@ -144,7 +144,7 @@ def locked_run_dir(out: Path, dist: Any) -> Iterator[None]:
             error = str(e)
     error = _from_rank0(error, dist)
     if error is not None:
-        raise UserError(error)
+        raise UserError(error, echo=dist.is_main)  # rank 0 prints it, once for the job
     ok = False
     try:
         if lock is not None:

@@ -2,12 +2,15 @@
 the run's own tokenizer and kernels on resume, exit codes for environment faults, one-line
 errors for bad run files, and pretraining from an existing model (--init). Tiny settings:
 each run is a few updates of a 2-layer model on ~25 kB of text."""
+import contextlib
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -75,23 +78,48 @@ def test_lock_names_the_directory_and_the_holders_pid(tmp_path):
         pass
 
 
-def test_second_run_on_one_out_fails_at_once(tmp_path, cache, capsys):
-    """Probe 2: a second run on a locked --out fails with one line, writing nothing there."""
-    out = tmp_path / "run"
+@contextlib.contextmanager
+def held_lock(out: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding out's run lock for the with block."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from engine.run import RunLock; l = RunLock(sys.argv[1]); l.acquire(); "
-         "print('locked', flush=True); time.sleep(60)", str(out)],
+         "print('locked', flush=True); time.sleep(120)", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_second_run_on_one_out_fails_at_once(tmp_path, cache, capsys):
+    """Probe 2: a second run on a locked --out fails with one line, writing nothing there."""
+    out = tmp_path / "run"
+    with held_lock(out) as holder:
         for main, argv in ((pretrain.main, pre_args(out, cache)), (finetune.main, ["--no-fused", *ft_args(out, tmp_path)])):
             code, _, err = cli(main, argv, capsys)
             assert code == 2 and one_line(err), err
             assert str(out) in err and f"pid {holder.pid}" in err
         assert sorted(p.name for p in out.iterdir()) == [run.LOCK_FILE]
-    finally:
-        holder.kill()
-        holder.wait()
+
+
+@pytest.mark.slow
+def test_torchrun_on_a_locked_out_fails_on_every_rank(tmp_path, cache):
+    """Two gloo ranks against a run directory another process holds: rank 0 cannot take the
+    lock and tells rank 1, so neither waits on the other; the job exits non-zero with the
+    one-line message, no traceback of ours, and nothing written there."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.pretrain",
+           *pre_args(out, cache)]
+    with held_lock(out) as holder:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        ours = [line for line in proc.stderr.splitlines() if str(out) in line and f"pid {holder.pid}" in line]
+        assert len(ours) == 1, proc.stderr[-4000:]  # rank 0 says it, once for the job
+        assert not re.search(r'File ".*/engine/', proc.stderr), proc.stderr[-4000:]
+        assert sorted(p.name for p in out.iterdir()) == [run.LOCK_FILE]
 
 
 def test_a_failed_start_leaves_no_directory(tmp_path, cache, capsys):
