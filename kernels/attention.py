@@ -26,8 +26,9 @@ yields four 32-bit words = sixteen 8-bit draws (FlashAttention-2's p_dropout_in_
 16 score elements one thread of the wgmma accumulator owns: query rows i, i + 8 (i % 16 < 8) ×
 the column pairs 2q + {0, 1} of four consecutive 8-column blocks (see _dropout_keep). So the
 draws are built in the accumulator's own layout: no data moves between threads in the forward
-and dQ passes (bf16/fp16; fp32's tiles are not wgmma's and move packed keep words, as dK/dV's). The counter is (8·(i // 16) + i % 8, 4·(j // 32) + (j % 8) // 2, b·H + h, 0): no
-word wraps for any realistic shape and no two elements share a byte. An element is dropped when
+and dQ passes (bf16/fp16; fp32's tiles are not wgmma's and move packed keep words, as dK/dV's).
+The counter is (8·(i // 16) + i % 8, 4·(j // 32) + (j % 8) // 2, b·H + h, 0): no word wraps for
+any realistic shape and no two elements share a byte. An element is dropped when
 its byte < min(round(p·2⁸), 255) (the realised drop rate is p to within 2⁻⁹, as in
 FlashAttention-2), and kept probabilities are scaled by exactly 1/(1-p). The draw depends on
 (seed, b, h, i, j) only, never on block sizes, so forward, both backward passes and
