@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Iterator
 
 import torch
 import triton
@@ -139,6 +140,7 @@ def _philox(seed, c0, c1, c2):
 def _dropout_words(seed, bh, start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The four words of the Philox calls of a tile, each (BLOCK_M // 16, 8, BLOCK_N // 32, 4) =
     (a, r, g, q): call (8a + r + start_m // 2, 4g + q + start_n // 8, bh, 0) (see _dropout_keep)."""
+    tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 32 == 0, "attention dropout: tiles must be multiples of 16 × 32")
     A: tl.constexpr = BLOCK_M // 16
     G: tl.constexpr = BLOCK_N // 32
     zero = tl.zeros((A, 8, G, 4), dtype=tl.int32)
@@ -282,6 +284,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
+    # the unmasked loop runs to start_m: a key block must not straddle the diagonal
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "attention forward: BLOCK_M must be a multiple of BLOCK_N")
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows (most key blocks) first
     bh = tl.program_id(1)
     b = bh // H
@@ -393,6 +397,8 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
+    # the unmasked loop starts at start_n + BLOCK_N: a query block must not straddle the diagonal
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "attention dK/dV: BLOCK_N must be a multiple of BLOCK_M")
     start_n = tl.program_id(0) * BLOCK_N  # block 0 has the most query blocks: it goes first
     bh = tl.program_id(1)
     b = bh // H
@@ -477,6 +483,8 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_MODE: tl.constexpr,
 ):
+    # the unmasked loop runs to start_m: a key block must not straddle the diagonal
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "attention dQ: BLOCK_M must be a multiple of BLOCK_N")
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
     bh = tl.program_id(1)
     b = bh // H
@@ -586,8 +594,10 @@ _DQ_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 32}
 # (bench/sm90_report.py; tests/ops/test_sm90.py gates it). Dropped for spilling: fwd 128×64 w4
 # (20 B with dropout), dK/dV 32×128 w4 (184 B), 64×128 w8 (12 B with dropout), 64×64 w4 (8 B).
 # fp32 spills in every bf16 tile (0.5–161 KB per thread): it gets one small clean tile each
-# (fwd 32×32 w4: 80 / 104 registers without / with dropout; dK/dV 16×32 w4: 128 / 134; dQ 16×32
-# w4: 69 / 84), enough for the exact path it is.
+# (fwd 32×32 w4: 80 / 102 registers without / with dropout; dK/dV 16×32 w4: 128 / 132; dQ 32×32
+# w4: 91 / 236), enough for the exact path it is. Each loop split needs the tile the loop walks
+# to divide the other (static_assert in each kernel): dQ's old fp32 tile, 16×32, ran its
+# unmasked loop into the diagonal (wrong fp32 gradients on CUDA; the interpreter runs 64×32).
 _fwd_tuned = _autotune(
     _attn_fwd_kernel,
     [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
@@ -596,16 +606,39 @@ _fwd_tuned = _autotune(
 _dkdv_tuned = _autotune(_attn_bwd_dkdv_kernel, [(32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2)], (16, 32, 4, 2))
 _dq_tuned = _autotune(
     _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
-    (16, 32, 4, 2),
+    (32, 32, 4, 2),
 )
 _DELTA_BLOCK = 16 if _INTERPRET else 64
 _MASK_BLOCKS = (64, 64)  # any tiles give the same mask; large ones are fastest everywhere
 
 
+_PINNED: dict = {}  # kernel → the triton.Config its launches run (pinned_config)
+
+
+@contextlib.contextmanager
+def pinned_config(tuned, config: triton.Config) -> Iterator[None]:
+    """Within the block, launches of `tuned`'s kernel run `config` (one of tuned.configs), neither
+    the autotuner's pick nor the interpreter's fixed tile: tests check every config this way."""
+    if config not in tuned.configs:
+        raise ValueError(f"pinned_config: {config} is not one of {tuned.fn.__name__}'s configs")
+    _PINNED[tuned.fn] = config
+    try:
+        yield
+    finally:
+        del _PINNED[tuned.fn]
+
+
 def _launch(kernel, tuned, interpret_config: dict, block: str, T: int, bh: int, *args, **meta) -> None:
     """Runs `kernel` over grid (cdiv(T, meta[block]), B·H): the fixed config under the
-    interpreter, the autotuned one on CUDA. `block` is the tile the grid walks: BLOCK_M or BLOCK_N."""
-    if _INTERPRET:
+    interpreter, the autotuned one on CUDA, or the pinned one. `block` is the tile the grid
+    walks: BLOCK_M or BLOCK_N."""
+    pinned = _PINNED.get(kernel)
+    if pinned is not None:
+        opts = dict(num_warps=pinned.num_warps, num_stages=pinned.num_stages)
+        if pinned.maxnreg:
+            opts["maxnreg"] = pinned.maxnreg
+        kernel[(triton.cdiv(T, pinned.kwargs[block]), bh)](*args, **meta, **pinned.kwargs, **opts)
+    elif _INTERPRET:
         kernel[(triton.cdiv(T, interpret_config[block]), bh)](*args, **meta, **interpret_config)
     else:
         tuned[lambda cfg: (triton.cdiv(T, cfg[block]), bh)](*args, **meta)

@@ -1,6 +1,7 @@
 """gpt1::attention_* on every backend against engine.reference.causal_attention."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -8,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import triton
 
 from backends import CPP, TRITON, cases
 from engine import ops, reference
@@ -79,6 +81,77 @@ def test_low_precision_fa_rule(backend, dtype, B, T, H, D, p):
     out_low, grad_low = autograd_reference(qkv, dout, H, p, mask)
     assert_fa_rule(out, out_ref, out_low, "out")
     assert_fa_rule(grad, grad_ref, grad_low, "grad_qkv")
+
+
+# ---- every autotune config --------------------------------------------------------------
+
+
+def _tuners() -> dict:
+    from kernels import attention as A
+
+    return {"fwd": A._fwd_tuned, "dkdv": A._dkdv_tuned, "dq": A._dq_tuned}
+
+
+def _tuned_configs() -> list:
+    """(kernel, index, p) for every config of the three attention autotuners, with and without
+    dropout (register-capped configs are tuned with dropout only): the interpreter and the
+    autotuner otherwise run one config each, so a tile-specific bug could hide in the others."""
+    def tag(c):
+        return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" + (f"r{c.maxnreg}" if c.maxnreg else "")
+
+    return [pytest.param(name, i, p, id=f"{name}-{tag(c)}-p{p}") for name, tuned in _tuners().items()
+            for i, c in enumerate(tuned.configs) for p in (0.0, 0.1) if p or not c.maxnreg]
+
+
+@pytest.mark.parametrize("kernel,index,p", _tuned_configs())
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_every_tuned_config_matches_reference(backend, kernel, index, p):
+    """One config pinned (the other kernels as usual) at T = two of its largest tile side + 44:
+    the diagonal, blocks below it and a ragged end. fp32's tile in fp32 (1e-5), the others in
+    bf16 by the FlashAttention rule; with dropout, against the op's own mask; the forward's
+    configs on out and lse, the backward's on every gradient (the other backward pass pinned to
+    its first config of the dtype). (dQ's fp32 tile was 16×32, whose
+    unmasked loop ran into the diagonal: wrong fp32 gradients on CUDA.)"""
+    from kernels import attention as A
+
+    tuned = _tuners()[kernel]
+    config = tuned.configs[index]
+    dtype = torch.float32 if A._is_fp32_tile(config) else torch.bfloat16
+    B, T, H, D, seed = 1, 2 * max(config.kwargs.values()) + 44, 2, 16, 2**35 + 3
+    qkv, dout = make_inputs(B, T, H, D, dtype)
+    mask = mask_of(backend, seed, B, H, T, p) if p else None
+    leaf = backend.tensor(qkv).requires_grad_()
+    with contextlib.ExitStack() as pins:
+        pins.enter_context(A.pinned_config(tuned, config))
+        if kernel != "fwd":  # the other backward pass at its largest tile of this dtype: faster
+            other = _tuners()["dq" if kernel == "dkdv" else "dkdv"]
+            pins.enter_context(A.pinned_config(other, next(c for c in other.configs if A._is_fp32_tile(c) == (dtype == torch.float32))))
+        out, lse = gpt1.attention_fwd(leaf, H, p, backend.seed(seed) if p else None)
+        if kernel != "fwd":
+            out.backward(backend.tensor(dout))
+    out = out.detach().cpu()
+    if kernel == "fwd":
+        assert_close(lse.cpu(), reference_lse(qkv.float(), H), "lse")
+    if dtype == torch.float32:
+        out_ref, grad_ref = exact_reference(qkv, dout, H, p, mask)
+        assert_close(out, out_ref, "out")
+        if kernel != "fwd":
+            assert_close(leaf.grad.cpu(), grad_ref, "grad_qkv")
+        return
+    out_ref, grad_ref = autograd_reference(qkv.float(), dout.float(), H, p, mask, upcast=True)
+    out_low, grad_low = autograd_reference(qkv, dout, H, p, mask)
+    assert_fa_rule(out, out_ref, out_low, "out")
+    if kernel != "fwd":
+        assert_fa_rule(leaf.grad.cpu(), grad_ref, grad_low, "grad_qkv")
+
+
+def test_pinned_config_refuses_a_foreign_config():
+    from kernels import attention as A
+
+    foreign = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=2)
+    with pytest.raises(ValueError, match="is not one of _attn_fwd_kernel's configs"):
+        with A.pinned_config(_tuners()["fwd"], foreign):
+            pass
 
 
 # ---- dropout ----------------------------------------------------------------------------
