@@ -44,12 +44,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .pinning import pinned
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -612,32 +613,14 @@ _DELTA_BLOCK = 16 if _INTERPRET else 64
 _MASK_BLOCKS = (64, 64)  # any tiles give the same mask; large ones are fastest everywhere
 
 
-_PINNED: dict = {}  # kernel → the triton.Config its launches run (pinned_config)
-
-
-@contextlib.contextmanager
-def pinned_config(tuned, config: triton.Config) -> Iterator[None]:
-    """Within the block, launches of `tuned`'s kernel run `config` (one of tuned.configs), neither
-    the autotuner's pick nor the interpreter's fixed tile: tests check every config this way."""
-    if config not in tuned.configs:
-        raise ValueError(f"pinned_config: {config} is not one of {tuned.fn.__name__}'s configs")
-    _PINNED[tuned.fn] = config
-    try:
-        yield
-    finally:
-        del _PINNED[tuned.fn]
-
-
 def _launch(kernel, tuned, interpret_config: dict, block: str, T: int, bh: int, *args, **meta) -> None:
     """Runs `kernel` over grid (cdiv(T, meta[block]), B·H): the fixed config under the
     interpreter, the autotuned one on CUDA, or the pinned one. `block` is the tile the grid
     walks: BLOCK_M or BLOCK_N."""
-    pinned = _PINNED.get(kernel)
-    if pinned is not None:
-        opts = dict(num_warps=pinned.num_warps, num_stages=pinned.num_stages)
-        if pinned.maxnreg:
-            opts["maxnreg"] = pinned.maxnreg
-        kernel[(triton.cdiv(T, pinned.kwargs[block]), bh)](*args, **meta, **pinned.kwargs, **opts)
+    pin = pinned(kernel)
+    if pin is not None:
+        tile, options = pin
+        kernel[(triton.cdiv(T, tile[block]), bh)](*args, **meta, **tile, **options)
     elif _INTERPRET:
         kernel[(triton.cdiv(T, interpret_config[block]), bh)](*args, **meta, **interpret_config)
     else:

@@ -17,6 +17,7 @@ from helpers import assert_close, assert_fa_rule
 from helpers import attention_exact_reference as exact_reference
 from helpers import attention_reference as autograd_reference
 from helpers import attention_reference_lse as reference_lse
+from kernels.pinning import pinned_config
 from philox_ref import attention_keep_mask
 
 gpt1 = torch.ops.gpt1
@@ -122,10 +123,10 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
     mask = mask_of(backend, seed, B, H, T, p) if p else None
     leaf = backend.tensor(qkv).requires_grad_()
     with contextlib.ExitStack() as pins:
-        pins.enter_context(A.pinned_config(tuned, config))
+        pins.enter_context(pinned_config(tuned, config))
         if kernel != "fwd":  # the other backward pass at its largest tile of this dtype: faster
             other = _tuners()["dq" if kernel == "dkdv" else "dkdv"]
-            pins.enter_context(A.pinned_config(other, next(c for c in other.configs if A._is_fp32_tile(c) == (dtype == torch.float32))))
+            pins.enter_context(pinned_config(other, next(c for c in other.configs if A._is_fp32_tile(c) == (dtype == torch.float32))))
         out, lse = gpt1.attention_fwd(leaf, H, p, backend.seed(seed) if p else None)
         if kernel != "fwd":
             out.backward(backend.tensor(dout))
@@ -146,11 +147,9 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
 
 
 def test_pinned_config_refuses_a_foreign_config():
-    from kernels import attention as A
-
     foreign = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=2)
     with pytest.raises(ValueError, match="is not one of _attn_fwd_kernel's configs"):
-        with A.pinned_config(_tuners()["fwd"], foreign):
+        with pinned_config(_tuners()["fwd"], foreign):
             pass
 
 

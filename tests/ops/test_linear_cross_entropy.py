@@ -60,6 +60,22 @@ def test_fp32_loss_and_grads(backend, shape):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_triton_cuda_block_width(backend, monkeypatch):
+    """The GPU's BLOCK_V (4096 columns per step, 8 warps), which the interpreter never takes by
+    itself: V = 9001 spans two full blocks and a partial one, and the padding past V."""
+    from kernels import linear_cross_entropy as kernel
+
+    monkeypatch.setattr(kernel, "_BLOCK_V_INTERPRETER", kernel._BLOCK_V_CUDA)
+    assert kernel.chunk_launch(9001, cuda=False) == kernel.chunk_launch(9001, cuda=True)
+    hidden, weight, targets = make_inputs(6, 16, 9001)
+    loss, (grad_h, grad_w) = run(backend, hidden, weight, targets)
+    loss_ref, (grad_h_ref, grad_w_ref) = reference_of(hidden, weight, targets)
+    assert_close(loss, loss_ref, "loss")
+    assert_close(grad_h, grad_h_ref, "grad_hidden")
+    assert_close(grad_w, grad_w_ref, "grad_weight")
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (5, torch.float32), (8, torch.bfloat16), (8, torch.float16)])
 def test_triton_chunks_accumulate_the_same_gradients(backend, monkeypatch, rows, dtype):
     """Chunks of `rows` rows (CHUNK_BYTES shrunk): grad_weight sums over chunks in float32."""

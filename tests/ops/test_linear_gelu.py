@@ -175,6 +175,35 @@ def test_triton_variant_runs_its_candidate(backend, impl):
     assert not any(torch.equal(pre, other) for other in others)  # the candidates round differently
 
 
+def _matmul_configs() -> list:
+    from kernels.linear_gelu import _MATMUL_CONFIGS
+
+    return [pytest.param(i, id="{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c.kwargs) + f"w{c.num_warps}")
+            for i, c in enumerate(_MATMUL_CONFIGS)]
+
+
+@pytest.mark.parametrize("index", _matmul_configs())
+@pytest.mark.parametrize("backend", ["triton-matmul"], indirect=True)
+def test_every_matmul_config_matches_reference(backend, index):
+    """Each autotune config of the Triton matmul pinned, at a shape with partial row, column and K
+    tiles and several GROUP_M groups (the autotuner runs one config, the interpreter its own
+    tile): bf16 forward by the FlashAttention rule; the last config, fp32's, also in fp32."""
+    from kernels.linear_gelu import _MATMUL_CONFIGS, _matmul_autotuned
+    from kernels.pinning import pinned_config
+
+    N, C, F = 1100, 96, 300  # C % 64 != 0, F % 128 != 0, N > GROUP_M · 128
+    x, w, b, _ = make_inputs(N, C, F, torch.bfloat16)
+    with pinned_config(_matmul_autotuned, _MATMUL_CONFIGS[index]):
+        y, pre = (t.cpu() for t in gpt1.linear_gelu_fwd(*(backend.tensor(t) for t in (x, w, b)), "tanh"))
+        if index == len(_MATMUL_CONFIGS) - 1:
+            y32, pre32 = (t.cpu() for t in gpt1.linear_gelu_fwd(*(backend.tensor(t.float()) for t in (x, w, b)), "tanh"))
+    assert_fa_rule(y, reference.linear_gelu(x.float(), w.float(), b.float(), "tanh"), reference.linear_gelu(x, w, b, "tanh"), "y")
+    assert_fa_rule(pre, x.float() @ w.float().t() + b.float(), x @ w.t() + b, "pre")
+    if index == len(_MATMUL_CONFIGS) - 1:
+        assert_close(y32, reference.linear_gelu(x.float(), w.float(), b.float(), "tanh"), "y fp32")
+        assert_close(pre32, x.float() @ w.float().t() + b.float(), "pre fp32")
+
+
 @pytest.mark.parametrize("backend", ["triton-matmul"], indirect=True)
 def test_triton_refuses_an_unknown_default_impl(backend, monkeypatch):
     from kernels import linear_gelu as kernel
