@@ -146,6 +146,18 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
         assert_fa_rule(leaf.grad.cpu(), grad_ref, grad_low, "grad_qkv")
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_cuda_delta_block(backend, monkeypatch):
+    """The GPU's rowsum(dO ∘ O) block (64 rows), which the interpreter never takes by itself
+    (16): T = 100 ends in a partial block."""
+    from kernels import attention as A
+
+    monkeypatch.setattr(A, "_DELTA_BLOCK", 64)
+    qkv, dout = make_inputs(1, 100, 2, 16)
+    _, _, grad = run(backend, qkv, dout, 2)
+    assert_close(grad, exact_reference(qkv, dout, 2)[1], "grad_qkv")
+
+
 def test_pinned_config_refuses_a_foreign_config():
     foreign = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=2)
     with pytest.raises(ValueError, match="is not one of _attn_fwd_kernel's configs"):
