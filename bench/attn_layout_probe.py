@@ -30,7 +30,7 @@ _INTS = dict(stride_qkv_b=T * 3 * C, stride_qkv_t=3 * C, stride_out_b=T * C, str
 _PTRS = dict(qkv_ptr="*bf16", out_ptr="*bf16", dout_ptr="*bf16", dqkv_ptr="*bf16", lse_ptr="*fp32",
              delta_ptr="*fp32", seed_ptr="*i64", keep_ptr="*u8", sm_scale="fp32", drop_scale="fp32", qk_scale="fp32")
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-KERNELS = {"fwd": A._fwd_tuned, "dkdv": A._dkdv_tuned, "dq": A._dq_tuned}
+KERNELS = A._TUNED
 # which loop, in program order, walks the unmasked blocks off the diagonal: fwd and dQ run it
 # first, dK/dV runs the diagonal blocks first
 OFF_DIAGONAL = {"fwd": 0, "dkdv": 1, "dq": 0}

@@ -248,7 +248,7 @@ def summarise(table: dict[str, dict[str, Any]], layers: dict[int, dict[str, Any]
         n_train = rows["full"]["n_train"]
         effects.append({"task": task, "effect": "aux_lm", "diff": d, "se": se, "n_train": n_train,
                         "sentence": effect_sentence(f"{task}, auxiliary LM loss (full − no aux LM, {n_train} training examples: "
-                                                    f"{'large' if n_train >= AUX_LM_HELPS_FROM else 'small'} by Table 5's line)",
+                                                    f"{'large' if aux_lm_expected_sign(n_train) > 0 else 'small'} by Table 5's line)",
                                                     d, se, aux_lm_expected_sign(n_train))})
     ks = sorted(layers)
     d, se = paired_difference(layers[ks[-1]]["correct"], layers[ks[0]]["correct"])

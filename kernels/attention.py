@@ -609,6 +609,7 @@ _dq_tuned = _autotune(
     _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
     (32, 32, 4, 2),
 )
+_TUNED = {"fwd": _fwd_tuned, "dkdv": _dkdv_tuned, "dq": _dq_tuned}  # the autotuned passes, by name
 _DELTA_BLOCK = 16 if _INTERPRET else 64
 _MASK_BLOCKS = (64, 64)  # any tiles give the same mask; large ones are fastest everywhere
 

@@ -17,6 +17,7 @@ from helpers import assert_close, assert_fa_rule
 from helpers import attention_exact_reference as exact_reference
 from helpers import attention_reference as autograd_reference
 from helpers import attention_reference_lse as reference_lse
+from kernels.attention import _TUNED
 from kernels.pinning import pinned_config
 from philox_ref import attention_keep_mask
 
@@ -87,12 +88,6 @@ def test_low_precision_fa_rule(backend, dtype, B, T, H, D, p):
 # ---- every autotune config --------------------------------------------------------------
 
 
-def _tuners() -> dict:
-    from kernels import attention as A
-
-    return {"fwd": A._fwd_tuned, "dkdv": A._dkdv_tuned, "dq": A._dq_tuned}
-
-
 def _tuned_configs() -> list:
     """(kernel, index, p) for every config of the three attention autotuners, with and without
     dropout (register-capped configs are tuned with dropout only): the interpreter and the
@@ -100,7 +95,7 @@ def _tuned_configs() -> list:
     def tag(c):
         return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" + (f"r{c.maxnreg}" if c.maxnreg else "")
 
-    return [pytest.param(name, i, p, id=f"{name}-{tag(c)}-p{p}") for name, tuned in _tuners().items()
+    return [pytest.param(name, i, p, id=f"{name}-{tag(c)}-p{p}") for name, tuned in _TUNED.items()
             for i, c in enumerate(tuned.configs) for p in (0.0, 0.1) if p or not c.maxnreg]
 
 
@@ -115,7 +110,7 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
     unmasked loop ran into the diagonal: wrong fp32 gradients on CUDA.)"""
     from kernels import attention as A
 
-    tuned = _tuners()[kernel]
+    tuned = _TUNED[kernel]
     config = tuned.configs[index]
     dtype = torch.float32 if A._is_fp32_tile(config) else torch.bfloat16
     B, T, H, D, seed = 1, 2 * max(config.kwargs.values()) + 44, 2, 16, 2**35 + 3
@@ -125,7 +120,7 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
     with contextlib.ExitStack() as pins:
         pins.enter_context(pinned_config(tuned, config))
         if kernel != "fwd":  # the other backward pass at its largest tile of this dtype: faster
-            other = _tuners()["dq" if kernel == "dkdv" else "dkdv"]
+            other = _TUNED["dq" if kernel == "dkdv" else "dkdv"]
             pins.enter_context(pinned_config(other, next(c for c in other.configs if A._is_fp32_tile(c) == (dtype == torch.float32))))
         out, lse = gpt1.attention_fwd(leaf, H, p, backend.seed(seed) if p else None)
         if kernel != "fwd":
@@ -161,7 +156,7 @@ def test_cuda_delta_block(backend, monkeypatch):
 def test_pinned_config_refuses_a_foreign_config():
     foreign = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=2)
     with pytest.raises(ValueError, match="is not one of _attn_fwd_kernel's configs"):
-        with pinned_config(_tuners()["fwd"], foreign):
+        with pinned_config(_TUNED["fwd"], foreign):
             pass
 
 
