@@ -8,7 +8,7 @@ engine.ops JIT-builds the same sources with torch.utils.cpp_extension.load.
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
 from _build import CXX_FLAGS, LD_FLAGS, sources  # noqa: E402  (engine/ itself imports torch lazily)
@@ -24,6 +24,9 @@ except ImportError:
     )
 
 setup(
+    # kernels/ is imported as gpt1_kernels: PyPI's `kernels` is Hugging Face's (engine/_kernels.py)
+    packages=find_packages(include=["engine", "engine.*"]) + ["gpt1_kernels"],
+    package_dir={"gpt1_kernels": "kernels"},
     ext_modules=[
         CppExtension(
             "engine._C",

@@ -21,7 +21,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kernels import attention as A  # noqa: E402
+from engine._kernels import kernel_module  # noqa: E402
+
+A = kernel_module("attention")
 
 B, T, H, D = 32, 512, 12, 64
 C = H * D

@@ -54,6 +54,9 @@ if ARGS.smoke:  # before triton or engine are imported
     os.environ["GPT1_CPU_KERNELS"] = "triton"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers.py: the tolerances, in one place
+from engine._kernels import kernels_package  # noqa: E402
+
+kernels_package()  # gpt1_kernels, installed or this checkout's kernels/
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -185,7 +188,7 @@ def check_ops():
              lambda x, r, w, b: reference.add_layernorm(x, r, w, b, 1e-5, p, dropout_mask=ln_mask), ln_inputs)
     ffn_inputs = lambda: [rand(N, C), rand(Fh, C, scale=C**-0.5), rand(Fh, scale=0.1)]  # noqa: E731
     check_op("linear_gelu", ops.linear_gelu, reference.linear_gelu, ffn_inputs)
-    import kernels.linear_gelu as klg
+    import gpt1_kernels.linear_gelu as klg
 
     for impl, fwd in klg.CANDIDATES.items():  # each forward candidate (backward is shared)
         check_op(f"linear_gelu fwd candidate {impl}", lambda x, w, b, fwd=fwd: fwd(x, w, b, "tanh")[0],
@@ -195,7 +198,7 @@ def check_ops():
     check_op("linear_cross_entropy", lambda h, w: ops.linear_cross_entropy(h, w, targets), lambda h, w: reference.linear_cross_entropy(h, w, targets), lambda: [rand(N, C), rand(V, C, scale=0.02)])
 
     # The multi-chunk path (training batches are several chunks): chunks of 512 rows vs one chunk.
-    import kernels.linear_cross_entropy as kce
+    import gpt1_kernels.linear_cross_entropy as kce
 
     h, w = rand(N, C).to(BF16), rand(V, C, scale=0.02).to(BF16)
     one = kce.linear_cross_entropy_fwd(h, w, targets, -100, True)
@@ -333,7 +336,7 @@ def time_layernorm():
 
 @section("FFN timing")
 def time_ffn():
-    import kernels.linear_gelu as klg
+    import gpt1_kernels.linear_gelu as klg
 
     N, C, Fh = TB["N"], TB["C"], TB["F"]
     x = torch.randn(N, C, device=DEV, dtype=BF16)

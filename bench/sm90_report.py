@@ -151,7 +151,7 @@ def _check_covered(module, plain: dict, tuners: dict) -> None:
 def attention_jobs() -> list[Job]:
     from triton.runtime.autotuner import Autotuner
 
-    from kernels import attention as A
+    from gpt1_kernels import attention as A
 
     plain = {  # kernels launched without the autotuner: their launchers' fixed tiles
         "_attn_bwd_delta_kernel": {"BLOCK_M": A._DELTA_BLOCK},
@@ -173,20 +173,20 @@ def attention_jobs() -> list[Job]:
             for name, tuner in tuners.items():
                 for cfg in _tuner_configs(tuner, _named_args(args), meta):
                     label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages) + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
-                    jobs.append(Job("attention", "kernels.attention", name, dtype, dropout, args,
+                    jobs.append(Job("attention", "gpt1_kernels.attention", name, dtype, dropout, args,
                                     {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, label, cfg.maxnreg))
             for name, blocks in plain.items():
                 if name == "_attn_dropout_mask_kernel" and (not dropout or dtype != "bf16"):
                     continue  # draws only: one compile covers it
                 if dropout and "HAS_DROPOUT" not in getattr(A, name).arg_names:
                     continue  # the same compile as without dropout
-                jobs.append(Job("attention", "kernels.attention", name, dtype, dropout, args,
+                jobs.append(Job("attention", "gpt1_kernels.attention", name, dtype, dropout, args,
                                 {**meta, **blocks}, 4, 3, _config_label(blocks, 4, 3)))
     return jobs
 
 
 def add_layernorm_jobs() -> list[Job]:
-    from kernels import add_layernorm as K
+    from gpt1_kernels import add_layernorm as K
 
     names = ("_add_layernorm_fwd_kernel", "_add_layernorm_bwd_kernel", "_add_layernorm_dropout_mask_kernel")
     _check_covered(K, dict.fromkeys(names), {})
@@ -205,14 +205,14 @@ def add_layernorm_jobs() -> list[Job]:
                 if name.endswith("mask_kernel") and (not dropout or dtype != "bf16"):
                     continue
                 blocks = {k: v for k, v in launch.items() if k.isupper()}
-                jobs.append(Job("add_layernorm", "kernels.add_layernorm", name, dtype, dropout, args,
+                jobs.append(Job("add_layernorm", "gpt1_kernels.add_layernorm", name, dtype, dropout, args,
                                 {"HAS_DROPOUT": dropout, **blocks}, launch["num_warps"], 3,
                                 _config_label(blocks, launch["num_warps"], 3)))
     return jobs
 
 
 def linear_gelu_jobs() -> list[Job]:
-    from kernels import linear_gelu as G
+    from gpt1_kernels import linear_gelu as G
 
     F = 4 * C
     _check_covered(G, dict.fromkeys(("_gelu_fwd_kernel", "_gelu_bwd_kernel")), {"": G._matmul_autotuned})
@@ -226,20 +226,20 @@ def linear_gelu_jobs() -> list[Job]:
         meta = dict(K=C, APPROX_TANH=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_OPERANDS=False)
         tuner = G._matmul_autotuned
         for cfg in _tuner_configs(tuner, _named_args(args), meta):
-            jobs.append(Job("linear_gelu", "kernels.linear_gelu", "_matmul_autotuned", dtype, False, args,
+            jobs.append(Job("linear_gelu", "gpt1_kernels.linear_gelu", "_matmul_autotuned", dtype, False, args,
                             {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
                             _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
         fwd, bwd = G.gelu_fwd_launch(), G.gelu_bwd_launch(N)
         for name, launch in (("_gelu_fwd_kernel", fwd), ("_gelu_bwd_kernel", bwd)):
             blocks = {k: v for k, v in launch.items() if k.isupper()}
-            jobs.append(Job("linear_gelu", "kernels.linear_gelu", name, dtype, False, args,
+            jobs.append(Job("linear_gelu", "gpt1_kernels.linear_gelu", name, dtype, False, args,
                             {"APPROX_TANH": True, **blocks}, launch["num_warps"], 3,
                             _config_label(blocks, launch["num_warps"], 3)))
     return jobs
 
 
 def cross_entropy_jobs() -> list[Job]:
-    from kernels import linear_cross_entropy as L
+    from gpt1_kernels import linear_cross_entropy as L
 
     _check_covered(L, {"_cross_entropy_chunk_kernel": None}, {})
     jobs = []
@@ -247,7 +247,7 @@ def cross_entropy_jobs() -> list[Job]:
         launch = L.chunk_launch(V, cuda=True)
         args = dict(logits_ptr=_ptr(dtype), targets_ptr="*i64", loss_ptr="*fp32", ignore_index=-100)
         blocks = {k: v for k, v in launch.items() if k.isupper()}
-        jobs.append(Job("linear_cross_entropy", "kernels.linear_cross_entropy", "_cross_entropy_chunk_kernel",
+        jobs.append(Job("linear_cross_entropy", "gpt1_kernels.linear_cross_entropy", "_cross_entropy_chunk_kernel",
                         dtype, False, args, {"V": V, "WRITE_GRAD": True, **blocks}, launch["num_warps"], 3,
                         _config_label(blocks, launch["num_warps"], 3)))
     return jobs
@@ -272,6 +272,9 @@ def _worker_init(scratch: str) -> None:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["SM90_REPORT_SCRATCH"] = scratch
     sys.path.insert(0, str(ROOT))
+    from engine._kernels import kernels_package
+
+    kernels_package()
 
 
 def _specialise(value) -> tuple[str, list]:
@@ -399,8 +402,10 @@ def _cache_key(job: Job) -> str:
 
     import triton
 
+    from engine._kernels import FOLDER, NAME
+
     h = hashlib.sha256(f"{triton.__version__} {RESULT_VERSION}".encode())
-    for f in _sources(ROOT / (job.module.replace(".", "/") + ".py")):
+    for f in _sources(FOLDER / (job.module.removeprefix(NAME + ".") + ".py")):
         h.update(f.read_bytes())
     h.update(repr(job).encode())
     return h.hexdigest()[:32]

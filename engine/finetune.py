@@ -48,6 +48,7 @@ from .fileio import _fsync_dir, atomic_write, atomic_write_text, make_temp_dir
 from .heads import GPT1ForTask, TaskHead, add_task_tokens
 from .metrics import compute
 from .model import GPT1
+from .precision import resolve_precision
 from .tokenizer import BPETokenizer
 
 # Where `python -m engine.pretrain` writes its run when given no --out.
@@ -622,6 +623,7 @@ def _describe(task: Task, train_split: "Split", others: list["Split"], source: s
     _print(f"task {task.name} ({task.kind}): {len(train_split.examples)} train, "
            + ", ".join(f"{len(s.examples)} {s.name}" for s in others)
            + f" | init {source} | {n_params / 1e6:.2f}M parameters, max_len {max_len}, mean sequence {mean_len:.0f} tokens", dist)
+    _print(f"precision: {resolve_precision(cfg.precision, dist.device)[1]}", dist)
     _print("config: " + json.dumps({"finetune": dataclasses.asdict(fcfg), "train": dataclasses.asdict(cfg)}), dist)
 
 

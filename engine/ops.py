@@ -8,7 +8,8 @@ Where things live, deliberately:
 * **CPU kernels** are the C++ functions in ``csrc/``; the extension registers them with
   ``TORCH_LIBRARY_IMPL(gpt1, CPU, m)`` when it loads (``load_cpu_kernels``: the pip-built
   ``engine._C`` or, from a plain checkout, a JIT build of ``csrc/``).
-* **CUDA kernels** are the Triton launchers in ``kernels/``, imported on first use.
+* **CUDA kernels** are the Triton launchers in ``kernels/`` (imported as ``gpt1_kernels``:
+  engine._kernels), on first use.
 * ``register_fake`` and ``register_autograd`` sit next to each op, so
   ``torch.compile(fullgraph=True)`` traces through them and autograd works on both devices.
 
@@ -24,7 +25,6 @@ interpreter, which is how CI tests the Triton path end to end without a GPU.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import warnings
@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from ._kernels import kernel_module
 
 _lib = torch.library.Library("gpt1", "DEF")
 
@@ -90,7 +92,7 @@ def _triton_launcher(name: str) -> Callable[..., Any]:
 
     def launch(*args: Any) -> Any:
         try:
-            module = importlib.import_module(f"kernels.{_KERNEL_MODULE[name]}")
+            module = kernel_module(_KERNEL_MODULE[name])
         except ImportError as e:
             raise RuntimeError(
                 f"gpt1::{name} needs Triton for its CUDA kernel, and importing it failed ({e}); "

@@ -379,6 +379,8 @@ def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_p
               shards: Any, tok_note: str, built: bool, resume_from: Path | None, layout: tuple[int, int]) -> str:
     import torch
 
+    from .precision import resolve_precision
+
     micro, accum = layout
     device = f"{dist.device}" + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else f" ({torch.cuda.get_device_name(dist.device)})")
     lines = [
@@ -392,6 +394,7 @@ def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_p
         f"  tokens      train {shards.meta['train_tokens']:,}, validation {shards.meta['val_tokens']:,} "
         f"({'tokenised now' if built else 'cached'}: {shards.directory})",
         f"  tokenizer   {tok_note}",
+        f"  precision   {resolve_precision(tcfg.precision, dist.device)[1]}",
         f"  batch       {tcfg.batch_size} × {pcfg.seq_len} tokens = {tcfg.batch_size * pcfg.seq_len:,} tokens/update "
         f"({micro} per forward × {accum} accumulation × {dist.world_size} process(es))",
         f"  schedule    AdamW lr {tcfg.lr:g}, betas ({tcfg.beta1}, {tcfg.beta2}), eps {tcfg.eps:g}, weight decay {tcfg.weight_decay}, "

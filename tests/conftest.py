@@ -12,3 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine._kernels import kernels_package  # noqa: E402
+
+kernels_package()  # `import gpt1_kernels` works in a plain checkout too (tests/ops import it)

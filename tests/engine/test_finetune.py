@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.precision as precision
 from engine import GPT1
 from engine.finetune import CPU_LR, PAPER_TRAIN, FinetuneConfig, _resolve_train_config, add_task_tokens, batch_fn, main
 from engine.data.transforms import Encoded
@@ -58,6 +59,17 @@ def test_end_to_end_entailment_then_eval_only(pretrained, tmp_path, capsys):
     assert again["accuracy"] == metrics["accuracy"] and again["n_dev"] == 2
     assert (out / "eval" / "dev_predictions.tsv").read_text() == (out / "dev_predictions.tsv").read_text()
     assert "dev: accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("isa,said", [("AVX512-BF16", "bf16 autocast (auto: "), (None, "fp32 (auto: ")])
+def test_header_says_the_resolved_precision_and_why(pretrained, tmp_path, capsys, monkeypatch, isa, said):
+    monkeypatch.setattr(precision, "cpu_bf16_isa", lambda: isa)
+    rc = finetune(["--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained), "--out", str(tmp_path / "r"),
+                   "--max-steps", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    (line,) = [x for x in out.splitlines() if x.startswith("precision")]
+    assert said in line and (isa or "neither AMX-BF16 nor AVX512-BF16") in line, line
 
 
 @pytest.mark.parametrize("task,folder,keys,submission", [

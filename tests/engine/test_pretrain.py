@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engine.precision as precision
 from engine import GPT1
 from engine.data.corpus import shakespeare_dir
 from engine.pretrain import CPU_DEFAULTS, main, resolve_configs
@@ -201,23 +202,58 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache, capsys):
     assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == step
 
 
+def ddp_run(out, cache, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.pretrain",
+           *args(out, cache, *extra)]
+    proc = subprocess.run(cmd, cwd=out.parent, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("GPT-1 pretraining") == 1  # rank 0 alone prints
+    return proc
+
+
+DDP_COMMON = ["--dropout", "0", "--max-steps", "3", "--eval-every", "0", "--checkpoint-every", "0", "--sample-tokens", "0"]
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, cache, capsys):
     """2 processes x 2 sequences = 1 process x 4 sequences: each rank reads its own half of
     the same global batch, gradients are averaged, so the weights agree to fp32 rounding."""
-    common = ["--dropout", "0", "--max-steps", "3", "--eval-every", "0", "--checkpoint-every", "0", "--sample-tokens", "0"]
+    common = [*DDP_COMMON, "--precision", "fp32"]
     assert run(args(tmp_path / "one", cache, *common), capsys)[0] == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.pretrain",
-           *args(tmp_path / "two", cache, *common)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    assert "2 process(es)" in proc.stdout and proc.stdout.count("GPT-1 pretraining") == 1  # rank 0 alone prints
+    ddp_run(tmp_path / "two", cache, *common)
     one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
     for k in one:
         assert_close(two[k], one[k], k)
     losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
               for d in ("one", "two")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_under_bf16_autocast_matches_accumulation(tmp_path, cache):
+    """Under bf16 autocast (on every CPU: emulated where bf16 is not native), 2 processes x 2
+    sequences compute what 1 process accumulating 2 micro-batches of 2 does: the same bf16
+    forwards, the halved gradients summed. Both in subprocesses with one thread each, so that
+    the bf16 GEMMs block alike."""
+    common = [*DDP_COMMON, "--precision", "bf16"]
+    proc = subprocess.run([sys.executable, "-m", "engine.pretrain", *args(tmp_path / "one", cache, *common, "--micro-batch-size", "2")],
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bf16 autocast (asked for" in proc.stdout
+    assert "bf16 autocast (asked for" in ddp_run(tmp_path / "two", cache, *common).stdout
+    one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    for k in one:
+        assert_close(two[k], one[k], k)
+
+
+@pytest.mark.parametrize("isa,said", [("AMX-BF16", "bf16 autocast (auto: "), (None, "fp32 (auto: ")])
+def test_header_says_the_resolved_precision_and_why(isa, said, tmp_path, cache, capsys, monkeypatch):
+    """The config says "auto"; the header says what auto became on this machine, and why."""
+    monkeypatch.setattr(precision, "cpu_bf16_isa", lambda: isa)
+    code, stdout, err = run(args(tmp_path / "run", cache, "--max-steps", "1", "--sample-tokens", "0"), capsys)
+    assert code == 0, err
+    (line,) = [x for x in stdout.splitlines() if x.strip().startswith("precision")]
+    assert said in line and (isa or "neither AMX-BF16 nor AVX512-BF16") in line, line
 
 
 def test_tokenizer_paths(tmp_path):

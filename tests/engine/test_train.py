@@ -17,7 +17,7 @@ from engine.data.windows import RandomWindows, eval_batches
 from engine.checkpoint import TRAINER_STATE, clear_run_dir, latest_checkpoint, list_checkpoints, load_trainer_state, prepare_run_dir
 from engine.cli import UserError
 from engine.train import Schedule, TrainConfig, Trainer, build_optimizer, param_groups
-from helpers import assert_close
+from helpers import assert_close, assert_fa_rule
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)
 SEQ = 12
@@ -29,8 +29,10 @@ def loss_fn(model, batch):
 
 
 def make_trainer(tmp_path, dropout=0.1, loss=loss_fn, resume_from=None, init_seed=0, **overrides):
+    """A tiny run; fp32 unless `precision` says otherwise (auto would be bf16 on AMX/AVX512-BF16 CPUs)."""
     cfg = TrainConfig(**{**dict(out=str(tmp_path), max_steps=6, batch_size=4, micro_batch_size=2, lr=1e-3,
-                               warmup_steps=2, eval_every=0, checkpoint_every=0, log_every=1), **overrides})
+                               warmup_steps=2, eval_every=0, checkpoint_every=0, log_every=1, precision="fp32"),
+                         **overrides})
     torch.manual_seed(init_seed)
     pdrop = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     model = GPT1(GPT1Config(**MODEL, **pdrop), fused=False)
@@ -171,6 +173,22 @@ def test_accumulation_matches_the_full_batch(tmp_path):
     wa, wb = weights(a), weights(b)
     for k in wa:
         assert_close(wa[k], wb[k], k)
+
+
+def test_accumulation_under_bf16_autocast_keeps_bf16s_error(tmp_path):
+    """Under bf16 autocast, the gradient of 4 accumulated micro-batches is as close to the fp32
+    full-batch gradient as one bf16 forward's is (the FlashAttention rule). Gradients, not
+    weights: Adam's first update is lr · sign(g) and would hide all but the signs."""
+    grads = {}
+    for name, kw in {"fp32": dict(micro_batch_size=4), "bf16": dict(micro_batch_size=4, precision="bf16"),
+                     "bf16_accum": dict(micro_batch_size=1, precision="bf16")}.items():
+        t = make_trainer(tmp_path / name, dropout=0.0, max_steps=1, warmup_steps=1, grad_clip=0.0, **kw)
+        t.optimizer.register_step_pre_hook(
+            lambda opt, *_, name=name, t=t: grads.update({name: {k: p.grad.clone() for k, p in t.model.named_parameters()}}))
+        t.fit()
+    assert t.autocast == torch.bfloat16 and t.accum_steps == 4
+    for k, ref in grads["fp32"].items():
+        assert_fa_rule(grads["bf16_accum"][k], ref, grads["bf16"][k], k, computed_in=torch.bfloat16)
 
 
 def test_checkpoints_keep_the_last_k_and_load_safely(tmp_path):

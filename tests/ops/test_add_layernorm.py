@@ -186,7 +186,7 @@ def test_dropout_mask_is_the_documented_philox_draw(backend, rows, cols):
 @pytest.mark.parametrize("tile", [8, 64])  # 8: one row per program
 def test_triton_mask_does_not_depend_on_its_tiles(monkeypatch, tile):
     pytest.importorskip("triton")
-    from kernels import add_layernorm as kernel
+    from gpt1_kernels import add_layernorm as kernel
 
     seed = TRITON.seed(2**61 + 987654321)
     default = kernel.add_layernorm_dropout_mask(seed, 70, 100, 0.35)
@@ -198,7 +198,7 @@ def test_dropout_masks_of_both_backends_are_bit_identical():
     """The cross-backend contract: the C++ and the Triton kernels drop the same elements."""
     pytest.importorskip("triton")
     assert ops.cpu_kernels_error() is None, ops.cpu_kernels_error()
-    from kernels.add_layernorm import add_layernorm_dropout_mask as triton_mask
+    from gpt1_kernels.add_layernorm import add_layernorm_dropout_mask as triton_mask
 
     for seed, rows, cols, p in [(123456789012345, 7, 33, 0.3), (2**62 - 1, 5, 100, 0.1), (5, 70, 7, 0.5),
                                 (2**40 + 9, 3, 1, 0.2), (77, 2, 257, 0.9), (1, 4, 768, 0.1)]:
@@ -262,7 +262,7 @@ def test_weight_grads_are_deterministic(backend, monkeypatch):
     """Fixed-order partial sums, no atomics: two runs give the same bits (Triton: few row groups,
     so programs loop over several row tiles and the last group is partial; C++: any thread count)."""
     if backend.name == "triton":
-        from kernels import add_layernorm as kernel
+        from gpt1_kernels import add_layernorm as kernel
 
         monkeypatch.setattr(kernel, "_MAX_GROUPS", 3)
     x, r, w, b, dy = make_inputs(301, 48)

@@ -17,8 +17,8 @@ from helpers import assert_close, assert_fa_rule
 from helpers import attention_exact_reference as exact_reference
 from helpers import attention_reference as autograd_reference
 from helpers import attention_reference_lse as reference_lse
-from kernels.attention import _TUNED
-from kernels.pinning import pinned_config
+from gpt1_kernels.attention import _TUNED
+from gpt1_kernels.pinning import pinned_config
 from philox_ref import attention_keep_mask
 
 gpt1 = torch.ops.gpt1
@@ -108,7 +108,7 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
     configs on out and lse, the backward's on every gradient (the other backward pass pinned to
     its first config of the dtype). (dQ's fp32 tile was 16×32, whose
     unmasked loop ran into the diagonal: wrong fp32 gradients on CUDA.)"""
-    from kernels import attention as A
+    from gpt1_kernels import attention as A
 
     tuned = _TUNED[kernel]
     config = tuned.configs[index]
@@ -145,7 +145,7 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
 def test_cuda_delta_block(backend, monkeypatch):
     """The GPU's rowsum(dO ∘ O) block (64 rows), which the interpreter never takes by itself
     (16): T = 100 ends in a partial block."""
-    from kernels import attention as A
+    from gpt1_kernels import attention as A
 
     monkeypatch.setattr(A, "_DELTA_BLOCK", 64)
     qkv, dout = make_inputs(1, 100, 2, 16)
@@ -251,7 +251,7 @@ def test_dropout_mask_is_the_documented_philox_draw(backend):
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 64), (64, 64)])
 def test_triton_mask_does_not_depend_on_its_tiles(blocks):
     pytest.importorskip("triton")
-    from kernels import attention as kernel
+    from gpt1_kernels import attention as kernel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seed = torch.tensor([2**61 + 987654321], device=device)
@@ -263,7 +263,7 @@ def test_dropout_masks_of_both_backends_are_bit_identical():
     """The cross-backend contract: the C++ and the Triton kernels drop the same elements."""
     pytest.importorskip("triton")
     assert ops.cpu_kernels_error() is None, ops.cpu_kernels_error()
-    from kernels.attention import attention_dropout_mask as triton_mask
+    from gpt1_kernels.attention import attention_dropout_mask as triton_mask
 
     for seed, B, H, T, p in [(123456789012345, 2, 3, 37, 0.3), (2**62 - 1, 1, 2, 70, 0.1), (5, 1, 1, 1, 0.5)]:
         cpp = gpt1.attention_dropout_mask(CPP.seed(seed), B, H, T, p)  # the C++ CPU kernel

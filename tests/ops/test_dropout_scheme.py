@@ -15,7 +15,7 @@ import triton.language as tl
 
 from helpers import compile_for_sm90
 from backends import TRITON
-from kernels.attention import PHILOX_ROUNDS, _check_dropout, _dropout_keep, _dropout_keep_bits, _dropout_keep_unpack, _philox
+from gpt1_kernels.attention import PHILOX_ROUNDS, _check_dropout, _dropout_keep, _dropout_keep_bits, _dropout_keep_unpack, _philox
 from philox_ref import attention_draw, attention_keep_mask, philox4x32
 
 # triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)
@@ -158,7 +158,7 @@ def test_dropout_needs_no_layout_round_trip_on_sm90():
 def test_register_capped_config_is_tuned_only_with_dropout():
     """The forward's 128-register config exists for dropout's RNG state; without dropout it is
     its uncapped twin, so the autotuner must not time it twice."""
-    from kernels.attention import _fwd_tuned, _prune
+    from gpt1_kernels.attention import _fwd_tuned, _prune
 
     configs = _fwd_tuned.configs
     capped = [c for c in configs if c.maxnreg]
@@ -171,7 +171,7 @@ def test_register_capped_config_is_tuned_only_with_dropout():
 def test_fp32_runs_its_one_clean_tile_and_low_precision_never_does():
     """fp32 (the exact path) spills in the bf16 tiles on sm_90a: each kernel has one small tile
     for it, and only fp32 gets it."""
-    from kernels.attention import _dkdv_tuned, _dq_tuned, _fwd_tuned, _prune
+    from gpt1_kernels.attention import _dkdv_tuned, _dq_tuned, _fwd_tuned, _prune
 
     for tuner in (_fwd_tuned, _dkdv_tuned, _dq_tuned):
         fp32 = _prune(tuner.configs, {"T_BUCKET": 512, "qkv_ptr": torch.empty(0, dtype=torch.float32)}, HAS_DROPOUT=True)

@@ -63,7 +63,7 @@ def test_fp32_loss_and_grads(backend, shape):
 def test_triton_cuda_block_width(backend, monkeypatch):
     """The GPU's BLOCK_V (4096 columns per step, 8 warps), which the interpreter never takes by
     itself: V = 9001 spans two full blocks and a partial one, and the padding past V."""
-    from kernels import linear_cross_entropy as kernel
+    from gpt1_kernels import linear_cross_entropy as kernel
 
     monkeypatch.setattr(kernel, "_BLOCK_V_INTERPRETER", kernel._BLOCK_V_CUDA)
     assert kernel.chunk_launch(9001, cuda=False) == kernel.chunk_launch(9001, cuda=True)
@@ -79,7 +79,7 @@ def test_triton_cuda_block_width(backend, monkeypatch):
 @pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (5, torch.float32), (8, torch.bfloat16), (8, torch.float16)])
 def test_triton_chunks_accumulate_the_same_gradients(backend, monkeypatch, rows, dtype):
     """Chunks of `rows` rows (CHUNK_BYTES shrunk): grad_weight sums over chunks in float32."""
-    from kernels import linear_cross_entropy as kernel
+    from gpt1_kernels import linear_cross_entropy as kernel
 
     hidden, weight, targets = make_inputs(29, 48, 1009, dtype, n_ignored=3)
     monkeypatch.setattr(kernel, "CHUNK_BYTES", rows * 1009 * hidden.element_size())
@@ -98,7 +98,7 @@ def test_triton_chunks_accumulate_the_same_gradients(backend, monkeypatch, rows,
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_triton_refuses_chunks_of_no_rows(backend):
-    from kernels.linear_cross_entropy import linear_cross_entropy_fwd
+    from gpt1_kernels.linear_cross_entropy import linear_cross_entropy_fwd
 
     hidden, weight, targets = (backend.tensor(t) for t in make_inputs(4, 8, 10))
     with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):

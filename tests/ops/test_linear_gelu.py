@@ -28,7 +28,7 @@ def backend(request, monkeypatch) -> Iterator[Backend]:
     name, _, impl = request.param.partition("-")
     with use(name) as be:
         if impl:
-            from kernels import linear_gelu as kernel
+            from gpt1_kernels import linear_gelu as kernel
 
             monkeypatch.setattr(kernel, "DEFAULT_IMPL", {"matmul": "triton", "cublas": "cublas"}[impl])
         yield be
@@ -146,7 +146,7 @@ def test_grad_bias_is_deterministic(backend, monkeypatch):
     """Fixed-order partial sums, no atomics: two runs give the same bits (Triton: few row groups,
     the last partial; C++: any thread count)."""
     if backend.name == "triton":
-        from kernels import linear_gelu as kernel
+        from gpt1_kernels import linear_gelu as kernel
 
         monkeypatch.setattr(kernel, "_MAX_GROUPS", 3)
     x, w, b, dy = make_inputs(150, 40, 70)
@@ -165,7 +165,7 @@ def test_grad_bias_is_deterministic(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend,impl", [("triton-matmul", "triton"), ("triton-cublas", "cublas")], indirect=["backend"])
 def test_triton_variant_runs_its_candidate(backend, impl):
-    from kernels.linear_gelu import CANDIDATES
+    from gpt1_kernels.linear_gelu import CANDIDATES
 
     x, w, b, _ = (backend.tensor(t) for t in make_inputs(7, 48, 37))
     others = [CANDIDATES[name](x, w, b, "tanh")[1] for name in CANDIDATES if name != impl]
@@ -176,7 +176,7 @@ def test_triton_variant_runs_its_candidate(backend, impl):
 
 
 def _matmul_configs() -> list:
-    from kernels.linear_gelu import _MATMUL_CONFIGS
+    from gpt1_kernels.linear_gelu import _MATMUL_CONFIGS
 
     return [pytest.param(i, id="{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c.kwargs) + f"w{c.num_warps}")
             for i, c in enumerate(_MATMUL_CONFIGS)]
@@ -188,8 +188,8 @@ def test_every_matmul_config_matches_reference(backend, index):
     """Each autotune config of the Triton matmul pinned, at a shape with partial row, column and K
     tiles and several GROUP_M groups (the autotuner runs one config, the interpreter its own
     tile): bf16 forward by the FlashAttention rule; the last config, fp32's, also in fp32."""
-    from kernels.linear_gelu import _MATMUL_CONFIGS, _matmul_autotuned
-    from kernels.pinning import pinned_config
+    from gpt1_kernels.linear_gelu import _MATMUL_CONFIGS, _matmul_autotuned
+    from gpt1_kernels.pinning import pinned_config
 
     N, C, F = 1100, 96, 300  # C % 64 != 0, F % 128 != 0, N > GROUP_M · 128
     x, w, b, _ = make_inputs(N, C, F, torch.bfloat16)
@@ -207,7 +207,7 @@ def test_every_matmul_config_matches_reference(backend, index):
 
 @pytest.mark.parametrize("backend", ["triton-matmul"], indirect=True)
 def test_triton_refuses_an_unknown_default_impl(backend, monkeypatch):
-    from kernels import linear_gelu as kernel
+    from gpt1_kernels import linear_gelu as kernel
 
     monkeypatch.setattr(kernel, "DEFAULT_IMPL", "cutlass")
     x, w, b, _ = (backend.tensor(t) for t in make_inputs(7, 48, 37))

@@ -8,7 +8,7 @@ import torch
 
 from engine import reference
 from helpers import assert_close
-from kernels import linear_cross_entropy as lce
+from gpt1_kernels import linear_cross_entropy as lce
 
 IGNORE = -100
 
