@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.precision import cpu_bf16_isa, cpu_model
+from engine.training.precision import cpu_bf16_isa, cpu_model
 
 _RESULTS: dict[str, dict[str, dict]] = defaultdict(dict)
 

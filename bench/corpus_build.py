@@ -62,7 +62,7 @@ def tokenizer_file(workdir: Path, given: str | None, vocab_size: int) -> Path:
     path = workdir / f"bpe-shakespeare-{vocab_size}.json"
     if not path.is_file():
         from engine.data.corpus import read_documents, shakespeare_split
-        from engine.tokenizer import BPETokenizer
+        from engine.model.tokenizer import BPETokenizer
 
         docs = read_documents(shakespeare_split()[0])
         BPETokenizer.train(texts=[d.text for d in docs], vocab_size=vocab_size).save(path)

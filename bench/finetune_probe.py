@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import GPT1, zeroshot  # noqa: E402
 from engine.data.tasks import get_task  # noqa: E402
 from engine.data.transforms import InputTransform, collate  # noqa: E402
-from engine.heads import add_task_tokens  # noqa: E402
-from engine.run import load_tokenizer  # noqa: E402
+from engine.model.heads import add_task_tokens  # noqa: E402
+from engine.training.run import load_tokenizer  # noqa: E402
 
 
 def choice_features(body: GPT1, transform: InputTransform, examples, pad: int, delim: int, batch: int = 64):

@@ -16,8 +16,8 @@
     peak memory for fused, reference eager and torch.compile(reference).
 (c) The CUDA test suite (pytest tests/ops on CUDA tensors) under TEST_CAP_S.
 The low-precision rule is tests/helpers.py's, its floor relative to each tensor's own scale, and
-each op's first gradient is also fed to it as zeros, which must fail. MFU is engine/flops.py's
-(as engine/train.py logs it); peak memory is taken before do_bench's L2-flush buffer exists.
+each op's first gradient is also fed to it as zeros, which must fail. MFU is engine/training/flops.py's
+(as engine/training/trainer.py logs it); peak memory is taken before do_bench's L2-flush buffer exists.
 Prints a table and writes one JSON (default bench/results/<device>-<date>.json).
 """
 from __future__ import annotations
@@ -60,10 +60,10 @@ kernels_package()  # gpt1_kernels, installed or this checkout's kernels/
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from helpers import FA_FLOOR, FA_SLACK  # noqa: E402
 
 from engine import GPT1, GPT1Config, ops, reference  # noqa: E402
-from engine.flops import flops_per_token, mfu, peak_bf16_flops  # noqa: E402
-from helpers import FA_FLOOR, FA_SLACK  # noqa: E402
+from engine.training.flops import flops_per_token, mfu, peak_bf16_flops  # noqa: E402
 
 DEV = "cpu" if ARGS.smoke else "cuda"
 BF16 = torch.bfloat16
@@ -352,7 +352,7 @@ def time_ffn():
 
 
 def _mfu(cfg: GPT1Config, T: int, tokens_per_s: float) -> float:
-    """engine/flops.py's formula, the one engine/train.py logs, over the device's bf16 peak."""
+    """engine/training/flops.py's formula, the one engine/training/trainer.py logs, over the device's bf16 peak."""
     peak = peak_bf16_flops(torch.cuda.get_device_name() if DEV == "cuda" else "")
     if peak is None:
         return float("nan")

@@ -149,9 +149,8 @@ def _check_covered(module, plain: dict, tuners: dict) -> None:
 
 
 def attention_jobs() -> list[Job]:
-    from triton.runtime.autotuner import Autotuner
-
     from gpt1_kernels import attention as A
+    from triton.runtime.autotuner import Autotuner
 
     plain = {  # kernels launched without the autotuner: their launchers' fixed tiles
         "_attn_bwd_delta_kernel": {"BLOCK_M": A._DELTA_BLOCK},

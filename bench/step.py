@@ -4,7 +4,7 @@ Providers: "eager" GPT1(fused=False) (the reference ops), "compile" torch.compil
 "fused" GPT1(fused=True), "hf" transformers' OpenAIGPTLMHeadModel with the same weights; and
 "eager-bf16", "compile-bf16", "fused-bf16": the same models with the forward under
 torch.autocast(device, torch.bfloat16) (fp32 master weights, backward outside the context, as
-engine.train runs it).
+engine.training.trainer runs it).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ kernels/ has no __init__.py, so from the checkout's root `import kernels` still 
 pip installs the folder as gpt1_kernels (setup.py's package_dir); an engine run from a checkout
 (editable install, PYTHONPATH, the GPU machine's plain copy) registers that checkout's folder
 here. Each kernels/<op>.py holds @triton.jit kernels and launchers named like the gpt1:: ops
-(engine/ops.py), no autograd; their specs are in engine/reference.py.
+(engine/ops.py), no autograd; their specs are in engine/model/reference.py.
 """
 from __future__ import annotations
 

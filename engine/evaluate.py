@@ -24,9 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli import ArgumentParser, run_cli
-from .inference import add_run_arg, add_runtime_args, inference_device, load_language_model
-from .model import IGNORE_INDEX, GPT1
+from engine.cli import ArgumentParser, run_cli
+from engine.inference.runs import (
+    add_run_arg,
+    add_runtime_args,
+    inference_device,
+    load_language_model,
+)
+from engine.model.gpt1 import GPT1, IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ def _same_length_batches(todo: list[Window], batch_size: int) -> list[list[Windo
 def read_documents(paths: list[str]) -> list[str]:
     """The texts of --data, unchanged (no Gutenberg stripping): one per text file, one per
     JSONL line."""
-    from .data.corpus import JSONL_SUFFIXES, read_documents as read_jsonl, read_text_file, resolve_files
+    from engine.data.corpus import JSONL_SUFFIXES, read_text_file, resolve_files
+    from engine.data.corpus import read_documents as read_jsonl
 
     texts = []
     for path in resolve_files(paths):

@@ -2,7 +2,7 @@
 
 Temporaries are hidden names next to their target (``.NAME.<random>.tmp``, files and
 directories alike), so a killed process leaves only something recognisable as garbage
-(engine.checkpoint.clean_run_dir removes them). Files and directories made here honour
+(engine.training.checkpoint.clean_run_dir removes them). Files and directories made here honour
 the umask like ``open``/``mkdir`` do, not mkstemp's 0600 / mkdtemp's 0700. An OSError
 (disk full, read-only file system, permissions) propagates with the target's path in it.
 """

@@ -8,12 +8,12 @@
     python -m engine.finetune --eval-only --init runs/finetune-rte   # re-evaluate a fine-tuned run
 
 Each example becomes token sequences ending in the extract token (engine.data.transforms); a
-linear head reads the extract token's final state (engine.heads); the objective is
+linear head reads the extract token's final state (engine.model.heads); the objective is
 L3 = L2 + λ·L1 with the LM loss L1 on the same sequences. Defaults are the paper's
 (FinetuneConfig and PAPER_TRAIN): lr 6.25e-5, batch 32, 3 epochs, linear warm-up over 0.2% of
 the updates then linear decay, dropout 0.1 before the head, λ = 0.5; on CPU, where the default
 model is a 4-layer one, lr 1e-4 (CPU_LR). The loop is
-engine.train's, the run's lifecycle (lock, saved config, resume policy, exit codes) engine.run's.
+engine.training.trainer's, the run's lifecycle (lock, saved config, resume policy, exit codes) engine.training.run's.
 
 The run directory (--out) ends up holding the best dev checkpoint: config.json +
 model.safetensors (Hugging Face openai-gpt layout, special tokens included), head.safetensors,
@@ -39,17 +39,19 @@ from typing import Any, Sequence
 
 import torch
 
-from . import checkpoint, cli, run, train
-from .config import GPT1Config
-from .data.records import Example
-from .data.tasks import DEFAULT_TASK, TASKS, Task, get_task
-from .data.transforms import Encoded, InputTransform, collate
-from .fileio import _fsync_dir, atomic_write, atomic_write_text, make_temp_dir
-from .heads import GPT1ForTask, TaskHead, add_task_tokens
-from .metrics import compute
-from .model import GPT1
-from .precision import resolve_precision
-from .tokenizer import BPETokenizer
+from engine import cli
+from engine.data.records import Example
+from engine.data.tasks import DEFAULT_TASK, TASKS, Task, get_task
+from engine.data.transforms import Encoded, InputTransform, collate
+from engine.fileio import _fsync_dir, atomic_write, atomic_write_text, make_temp_dir
+from engine.inference.metrics import compute
+from engine.model.config import GPT1Config
+from engine.model.gpt1 import GPT1
+from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
+from engine.model.tokenizer import BPETokenizer
+from engine.training import checkpoint, run
+from engine.training import trainer as train
+from engine.training.precision import resolve_precision
 
 # Where `python -m engine.pretrain` writes its run when given no --out.
 PRETRAIN_DEFAULT_OUT = "runs/pretrain"
@@ -111,7 +113,7 @@ class FinetuneConfig:
         if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int) or self.eval_batch_size <= 0):
             raise ValueError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size!r}")
         if self.preset is not None:
-            from .config import PRESETS
+            from engine.model.config import PRESETS
 
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
@@ -187,7 +189,7 @@ class Resolved:
 
 def resolve(ns: argparse.Namespace) -> Resolved:
     """The run's settings: the flags given (new run) or the saved ones under the one resume
-    policy (engine.run.resume_sections)."""
+    policy (engine.training.run.resume_sections)."""
     given_f, given_t = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(train.TrainConfig, ns)
     if ns.stop_at is not None and ns.stop_at <= 0:
         raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
@@ -241,7 +243,7 @@ def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, st
         config, tokenizer, source = _random_init_source(fcfg)
         body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
     else:
-        from .hf import load_pretrained
+        from engine.model.hf import load_pretrained
 
         init = Path(fcfg.init)
         if not (init / "config.json").is_file():
@@ -325,7 +327,7 @@ def _save_weights(model: GPT1ForTask, path: Path) -> None:
 
 
 def _load_weights(model: GPT1ForTask, path: Path) -> None:
-    from .hf import load_pretrained
+    from engine.model.hf import load_pretrained
 
     config, state = load_pretrained(path)
     if config != model.body.config:
@@ -392,7 +394,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def batch_fn(train_set: Sequence[Encoded], batch_size: int, seed: int, pad_id: int):
-    """engine.train's batches(step, start, count): the examples of update `step` are the next
+    """engine.training.trainer's batches(step, start, count): the examples of update `step` are the next
     batch_size of a sequence of epoch-wise shuffles; a pure function of its arguments."""
     n = len(train_set)
     orders: dict[int, list[int]] = {}
@@ -544,7 +546,7 @@ def _plot(metrics: Any, path: Path, panels: list[Any]) -> None:
     params = inspect.signature(metrics.plot).parameters.values()
     if any(p.name == "panels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         metrics.plot(path, panels=panels)
-    else:  # engine.train's plot without panels: its default figure stays
+    else:  # engine.training.trainer's plot without panels: its default figure stays
         metrics.plot(path)
 
 

@@ -20,10 +20,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cli import ArgumentParser, run_cli
-from .inference import add_run_arg, add_runtime_args, inference_device, load_language_model
-from .model import GPT1
-from .tokenizer import BPETokenizer
+from engine.cli import ArgumentParser, run_cli
+from engine.inference.runs import (
+    add_run_arg,
+    add_runtime_args,
+    inference_device,
+    load_language_model,
+)
+from engine.model.gpt1 import GPT1
+from engine.model.tokenizer import BPETokenizer
 
 DEFAULT_NEW_TOKENS = 100
 SEPARATOR = "---"

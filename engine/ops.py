@@ -15,7 +15,7 @@ Where things live, deliberately:
 
 The functional wrappers at the bottom (``causal_attention``, ``add_layernorm``,
 ``linear_gelu``, ``linear_cross_entropy``) have the signatures of their twins in
-``engine.reference``, which is their spec. They handle autocast (inputs cast to the
+``engine.model.reference``, which is their spec. They handle autocast (inputs cast to the
 autocast dtype, as ``F.linear`` would) and draw dropout seeds from torch's generator on
 the tensor's device, so ``torch.manual_seed`` makes fused dropout reproducible.
 
@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._kernels import kernel_module
+from engine._kernels import kernel_module
 
 _lib = torch.library.Library("gpt1", "DEF")
 
@@ -113,7 +113,7 @@ _cpu_kernels_tried = False
 
 def _load_extension() -> None:
     """Loads the C++ CPU kernels: the pip-built engine._C if it is fresh, else a JIT build."""
-    from . import _build
+    from engine import _build
 
     here = Path(__file__).resolve().parent
     built = sorted(here.glob("_C.*.so")) + sorted(here.glob("_C.*.pyd"))
@@ -379,7 +379,7 @@ for _name in ("attention_bwd", "add_layernorm_bwd", "linear_gelu_bwd"):
     )
 
 
-# ---- functional API: what GPT1(fused=True) calls; same signatures as engine.reference ----
+# ---- functional API: what GPT1(fused=True) calls; same signatures as engine.model.reference ----
 
 
 def _ensure_kernels(t: Tensor) -> None:

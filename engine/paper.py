@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cli
+from engine import cli
 
 TASKS = ("shakespeare-cloze", "shakespeare-order")
 # The paper's directions: pre-training helps everywhere (Table 5: 74.7 vs 59.9 on average); the
@@ -100,13 +100,13 @@ def _resume_or_start(out: Path, done: bool) -> list[str] | None:
     flag that (re)starts it in `out`."""
     if done:
         return None
-    from .checkpoint import latest_checkpoint
+    from engine.training.checkpoint import latest_checkpoint
 
     return ["--resume", str(out)] if latest_checkpoint(out) is not None else ["--overwrite"]
 
 
 def pretrain(out: Path, budget: Budget, fused: bool, say: Callable[[str], None]) -> Path:
-    from . import pretrain as pt
+    from engine import pretrain as pt
 
     how = _resume_or_start(out, _pretraining_done(out))
     if how is None:
@@ -129,7 +129,7 @@ def pretrain(out: Path, budget: Budget, fused: bool, say: Callable[[str], None])
 
 def finetune(out: Path, task: str, init: Path, budget: Budget, fused: bool, say: Callable[[str], None], *extra: str) -> dict[str, Any]:
     """Runs (or resumes, or reuses) one fine-tuning; returns its metrics.json and dev correctness."""
-    from . import finetune as ft
+    from engine import finetune as ft
 
     how = _resume_or_start(out, (out / "metrics.json").is_file())
     if how is not None:
@@ -192,7 +192,7 @@ def run(out: Path, *, quick: bool, pretrained: Path | None, tasks: tuple[str, ..
     budget = budget or BUDGETS["quick" if quick else "default"]
     out.mkdir(parents=True, exist_ok=True)
     pre = pretrained or pretrain(out / "pretrain", budget, fused, say)
-    from .config import GPT1Config
+    from engine.model.config import GPT1Config
 
     n_layer = GPT1Config.from_json_file(pre / "config.json").n_layer
     table: dict[str, dict[str, Any]] = {}
@@ -217,8 +217,8 @@ def run(out: Path, *, quick: bool, pretrained: Path | None, tasks: tuple[str, ..
 
 
 def zeroshot_curve(pre: Path, tasks: tuple[str, ...], fused: bool, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    from . import zeroshot
-    from .run import load_tokenizer
+    from engine import zeroshot
+    from engine.training.run import load_tokenizer
 
     tokenizer = load_tokenizer(pre)
     import torch
@@ -270,7 +270,7 @@ def summarise(table: dict[str, dict[str, Any]], layers: dict[int, dict[str, Any]
 
 
 def write_report(out: Path, results: dict[str, Any]) -> None:
-    from .fileio import atomic_write_text
+    from engine.fileio import atomic_write_text
 
     _plot_table5(results, out / "table5.png")
     _plot_layers(results, out / "fig2_layers.png")
@@ -312,7 +312,7 @@ def _figure():
 
 
 def _save(plt: Any, fig: Any, path: Path) -> None:
-    from .fileio import atomic_write
+    from engine.fileio import atomic_write
 
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data.tasks import get_task
+    from engine.data.tasks import get_task
 
     for t in args.tasks:
         task = get_task(t)

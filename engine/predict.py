@@ -30,10 +30,10 @@ Output, one JSON object per example: {"id", "prediction", "probabilities"}: the 
 {label: p} for classification, entailment and similarity; the choice index and a list of
 probabilities for multiple choice; {"id", "prediction"} with the score for regression.
 
---export-hf DIR writes the run for transformers (engine.hf.save_task_model), with the same
+--export-hf DIR writes the run for transformers (engine.model.hf.save_task_model), with the same
 predictions: multiple choice as OpenAIGPTDoubleHeadsModel, the other kinds as
 OpenAIGPTForSequenceClassification (similarity and regression: the logits of the two orders
-added). Feed either the run's transformed sequences (Predictor.batch); engine.hf says how.
+added). Feed either the run's transformed sequences (Predictor.batch); engine.model.hf says how.
 The exported tokenizer adds the transformation's tokens itself, so
 transformers.pipeline("text-classification", model=DIR) gives a classification or entailment
 run's predictions (for inputs within max_len).
@@ -48,13 +48,18 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .cli import ArgumentParser, run_cli
-from .data.records import Example, fail, jsonl_rows
-from .data.transforms import KINDS, Batch, Encoded, InputTransform, collate
-from .heads import GPT1ForTask, TaskHead
-from .inference import add_runtime_args, inference_device, load_tokenizer, run_dir
-from .model import GPT1
-from .tokenizer import BPETokenizer
+from engine.cli import ArgumentParser, run_cli
+from engine.data.records import Example, fail, jsonl_rows
+from engine.data.transforms import KINDS, Batch, Encoded, InputTransform, collate
+from engine.inference.runs import (
+    add_runtime_args,
+    inference_device,
+    load_tokenizer,
+    run_dir,
+)
+from engine.model.gpt1 import GPT1
+from engine.model.heads import GPT1ForTask, TaskHead
+from engine.model.tokenizer import BPETokenizer
 
 TASK_FILE, HEAD_FILE = "task.json", "head.safetensors"
 CLASS_KINDS = ("classification", "entailment", "similarity")
@@ -106,7 +111,7 @@ def read_input(path: Path, kind: str, task: str) -> list[Example]:
 
 
 def _read_glue_test(path: Path, task: str) -> list[Example]:
-    from .data import glue
+    from engine.data import glue
 
     if task != "cola" and task not in glue.GLUE:
         raise ValueError(f"--input {path}: a .tsv is read in a GLUE task's layout, and this run's task {task!r} "
@@ -146,7 +151,7 @@ def _read_task(path: Path) -> dict[str, Any]:
 def _load_head(path: Path, kind: str, labels: list[str], n_embd: int, device: torch.device) -> TaskHead:
     from safetensors import SafetensorError
 
-    from .finetune import load_head
+    from engine.finetune import load_head
 
     head = TaskHead(kind, n_embd, max(1, len(labels)), pdrop=0.0)
     try:
@@ -240,8 +245,8 @@ class Predictor:
         return {"id": uid, "prediction": self.labels[k], "probabilities": dict(zip(self.labels, p))}
 
     def export_hf(self, path: str | Path) -> str:
-        """Writes the run for transformers (engine.hf.save_task_model); returns the class name."""
-        from .hf import save_task_model, save_task_tokenizer
+        """Writes the run for transformers (engine.model.hf.save_task_model); returns the class name."""
+        from engine.model.hf import save_task_model, save_task_tokenizer
 
         sp = self.tokenizer.special_tokens()
         name = save_task_model(self.model.body, self.model.head, self.labels, sp.pad, Path(path))
@@ -286,7 +291,7 @@ def _write_results(results: list[dict[str, Any]], output: str | None) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    from .fileio import atomic_write_text
+    from engine.fileio import atomic_write_text
 
     atomic_write_text(output, text)
 

@@ -14,7 +14,7 @@ minutes on two cores; on CUDA they train the paper's model with the paper's opti
 (gpt1 preset, 64 × 512-token batches, lr 2.5e-4). Every default can be overridden; --help
 lists them. --init starts a NEW run from a model (a run directory of ours or a Hugging Face
 openai-gpt directory): its tokenizer and config, a fresh optimizer and schedule. The run's
-lifecycle (lock, saved config, resume policy, exit codes) is engine.run's.
+lifecycle (lock, saved config, resume policy, exit codes) is engine.training.run's.
 """
 from __future__ import annotations
 
@@ -27,11 +27,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import run
-from .checkpoint import LOSS_PLOT, METRICS, clear_run_dir, prepare_run_dir
-from .cli import ArgumentParser, UserError, add_dataclass_args, dataclass_kwargs, flag_name, run_cli
-from .data.prepare import Corpus as _Corpus, load_tokenizer as _load_tokenizer, prepare  # noqa: F401 (_load_tokenizer: imported from here by callers)
-from .train import TrainConfig, batch_layout, resolve_device
+from engine.cli import (
+    ArgumentParser,
+    UserError,
+    add_dataclass_args,
+    dataclass_kwargs,
+    flag_name,
+    run_cli,
+)
+from engine.data.prepare import Corpus as _Corpus  # noqa: F401 (_load_tokenizer: imported from here by callers)
+from engine.data.prepare import load_tokenizer as _load_tokenizer
+from engine.data.prepare import prepare
+from engine.training import run
+from engine.training.checkpoint import (
+    LOSS_PLOT,
+    METRICS,
+    clear_run_dir,
+    prepare_run_dir,
+)
+from engine.training.trainer import TrainConfig, batch_layout, resolve_device
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,7 @@ class PretrainConfig:
         if self.tokenizer is not None and not 1 <= len(self.tokenizer) <= 2:
             raise ValueError(f"--tokenizer takes one or two paths, got {len(self.tokenizer)}")
         if self.preset is not None:
-            from .config import PRESETS
+            from engine.model.config import PRESETS
 
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown --preset {self.preset!r}; expected one of {', '.join(PRESETS)}")
@@ -196,7 +210,7 @@ def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig
 
 
 def _n_positions(pcfg: PretrainConfig) -> int:
-    from .config import GPT1Config
+    from engine.model.config import GPT1Config
 
     if pcfg.init is not None:
         return GPT1Config.from_json_file(Path(pcfg.init) / "config.json").n_positions
@@ -206,7 +220,7 @@ def _n_positions(pcfg: PretrainConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     pcfg, tcfg, ns = resolve_configs(argv)
     if ns.prepare_only:  # the data this run would read, and nothing of a run
-        from .data.shards import default_cache_dir
+        from engine.data.shards import default_cache_dir
 
         given = ((run.load_tokenizer_file(Path(ns.resume) / "tokenizer.json"), f"the run's own ({ns.resume})") if ns.resume
                  else (run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s") if pcfg.init else None)
@@ -244,7 +258,7 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
 def _epoch_steps(pcfg: PretrainConfig, tcfg: TrainConfig, shards: Any, given: set[str]) -> TrainConfig:
     """The train config with --max-steps covering --epochs passes over the training windows
     (and its default warm-up recomputed for that length)."""
-    from .data.windows import EpochWindows
+    from engine.data.windows import EpochWindows
 
     steps = EpochWindows(shards.train, pcfg.seq_len + 1, tcfg.batch_size, tcfg.seed).steps(pcfg.epochs)
     fields = {**dataclasses.asdict(tcfg), "max_steps": steps}
@@ -261,8 +275,8 @@ def _data(pcfg: PretrainConfig, out: Path, resuming: bool, dist: Any, say: Any) 
     """(corpus, tokenizer, where it came from, token shards, whether they were built now):
     prepared by rank 0 into the cache, read by every rank. A resumed run's tokenizer is its
     own tokenizer.json, never one trained or cached anew (BPE ids could differ)."""
-    from .data.shards import default_cache_dir
-    from .data.windows import check_length
+    from engine.data.shards import default_cache_dir
+    from engine.data.windows import check_length
 
     cache = Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir()
     corpus = _Corpus(pcfg)
@@ -289,14 +303,14 @@ def _model(pcfg: PretrainConfig, tcfg: TrainConfig, tokenizer: Any, saved_model:
     config and weights, or the preset with random weights (the same on every rank)."""
     import torch
 
-    from .config import GPT1Config
-    from .model import GPT1
+    from engine.model.config import GPT1Config
+    from engine.model.gpt1 import GPT1
 
     state = None
     if saved_model is not None:
         mcfg = run.build_section(GPT1Config, saved_model, Path(tcfg.out) / "train_config.json", "model")
     elif pcfg.init is not None:
-        from .hf import load_pretrained
+        from engine.model.hf import load_pretrained
 
         mcfg, state = load_pretrained(pcfg.init)
     else:
@@ -316,8 +330,8 @@ def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: A
            resume_from: Path | None, micro: int, say: Any) -> int:
     import torch
 
-    from .data.windows import EpochWindows, RandomWindows, eval_batches
-    from .train import Trainer, flops_per_token
+    from engine.data.windows import EpochWindows, RandomWindows, eval_batches
+    from engine.training.trainer import Trainer, flops_per_token
 
     out, window = Path(tcfg.out), pcfg.seq_len + 1
 
@@ -350,7 +364,7 @@ def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: A
         trainer.metrics.plot(out / LOSS_PLOT, hlines={f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy})
     sample = _sample(model, tokenizer, pcfg, tcfg, dist.device) if dist.is_main and pcfg.sample_tokens else None
     if sample is not None:
-        from .fileio import atomic_write_text
+        from engine.fileio import atomic_write_text
 
         atomic_write_text(out / "samples.txt", sample + "\n")
     _summary(say, out, result, wall, final, shards, sample)
@@ -379,7 +393,7 @@ def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_p
               shards: Any, tok_note: str, built: bool, resume_from: Path | None, layout: tuple[int, int]) -> str:
     import torch
 
-    from .precision import resolve_precision
+    from engine.training.precision import resolve_precision
 
     micro, accum = layout
     device = f"{dist.device}" + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else f" ({torch.cuda.get_device_name(dist.device)})")

@@ -31,9 +31,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import cli
-from .data.records import Example
-from .metrics import accuracy, matthews
+from engine import cli
+from engine.data.records import Example
+from engine.inference.metrics import accuracy, matthews
 
 MC_TASKS = ("rocstories", "race", "race-middle", "race-high", "swag", "shakespeare-cloze", "shakespeare-order")
 TASKS = ("sst2", "cola", "dprd", *MC_TASKS)
@@ -183,7 +183,7 @@ def load_examples(task: str, data_dir: Path | None, split: str, max_examples: in
         examples = _read_dprd(data_dir)
         train = None
     else:
-        from .data.tasks import get_task
+        from engine.data.tasks import get_task
 
         t = get_task(task)
         sets = t.load(data_dir, split)
@@ -197,7 +197,7 @@ def load_examples(task: str, data_dir: Path | None, split: str, max_examples: in
 
 
 def _read_dprd(data_dir: Path | None) -> list[Example]:
-    from .data.winograd import read_winograd
+    from engine.data.winograd import read_winograd
 
     if data_dir is None:
         raise ValueError("--task dprd reads your files: pass --data-dir (a DPRD test.c.txt, a .jsonl, or their directory)")
@@ -230,7 +230,7 @@ def evaluate(model: Any, tokenizer: Any, task: str, data_dir: Path | None = None
 
 
 def load_model(path: Path, fused: bool, device: torch.device) -> Any:
-    from .model import GPT1
+    from engine.model.gpt1 import GPT1
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no model (config.json + model.safetensors)")
@@ -253,7 +253,7 @@ def plot_curve(curve: list[dict[str, Any]], tasks: Sequence[str], path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_write
+    from engine.fileio import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in tasks:
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_fused(flag: bool | None, device: torch.device) -> bool:
     if device.type == "cuda":
         return flag is not False
-    from . import ops
+    from engine import ops
 
     err = ops.cpu_kernels_error()
     if flag and err:
@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.task:
         if t not in TASKS:
             raise ValueError(f"unknown zero-shot task {t!r}; expected one of {', '.join(TASKS)}")
-    from .run import load_tokenizer
-    from .train import resolve_device
+    from engine.training.run import load_tokenizer
+    from engine.training.trainer import resolve_device
 
     run = Path(args.run)
     device = resolve_device(args.device)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             where = f"update {step}" if step is not None else str(path)
             print(f"{where}: " + "; ".join(f"{t} {row[t]['metric']} {row[t]['value']:.4f} (n={row[t]['n']}, chance {row[t]['chance']:.3f})" for t in args.task), flush=True)
     if args.checkpoints:
-        from .fileio import atomic_write_text
+        from engine.fileio import atomic_write_text
 
         out = Path(args.out) if args.out else run / "zeroshot"
         out.mkdir(parents=True, exist_ok=True)

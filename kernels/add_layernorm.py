@@ -1,6 +1,6 @@
 """y = LayerNorm(x + dropout(residual)): the join of a post-LN block, fused with its dropout.
 
-Spec: engine/reference.py::add_layernorm. Rows of width C (GPT-1: C = 768).
+Spec: engine/model/reference.py::add_layernorm. Rows of width C (GPT-1: C = 768).
 
 Forward, per row: s = x + r·keep/(1-p); mean = Σs/C; rstd = 1/√(Σ(s-mean)²/C + eps);
 y = (s - mean)·rstd·γ + β. Statistics are float32 whatever the input dtype, and saved.

@@ -1,6 +1,6 @@
 """Fused causal attention over the packed QKV projection, with attention-probability dropout.
 
-Spec: engine/reference.py::causal_attention. Per head, with D the head size and scale 1/√D:
+Spec: engine/model/reference.py::causal_attention. Per head, with D the head size and scale 1/√D:
 
     S = Q Kᵀ / √D (causal: S_ij = -inf for j > i),  P = softmax(S),  O = (P ∘ Z) V,
     lse_i = log Σ_j exp(S_ij),  Z = keep / (1 - p)  (Z = 1 without dropout).

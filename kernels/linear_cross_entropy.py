@@ -1,6 +1,6 @@
 """loss = mean cross-entropy of softmax(hidden Wᵀ) against targets: tied LM head + loss, chunked.
 
-Spec: engine/reference.py::linear_cross_entropy. hidden (N, C), weight (V, C) (the token
+Spec: engine/model/reference.py::linear_cross_entropy. hidden (N, C), weight (V, C) (the token
 embedding), targets (N,) int64; rows whose target is ignore_index do not count, and the mean is
 over the n_valid rows that do (NaN when n_valid = 0, as F.cross_entropy).
 

@@ -1,6 +1,6 @@
 """y = GELU(x Wᵀ + b): the FFN's first projection (c_fc) and its activation, fused.
 
-Spec: engine/reference.py::linear_gelu. x (N, C), weight (F, C) in nn.Linear layout, bias (F,).
+Spec: engine/model/reference.py::linear_gelu. x (N, C), weight (F, C) in nn.Linear layout, bias (F,).
 GELU "tanh" (OpenAI's): 0.5·z·(1 + tanh(k·(z + a·z³))) = z·σ(2u), u = k·(z + a·z³),
 k = √(2/π), a = 0.044715; "none": 0.5·z·(1 + erf(z/√2)). pre = x Wᵀ + b is saved for backward.
 

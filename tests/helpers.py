@@ -78,7 +78,7 @@ def exact_reference(fn, tensors, dout, *args, **kwargs):
 
 
 def attention_reference(qkv, dout, H, p=0.0, mask=None, upcast=False):
-    """out and grad_qkv of engine.reference.causal_attention, by autograd, in qkv's dtype."""
+    """out and grad_qkv of engine.model.reference.causal_attention, by autograd, in qkv's dtype."""
     from engine import reference
 
     mask = None if mask is None else mask.cpu()

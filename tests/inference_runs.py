@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from engine import GPT1, GPT1Config
-from engine.tokenizer import BPETokenizer
+from engine.model.tokenizer import BPETokenizer
 
 TEXT = (
     "to be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -58,7 +58,7 @@ def make_task_run(path: Path, kind: str, seed: int = 0) -> Path:
     is far from 0 (and, for regression, standardisation away from 0 / 1): every term of the
     head shows in its outputs."""
     from engine.finetune import add_task_tokens, save_run
-    from engine.heads import GPT1ForTask, TaskHead
+    from engine.model.heads import GPT1ForTask, TaskHead
 
     task, labels = TASKS[kind]
     tok = BPETokenizer.train(texts=[TEXT] * 4, vocab_size=200, min_frequency=1)

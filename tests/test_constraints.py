@@ -1,8 +1,8 @@
 """CI installs the test dependencies pinned (.ci/constraints.txt), so that a release of one
 cannot turn CI red: every dev requirement must have its pin there, inside its own range."""
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

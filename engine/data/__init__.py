@@ -1,6 +1,6 @@
 """Data: pretraining corpora, token shards and windows (corpus, shards, windows); the
 fine-tuning task readers and input transformations live beside them (tasks*)."""
-from .corpus import (
+from engine.data.corpus import (
     SHAKESPEARE_VALIDATION,
     Document,
     read_documents,
@@ -10,8 +10,8 @@ from .corpus import (
     split_documents,
     strip_gutenberg,
 )
-from .shards import TokenShards, default_cache_dir, load_or_build_shards
-from .windows import RandomWindows, eval_batches
+from engine.data.shards import TokenShards, default_cache_dir, load_or_build_shards
+from engine.data.windows import RandomWindows, eval_batches
 
 __all__ = [
     "SHAKESPEARE_VALIDATION",

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .records import Example, csv_header, csv_rows, fail, json_file, require_file
+from engine.data.records import (
+    Example,
+    csv_header,
+    csv_rows,
+    fail,
+    json_file,
+    require_file,
+)
 
 # ---- Story Cloze Test ----------------------------------------------------------------------
 

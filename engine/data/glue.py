@@ -24,7 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import Example, TsvTable, class_index, fail, jsonl_rows, require_file, score, tsv_lines
+from engine.data.records import (
+    Example,
+    TsvTable,
+    class_index,
+    fail,
+    jsonl_rows,
+    require_file,
+    score,
+    tsv_lines,
+)
 
 BINARY = ("0", "1")
 NLI3 = ("contradiction", "entailment", "neutral")

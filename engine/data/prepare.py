@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..cli import UserError
-from . import corpus
-from .shards import cache_key, file_fingerprint, load_or_build_shards
+from engine.cli import UserError
+from engine.data import corpus
+from engine.data.shards import cache_key, file_fingerprint, load_or_build_shards
 
 # Bumped when trained tokenizers change for the same inputs: 2 = reproducible across processes.
 BPE_TRAINING_VERSION = 2
@@ -126,7 +126,7 @@ class Corpus:
     def tokenizer(self, cache: Path, say: Callable[..., None]) -> tuple[Any, str]:
         """(tokenizer, a note on where it came from): --tokenizer, else the cached BPE, else
         a BPE trained now on the training split and cached."""
-        from ..tokenizer import BPETokenizer
+        from engine.model.tokenizer import BPETokenizer
 
         spec = self.pcfg.tokenizer
         if spec is not None:
@@ -152,8 +152,8 @@ class Corpus:
 def load_tokenizer(spec: list[str], mode: str = "hf") -> Any:
     """One path: a tokenizer.json, or a directory holding tokenizer.json or GPT-1's two
     vocabulary files. Two paths: GPT-1's encoder_bpe_40000.json and vocab_40000.bpe. `mode`:
-    how GPT-1's files cut words ("hf" or "openai", engine.tokenizer)."""
-    from ..tokenizer import BPETokenizer
+    how GPT-1's files cut words ("hf" or "openai", engine.model.tokenizer)."""
+    from engine.model.tokenizer import BPETokenizer
 
     paths = [Path(p) for p in spec]
     for p in paths:

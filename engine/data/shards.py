@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from ..fileio import atomic_write_text, fsync_dir
+from engine.fileio import atomic_write_text, fsync_dir
 
 SHARD_VERSION = 1  # unchanged by streaming: the same inputs give the same bytes as before
 MAX_VOCAB = 2**32  # uint32 ids

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from engine.data.records import Example
-from engine.tokenizer import BPETokenizer, SpecialTokens
+from engine.model.tokenizer import BPETokenizer, SpecialTokens
 
 KINDS = ("classification", "entailment", "similarity", "regression", "multiple_choice")
 IGNORE_INDEX = -100
@@ -140,7 +140,7 @@ class Batch:
     labels: Tensor | None
 
     def as_dict(self) -> dict[str, Tensor | None]:
-        """The keyword arguments of GPT1ForTask.forward (what engine.train moves and pins)."""
+        """The keyword arguments of GPT1ForTask.forward (what engine.training.trainer moves and pins)."""
         return {"input_ids": self.input_ids, "extract": self.extract, "labels": self.labels, "lm_labels": self.lm_labels}
 
 

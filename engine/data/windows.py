@@ -33,7 +33,7 @@ class RandomWindows:
     """Training batches: sample j of update `step` starts at the j-th of `batch_size` offsets
     drawn uniformly from [0, len - window] by PCG64 seeded with (seed, step).
 
-    Called as ``windows(step, start, count)`` (engine.train's BatchFn): samples
+    Called as ``windows(step, start, count)`` (engine.training.trainer's BatchFn): samples
     [start, start + count) of that update, shape (count, window)."""
 
     def __init__(self, tokens: np.ndarray, window: int, batch_size: int, seed: int) -> None:

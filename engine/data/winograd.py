@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .records import Example, fail, jsonl_rows, require_file
+from engine.data.records import Example, fail, jsonl_rows, require_file
 
 
 def split_at_pronoun(sentence: str, pronoun: str, candidates: tuple[str, ...], path: Path, line: int) -> tuple[str, str]:

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close
+from inference_runs import TEXT, make_lm_run
 
 from engine import GPT1
 from engine.cli import run_cli
 from engine.evaluate import main, score_documents, windows
-from engine.tokenizer import BPETokenizer
-from helpers import assert_close
-from inference_runs import TEXT, make_lm_run
+from engine.model.tokenizer import BPETokenizer
 
 P = 8  # a short context, so that the documents span many windows
 

@@ -5,14 +5,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import engine.precision as precision
-from engine import GPT1
-from engine.finetune import CPU_LR, PAPER_TRAIN, FinetuneConfig, _resolve_train_config, add_task_tokens, batch_fn, main
-from engine.data.transforms import Encoded
-from engine.tokenizer import BPETokenizer
-from engine.cli import run_cli
 from inference_runs import make_fixture_run
+
+import engine.training.precision as precision
+from engine import GPT1
+from engine.cli import run_cli
+from engine.data.transforms import Encoded
+from engine.finetune import (
+    CPU_LR,
+    PAPER_TRAIN,
+    FinetuneConfig,
+    _resolve_train_config,
+    add_task_tokens,
+    batch_fn,
+    main,
+)
+from engine.model.tokenizer import BPETokenizer
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 GLUE = FIX / "glue"

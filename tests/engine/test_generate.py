@@ -2,12 +2,12 @@
 GPT1.generate's tokens decoded, greedy at temperature 0, one-line errors for bad values."""
 import pytest
 import torch
+from inference_runs import make_lm_run
 
 from engine import GPT1
 from engine.cli import run_cli
 from engine.generate import main, stream_sample
-from engine.tokenizer import BPETokenizer
-from inference_runs import make_lm_run
+from engine.model.tokenizer import BPETokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
+from inference_runs import EXAMPLES, TASKS, make_lm_run, make_task_run
 
 from engine.cli import run_cli
 from engine.data.transforms import InputTransform
 from engine.predict import Predictor, main
-from helpers import assert_close
-from inference_runs import EXAMPLES, TASKS, make_lm_run, make_task_run
 
 transformers = pytest.importorskip("transformers")
 GLUE = Path(__file__).resolve().parents[1] / "fixtures" / "glue"
@@ -74,7 +74,7 @@ def test_predictions_equal_the_head_computed_directly(runs, kind):
 
 
 def hf_outputs(model_dir, name, batch, kind):
-    """What the exported model gives, read as engine.hf documents for each kind."""
+    """What the exported model gives, read as engine.model.hf documents for each kind."""
     cls = getattr(transformers, name)
     model = cls.from_pretrained(model_dir).eval()
     with torch.no_grad():

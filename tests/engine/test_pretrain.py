@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 from safetensors.torch import load_file
 
-import engine.precision as precision
+import engine.training.precision as precision
 from engine import GPT1
-from engine.data.corpus import shakespeare_dir
-from engine.pretrain import CPU_DEFAULTS, main, resolve_configs
-from engine.tokenizer import BPETokenizer
 from engine.cli import run_cli
-from helpers import assert_close
+from engine.data.corpus import shakespeare_dir
+from engine.model.tokenizer import BPETokenizer
+from engine.pretrain import CPU_DEFAULTS, main, resolve_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 POEMS = ["lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt"]  # ~25 kB

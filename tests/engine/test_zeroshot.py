@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine import GPT1
-from engine.cli import run_cli
 from inference_runs import make_fixture_run
+
+from engine import GPT1, zeroshot
+from engine.cli import run_cli
 from engine.data.records import Example, TaskDataError
 from engine.data.winograd import read_winograd
-from engine.tokenizer import BPETokenizer
-from engine import zeroshot
+from engine.model.tokenizer import BPETokenizer
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 

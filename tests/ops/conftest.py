@@ -5,9 +5,8 @@ from typing import Iterator
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from backends import BACKENDS, Backend, use
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(params=list(BACKENDS))

@@ -1,4 +1,4 @@
-"""gpt1::add_layernorm_* on every backend against engine.reference.add_layernorm."""
+"""gpt1::add_layernorm_* on every backend against engine.model.reference.add_layernorm."""
 from __future__ import annotations
 
 import math
@@ -6,11 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from backends import CPP, TRITON, cases
-from engine import ops, reference
 from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 from philox_ref import keep_mask
+
+from engine import ops, reference
 
 EPS = 1e-5
 GRAD_NAMES = ("grad_x", "grad_residual", "grad_weight", "grad_bias")

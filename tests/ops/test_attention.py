@@ -1,4 +1,4 @@
-"""gpt1::attention_* on every backend against engine.reference.causal_attention."""
+"""gpt1::attention_* on every backend against engine.model.reference.causal_attention."""
 from __future__ import annotations
 
 import contextlib
@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 import triton
-
 from backends import CPP, TRITON, cases
-from engine import ops, reference
+from gpt1_kernels.attention import _TUNED
+from gpt1_kernels.pinning import pinned_config
 from helpers import assert_close, assert_fa_rule
 from helpers import attention_exact_reference as exact_reference
 from helpers import attention_reference as autograd_reference
 from helpers import attention_reference_lse as reference_lse
-from gpt1_kernels.attention import _TUNED
-from gpt1_kernels.pinning import pinned_config
 from philox_ref import attention_keep_mask
+
+from engine import ops, reference
 
 gpt1 = torch.ops.gpt1
 # triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)

@@ -14,9 +14,9 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import assert_close, assert_fa_rule
 
 from engine import GPT1, GPT1Config, ops, reference
-from helpers import assert_close, assert_fa_rule
 
 BF16 = torch.bfloat16
 

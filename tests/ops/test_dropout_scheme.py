@@ -12,10 +12,16 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
-from helpers import compile_for_sm90
 from backends import TRITON
-from gpt1_kernels.attention import PHILOX_ROUNDS, _check_dropout, _dropout_keep, _dropout_keep_bits, _dropout_keep_unpack, _philox
+from gpt1_kernels.attention import (
+    PHILOX_ROUNDS,
+    _check_dropout,
+    _dropout_keep,
+    _dropout_keep_bits,
+    _dropout_keep_unpack,
+    _philox,
+)
+from helpers import compile_for_sm90
 from philox_ref import attention_draw, attention_keep_mask, philox4x32
 
 # triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)

@@ -1,4 +1,4 @@
-"""gpt1::linear_cross_entropy_fwd on every backend against engine.reference.linear_cross_entropy.
+"""gpt1::linear_cross_entropy_fwd on every backend against engine.model.reference.linear_cross_entropy.
 
 The op returns the gradients of the mean loss with its forward (the logits never exist whole);
 register_autograd scales them by the upstream gradient, which the tests check too.
@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-
 from backends import cases
-from engine import ops, reference
 from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
+
+from engine import ops, reference
 
 IGNORE = -100
 gpt1 = torch.ops.gpt1

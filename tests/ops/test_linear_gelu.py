@@ -1,4 +1,4 @@
-"""gpt1::linear_gelu_* on every backend against engine.reference.linear_gelu.
+"""gpt1::linear_gelu_* on every backend against engine.model.reference.linear_gelu.
 
 Triton has two forward implementations (kernels/linear_gelu.py CANDIDATES: a Triton matmul with
 a GELU epilogue, and cuBLAS addmm + a Triton GELU), so its backend runs once per candidate.
@@ -9,10 +9,10 @@ from typing import Iterator
 
 import pytest
 import torch
-
 from backends import Backend, cases, use
-from engine import ops, reference
 from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
+
+from engine import ops, reference
 
 GRAD_NAMES = ("grad_x", "grad_weight", "grad_bias")
 VARIANTS = ("cpp", "triton-matmul", "triton-cublas")

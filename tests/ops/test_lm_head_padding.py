@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpt1_kernels import linear_cross_entropy as lce
+from helpers import assert_close
 
 from engine import reference
-from helpers import assert_close
-from gpt1_kernels import linear_cross_entropy as lce
 
 IGNORE = -100
 

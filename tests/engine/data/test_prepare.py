@@ -15,8 +15,8 @@ import pytest
 from engine.cli import run_cli
 from engine.data.corpus import shakespeare_dir
 from engine.data.prepare import Corpus
+from engine.model.tokenizer import BPETokenizer
 from engine.pretrain import PretrainConfig, main
-from engine.tokenizer import BPETokenizer
 
 ROOT = Path(__file__).resolve().parents[3]
 FIXTURE_TOKENIZER = ROOT / "tests" / "fixtures" / "bpe_poems_600.json"  # trained once on POEMS, frozen
@@ -85,7 +85,7 @@ from pathlib import Path
 from engine.data import shards
 from engine.data.prepare import Corpus
 from engine.pretrain import PretrainConfig
-from engine.tokenizer import BPETokenizer
+from engine.model.tokenizer import BPETokenizer
 shards.BATCH_BYTES, shards.PIECE_CHARS, shards.STATS_CHUNK, shards.CHECKPOINT_BYTES = 1 << 16, 1 << 14, 1 << 18, int(sys.argv[3])
 corpus = Corpus(PretrainConfig(data=[sys.argv[1]], val_fraction=0.05))
 tokenizer = BPETokenizer.load(sys.argv[4])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine.data import shards as shards_module
-from engine.data.corpus import Document, shakespeare_files, read_documents
+from engine.data.corpus import Document, read_documents, shakespeare_files
 from engine.data.shards import (
     ListSource,
     cache_key,
@@ -20,7 +20,7 @@ from engine.data.shards import (
     split_at_lines,
     token_dtype,
 )
-from engine.tokenizer import BPETokenizer
+from engine.model.tokenizer import BPETokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ate the cat's dinner", "to be or not to be", "the end of the story"]
 

@@ -194,6 +194,7 @@ def test_story_cloze_split_is_openais(n):
     """OpenAI's dev split: sklearn's train_test_split(test_size=round(n/5), random_state=3535999445),
     in sklearn's order (1871 stories → 1497 train / 374 dev, as datasets.py)."""
     from sklearn import model_selection  # a test-only dependency (the dev extra)
+
     from engine.data.choice import openai_story_split
 
     n_dev = round(0.2 * n)

@@ -5,8 +5,13 @@ import pytest
 import torch
 
 from engine.data.records import Example
-from engine.data.transforms import InputTransform, collate, transform, truncate_longest_first
-from engine.tokenizer import BPETokenizer, SpecialTokens
+from engine.data.transforms import (
+    InputTransform,
+    collate,
+    transform,
+    truncate_longest_first,
+)
+from engine.model.tokenizer import BPETokenizer, SpecialTokens
 
 SP = SpecialTokens(start=100, delimiter=101, classify=102, pad=103)
 S, D, E = SP.start, SP.delimiter, SP.classify

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.optim import OpenAIAdam
+from engine.training.optim import OpenAIAdam
 
 
 def openai_adam_numpy(p, grads, lrs, b1=0.9, b2=0.999, e=1e-8, l2=0.0):

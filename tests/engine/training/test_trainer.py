@@ -11,13 +11,26 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close, assert_fa_rule
 
 from engine import GPT1, GPT1Config
-from engine.data.windows import RandomWindows, eval_batches
-from engine.checkpoint import TRAINER_STATE, clear_run_dir, latest_checkpoint, list_checkpoints, load_trainer_state, prepare_run_dir
 from engine.cli import UserError
-from engine.train import Schedule, TrainConfig, Trainer, build_optimizer, param_groups
-from helpers import assert_close, assert_fa_rule
+from engine.data.windows import RandomWindows, eval_batches
+from engine.training.checkpoint import (
+    TRAINER_STATE,
+    clear_run_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    prepare_run_dir,
+)
+from engine.training.trainer import (
+    Schedule,
+    TrainConfig,
+    Trainer,
+    build_optimizer,
+    param_groups,
+)
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)
 SEQ = 12

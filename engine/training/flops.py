@@ -1,4 +1,4 @@
-"""One FLOPs-per-token and MFU formula for every report (engine/train.py's logs, bench/gpu_check.py).
+"""One FLOPs-per-token and MFU formula for every report (engine/training/trainer.py's logs, bench/gpu_check.py).
 
 Training FLOPs per token (forward + backward) of a GPT with N parameters, L layers, width C and
 context T: 6·N for the matmuls with the parameters (2 per multiply-add forward, 4 backward; the

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine import GPT1, GPT1Config
-from engine.config import PRESETS
+from engine.model.config import PRESETS
 
 
 def test_defaults_are_the_paper_model():

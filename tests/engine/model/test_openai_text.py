@@ -9,10 +9,12 @@ import pytest
 pytest.importorskip("ftfy", reason="the [openai] extra is not installed")
 pytest.importorskip("spacy", reason="the [openai] extra is not installed")
 
-from engine.openai_text import text_standardize  # noqa: E402
-from engine.tokenizer import BPETokenizer  # noqa: E402
+from helpers import GPT1_ENCODER as ENCODER  # noqa: E402
+from helpers import GPT1_MERGES as MERGES
+from helpers import needs_gpt1_files
 
-from helpers import GPT1_ENCODER as ENCODER, GPT1_MERGES as MERGES, needs_gpt1_files  # noqa: E402
+from engine.model.openai_text import text_standardize  # noqa: E402
+from engine.model.tokenizer import BPETokenizer  # noqa: E402
 
 TEXTS = [
     "I don't know — she said “no”… and left.",
@@ -131,7 +133,7 @@ def test_unknown_mode_is_refused(tmp_path):
 def test_run_directories_holding_gpt1_files_load_in_either_mode(tmp_path):
     """--tokenizer-mode for --init directories with OpenAI's files (both CLIs go through these)."""
     from engine.data.prepare import load_tokenizer as load_spec
-    from engine.run import load_tokenizer
+    from engine.training.run import load_tokenizer
 
     enc, bpe = _tiny_vocab(tmp_path)
     enc.rename(tmp_path / "encoder_bpe_40000.json")

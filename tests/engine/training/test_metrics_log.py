@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from engine.metrics_log import MetricsLog
+from engine.training.metrics_log import MetricsLog
 
 
 def test_loss_plot_has_one_subplot_per_panel(tmp_path):
@@ -54,7 +54,7 @@ def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
 def test_a_full_disk_names_metrics_jsonl(tmp_path, monkeypatch):
     import errno
 
-    import engine.metrics_log
+    import engine.training.metrics_log
 
     class Full:
         def __enter__(self):
@@ -66,7 +66,7 @@ def test_a_full_disk_names_metrics_jsonl(tmp_path, monkeypatch):
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(engine.metrics_log, "open", lambda *a, **k: Full(), raising=False)
+    monkeypatch.setattr(engine.training.metrics_log, "open", lambda *a, **k: Full(), raising=False)
     log = MetricsLog(tmp_path, enabled=True)
     with pytest.raises(OSError, match="No space left on device.*metrics.jsonl") as info:
         log.log({"step": 1, "loss": 2.0})

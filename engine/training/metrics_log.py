@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import METRICS
-from .fileio import atomic_write, atomic_write_text, with_path
+from engine.fileio import atomic_write, atomic_write_text, with_path
+from engine.training.checkpoint import METRICS
 
 Panels = list[tuple[str, list[tuple[str, str]]]]
 DEFAULT_PANELS: Panels = [("cross-entropy (nats/token)", [("loss", "train"), ("val_loss", "validation")])]

@@ -1,14 +1,14 @@
-"""engine/precision.py: --precision {auto,fp32,bf16} resolved per device and CPU, and training
+"""engine/training/precision.py: --precision {auto,fp32,bf16} resolved per device and CPU, and training
 under bf16 autocast on the fused CPU path resuming bit for bit."""
 import numpy as np
 import pytest
 import torch
 
-import engine.precision as precision
+import engine.training.precision as precision
 from engine import GPT1, GPT1Config
 from engine.data.windows import RandomWindows
-from engine.precision import cpu_bf16_isa, resolve_precision
-from engine.train import TrainConfig, Trainer, autocast_dtype
+from engine.training.precision import cpu_bf16_isa, resolve_precision
+from engine.training.trainer import TrainConfig, Trainer, autocast_dtype
 
 
 @pytest.mark.parametrize("caps,isa", [

@@ -23,8 +23,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import UserError
-from .fileio import TMP_SUFFIX, atomic_write, atomic_write_text, fsync_dir, make_temp_dir, with_path
+from engine.cli import UserError
+from engine.fileio import (
+    TMP_SUFFIX,
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+    make_temp_dir,
+    with_path,
+)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
@@ -52,7 +59,7 @@ def _gpt1_save(model: nn.Module, path: Path) -> None:
 
 
 def _gpt1_load(model: nn.Module, path: Path) -> None:
-    from .hf import load_pretrained
+    from engine.model.hf import load_pretrained
 
     config, state = load_pretrained(path)
     if config != model.config:
@@ -79,7 +86,7 @@ STATE_DICT_WEIGHTS = WeightsIO(_state_dict_save, _state_dict_load)
 
 
 def default_weights_io(model: nn.Module) -> WeightsIO:
-    from .model import GPT1
+    from engine.model.gpt1 import GPT1
 
     return GPT1_WEIGHTS if isinstance(model, GPT1) else STATE_DICT_WEIGHTS
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from .config import GPT1Config
-from .fileio import atomic_write, atomic_write_text
+from engine.fileio import atomic_write, atomic_write_text
+from engine.model.config import GPT1Config
 
 if TYPE_CHECKING:
-    from .heads import TaskHead
-    from .model import GPT1
-    from .tokenizer import BPETokenizer
+    from engine.model.gpt1 import GPT1
+    from engine.model.heads import TaskHead
+    from engine.model.tokenizer import BPETokenizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,7 +56,7 @@ def expected_shapes(config: GPT1Config) -> dict[str, torch.Size]:
     """GPT1's parameter names and shapes for `config`, from a model built on the meta device:
     nothing is allocated, so a config.json claiming vocab_size 1e11 is refused by the shape
     check instead of exhausting memory."""
-    from .model import GPT1  # the expected names come from the model itself
+    from engine.model.gpt1 import GPT1  # the expected names come from the model itself
 
     with torch.device("meta"):
         model = GPT1(config, fused=False)
@@ -123,7 +123,7 @@ def _write(path: Path, body_state: dict[str, Tensor], hf_config: dict, prefix: s
 
 # ---- fine-tuned runs for transformers ---------------------------------------------------------
 #
-# A task head is a linear layer (with a bias) on the extract token's final state (engine.heads).
+# A task head is a linear layer (with a bias) on the extract token's final state (engine.model.heads).
 # How each kind maps onto transformers' OpenAIGPT classes, exactly (the same outputs to fp32
 # rounding), given the run's transformed sequences (engine.predict.Predictor.batch: input_ids
 # (B, S, T) right-padded, extract positions (B, S)):

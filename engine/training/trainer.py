@@ -36,7 +36,7 @@ Run directory::
                                     (good or not, file sizes), the last K good ones kept
     config.json, model.safetensors  the final weights (GPT1: Hugging Face layout)
 
-The run directory's layout and checkpoint I/O live in engine.checkpoint, the CLIs' flag
+The run directory's layout and checkpoint I/O live in engine.training.checkpoint, the CLIs' flag
 handling in engine.cli.
 """
 from __future__ import annotations
@@ -58,7 +58,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (
+from engine.cli import UserError, flag_name
+from engine.training.checkpoint import (
     LOSS_PLOT,
     WeightsIO,
     checkpoint_dir,
@@ -70,10 +71,8 @@ from .checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from .cli import UserError, flag_name
-from .flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: F401  (one formula; pretrain/finetune import it from here)
-from .metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported: callers import them from here)
-
+from engine.training.flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: F401  (one formula; pretrain/finetune import it from here)
+from engine.training.metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported: callers import them from here)
 
 # ---- configuration ----------------------------------------------------------------------
 
@@ -93,7 +92,7 @@ class TrainConfig:
     beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (paper: 0.999)"})
     eps: float = field(default=1e-8, metadata={"help": "Adam epsilon (paper: 1e-8)"})
     weight_decay: float = field(default=0.01, metadata={"help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains get none (paper: 0.01)"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); engine.optim)", "choices": ("adamw", "openai-adam")})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); engine.training.optim)", "choices": ("adamw", "openai-adam")})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"})
     seed: int = field(default=0, metadata={"help": "seed of the model init, dropout and data order"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)", "choices": ("auto", "cpu", "cuda")})
@@ -167,13 +166,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """cfg.optimizer over `param_groups`: AdamW (torch's fused implementation where the device
-    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.optim)."""
+    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.training.optim)."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     device = params[0].device.type if params else "cpu"
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.optimizer == "openai-adam":
-        from .optim import OpenAIAdam
+        from engine.training.optim import OpenAIAdam
 
         return OpenAIAdam(groups, **kwargs)
     fused_ok = device in _fused_adamw_devices() and all(p.is_floating_point() for p in params)
@@ -294,8 +293,8 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of cfg.precision on `device` (None: fp32); engine.precision says why."""
-    from .precision import resolve_precision
+    """The autocast dtype of cfg.precision on `device` (None: fp32); engine.training.precision says why."""
+    from engine.training.precision import resolve_precision
 
     return resolve_precision(cfg.precision, device)[0]
 
@@ -445,7 +444,7 @@ class Trainer:
     extra_state() -> dict / load_extra_state(dict): anything else a checkpoint must hold
     (tensors, numbers, strings, lists, dicts: what torch.load(weights_only=True) reads).
     resume_from: a checkpoint (or a run directory: its newest good one); an unreadable one
-    falls back to the newest older one that reads (engine.checkpoint.load_checkpoint).
+    falls back to the newest older one that reads (engine.training.checkpoint.load_checkpoint).
     """
 
     def __init__(
@@ -734,7 +733,7 @@ class Trainer:
 
     def resume(self, checkpoint: str | Path) -> Path:
         """Loads weights and trainer state from `checkpoint` (falling back from an unreadable
-        one, see engine.checkpoint.load_checkpoint); returns the checkpoint used."""
+        one, see engine.training.checkpoint.load_checkpoint); returns the checkpoint used."""
         used, state = load_checkpoint(checkpoint, lambda d: self.weights.load(self.model, d), warn=self._write)
         self.load_state_dict(state)
         self.resumed_from = used
@@ -742,7 +741,7 @@ class Trainer:
         return used
 
     def save_checkpoint(self) -> Path | None:
-        """Writes checkpoints/step_<step>/ (engine.checkpoint.save_checkpoint), keeping the
+        """Writes checkpoints/step_<step>/ (engine.training.checkpoint.save_checkpoint), keeping the
         newest cfg.keep_checkpoints good ones; returns it. Inside a non-finite streak nothing
         is written and the last good checkpoint (or None) is returned. Every process must
         call it (RNG states are gathered)."""

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import GPT1_ENCODER as ENCODER  # noqa: E402
+from helpers import GPT1_MERGES as MERGES
+from helpers import needs_gpt1_files
 
-from engine.tokenizer import BPETokenizer
-
-from helpers import GPT1_ENCODER as ENCODER, GPT1_MERGES as MERGES, needs_gpt1_files  # noqa: E402
+from engine.model.tokenizer import BPETokenizer
 
 TEXTS = [
     "Hello, World! It's a test.",
@@ -90,7 +91,7 @@ def test_bad_inputs(tmp_path):
 TRAIN_IN_A_PROCESS = """
 import hashlib, sys
 from engine.data.corpus import read_documents, shakespeare_files
-from engine.tokenizer import BPETokenizer
+from engine.model.tokenizer import BPETokenizer
 docs = read_documents(shakespeare_files()[:3])
 tok = BPETokenizer.train(texts=lambda: (d.text for d in docs), vocab_size=int(sys.argv[1]))
 tok.save(sys.argv[2])

@@ -5,7 +5,7 @@ Two ways to cut text into words before the BPE (``mode``):
 * ``"hf"`` (default): lower-cased, BERT-normalised text split by BERT's pre-tokenizer, as
   transformers' openai-gpt falls back to; all inside one `tokenizers` pipeline (fast, batched).
 * ``"openai"``: OpenAI's TextEncoder — ftfy, text_standardize, spaCy's English tokenizer,
-  lower-case (engine.openai_text); the words then go through the same BPE model. This gives
+  lower-case (engine.model.openai_text); the words then go through the same BPE model. This gives
   OpenAI's own ids, the text GPT-1's weights were pretrained on (``from_gpt1_files`` only).
 
 Both run BPE over characters with a ``</w>`` end-of-word suffix. Fine-tuning adds four special
@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 END_OF_WORD = "</w>"
 UNK = "<unk>"
@@ -95,7 +102,7 @@ class BPETokenizer:
         self._tok = tokenizer
         self.mode = mode
         if mode == "openai":
-            # The words come cut already (engine.openai_text); the model adds </w>.
+            # The words come cut already (engine.model.openai_text); the model adds </w>.
             tokenizer.normalizer = None
             tokenizer.pre_tokenizer = None
 
@@ -200,7 +207,7 @@ class BPETokenizer:
             raise ValueError(f"{path} is not a valid tokenizer JSON file: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        from .fileio import atomic_write_text
+        from engine.fileio import atomic_write_text
 
         text = self._tok.to_str()
         if self.mode != "hf":
@@ -219,7 +226,7 @@ class BPETokenizer:
         here reads) where the library can skip them (encode_batch_fast, tokenizers >= 0.20)."""
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         if self.mode == "openai":
-            from .openai_text import words
+            from engine.model.openai_text import words
 
             cut = [words(t) for t in texts]
             return [e.ids if w else [] for w, e in zip(cut, encode([w or [""] for w in cut], is_pretokenized=True, add_special_tokens=False))]

@@ -6,7 +6,7 @@
 
 Every op with a fused kernel goes through one namespace chosen at construction:
 ``engine.ops`` (fused: C++ on CPU, Triton on CUDA, picked by the dispatcher) or
-``engine.reference`` (plain PyTorch). Parameter names match transformers' OpenAIGPTModel
+``engine.model.reference`` (plain PyTorch). Parameter names match transformers' OpenAIGPTModel
 (weights in nn.Linear layout), so ``state_dict``s move between this, ``ReferenceGPT1`` and HF.
 """
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
-from .config import GPT1Config
-from .reference import MLP, Attention, init_weights
+from engine import ops
+from engine.model import reference
+from engine.model.config import GPT1Config
+from engine.model.reference import MLP, Attention, init_weights
 
 IGNORE_INDEX = -100
 
@@ -95,7 +96,7 @@ LOSS_AVERAGES = ("token", "sequence")
 
 
 class GPT1(nn.Module):
-    """GPT-1 decoder with a tied LM head. ``fused=True`` runs engine.ops, else engine.reference."""
+    """GPT-1 decoder with a tied LM head. ``fused=True`` runs engine.ops, else engine.model.reference."""
 
     def __init__(self, config: GPT1Config, fused: bool = True) -> None:
         super().__init__()
@@ -289,7 +290,7 @@ class GPT1(nn.Module):
     def from_pretrained(cls, path: str | Path, fused: bool = True) -> "GPT1":
         """Loads a directory in transformers' openai-gpt layout (config.json + model.safetensors,
         or pytorch_model.bin read with torch.load(weights_only=True))."""
-        from .hf import load_pretrained
+        from engine.model.hf import load_pretrained
 
         config, state_dict = load_pretrained(path)
         model = cls(config, fused=fused)
@@ -298,7 +299,7 @@ class GPT1(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Writes config.json + model.safetensors in the openai-gpt layout, atomically."""
-        from .hf import save_pretrained
+        from engine.model.hf import save_pretrained
 
         save_pretrained(self.config, self.state_dict(), path)
 

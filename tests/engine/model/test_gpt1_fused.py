@@ -1,9 +1,9 @@
 """GPT1(fused=True) on CPU as a whole: torch.compile traces it in one graph through the gpt1::
 ops, and a 20-step training run follows the reference path's loss curve."""
 import torch
+from helpers import assert_close
 
 from engine import GPT1, GPT1Config
-from helpers import assert_close
 
 # dropout off: the two paths draw different masks (Philox in the kernels, torch's RNG in the reference)
 CFG = dict(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=101, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from engine import GPT1, GPT1Config
 from engine.data.transforms import Encoded, collate
-from engine.heads import GPT1ForTask, SharedDropout, TaskHead, combine_losses
+from engine.model.heads import GPT1ForTask, SharedDropout, TaskHead, combine_losses
 
 C = 16
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError
-from .model import GPT1
-from .tokenizer import BPETokenizer
+from engine.cli import UserError
+from engine.model.gpt1 import GPT1
+from engine.model.tokenizer import BPETokenizer
 
 DEFAULT_RUN = "runs/pretrain"  # where `python -m engine.pretrain` writes without --out
 RUN_HINT = "a run directory holding config.json + model.safetensors + tokenizer.json (as `python -m engine.pretrain` writes)"
@@ -47,11 +47,11 @@ def run_dir(run: str | Path) -> Path:
 
 def inference_device(device: str, fused: bool) -> torch.device:
     """The device `--device` names; the fused path on CPU needs the C++ kernels, said up front."""
-    from .train import resolve_device
+    from engine.training.trainer import resolve_device
 
     dev = resolve_device(device)
     if fused and dev.type == "cpu":
-        from . import ops
+        from engine import ops
 
         reason = ops.cpu_kernels_error()
         if reason is not None:
@@ -61,7 +61,7 @@ def inference_device(device: str, fused: bool) -> torch.device:
 
 def load_tokenizer(path: Path) -> BPETokenizer:
     """The run's own tokenizer (tokenizer.json, or GPT-1's / Hugging Face's vocabulary files)."""
-    from .finetune import load_tokenizer as load_run_tokenizer
+    from engine.finetune import load_tokenizer as load_run_tokenizer
 
     return load_run_tokenizer(path)
 

@@ -1,7 +1,7 @@
 """The run lifecycle both training CLIs share (`engine.pretrain`, `engine.finetune`).
 
     with run.distributed(device) as dist, run.locked_run_dir(out, dist):
-        resume_from = prepare_run_dir(...)          # engine.checkpoint
+        resume_from = prepare_run_dir(...)          # engine.training.checkpoint
         ...  data, model, loss: the CLI's own ...
         code = run.exit_code(trainer.fit(), out, say)
 
@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import checkpoint
-from .checkpoint import RUN_CONFIG
-from .cli import UserError, flag_name
-from .fileio import atomic_write_text
+from engine.cli import UserError, flag_name
+from engine.fileio import atomic_write_text
+from engine.training import checkpoint
+from engine.training.checkpoint import RUN_CONFIG
 
 LOCK_FILE = ".run.lock"
 # What --resume may change: where and how the run runs and reports, never what it computes.
@@ -47,7 +47,7 @@ def distributed(device: str) -> Iterator[Any]:
     """Joins the torchrun job (or runs alone) on `device`; leaves it at the end, waiting for
     every process after a normal exit (gloo aborts a rank that tears down while a peer is
     still using the group) and not after an error (peers may never arrive)."""
-    from .train import setup_distributed, teardown_distributed
+    from engine.training.trainer import setup_distributed, teardown_distributed
 
     dist = setup_distributed(device)
     try:
@@ -61,7 +61,7 @@ def distributed(device: str) -> Iterator[Any]:
 def check_fused(fused: bool, device: torch.device) -> None:
     """The fused path on a CPU needs the C++ kernels: say so before any work, not mid-run."""
     if fused and device.type == "cpu":
-        from . import ops
+        from engine import ops
 
         reason = ops.cpu_kernels_error()
         if reason is not None:
@@ -148,7 +148,7 @@ def locked_run_dir(out: Path, dist: Any) -> Iterator[None]:
     ok = False
     try:
         if lock is not None:
-            clean = getattr(checkpoint, "clean_run_dir", None)  # engine.checkpoint's leak clean-up
+            clean = getattr(checkpoint, "clean_run_dir", None)  # engine.training.checkpoint's leak clean-up
             if clean is not None:
                 clean(out)
         dist.barrier()
@@ -256,8 +256,8 @@ def exit_code(result: Any, out: Path, say: Callable[[str], None]) -> int | None:
 def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf") -> Any:
     """A model directory's tokenizer: tokenizer.json (this engine), vocab.json + merges.txt
     (Hugging Face openai-gpt), or encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's release);
-    `mode` is how the last two cut words (engine.tokenizer: "hf" or "openai")."""
-    from .tokenizer import BPETokenizer
+    `mode` is how the last two cut words (engine.model.tokenizer: "hf" or "openai")."""
+    from engine.model.tokenizer import BPETokenizer
 
     if override:
         return BPETokenizer.load(override)
@@ -271,7 +271,7 @@ def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf")
 
 def load_tokenizer_file(path: Path) -> Any:
     """A run's own tokenizer.json (part of the run: its ids are what the weights were trained on)."""
-    from .tokenizer import BPETokenizer
+    from engine.model.tokenizer import BPETokenizer
 
     if not path.is_file():
         raise UserError(f"{path} is missing: a run's tokenizer is part of the run (a new BPE could give other ids)")

@@ -1,4 +1,4 @@
-"""engine/flops.py: the one FLOPs / MFU formula, shared by engine/train.py and bench/gpu_check.py."""
+"""engine/training/flops.py: the one FLOPs / MFU formula, shared by engine/training/trainer.py and bench/gpu_check.py."""
 from __future__ import annotations
 
 import pytest

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import GPT1Config
+from engine.model.config import GPT1Config
 
 
 def _dropout(x: Tensor, p: float, mask: Tensor | None) -> Tensor:

@@ -1,4 +1,4 @@
-"""The run lifecycle both CLIs share (engine.run): the run-directory lock, one resume policy,
+"""The run lifecycle both CLIs share (engine.training.run): the run-directory lock, one resume policy,
 the run's own tokenizer and kernels on resume, exit codes for environment faults, one-line
 errors for bad run files, and pretraining from an existing model (--init). Tiny settings:
 each run is a few updates of a 2-layer model on ~25 kB of text."""
@@ -14,14 +14,14 @@ from typing import Iterator
 
 import pytest
 import torch
+from helpers import assert_close
+from inference_runs import make_fixture_run
 from safetensors.torch import load_file
 
 from engine import GPT1, GPT1Config, finetune, pretrain, run
 from engine.cli import run_cli
 from engine.data.corpus import shakespeare_dir
-from engine.tokenizer import BPETokenizer
-from helpers import assert_close
-from inference_runs import make_fixture_run
+from engine.model.tokenizer import BPETokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -82,7 +82,7 @@ def test_lock_names_the_directory_and_the_holders_pid(tmp_path):
 def held_lock(out: Path) -> Iterator[subprocess.Popen]:
     """Another process holding out's run lock for the with block."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from engine.run import RunLock; l = RunLock(sys.argv[1]); l.acquire(); "
+        [sys.executable, "-c", "import sys, time; from engine.training.run import RunLock; l = RunLock(sys.argv[1]); l.acquire(); "
          "print('locked', flush=True); time.sleep(120)", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -369,7 +369,7 @@ def test_pretrain_init_reads_a_hugging_face_directory(tmp_path, cache, capsys):
 
 
 def test_finetune_plots_the_task_loss_and_dev_accuracy(pretrained, tmp_path, capsys, monkeypatch):
-    from engine.train import MetricsLog
+    from engine.training.trainer import MetricsLog
 
     calls = []
     monkeypatch.setattr(MetricsLog, "plot", lambda self, path, **k: calls.append((path, k)))  # a plot taking panels

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data.transforms import KINDS
-from .model import GPT1, LOSS_AVERAGES
+from engine.data.transforms import KINDS
+from engine.model.gpt1 import GPT1, LOSS_AVERAGES
 
 
 class SharedDropout(nn.Module):

@@ -3,7 +3,15 @@ import math
 
 import pytest
 
-from engine.metrics import accuracy, compute, f1, matthews, pearson, ranks, spearman
+from engine.inference.metrics import (
+    accuracy,
+    compute,
+    f1,
+    matthews,
+    pearson,
+    ranks,
+    spearman,
+)
 
 PRED = [1, 1, 0, 1, 0, 0, 1, 0]
 GOLD = [1, 0, 0, 1, 1, 0, 1, 0]
