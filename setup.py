@@ -5,6 +5,7 @@
 Where the package is used from a checkout without installing (PYTHONPATH only),
 engine.ops JIT-builds the same sources with torch.utils.cpp_extension.load.
 """
+
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ except ImportError:
     # (listing it there would pull a second, multi-GB torch): say what to run, in one sentence.
     sys.exit(
         "error: building engine._C needs torch importable in the build environment, which pip's "
-        "isolated build does not have; run `pip install \"torch>=2.5\" && pip install --no-build-isolation -e .` instead"
+        'isolated build does not have; run `pip install "torch>=2.5" && pip install --no-build-isolation -e .` instead'
     )
 
 setup(

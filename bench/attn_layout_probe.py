@@ -7,6 +7,7 @@ shared-memory loads/stores (lsm: what a real layout round trip costs).
 
     python bench/attn_layout_probe.py [fwd|dkdv|dq ...] [--configs N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,33 @@ A = kernel_module("attention")
 
 B, T, H, D = 32, 512, 12, 64
 C = H * D
-_INTS = dict(stride_qkv_b=T * 3 * C, stride_qkv_t=3 * C, stride_out_b=T * C, stride_out_t=C, stride_dout_b=T * C,
-             stride_dout_t=C, T=T, H=H, C=C, drop_thresh=26, T_BUCKET=T, BH_BUCKET=B * H)
-_PTRS = dict(qkv_ptr="*bf16", out_ptr="*bf16", dout_ptr="*bf16", dqkv_ptr="*bf16", lse_ptr="*fp32",
-             delta_ptr="*fp32", seed_ptr="*i64", keep_ptr="*u8", sm_scale="fp32", drop_scale="fp32", qk_scale="fp32")
+_INTS = dict(
+    stride_qkv_b=T * 3 * C,
+    stride_qkv_t=3 * C,
+    stride_out_b=T * C,
+    stride_out_t=C,
+    stride_dout_b=T * C,
+    stride_dout_t=C,
+    T=T,
+    H=H,
+    C=C,
+    drop_thresh=26,
+    T_BUCKET=T,
+    BH_BUCKET=B * H,
+)
+_PTRS = dict(
+    qkv_ptr="*bf16",
+    out_ptr="*bf16",
+    dout_ptr="*bf16",
+    dqkv_ptr="*bf16",
+    lse_ptr="*fp32",
+    delta_ptr="*fp32",
+    seed_ptr="*i64",
+    keep_ptr="*u8",
+    sm_scale="fp32",
+    drop_scale="fp32",
+    qk_scale="fp32",
+)
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = A._TUNED
 # which loop, in program order, walks the unmasked blocks off the diagonal: fwd and dQ run it
@@ -60,7 +84,9 @@ def sass_of(cubin: bytes) -> list[tuple[int, str]]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            [str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     return [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
 
 
@@ -79,8 +105,12 @@ def resources(ptx: str) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        err = subprocess.run([str(_BIN / "ptxas"), "-v", "-arch=sm_90a", f.name, "-o", "/dev/null"],
-                             capture_output=True, text=True, check=True).stderr
+        err = subprocess.run(
+            [str(_BIN / "ptxas"), "-v", "-arch=sm_90a", f.name, "-o", "/dev/null"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = int(re.search(r"Used (\d+) registers", err).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", err).group(1))
     return regs, spills
@@ -97,11 +127,15 @@ def probe(name: str, config: triton.Config, dropout: bool) -> dict:
         body = [ins for a, ins in sass if start <= a <= end]
     regs, spills = resources(k.asm["ptx"])
     return dict(
-        cvt=k.asm["ttgir"].count("ttg.convert_layout"), regs=regs, spills=spills,
+        cvt=k.asm["ttgir"].count("ttg.convert_layout"),
+        regs=regs,
+        spills=spills,
         bar=sum("BAR.SYNC" in i or "BAR.ARV" in i or "BAR.RED" in i for _, i in sass),
-        loop=len(body), loop_bar=sum("BAR.SYNC" in i for i in body),
+        loop=len(body),
+        loop_bar=sum("BAR.SYNC" in i for i in body),
         loop_smem=sum(bool(re.match(r"(@\S+ )?(LDS|STS|LDSM|STSM)\b", i)) for i in body),
-        wgmma=sum("HGMMA" in i for i in body), smem=k.metadata.shared,
+        wgmma=sum("HGMMA" in i for i in body),
+        smem=k.metadata.shared,
     )
 
 
@@ -110,7 +144,9 @@ def main() -> None:
     ap.add_argument("kernels", nargs="*", default=list(KERNELS))
     ap.add_argument("--configs", type=int, default=None, help="only the first N configs of each list")
     args = ap.parse_args()
-    print(f"{'kernel':6} {'config':16} {'drop':4} {'cvt':>4} {'regs':>4} {'spill':>5} {'bar':>4} {'loop':>5} {'lbar':>4} {'lsm':>4} {'smem':>6}  ratio")
+    print(
+        f"{'kernel':6} {'config':16} {'drop':4} {'cvt':>4} {'regs':>4} {'spill':>5} {'bar':>4} {'loop':>5} {'lbar':>4} {'lsm':>4} {'smem':>6}  ratio"
+    )
     for name in args.kernels:
         for cfg in KERNELS[name].configs[: args.configs]:
             tag = f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
@@ -119,8 +155,11 @@ def main() -> None:
             for dropout in (False, True):
                 r = probe(name, cfg, dropout)
                 ratio = f"{r['loop'] / base['loop']:.2f}" if base and base["loop"] else ""
-                print(f"{name:6} {tag:16} {int(dropout):4} {r['cvt']:4} {r['regs']:4} {r['spills']:5} {r['bar']:4} "
-                      f"{r['loop']:5} {r['loop_bar']:4} {r['loop_smem']:4} {r['smem']:6}  {ratio}", flush=True)
+                print(
+                    f"{name:6} {tag:16} {int(dropout):4} {r['cvt']:4} {r['regs']:4} {r['spills']:5} {r['bar']:4} "
+                    f"{r['loop']:5} {r['loop_bar']:4} {r['loop_smem']:4} {r['smem']:6}  {ratio}",
+                    flush=True,
+                )
                 base = base or r
 
 

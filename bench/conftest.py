@@ -6,6 +6,7 @@ each group's providers side by side in physical units (GB/s for memory-bound ops
 for matmul-bound ones, tokens/s for a training step) with the fused provider's speed against
 eager and compile ("1.25x faster", or "1.14x slower" where fused loses).
 """
+
 from __future__ import annotations
 
 import os

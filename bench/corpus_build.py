@@ -19,6 +19,7 @@ goals (issue 13) are peak RSS <= 1 GiB and build/encode_batch >= 0.8 on a >= 2 G
 The tokenizer is --tokenizer, or a --vocab-size BPE trained on the embedded corpus (cached in
 --workdir). Timings mean something only on an otherwise idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,18 @@ def tokenizer_file(workdir: Path, given: str | None, vocab_size: int) -> Path:
 def run_build(corpus: Path, tokenizer: Path, cache: Path) -> dict[str, Any]:
     """`pretrain --prepare-only` in a fresh process on a cold cache: seconds, peak RSS, tokens."""
     shutil.rmtree(cache, ignore_errors=True)
-    cmd = [sys.executable, "-m", "engine.pretrain", "--prepare-only", "--data", str(corpus), "--tokenizer", str(tokenizer),
-           "--cache-dir", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.pretrain",
+        "--prepare-only",
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer),
+        "--cache-dir",
+        str(cache),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
     seconds = time.perf_counter() - t0
@@ -102,7 +113,17 @@ def baseline(corpus: Path, tokenizer: Path, method: str) -> dict[str, Any]:
 
 
 def run_baseline(corpus: Path, tokenizer: Path, method: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.corpus_build", "--baseline", method, "--corpus", str(corpus), "--tokenizer", str(tokenizer)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.corpus_build",
+        "--baseline",
+        method,
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=_env())
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -115,7 +136,11 @@ def report(text_mb: float, build: dict[str, Any], base: dict[str, dict[str, Any]
     def rates(r: dict[str, Any]) -> dict[str, float]:
         return {"mb_per_s": text_mb / r["seconds"], "tokens_per_s": r["tokens"] / r["seconds"]}
 
-    out = {"text_mb": round(text_mb, 1), "build": {**build, **rates(build)}, **{k: {**v, **rates(v)} for k, v in base.items()}}
+    out = {
+        "text_mb": round(text_mb, 1),
+        "build": {**build, **rates(build)},
+        **{k: {**v, **rates(v)} for k, v in base.items()},
+    }
     out["ratio_vs_encode_batch"] = out["build"]["mb_per_s"] / out["encode_batch"]["mb_per_s"]
     out["ratio_vs_encode_batch_fast"] = out["build"]["mb_per_s"] / out["encode_batch_fast"]["mb_per_s"]
     return out
@@ -150,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("build", "encode_batch", "encode_batch_fast"):
         r = out[name]
         rss = f", peak RSS {r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else ""
-        print(f"  {name:18s} {r['seconds']:8.1f} s  {r['mb_per_s']:7.2f} MB/s  {r['tokens_per_s']:12,.0f} tokens/s{rss}")
-    print(f"  build / encode_batch = {out['ratio_vs_encode_batch']:.2f} (goal >= 0.8); "
-          f"build / encode_batch_fast = {out['ratio_vs_encode_batch_fast']:.2f}; peak RSS goal <= 1024 MB")
+        print(
+            f"  {name:18s} {r['seconds']:8.1f} s  {r['mb_per_s']:7.2f} MB/s  {r['tokens_per_s']:12,.0f} tokens/s{rss}"
+        )
+    print(
+        f"  build / encode_batch = {out['ratio_vs_encode_batch']:.2f} (goal >= 0.8); "
+        f"build / encode_batch_fast = {out['ratio_vs_encode_batch_fast']:.2f}; peak RSS goal <= 1024 MB"
+    )
     return 0
 
 

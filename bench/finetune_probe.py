@@ -13,6 +13,7 @@ see it: the diagnostic behind the README's fine-tuning table.
 If (1) is high and the extract-state probe is at chance, the knowledge is there but the
 fine-tuning head has to build its own route to it, through the body, within the run's updates.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def choice_features(body: GPT1, transform: InputTransform, examples, pad: int, d
     feats: dict[str, list[torch.Tensor]] = {}
     labels = []
     for k in range(0, len(enc), batch):
-        b = collate(enc[k:k + batch], pad)
+        b = collate(enc[k : k + batch], pad)
         B, S, T = b.input_ids.shape
         ids = b.input_ids.reshape(B * S, T)
         out = body(ids, return_logits=True)
@@ -59,7 +60,9 @@ def choice_features(body: GPT1, transform: InputTransform, examples, pad: int, d
     return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels)
 
 
-def probe(Xtr: torch.Tensor, ytr: torch.Tensor, Xdv: torch.Tensor, ydv: torch.Tensor, wd: float = 1e-2) -> tuple[float, float]:
+def probe(
+    Xtr: torch.Tensor, ytr: torch.Tensor, Xdv: torch.Tensor, ydv: torch.Tensor, wd: float = 1e-2
+) -> tuple[float, float]:
     """Logistic regression over the choices (one weight vector scores each choice)."""
     flat = Xtr.reshape(-1, Xtr.shape[-1])
     mu, sd = flat.mean(0), flat.std(0) + 1e-6
@@ -85,9 +88,13 @@ def zero_shot(body: GPT1, tokenizer, examples) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run", help="a pretraining run directory (config.json + model.safetensors + tokenizer.json)")
-    p.add_argument("--task", default="shakespeare-cloze", help="an embedded multiple-choice task (default: shakespeare-cloze)")
+    p.add_argument(
+        "--task", default="shakespeare-cloze", help="an embedded multiple-choice task (default: shakespeare-cloze)"
+    )
     args = p.parse_args(argv)
     task = get_task(args.task)
     if task.kind != "multiple_choice" or not task.embedded:

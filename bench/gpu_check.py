@@ -20,6 +20,7 @@ each op's first gradient is also fed to it as zeros, which must fail. MFU is eng
 (as engine/training/trainer.py logs it); peak memory is taken before do_bench's L2-flush buffer exists.
 Prints a table and writes one JSON (default bench/results/<device>-<date>.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,13 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<device>-<date>.json)")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile(reference) step")
     p.add_argument("--skip-tests", action="store_true", help="leave out the CUDA test suite run")
-    p.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
-                   help=f"run only these parts (to rerun what failed): {', '.join(PARTS)}")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        metavar="PART",
+        help=f"run only these parts (to rerun what failed): {', '.join(PARTS)}",
+    )
     return p.parse_args()
 
 
@@ -60,10 +66,10 @@ kernels_package()  # gpt1_kernels, installed or this checkout's kernels/
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from helpers import FA_FLOOR, FA_SLACK  # noqa: E402
 
 from engine import GPT1, GPT1Config, ops, reference  # noqa: E402
 from engine.training.flops import flops_per_token, mfu, peak_bf16_flops  # noqa: E402
+from helpers import FA_FLOOR, FA_SLACK  # noqa: E402
 
 DEV = "cpu" if ARGS.smoke else "cuda"
 BF16 = torch.bfloat16
@@ -142,7 +148,11 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 # ---- (a) correctness ---------------------------------------------------------------------
 
 # attention at the timing shape (B, T below): the autotuner's choice made here is the one timed
-S = dict(B=2, T=67, H=2, D=16, C=48, F=192, N=67, V=211) if ARGS.smoke else dict(B=32, T=512, H=12, D=64, C=768, F=3072, N=2048, V=40478)
+S = (
+    dict(B=2, T=67, H=2, D=16, C=48, F=192, N=67, V=211)
+    if ARGS.smoke
+    else dict(B=32, T=512, H=12, D=64, C=768, F=3072, N=2048, V=40478)
+)
 
 
 def check_op(name, fused_fn, ref_fn, make_inputs, grads: bool = True):
@@ -177,25 +187,48 @@ def check_ops():
     B, T, H, D, C, Fh, N, V = (S[k] for k in "B T H D C F N V".split())
     rand = lambda *s, scale=1.0: torch.randn(*s, device=DEV) * scale  # noqa: E731
     p, seed = 0.1, torch.tensor([1234], device=DEV, dtype=torch.int64)
-    check_op("attention", lambda q: ops.causal_attention(q, H), lambda q: reference.causal_attention(q, H), lambda: [rand(B, T, 3 * H * D)])
+    check_op(
+        "attention",
+        lambda q: ops.causal_attention(q, H),
+        lambda q: reference.causal_attention(q, H),
+        lambda: [rand(B, T, 3 * H * D)],
+    )
     attn_mask = torch.ops.gpt1.attention_dropout_mask(seed, B, H, T, p)  # the reference is fed the kernel's mask
-    check_op("attention p=0.1", lambda q: torch.ops.gpt1.attention_fwd(q, H, p, seed)[0],
-             lambda q: reference.causal_attention(q, H, p, dropout_mask=attn_mask), lambda: [rand(B, T, 3 * H * D)])
+    check_op(
+        "attention p=0.1",
+        lambda q: torch.ops.gpt1.attention_fwd(q, H, p, seed)[0],
+        lambda q: reference.causal_attention(q, H, p, dropout_mask=attn_mask),
+        lambda: [rand(B, T, 3 * H * D)],
+    )
     ln_inputs = lambda: [rand(N, C), rand(N, C), 1 + rand(C, scale=0.1), rand(C, scale=0.1)]  # noqa: E731
     check_op("add_layernorm", ops.add_layernorm, reference.add_layernorm, ln_inputs)
     ln_mask = torch.ops.gpt1.add_layernorm_dropout_mask(seed, N, C, p)
-    check_op("add_layernorm p=0.1", lambda x, r, w, b: torch.ops.gpt1.add_layernorm_fwd(x, r, w, b, 1e-5, p, seed)[0],
-             lambda x, r, w, b: reference.add_layernorm(x, r, w, b, 1e-5, p, dropout_mask=ln_mask), ln_inputs)
+    check_op(
+        "add_layernorm p=0.1",
+        lambda x, r, w, b: torch.ops.gpt1.add_layernorm_fwd(x, r, w, b, 1e-5, p, seed)[0],
+        lambda x, r, w, b: reference.add_layernorm(x, r, w, b, 1e-5, p, dropout_mask=ln_mask),
+        ln_inputs,
+    )
     ffn_inputs = lambda: [rand(N, C), rand(Fh, C, scale=C**-0.5), rand(Fh, scale=0.1)]  # noqa: E731
     check_op("linear_gelu", ops.linear_gelu, reference.linear_gelu, ffn_inputs)
     import gpt1_kernels.linear_gelu as klg
 
     for impl, fwd in klg.CANDIDATES.items():  # each forward candidate (backward is shared)
-        check_op(f"linear_gelu fwd candidate {impl}", lambda x, w, b, fwd=fwd: fwd(x, w, b, "tanh")[0],
-                 reference.linear_gelu, ffn_inputs, grads=False)
+        check_op(
+            f"linear_gelu fwd candidate {impl}",
+            lambda x, w, b, fwd=fwd: fwd(x, w, b, "tanh")[0],
+            reference.linear_gelu,
+            ffn_inputs,
+            grads=False,
+        )
     targets = torch.randint(0, V, (N,), device=DEV)
     targets[::7] = -100
-    check_op("linear_cross_entropy", lambda h, w: ops.linear_cross_entropy(h, w, targets), lambda h, w: reference.linear_cross_entropy(h, w, targets), lambda: [rand(N, C), rand(V, C, scale=0.02)])
+    check_op(
+        "linear_cross_entropy",
+        lambda h, w: ops.linear_cross_entropy(h, w, targets),
+        lambda h, w: reference.linear_cross_entropy(h, w, targets),
+        lambda: [rand(N, C), rand(V, C, scale=0.02)],
+    )
 
     # The multi-chunk path (training batches are several chunks): chunks of 512 rows vs one chunk.
     import gpt1_kernels.linear_cross_entropy as kce
@@ -225,7 +258,9 @@ def check_dropout():
     r = reference.causal_attention(q, H, p, dropout_mask=mask)
     r.backward(g)
     RESULTS["checks"]["attention dropout fwd (fp32, kernel mask)"] = dict(err=err(a, r), ok=err(a, r) < 1e-4)
-    RESULTS["checks"]["attention dropout bwd (fp32, kernel mask)"] = dict(err=err(dq, q.grad), ok=err(dq, q.grad) < 1e-4)
+    RESULTS["checks"]["attention dropout bwd (fp32, kernel mask)"] = dict(
+        err=err(dq, q.grad), ok=err(dq, q.grad) < 1e-4
+    )
     keep = mask.tril().sum().item() / (B * H * T * (T + 1) / 2)
     RESULTS["checks"]["attention keep rate"] = dict(value=keep, ok=abs(keep - (1 - p)) < 0.01)
     x, res = torch.randn(N, C, device=DEV), torch.randn(N, C, device=DEV)
@@ -274,7 +309,11 @@ def check_model():
 
 # ---- (b) timings -------------------------------------------------------------------------
 
-TB = dict(B=2, T=64, H=2, D=16, N=128, C=48, F=192) if ARGS.smoke else dict(B=32, T=512, H=12, D=64, N=32 * 512, C=768, F=3072)
+TB = (
+    dict(B=2, T=64, H=2, D=16, N=128, C=48, F=192)
+    if ARGS.smoke
+    else dict(B=32, T=512, H=12, D=64, N=32 * 512, C=768, F=3072)
+)
 
 
 @section("attention timing")
@@ -289,17 +328,25 @@ def time_attention():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p).transpose(1, 2).reshape(B, T, H * D)
 
     rows = {}
-    for name, fn in (("fused", lambda: ops.causal_attention(qkv, H)), ("sdpa", lambda: sdpa(qkv)),
-                     ("fused p=0.1", lambda: ops.causal_attention(qkv, H, 0.1)),
-                     ("sdpa p=0.1", lambda: sdpa(qkv, 0.1))):
+    for name, fn in (
+        ("fused", lambda: ops.causal_attention(qkv, H)),
+        ("sdpa", lambda: sdpa(qkv)),
+        ("fused p=0.1", lambda: ops.causal_attention(qkv, H, 0.1)),
+        ("sdpa p=0.1", lambda: sdpa(qkv, 0.1)),
+    ):
         with torch.no_grad():
             t_f = bench(fn)
         out = fn()
         t_b = bench(lambda: torch.autograd.grad(out, qkv, g, retain_graph=True))
         t_fb = bench(lambda: torch.autograd.grad(fn(), qkv, g))
-        rows[name] = dict(fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_bwd_ms=t_fb * 1e3,
-                          fwd_tflops=fwd_flop / t_f / 1e12, bwd_tflops=2.5 * fwd_flop / t_b / 1e12,
-                          fwd_bwd_tflops=3.5 * fwd_flop / t_fb / 1e12)
+        rows[name] = dict(
+            fwd_ms=t_f * 1e3,
+            bwd_ms=t_b * 1e3,
+            fwd_bwd_ms=t_fb * 1e3,
+            fwd_tflops=fwd_flop / t_f / 1e12,
+            bwd_tflops=2.5 * fwd_flop / t_b / 1e12,
+            fwd_bwd_tflops=3.5 * fwd_flop / t_fb / 1e12,
+        )
     RESULTS["timings"]["attention (bf16, causal)"] = dict(shape=dict(B=B, T=T, H=H, D=D), **rows)
 
 
@@ -317,6 +364,7 @@ def time_layernorm():
         # compulsory traffic, bytes: fwd reads x (4), r (2), writes y (4); bwd reads dy, x (4 + 4), r (2),
         # writes dx (4) and, with dropout only, dr (2; without it grad_r is grad_x itself)
         nbytes = N * C * (10 + 14 + (2 if p > 0 else 0))
+
         def fused():
             return torch.autograd.grad(ops.add_layernorm(x, r, w, b, 1e-5, p), (x, r, w, b), g)
 
@@ -401,7 +449,9 @@ def time_step():
             torch.cuda.empty_cache()
     if "fused" in rows and "eager" in rows:
         rows["fused / eager speed"] = rows["fused"]["tokens_per_s"] / rows["eager"]["tokens_per_s"]
-        rows["fused / eager peak memory"] = rows["fused"]["peak_gib"] / rows["eager"]["peak_gib"] if DEV == "cuda" else None
+        rows["fused / eager peak memory"] = (
+            rows["fused"]["peak_gib"] / rows["eager"]["peak_gib"] if DEV == "cuda" else None
+        )
     RESULTS["timings"]["training step (gpt1, bf16 autocast, fused AdamW)"] = dict(shape=dict(B=B, T=T), **rows)
 
 
@@ -454,16 +504,28 @@ def main() -> int:
 
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (triton interpreter, smoke)"
-    RESULTS.update(device=name, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   torch=torch.__version__, triton=triton.__version__, smoke=ARGS.smoke)
-    parts = dict(zip(PARTS, (check_ops, check_dropout, check_model, time_attention, time_layernorm, time_ffn, time_step, run_tests)))
+    RESULTS.update(
+        device=name,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        smoke=ARGS.smoke,
+    )
+    parts = dict(
+        zip(
+            PARTS,
+            (check_ops, check_dropout, check_model, time_attention, time_layernorm, time_ffn, time_step, run_tests),
+        )
+    )
     for name in PARTS:
         if not ARGS.only or name in ARGS.only:
             parts[name]()
     RESULTS["wall_s"] = time.perf_counter() - t0
     print_table()
     failed = [k for k, v in RESULTS["checks"].items() if not v.get("ok")]
-    print(f"\nchecks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed {failed}; errors: {len(RESULTS['errors'])}")
+    print(
+        f"\nchecks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed {failed}; errors: {len(RESULTS['errors'])}"
+    )
     out = ARGS.out or ROOT / "bench" / "results" / f"{name.replace(' ', '_')}-{_dt.date.today()}.json"
     if not ARGS.smoke or ARGS.out:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ minus the RSS between steps: activations, gradients and workspaces. The caller s
 MALLOC_MMAP_THRESHOLD_ so that every large tensor is its own mapping, returned on free,
 and RSS follows live tensors rather than malloc's cache.
 """
+
 from __future__ import annotations
 
 import json

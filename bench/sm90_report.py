@@ -26,6 +26,7 @@ Columns, per compile:
             (the loop's back edge; sm_90 instructions are 16 bytes); bar = BAR.SYNC/RED/ARV in
             each of those loops. Attention's kernels have two: off-diagonal and diagonal blocks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -144,13 +145,16 @@ def _check_covered(module, plain: dict, tuners: dict) -> None:
     kernels = {n for n, v in vars(module).items() if isinstance(v, JITFunction) and n.endswith("_kernel")}
     missing = kernels - set(plain) - {t.fn.__name__ for t in tuners.values()}
     if missing:
-        raise ValueError(f"sm90_report: {module.__name__} has kernels {sorted(missing)} that the report does not "
-                         "compile: add their launch tiles to its jobs function in bench/sm90_report.py")
+        raise ValueError(
+            f"sm90_report: {module.__name__} has kernels {sorted(missing)} that the report does not "
+            "compile: add their launch tiles to its jobs function in bench/sm90_report.py"
+        )
 
 
 def attention_jobs() -> list[Job]:
-    from gpt1_kernels import attention as A
     from triton.runtime.autotuner import Autotuner
+
+    from gpt1_kernels import attention as A
 
     plain = {  # kernels launched without the autotuner: their launchers' fixed tiles
         "_attn_bwd_delta_kernel": {"BLOCK_M": A._DELTA_BLOCK},
@@ -162,25 +166,71 @@ def attention_jobs() -> list[Job]:
     for dtype in DTYPES:
         for dropout in (False, True):
             args = dict(
-                qkv_ptr=_ptr(dtype), out_ptr=_ptr(dtype), dout_ptr=_ptr(dtype), dqkv_ptr=_ptr(dtype),
-                lse_ptr="*fp32", delta_ptr="*fp32", seed_ptr="*i64", keep_ptr="*u8",
-                stride_qkv_b=T * 3 * C, stride_qkv_t=3 * C, stride_out_b=T * C, stride_out_t=C,
-                stride_dout_b=T * C, stride_dout_t=C, T=T, H=H, C=C, T_BUCKET=T, BH=B * H, BH_BUCKET=1 << (B * H - 1).bit_length(),
-                sm_scale=D**-0.5, qk_scale=D**-0.5, drop_thresh=DROP_THRESH, drop_scale=1 / 0.9,
+                qkv_ptr=_ptr(dtype),
+                out_ptr=_ptr(dtype),
+                dout_ptr=_ptr(dtype),
+                dqkv_ptr=_ptr(dtype),
+                lse_ptr="*fp32",
+                delta_ptr="*fp32",
+                seed_ptr="*i64",
+                keep_ptr="*u8",
+                stride_qkv_b=T * 3 * C,
+                stride_qkv_t=3 * C,
+                stride_out_b=T * C,
+                stride_out_t=C,
+                stride_dout_b=T * C,
+                stride_dout_t=C,
+                T=T,
+                H=H,
+                C=C,
+                T_BUCKET=T,
+                BH=B * H,
+                BH_BUCKET=1 << (B * H - 1).bit_length(),
+                sm_scale=D**-0.5,
+                qk_scale=D**-0.5,
+                drop_thresh=DROP_THRESH,
+                drop_scale=1 / 0.9,
             )
             meta = dict(HEAD_DIM=D, HAS_DROPOUT=dropout, DOT_MODE=A._dot_mode(_torch_dtype(dtype)))
             for name, tuner in tuners.items():
                 for cfg in _tuner_configs(tuner, _named_args(args), meta):
-                    label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages) + (f" r{cfg.maxnreg}" if cfg.maxnreg else "")
-                    jobs.append(Job("attention", "gpt1_kernels.attention", name, dtype, dropout, args,
-                                    {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages, label, cfg.maxnreg))
+                    label = _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages) + (
+                        f" r{cfg.maxnreg}" if cfg.maxnreg else ""
+                    )
+                    jobs.append(
+                        Job(
+                            "attention",
+                            "gpt1_kernels.attention",
+                            name,
+                            dtype,
+                            dropout,
+                            args,
+                            {**meta, **cfg.kwargs},
+                            cfg.num_warps,
+                            cfg.num_stages,
+                            label,
+                            cfg.maxnreg,
+                        )
+                    )
             for name, blocks in plain.items():
                 if name == "_attn_dropout_mask_kernel" and (not dropout or dtype != "bf16"):
                     continue  # draws only: one compile covers it
                 if dropout and "HAS_DROPOUT" not in getattr(A, name).arg_names:
                     continue  # the same compile as without dropout
-                jobs.append(Job("attention", "gpt1_kernels.attention", name, dtype, dropout, args,
-                                {**meta, **blocks}, 4, 3, _config_label(blocks, 4, 3)))
+                jobs.append(
+                    Job(
+                        "attention",
+                        "gpt1_kernels.attention",
+                        name,
+                        dtype,
+                        dropout,
+                        args,
+                        {**meta, **blocks},
+                        4,
+                        3,
+                        _config_label(blocks, 4, 3),
+                    )
+                )
     return jobs
 
 
@@ -194,19 +244,47 @@ def add_layernorm_jobs() -> list[Job]:
         for dropout in (False, True):
             # training (autocast): the residual stream x (and y, dx) stays fp32, r is a bf16 matmul output
             args = dict(
-                x_ptr="*fp32", r_ptr=_ptr(dtype), w_ptr="*fp32", b_ptr="*fp32", seed_ptr="*i64",
-                y_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32", dy_ptr="*fp32", dx_ptr="*fp32",
-                dr_ptr=_ptr(dtype), dw_part_ptr="*fp32", db_part_ptr="*fp32", keep_ptr="*i8",
-                N=N, C=C, n_rows=N, n_cols=C, eps=1e-5, drop_thresh=DROP_THRESH, dropout_scale=1 / 0.9,
+                x_ptr="*fp32",
+                r_ptr=_ptr(dtype),
+                w_ptr="*fp32",
+                b_ptr="*fp32",
+                seed_ptr="*i64",
+                y_ptr="*fp32",
+                mean_ptr="*fp32",
+                rstd_ptr="*fp32",
+                dy_ptr="*fp32",
+                dx_ptr="*fp32",
+                dr_ptr=_ptr(dtype),
+                dw_part_ptr="*fp32",
+                db_part_ptr="*fp32",
+                keep_ptr="*i8",
+                N=N,
+                C=C,
+                n_rows=N,
+                n_cols=C,
+                eps=1e-5,
+                drop_thresh=DROP_THRESH,
+                dropout_scale=1 / 0.9,
             )
             fwd, bwd = K.fwd_launch(C), K.bwd_launch(N, C)
             for name, launch in zip(names, (fwd, bwd, fwd)):
                 if name.endswith("mask_kernel") and (not dropout or dtype != "bf16"):
                     continue
                 blocks = {k: v for k, v in launch.items() if k.isupper()}
-                jobs.append(Job("add_layernorm", "gpt1_kernels.add_layernorm", name, dtype, dropout, args,
-                                {"HAS_DROPOUT": dropout, **blocks}, launch["num_warps"], 3,
-                                _config_label(blocks, launch["num_warps"], 3)))
+                jobs.append(
+                    Job(
+                        "add_layernorm",
+                        "gpt1_kernels.add_layernorm",
+                        name,
+                        dtype,
+                        dropout,
+                        args,
+                        {"HAS_DROPOUT": dropout, **blocks},
+                        launch["num_warps"],
+                        3,
+                        _config_label(blocks, launch["num_warps"], 3),
+                    )
+                )
     return jobs
 
 
@@ -218,22 +296,57 @@ def linear_gelu_jobs() -> list[Job]:
     jobs = []
     for dtype in DTYPES:
         args = dict(
-            x_ptr=_ptr(dtype), w_ptr=_ptr(dtype), b_ptr="*fp32", y_ptr=_ptr(dtype), pre_ptr=_ptr(dtype),
-            dy_ptr=_ptr(dtype), dpre_ptr=_ptr(dtype), db_part_ptr="*fp32",
-            M=N, N=F, stride_xm=C, stride_xk=1, stride_wn=C, stride_wk=1, stride_ym=F, n_elements=N * F,
+            x_ptr=_ptr(dtype),
+            w_ptr=_ptr(dtype),
+            b_ptr="*fp32",
+            y_ptr=_ptr(dtype),
+            pre_ptr=_ptr(dtype),
+            dy_ptr=_ptr(dtype),
+            dpre_ptr=_ptr(dtype),
+            db_part_ptr="*fp32",
+            M=N,
+            N=F,
+            stride_xm=C,
+            stride_xk=1,
+            stride_wn=C,
+            stride_wk=1,
+            stride_ym=F,
+            n_elements=N * F,
         )
         meta = dict(K=C, APPROX_TANH=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST_OPERANDS=False)
         tuner = G._matmul_autotuned
         for cfg in _tuner_configs(tuner, _named_args(args), meta):
-            jobs.append(Job("linear_gelu", "gpt1_kernels.linear_gelu", "_matmul_autotuned", dtype, False, args,
-                            {**meta, **cfg.kwargs}, cfg.num_warps, cfg.num_stages,
-                            _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages)))
+            jobs.append(
+                Job(
+                    "linear_gelu",
+                    "gpt1_kernels.linear_gelu",
+                    "_matmul_autotuned",
+                    dtype,
+                    False,
+                    args,
+                    {**meta, **cfg.kwargs},
+                    cfg.num_warps,
+                    cfg.num_stages,
+                    _config_label(cfg.kwargs, cfg.num_warps, cfg.num_stages),
+                )
+            )
         fwd, bwd = G.gelu_fwd_launch(), G.gelu_bwd_launch(N)
         for name, launch in (("_gelu_fwd_kernel", fwd), ("_gelu_bwd_kernel", bwd)):
             blocks = {k: v for k, v in launch.items() if k.isupper()}
-            jobs.append(Job("linear_gelu", "gpt1_kernels.linear_gelu", name, dtype, False, args,
-                            {"APPROX_TANH": True, **blocks}, launch["num_warps"], 3,
-                            _config_label(blocks, launch["num_warps"], 3)))
+            jobs.append(
+                Job(
+                    "linear_gelu",
+                    "gpt1_kernels.linear_gelu",
+                    name,
+                    dtype,
+                    False,
+                    args,
+                    {"APPROX_TANH": True, **blocks},
+                    launch["num_warps"],
+                    3,
+                    _config_label(blocks, launch["num_warps"], 3),
+                )
+            )
     return jobs
 
 
@@ -246,9 +359,20 @@ def cross_entropy_jobs() -> list[Job]:
         launch = L.chunk_launch(V, cuda=True)
         args = dict(logits_ptr=_ptr(dtype), targets_ptr="*i64", loss_ptr="*fp32", ignore_index=-100)
         blocks = {k: v for k, v in launch.items() if k.isupper()}
-        jobs.append(Job("linear_cross_entropy", "gpt1_kernels.linear_cross_entropy", "_cross_entropy_chunk_kernel",
-                        dtype, False, args, {"V": V, "WRITE_GRAD": True, **blocks}, launch["num_warps"], 3,
-                        _config_label(blocks, launch["num_warps"], 3)))
+        jobs.append(
+            Job(
+                "linear_cross_entropy",
+                "gpt1_kernels.linear_cross_entropy",
+                "_cross_entropy_chunk_kernel",
+                dtype,
+                False,
+                args,
+                {"V": V, "WRITE_GRAD": True, **blocks},
+                launch["num_warps"],
+                3,
+                _config_label(blocks, launch["num_warps"], 3),
+            )
+        )
     return jobs
 
 
@@ -302,8 +426,10 @@ def _signature(fn, job: Job) -> tuple[dict, dict, dict]:
             if attr:
                 attrs[(i,)] = attr
         else:
-            raise ValueError(f"sm90_report: {job.module}.{job.attr} has argument {name!r}, which this report "
-                             f"does not know: add its GPT-1 value to {job.op}_jobs() in bench/sm90_report.py")
+            raise ValueError(
+                f"sm90_report: {job.module}.{job.attr} has argument {name!r}, which this report "
+                f"does not know: add its GPT-1 value to {job.op}_jobs() in bench/sm90_report.py"
+            )
     return signature, constexprs, attrs
 
 
@@ -347,7 +473,12 @@ def compile_job(job: Job) -> Result:
         with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG prints ptxas -v here
             compiled = triton.compile(
                 ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=job.num_warps, num_stages=job.num_stages, **({"maxnreg": job.maxnreg} if job.maxnreg else {})),
+                target=GPUTarget("cuda", 90, 32),
+                options=dict(
+                    num_warps=job.num_warps,
+                    num_stages=job.num_stages,
+                    **({"maxnreg": job.maxnreg} if job.maxnreg else {}),
+                ),
             )
         text = log.getvalue()
         res.regs = int(re.search(r"Used (\d+) registers", text).group(1))
@@ -445,9 +576,12 @@ def run(workers: int = MAX_WORKERS, cache: bool = True) -> list[Result]:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="sm90-report-") as scratch, ProcessPoolExecutor(
-        min(workers, MAX_WORKERS), mp_context=ctx, initializer=_worker_init, initargs=(scratch,)
-    ) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="sm90-report-") as scratch,
+        ProcessPoolExecutor(
+            min(workers, MAX_WORKERS), mp_context=ctx, initializer=_worker_init, initargs=(scratch,)
+        ) as pool,
+    ):
         jobs = pool.submit(all_jobs).result()
         return list(pool.map(_cached_compile if cache else compile_job, jobs))
 
@@ -464,7 +598,7 @@ def markdown(results: list[Result]) -> str:
         "these shapes.",
         "",
         "```",
-        __doc__[__doc__.index("Columns, per compile:"):].rstrip(),
+        __doc__[__doc__.index("Columns, per compile:") :].rstrip(),
         "```",
         "",
         "| op | kernel | config | dtype | dropout | smem B | regs | regs×threads | spill B | wgmma | cvt | "
@@ -487,8 +621,11 @@ def markdown(results: list[Result]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=OUT, help=f"markdown path (default {OUT.relative_to(ROOT)})")
-    p.add_argument("--no-cache", action="store_true", help="recompile everything (default: reuse results "
-                   "whose kernel sources, Triton version and job are unchanged)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompile everything (default: reuse results whose kernel sources, Triton version and job are unchanged)",
+    )
     args = p.parse_args()
     why = tools_missing()
     if why:

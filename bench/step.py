@@ -6,6 +6,7 @@ Providers: "eager" GPT1(fused=False) (the reference ops), "compile" torch.compil
 torch.autocast(device, torch.bfloat16) (fp32 master weights, backward outside the context, as
 engine.training.trainer runs it).
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -8,6 +8,7 @@ there: qkv and the residual branch bf16 (matmul outputs), the stream and the wei
 Units: attention in GFLOP/s by FlashAttention's formula (fwd 4·B·T²·H·D, halved when causal;
 bwd 2.5× fwd); add+LayerNorm in GB/s of compulsory traffic; the matmul ops in GFLOP/s. Rates count fp32 bytes for every provider (so GB/s compares as 1/time).
 """
+
 from __future__ import annotations
 
 import pytest

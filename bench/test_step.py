@@ -1,4 +1,5 @@
 """Training step (forward + backward + AdamW) per provider: tokens/s and peak step memory."""
+
 from __future__ import annotations
 
 import json

@@ -1,7 +1,8 @@
 """GPT-1 engine: the paper's model on fused Triton (CUDA) and C++ (CPU) kernels.
 
-    from engine import GPT1, GPT1Config
+from engine import GPT1, GPT1Config
 """
+
 from engine.model.config import GPT1Config
 
 __all__ = ["GPT1", "GPT1Config", "GPT1Output"]

@@ -1,5 +1,6 @@
 """How the C++ extension is built: one spec shared by setup.py (ahead of time) and the
 JIT loader in engine.ops (where the package was not pip-installed, as on the GPU machine)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ pip installs the folder as gpt1_kernels (setup.py's package_dir); an engine run 
 here. Each kernels/<op>.py holds @triton.jit kernels and launchers named like the gpt1:: ops
 (engine/ops.py), no autograd; their specs are in engine/model/reference.py.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,6 @@
 """Command lines of the training CLIs: dataclass fields become flags, and a user's mistake
 becomes one line on stderr with exit code 2 (never a traceback)."""
+
 from __future__ import annotations
 
 import argparse

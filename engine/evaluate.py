@@ -15,6 +15,7 @@ default) reads disjoint windows; a smaller stride gives more context at n_positi
 times the cost. The loss is the mean negative log-likelihood in nats per scored token;
 perplexity is exp(loss).
 """
+
 from __future__ import annotations
 
 import json
@@ -122,10 +123,24 @@ def read_documents(paths: list[str]) -> list[str]:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m engine.evaluate", description="Loss (nats/token) and perplexity of text files under a run's model.")
+    p = ArgumentParser(
+        prog="python -m engine.evaluate",
+        description="Loss (nats/token) and perplexity of text files under a run's model.",
+    )
     add_run_arg(p)
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files (.txt/.md), .jsonl files, directories or globs")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts, 1..n_positions (default: n_positions, disjoint windows)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="text files (.txt/.md), .jsonl files, directories or globs",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts, 1..n_positions (default: n_positions, disjoint windows)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help='print {"loss": ..., "perplexity": ..., "tokens": ...}')
     add_runtime_args(p)
@@ -149,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"loss": score.loss, "perplexity": score.perplexity, "tokens": score.tokens}))
     else:
-        print(f"loss {score.loss:.4f} nats/token, perplexity {score.perplexity:.2f} over {score.tokens:,} tokens "
-              f"({len(docs)} document(s), window {P}, stride {args.stride or P})")
+        print(
+            f"loss {score.loss:.4f} nats/token, perplexity {score.perplexity:.2f} over {score.tokens:,} tokens "
+            f"({len(docs)} document(s), window {P}, stride {args.stride or P})"
+        )
     return 0
 
 

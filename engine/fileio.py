@@ -6,6 +6,7 @@ directories alike), so a killed process leaves only something recognisable as ga
 the umask like ``open``/``mkdir`` do, not mkstemp's 0600 / mkdtemp's 0700. An OSError
 (disk full, read-only file system, permissions) propagates with the target's path in it.
 """
+
 from __future__ import annotations
 
 import os

@@ -21,6 +21,7 @@ tokenizer.json, task.json; metrics.json (final dev metrics of that checkpoint, n
 dev predictions; GLUE-format predictions for unlabelled test files; and the trainer's
 train_config.json, metrics.jsonl, loss.png (L3, task and LM loss; the dev metric) and checkpoints/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,21 +81,75 @@ class FinetuneConfig:
     """Task, model and fine-tuning (the paper's defaults)."""
 
     task: str = field(default=DEFAULT_TASK, metadata={"help": f"task name: {', '.join(TASKS)}"})
-    data_dir: str | None = field(default=None, metadata={"help": "directory holding the task's files in their published layout (e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays) (default: none)"})
-    init: str = field(default=PRETRAIN_DEFAULT_OUT, metadata={"help": f"run directory to start from (config.json + model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run (default: {PRETRAIN_DEFAULT_OUT}, where `{PRETRAIN_COMMAND}` writes)"})
-    arch: str | None = field(default=None, metadata={"help": f"with --init none: a run whose config.json and tokenizer (never its weights) the random model takes, so the ablation differs from pretraining in the weights only (default: {PRETRAIN_DEFAULT_OUT} unless --preset is given)"})
-    preset: str | None = field(default=None, metadata={"help": "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's config; needs --tokenizer or --arch for the tokenizer (default: none)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "a tokenizer.json to use instead of the run's (default: the run's own)"})
-    tokenizer_mode: str = field(default="hf", metadata={"help": "how text is cut into words when --init holds GPT-1's original vocabulary files (encoder_bpe_40000.json + vocab_40000.bpe, or vocab.json + merges.txt): hf (transformers) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own", "choices": ("hf", "openai")})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "directory holding the task's files in their published layout (e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays) (default: none)"
+        },
+    )
+    init: str = field(
+        default=PRETRAIN_DEFAULT_OUT,
+        metadata={
+            "help": f"run directory to start from (config.json + model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run (default: {PRETRAIN_DEFAULT_OUT}, where `{PRETRAIN_COMMAND}` writes)"
+        },
+    )
+    arch: str | None = field(
+        default=None,
+        metadata={
+            "help": f"with --init none: a run whose config.json and tokenizer (never its weights) the random model takes, so the ablation differs from pretraining in the weights only (default: {PRETRAIN_DEFAULT_OUT} unless --preset is given)"
+        },
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's config; needs --tokenizer or --arch for the tokenizer (default: none)"
+        },
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "a tokenizer.json to use instead of the run's (default: the run's own)"}
+    )
+    tokenizer_mode: str = field(
+        default="hf",
+        metadata={
+            "help": "how text is cut into words when --init holds GPT-1's original vocabulary files (encoder_bpe_40000.json + vocab_40000.bpe, or vocab.json + merges.txt): hf (transformers) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own",
+            "choices": ("hf", "openai"),
+        },
+    )
     epochs: float = field(default=3.0, metadata={"help": "passes over the training set (paper: 3)"})
-    lm_coef: float = field(default=0.5, metadata={"help": "λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (paper: 0.5)"})
-    lm_average: str = field(default="token", metadata={"help": "L1 averaged over every token of the batch, or per sequence then over sequences (OpenAI's code)", "choices": ("token", "sequence")})
-    n_transfer: int | None = field(default=None, metadata={"help": "transfer the embeddings and the first K blocks from --init and initialise the rest afresh (the paper's §5 layers-transferred ablation) (default: all)"})
-    head_dropout: float = field(default=0.1, metadata={"help": "dropout before the task head's linear layer (paper: 0.1)"})
-    dropout: float | None = field(default=None, metadata={"help": "the model's residual, embedding and attention dropout (default: the model's config, 0.1 as the paper)"})
-    warmup_fraction: float = field(default=WARMUP_FRACTION, metadata={"help": "linear warm-up over this fraction of the updates (paper: 0.2%%)"})
-    max_len: int | None = field(default=None, metadata={"help": "longest sequence in tokens (default: the model's n_positions)"})
-    eval_batch_size: int | None = field(default=None, metadata={"help": "examples per evaluation batch (default: --batch-size)"})
+    lm_coef: float = field(
+        default=0.5, metadata={"help": "λ in L3 = L2 + λ·L1; 0 disables the auxiliary LM loss (paper: 0.5)"}
+    )
+    lm_average: str = field(
+        default="token",
+        metadata={
+            "help": "L1 averaged over every token of the batch, or per sequence then over sequences (OpenAI's code)",
+            "choices": ("token", "sequence"),
+        },
+    )
+    n_transfer: int | None = field(
+        default=None,
+        metadata={
+            "help": "transfer the embeddings and the first K blocks from --init and initialise the rest afresh (the paper's §5 layers-transferred ablation) (default: all)"
+        },
+    )
+    head_dropout: float = field(
+        default=0.1, metadata={"help": "dropout before the task head's linear layer (paper: 0.1)"}
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "the model's residual, embedding and attention dropout (default: the model's config, 0.1 as the paper)"
+        },
+    )
+    warmup_fraction: float = field(
+        default=WARMUP_FRACTION, metadata={"help": "linear warm-up over this fraction of the updates (paper: 0.2%%)"}
+    )
+    max_len: int | None = field(
+        default=None, metadata={"help": "longest sequence in tokens (default: the model's n_positions)"}
+    )
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "examples per evaluation batch (default: --batch-size)"}
+    )
 
     def __post_init__(self) -> None:
         get_task(self.task)  # "unknown task ..." with the list
@@ -109,8 +164,12 @@ class FinetuneConfig:
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 raise ValueError(f"{cli.flag_name(name)} must be in [0, 1), got {value!r}")
         if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 4):
-            raise ValueError(f"--max-len must be at least 4 (start, delimiter, extract and one token), got {self.max_len!r}")
-        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int) or self.eval_batch_size <= 0):
+            raise ValueError(
+                f"--max-len must be at least 4 (start, delimiter, extract and one token), got {self.max_len!r}"
+            )
+        if self.eval_batch_size is not None and (
+            not isinstance(self.eval_batch_size, int) or self.eval_batch_size <= 0
+        ):
             raise ValueError(f"--eval-batch-size must be a positive integer, got {self.eval_batch_size!r}")
         if self.preset is not None:
             from engine.model.config import PRESETS
@@ -138,21 +197,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_dataclass_args(p, FinetuneConfig)
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run directory (default: runs/finetune-<task>; with --eval-only: <init>/eval)")
-    g.add_argument("--eval-only", action="store_true", help="evaluate the fine-tuned run --init on the dev (and test) files, no training")
-    g.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR with its saved settings, tokenizer and kernels")
+    g.add_argument(
+        "--out", default=None, help="run directory (default: runs/finetune-<task>; with --eval-only: <init>/eval)"
+    )
+    g.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate the fine-tuned run --init on the dev (and test) files, no training",
+    )
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR with its saved settings, tokenizer and kernels",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="checkpoint and exit after update STEP "
-                   "without changing the schedule (split a run into sessions; continue with --resume)")
+    g.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="checkpoint and exit after update STEP "
+        "without changing the schedule (split a run into sessions; continue with --resume)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_dataclass_args(
-        p, train.TrainConfig,
+        p,
+        train.TrainConfig,
         defaults={**PAPER_TRAIN, "max_steps": None, "eval_every": None, "checkpoint_every": None, "warmup_steps": None},
         helps={
             "max_steps": "updates in the run; overrides --epochs (default: epochs × ceil(n_train / batch size))",
             "batch_size": "examples per update, over all processes and accumulation steps (paper: 32)",
             "lr": f"peak learning rate (default: {PAPER_TRAIN['lr']}, the paper's, on CUDA; {CPU_LR} on CPU, "
-                  "whose default model is 4 x 256: see CPU_LR)",
+            "whose default model is 4 x 256: see CPU_LR)",
             "warmup_steps": "updates of linear warm-up (default: --warmup-fraction of the updates, at least 1)",
             "eval_every": "evaluate on dev (and keep the best checkpoint) every N updates (default: once per epoch)",
             "checkpoint_every": "checkpoint every N updates (default: once per epoch)",
@@ -201,12 +278,18 @@ def resolve(ns: argparse.Namespace) -> Resolved:
         raise cli.UserError(f"--out {ns.out} differs from --resume {out}; a resumed run stays in its directory")
     if ns.overwrite:
         raise cli.UserError("--resume and --overwrite contradict each other; pass one")
-    built, saved = run.resume_sections(out, "finetune", {"finetune": given_f, "train": {**given_t, "out": str(out)}},
-                                       {"finetune": FinetuneConfig, "train": train.TrainConfig})
+    built, saved = run.resume_sections(
+        out,
+        "finetune",
+        {"finetune": given_f, "train": {**given_t, "out": str(out)}},
+        {"finetune": FinetuneConfig, "train": train.TrainConfig},
+    )
     return Resolved(built["finetune"], built["train"], given_t, out, saved.get("model"))
 
 
-def _resolve_train_config(fcfg: FinetuneConfig, given: dict[str, Any], out: Path, n_train: int, device: torch.device) -> train.TrainConfig:
+def _resolve_train_config(
+    fcfg: FinetuneConfig, given: dict[str, Any], out: Path, n_train: int, device: torch.device
+) -> train.TrainConfig:
     kw = {**PAPER_TRAIN, **({"lr": CPU_LR} if device.type == "cpu" else {}), **given, "out": str(out)}
     steps_per_epoch = math.ceil(n_train / kw["batch_size"])
     if "max_steps" not in given:
@@ -251,7 +334,9 @@ def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, st
         tokenizer = load_tokenizer(init, fcfg.tokenizer, fcfg.tokenizer_mode)
         config, state = load_pretrained(init)
         if tokenizer.vocab_size > config.vocab_size + 4:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only {config.vocab_size} embedding rows")
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only {config.vocab_size} embedding rows"
+            )
         body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
         body.load_state_dict(state)
         source = str(init)
@@ -268,16 +353,27 @@ def _random_init_source(fcfg: FinetuneConfig) -> tuple[GPT1Config, BPETokenizer,
     arch = Path(fcfg.arch or PRETRAIN_DEFAULT_OUT)
     if fcfg.preset is not None:
         if fcfg.tokenizer is None and fcfg.arch is None:
-            raise cli.UserError(f"--init none --preset {fcfg.preset} needs a tokenizer: pass --tokenizer PATH "
-                                "(or --arch RUN to take that run's)")
+            raise cli.UserError(
+                f"--init none --preset {fcfg.preset} needs a tokenizer: pass --tokenizer PATH "
+                "(or --arch RUN to take that run's)"
+            )
         tokenizer = load_tokenizer(arch, fcfg.tokenizer, fcfg.tokenizer_mode)
-        return GPT1Config.from_name(fcfg.preset, vocab_size=tokenizer.vocab_size), tokenizer, f"random init ({fcfg.preset})"
+        return (
+            GPT1Config.from_name(fcfg.preset, vocab_size=tokenizer.vocab_size),
+            tokenizer,
+            f"random init ({fcfg.preset})",
+        )
     if not (arch / "config.json").is_file():
         raise FileNotFoundError(
             f"--init none takes the model's config.json and tokenizer from --arch RUN ({arch} has no config.json"
             + (f"; `{PRETRAIN_COMMAND}` makes one there" if fcfg.arch is None else "")
-            + "), or pass --preset NAME with --tokenizer PATH")
-    return GPT1Config.from_json_file(arch / "config.json"), load_tokenizer(arch, fcfg.tokenizer, fcfg.tokenizer_mode), f"random init ({arch / 'config.json'})"
+            + "), or pass --preset NAME with --tokenizer PATH"
+        )
+    return (
+        GPT1Config.from_json_file(arch / "config.json"),
+        load_tokenizer(arch, fcfg.tokenizer, fcfg.tokenizer_mode),
+        f"random init ({arch / 'config.json'})",
+    )
 
 
 def _with_dropout(config: GPT1Config, dropout: float | None) -> GPT1Config:
@@ -295,7 +391,9 @@ def resumed_body(out: Path, saved_model: Any, fused: bool) -> tuple[GPT1, BPETok
 
 
 def make_head(task: Task, body: GPT1, dropout: float) -> TaskHead:
-    return TaskHead(task.kind, body.config.n_embd, task.n_labels, pdrop=dropout, initializer_range=body.config.initializer_range)
+    return TaskHead(
+        task.kind, body.config.n_embd, task.n_labels, pdrop=dropout, initializer_range=body.config.initializer_range
+    )
 
 
 def save_head(head: TaskHead, path: Path) -> None:
@@ -416,8 +514,13 @@ def batch_fn(train_set: Sequence[Encoded], batch_size: int, seed: int, pad_id: i
 
 @torch.no_grad()
 def predict(
-    model: GPT1ForTask, encoded: Sequence[Encoded], batch_size: int, device: torch.device, pad_id: int,
-    autocast: torch.dtype | None = None, dist: train.DistEnv | None = None,
+    model: GPT1ForTask,
+    encoded: Sequence[Encoded],
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    autocast: torch.dtype | None = None,
+    dist: train.DistEnv | None = None,
 ) -> tuple[list[Any], float | None]:
     """(prediction per example, mean L3 over the set or None when unlabelled). Examples go in
     batches of similar length; under DDP each process takes every world_size-th batch."""
@@ -473,8 +576,15 @@ def write_predictions(task: Task, split: Split, preds: list[Any], path: Path, wi
 
 
 def evaluate_all(
-    task: Task, model: GPT1ForTask, dev: list[Split], test: list[Split], out: Path, batch_size: int,
-    device: torch.device, pad_id: int, known: dict[str, dict[str, Any]] | None = None,
+    task: Task,
+    model: GPT1ForTask,
+    dev: list[Split],
+    test: list[Split],
+    out: Path,
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Scores every dev set (and labelled test set), writes their predictions and GLUE-format
     predictions for unlabelled test sets; returns metrics.json's content (without counts).
@@ -490,7 +600,11 @@ def evaluate_all(
             suffix = "" if len(sets) == 1 else f"_{split.name}"
             if split.labelled:
                 scores = score_split(task, split, preds)
-                result[kind][split.name] = {**scores, "n": len(split.examples), **({"loss": loss} if loss is not None else {})}
+                result[kind][split.name] = {
+                    **scores,
+                    "n": len(split.examples),
+                    **({"loss": loss} if loss is not None else {}),
+                }
                 write_predictions(task, split, preds, out / f"{kind}_predictions{suffix}.tsv", with_labels=True)
             else:
                 name = task.submission.get(split.name, f"{task.name}{suffix}.tsv")
@@ -512,8 +626,15 @@ def _max_len(fcfg: FinetuneConfig, body: GPT1) -> int:
 
 def _task_meta(task: Task, fcfg: FinetuneConfig, max_len: int, source: str) -> dict[str, Any]:
     return {
-        "task": task.name, "kind": task.kind, "labels": list(task.labels), "metrics": list(task.metrics),
-        "max_len": max_len, "lm_coef": fcfg.lm_coef, "lm_average": fcfg.lm_average, "head_dropout": fcfg.head_dropout, "init": source,
+        "task": task.name,
+        "kind": task.kind,
+        "labels": list(task.labels),
+        "metrics": list(task.metrics),
+        "max_len": max_len,
+        "lm_coef": fcfg.lm_coef,
+        "lm_average": fcfg.lm_average,
+        "head_dropout": fcfg.head_dropout,
+        "init": source,
         "data_dir": str(Path(fcfg.data_dir).resolve()) if fcfg.data_dir else None,
     }
 
@@ -536,8 +657,15 @@ def plot_panels(task: Task) -> list[tuple[str, list[tuple[str, str]]]]:
     """loss.png's panels: the combined objective with its two parts, and the dev metric."""
     primary = task.metrics[0]
     return [
-        ("loss (nats)", [("loss", "L3 = L2 + λ·L1 (train)"), ("task_loss", "task loss L2 (train)"),
-                         ("lm_loss", "LM loss L1 (train)"), ("val_loss", "L3 (dev)")]),
+        (
+            "loss (nats)",
+            [
+                ("loss", "L3 = L2 + λ·L1 (train)"),
+                ("task_loss", "task loss L2 (train)"),
+                ("lm_loss", "LM loss L1 (train)"),
+                ("val_loss", "L3 (dev)"),
+            ],
+        ),
         (f"dev {primary}", [(f"dev_{primary}", "dev")]),
     ]
 
@@ -564,8 +692,11 @@ def _finetune(ns: argparse.Namespace, res: Resolved, dist: train.DistEnv) -> int
     out, fcfg = res.out, res.finetune
     resume_from = checkpoint.prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
     if resume_from is not None and (done := run.finished_step(resume_from, res.train.max_steps, out / METRICS_FILE)):
-        _print(f"{out} already finished at update {done} of {res.train.max_steps}: nothing to do, its best dev weights "
-               f"and {METRICS_FILE} stay as they are (raise --max-steps to train further)", dist)
+        _print(
+            f"{out} already finished at update {done} of {res.train.max_steps}: nothing to do, its best dev weights "
+            f"and {METRICS_FILE} stay as they are (raise --max-steps to train further)",
+            dist,
+        )
         return 0
     run.check_fused(res.fused, dist.device)
     task = get_task(fcfg.task)
@@ -618,13 +749,25 @@ def _copy_model(src: Path, dst: Path) -> None:
             atomic_write(dst / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
 
 
-def _describe(task: Task, train_split: "Split", others: list["Split"], source: str, model: GPT1ForTask, max_len: int,
-              fcfg: FinetuneConfig, cfg: train.TrainConfig, dist: train.DistEnv) -> None:
+def _describe(
+    task: Task,
+    train_split: "Split",
+    others: list["Split"],
+    source: str,
+    model: GPT1ForTask,
+    max_len: int,
+    fcfg: FinetuneConfig,
+    cfg: train.TrainConfig,
+    dist: train.DistEnv,
+) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     mean_len = _mean_tokens(train_split) / len(train_split.encoded[0].sequences)
-    _print(f"task {task.name} ({task.kind}): {len(train_split.examples)} train, "
-           + ", ".join(f"{len(s.examples)} {s.name}" for s in others)
-           + f" | init {source} | {n_params / 1e6:.2f}M parameters, max_len {max_len}, mean sequence {mean_len:.0f} tokens", dist)
+    _print(
+        f"task {task.name} ({task.kind}): {len(train_split.examples)} train, "
+        + ", ".join(f"{len(s.examples)} {s.name}" for s in others)
+        + f" | init {source} | {n_params / 1e6:.2f}M parameters, max_len {max_len}, mean sequence {mean_len:.0f} tokens",
+        dist,
+    )
     _print(f"precision: {resolve_precision(cfg.precision, dist.device)[1]}", dist)
     _print("config: " + json.dumps({"finetune": dataclasses.asdict(fcfg), "train": dataclasses.asdict(cfg)}), dist)
 
@@ -633,16 +776,31 @@ def _mean_tokens(split: "Split") -> float:
     return sum(sum(len(s) for s in e.sequences) for e in split.encoded) / len(split.encoded)
 
 
-def _train(ns: argparse.Namespace, task: Task, model: GPT1ForTask, tokenizer: BPETokenizer, train_split: "Split",
-           dev: list["Split"], test: list["Split"], cfg: train.TrainConfig, fcfg: FinetuneConfig, meta: dict[str, Any],
-           source: str, resume_from: Path | None, dist: train.DistEnv, t0: float) -> int:
+def _train(
+    ns: argparse.Namespace,
+    task: Task,
+    model: GPT1ForTask,
+    tokenizer: BPETokenizer,
+    train_split: "Split",
+    dev: list["Split"],
+    test: list["Split"],
+    cfg: train.TrainConfig,
+    fcfg: FinetuneConfig,
+    meta: dict[str, Any],
+    source: str,
+    resume_from: Path | None,
+    dist: train.DistEnv,
+    t0: float,
+) -> int:
     out, sp, primary = Path(cfg.out), tokenizer.special_tokens(), task.metrics[0]
     eval_bs = fcfg.eval_batch_size or cfg.batch_size
     best = {"score": -math.inf, "step": 0}
     best_dev: dict[str, Any] = {}  # the best checkpoint's predictions on the first dev set (this process's run)
 
     def evaluate(trainer: train.Trainer) -> dict[str, float]:
-        preds, loss = predict(trainer.model, dev[0].encoded, eval_bs, trainer.device, sp.pad, trainer.autocast, trainer.dist)
+        preds, loss = predict(
+            trainer.model, dev[0].encoded, eval_bs, trainer.device, sp.pad, trainer.autocast, trainer.dist
+        )
         scores = score_split(task, dev[0], preds)
         if scores[primary] > best["score"]:
             best.update(score=scores[primary], step=trainer.step)
@@ -662,11 +820,21 @@ def _train(ns: argparse.Namespace, task: Task, model: GPT1ForTask, tokenizer: BP
     n_params, mean_tokens = sum(p.numel() for p in model.parameters()), _mean_tokens(train_split)
     mean_len = mean_tokens / len(train_split.encoded[0].sequences)
     trainer = train.Trainer(
-        model, cfg, loss_fn, batch_fn(train_split.encoded, cfg.batch_size, cfg.seed, sp.pad),
-        evaluate=evaluate, dist=dist, tokens_per_sample=round(mean_tokens),
-        flops_per_token=train.flops_per_token(n_params, model.body.config.n_layer, model.body.config.n_embd, round(mean_len)),
-        weights=TASK_WEIGHTS, extra_state=lambda: dict(best),
-        load_extra_state=lambda s: best.update(s), resume_from=resume_from, progress=not ns.quiet,
+        model,
+        cfg,
+        loss_fn,
+        batch_fn(train_split.encoded, cfg.batch_size, cfg.seed, sp.pad),
+        evaluate=evaluate,
+        dist=dist,
+        tokens_per_sample=round(mean_tokens),
+        flops_per_token=train.flops_per_token(
+            n_params, model.body.config.n_layer, model.body.config.n_embd, round(mean_len)
+        ),
+        weights=TASK_WEIGHTS,
+        extra_state=lambda: dict(best),
+        load_extra_state=lambda s: best.update(s),
+        resume_from=resume_from,
+        progress=not ns.quiet,
     )
     result = trainer.fit(stop_at=ns.stop_at)
     code = run.exit_code(result, out, lambda m: _print(m, dist))
@@ -678,13 +846,27 @@ def _train(ns: argparse.Namespace, task: Task, model: GPT1ForTask, tokenizer: BP
         install_run(out / BEST, out)
         shutil.rmtree(out / BEST, ignore_errors=True)
     _load_weights(model, out)
-    res = evaluate_all(task, model, dev, test, out, eval_bs, trainer.device, sp.pad, known={dev[0].name: best_dev} if best_dev else {})
-    metrics = {"task": task.name, **{k: res[k] for k in task.metrics}, "n_train": len(train_split.examples),
-               "n_dev": len(dev[0].examples), "best_step": best["step"], "steps": result.step, "init": source,
-               "dev": res["dev"], "test": res["test"], "wall_s": round(time.perf_counter() - t0, 1)}
+    res = evaluate_all(
+        task, model, dev, test, out, eval_bs, trainer.device, sp.pad, known={dev[0].name: best_dev} if best_dev else {}
+    )
+    metrics = {
+        "task": task.name,
+        **{k: res[k] for k in task.metrics},
+        "n_train": len(train_split.examples),
+        "n_dev": len(dev[0].examples),
+        "best_step": best["step"],
+        "steps": result.step,
+        "init": source,
+        "dev": res["dev"],
+        "test": res["test"],
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    print(f"{_summary(task, res)} | best at update {best['step']} of {result.step} | "
-          f"{metrics['wall_s']:.0f}s | run directory {out}", flush=True)
+    print(
+        f"{_summary(task, res)} | best at update {best['step']} of {result.step} | "
+        f"{metrics['wall_s']:.0f}s | run directory {out}",
+        flush=True,
+    )
     return 0
 
 
@@ -694,7 +876,9 @@ def eval_only(ns: argparse.Namespace) -> int:
     fcfg = FinetuneConfig(**given)
     run_dir = Path(fcfg.init)
     if fcfg.init == "none" or not (run_dir / TASK_FILE).is_file():
-        raise FileNotFoundError(f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); {run_dir} has no {TASK_FILE}")
+        raise FileNotFoundError(
+            f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); {run_dir} has no {TASK_FILE}"
+        )
     meta = _read_task_meta(run_dir / TASK_FILE)
     task = get_task(meta.get("task"))
     if "task" in given and given["task"] != task.name:
@@ -709,15 +893,23 @@ def eval_only(ns: argparse.Namespace) -> int:
     tokenizer.special_tokens()  # a fine-tuned run's tokenizer has them
     head = make_head(task, body, meta.get("head_dropout", meta.get("dropout", 0.1)))
     load_head(head, run_dir)
-    model = GPT1ForTask(body, head, lm_coef=meta.get("lm_coef", 0.5), lm_average=meta.get("lm_average", "token")).to(device)
+    model = GPT1ForTask(body, head, lm_coef=meta.get("lm_coef", 0.5), lm_average=meta.get("lm_average", "token")).to(
+        device
+    )
     transform = InputTransform(tokenizer, task.kind, int(meta.get("max_len", body.config.n_positions)))
     dev = load_splits(task, data_dir, "dev", transform)
     test = load_splits(task, data_dir, "test", transform)
     out.mkdir(parents=True, exist_ok=True)
     bs = fcfg.eval_batch_size or vars(ns).get("batch_size", PAPER_TRAIN["batch_size"])
     res = evaluate_all(task, model, dev, test, out, bs, device, tokenizer.special_tokens().pad)
-    metrics = {"task": task.name, **{k: res[k] for k in task.metrics}, "n_dev": len(dev[0].examples),
-               "run": str(run_dir), "dev": res["dev"], "test": res["test"]}
+    metrics = {
+        "task": task.name,
+        **{k: res[k] for k in task.metrics},
+        "n_dev": len(dev[0].examples),
+        "run": str(run_dir),
+        "dev": res["dev"],
+        "test": res["test"],
+    }
     atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     print(f"{_summary(task, res)} | {out / METRICS_FILE}", flush=True)
     return 0
@@ -729,7 +921,7 @@ def _read_task_meta(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
-        raise ValueError(f"{path}: expected a JSON object with a \"task\" name")
+        raise ValueError(f'{path}: expected a JSON object with a "task" name')
     return meta
 
 

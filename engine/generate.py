@@ -10,6 +10,7 @@ stdout as soon as it is drawn. Each sample is the decoded prompt and its continu
 tokenizer lower-cases, so the prompt reads as the model saw it), ending in a newline; several
 samples are separated by a line holding only "---". --seed makes sampling reproducible.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,21 @@ _top_k.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m engine.generate", description="Sample text from a run's model, streamed to stdout.")
+    p = ArgumentParser(
+        prog="python -m engine.generate", description="Sample text from a run's model, streamed to stdout."
+    )
     add_run_arg(p)
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"tokens to sample after the prompt (default: {DEFAULT_NEW_TOKENS}, or what the context has room for)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens to sample after the prompt (default: {DEFAULT_NEW_TOKENS}, or what the context has room for)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=_top_k, default=40, help="sample among the K most likely tokens; 'none' for all (default: 40)")
+    p.add_argument(
+        "--top-k", type=_top_k, default=40, help="sample among the K most likely tokens; 'none' for all (default: 40)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default: 0)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after the other (default: 1)")
     add_runtime_args(p)
@@ -73,18 +82,28 @@ def new_tokens(requested: int | None, prompt_len: int, n_positions: int) -> int:
     """How many tokens to sample: what was asked for, if the context has room for it."""
     room = n_positions - prompt_len
     if room < 1:
-        raise ValueError(f"--prompt is {prompt_len} tokens; the model's context (n_positions) is {n_positions}: shorten it")
+        raise ValueError(
+            f"--prompt is {prompt_len} tokens; the model's context (n_positions) is {n_positions}: shorten it"
+        )
     if requested is None:
         return min(DEFAULT_NEW_TOKENS, room)
     if requested > room:
-        raise ValueError(f"--max-new-tokens {requested}: the {prompt_len}-token prompt leaves room for at most {room} "
-                         f"(n_positions={n_positions})")
+        raise ValueError(
+            f"--max-new-tokens {requested}: the {prompt_len}-token prompt leaves room for at most {room} "
+            f"(n_positions={n_positions})"
+        )
     return requested
 
 
 def stream_sample(
-    model: GPT1, tokenizer: BPETokenizer, ids: Sequence[int], max_new_tokens: int, temperature: float,
-    top_k: int | None, generator: torch.Generator, write: Callable[[str], None],
+    model: GPT1,
+    tokenizer: BPETokenizer,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+    write: Callable[[str], None],
 ) -> list[int]:
     """Writes the decoded prompt, then each new piece of text as its token arrives; returns
     every id. The text decoded so far is a prefix of the next decode (the BPE decoder only
@@ -99,7 +118,7 @@ def stream_sample(
         tokens.append(int(step.item()))
         text = tokenizer.decode(tokens)
         if text.startswith(shown):
-            write(text[len(shown):])
+            write(text[len(shown) :])
             shown = text
     write("\n")
     return tokens

@@ -23,6 +23,7 @@ Setting ``GPT1_CPU_KERNELS=triton`` (with ``TRITON_INTERPRET=1``) serves the CPU
 Triton launchers instead of C++: the whole fused model then runs Triton under the
 interpreter, which is how CI tests the Triton path end to end without a GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -274,15 +275,11 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     qkv, out, lse, seed = ctx.saved_tensors
-    grad_qkv = torch.ops.gpt1.attention_bwd(
-        grad_out.contiguous(), qkv, out, lse, ctx.n_head, ctx.dropout_p, seed
-    )
+    grad_qkv = torch.ops.gpt1.attention_bwd(grad_out.contiguous(), qkv, out, lse, ctx.n_head, ctx.dropout_p, seed)
     return grad_qkv, None, None, None
 
 
-torch.library.register_autograd(
-    "gpt1::attention_fwd", _attention_backward, setup_context=_attention_setup, lib=_lib
-)
+torch.library.register_autograd("gpt1::attention_fwd", _attention_backward, setup_context=_attention_setup, lib=_lib)
 
 
 def _add_layernorm_setup(ctx, inputs, output):
@@ -348,7 +345,13 @@ def _linear_cross_entropy_backward(ctx, grad_loss, _grad_gh, _grad_gw):
             "higher-order gradients"
         )
     grad_hidden, grad_weight = ctx.saved_tensors
-    return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
+    return (
+        grad_hidden * grad_loss.to(grad_hidden.dtype),
+        grad_weight * grad_loss.to(grad_weight.dtype),
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd(
@@ -446,8 +449,13 @@ def add_layernorm(
     _check_dropout("add_layernorm", dropout_p)
     _ensure_kernels(x)
     y, _, _ = torch.ops.gpt1.add_layernorm_fwd(
-        x.reshape(-1, C).contiguous(), residual.reshape(-1, C).contiguous(), weight, bias, eps,
-        dropout_p, new_seed(x, dropout_p),
+        x.reshape(-1, C).contiguous(),
+        residual.reshape(-1, C).contiguous(),
+        weight,
+        bias,
+        eps,
+        dropout_p,
+        new_seed(x, dropout_p),
     )
     return y.view(x.shape)
 
@@ -482,7 +490,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
     hidden, weight = _autocast(hidden.device.type, hidden, weight)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, _, _ = torch.ops.gpt1.linear_cross_entropy_fwd(
-        hidden.reshape(-1, C).contiguous(), weight.contiguous(), targets.reshape(-1).contiguous(),
-        ignore_index, compute_grad,
+        hidden.reshape(-1, C).contiguous(),
+        weight.contiguous(),
+        targets.reshape(-1).contiguous(),
+        ignore_index,
+        compute_grad,
     )
     return loss

@@ -22,6 +22,7 @@ What it measures (Radford et al., 2018):
 Differences between two settings are read on the same dev examples, so their standard error is
 the paired one: sd(correct_a − correct_b) / √n.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,7 +128,9 @@ def pretrain(out: Path, budget: Budget, fused: bool, say: Callable[[str], None])
     return out
 
 
-def finetune(out: Path, task: str, init: Path, budget: Budget, fused: bool, say: Callable[[str], None], *extra: str) -> dict[str, Any]:
+def finetune(
+    out: Path, task: str, init: Path, budget: Budget, fused: bool, say: Callable[[str], None], *extra: str
+) -> dict[str, Any]:
     """Runs (or resumes, or reuses) one fine-tuning; returns its metrics.json and dev correctness."""
     from engine import finetune as ft
 
@@ -141,8 +144,21 @@ def finetune(out: Path, task: str, init: Path, budget: Budget, fused: bool, say:
             init_args = ["--init", "none", "--arch", str(init)] if "--init-none" in extra else ["--init", str(init)]
             rest = [e for e in extra if e != "--init-none"]
             lr = ["--lr", str(budget.finetune_lr)] if budget.finetune_lr is not None else []
-            argv = ["--task", task, *init_args, "--out", str(out), "--max-steps", str(budget.finetune_steps),
-                    "--eval-every", str(budget.finetune_steps), *lr, *rest, *flags, *how]
+            argv = [
+                "--task",
+                task,
+                *init_args,
+                "--out",
+                str(out),
+                "--max-steps",
+                str(budget.finetune_steps),
+                "--eval-every",
+                str(budget.finetune_steps),
+                *lr,
+                *rest,
+                *flags,
+                *how,
+            ]
         _run_cli(ft.main, argv, f"fine-tuning {task}")
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["correct"] = dev_correct(out / "dev_predictions.tsv")
@@ -180,15 +196,25 @@ def effect_sentence(name: str, diff: float, se: float, expected_sign: int) -> st
     z = diff / se if se > 0 else math.inf * (1 if diff > 0 else -1 if diff < 0 else 0)
     same = (diff > 0) == (expected_sign > 0) if diff != 0 else False
     strength = "significant (|z| ≥ 2)" if abs(z) >= 2 else "within noise (|z| < 2)"
-    return (f"{name}: {100 * diff:+.1f} points ({z:+.1f} SE, {strength}); "
-            f"direction {'matches' if same else 'does not match'} the paper's")
+    return (
+        f"{name}: {100 * diff:+.1f} points ({z:+.1f} SE, {strength}); "
+        f"direction {'matches' if same else 'does not match'} the paper's"
+    )
 
 
 # ---- the whole ---------------------------------------------------------------------------------------
 
 
-def run(out: Path, *, quick: bool, pretrained: Path | None, tasks: tuple[str, ...], fused: bool,
-        budget: Budget | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    out: Path,
+    *,
+    quick: bool,
+    pretrained: Path | None,
+    tasks: tuple[str, ...],
+    fused: bool,
+    budget: Budget | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
     budget = budget or BUDGETS["quick" if quick else "default"]
     out.mkdir(parents=True, exist_ok=True)
     pre = pretrained or pretrain(out / "pretrain", budget, fused, say)
@@ -209,7 +235,9 @@ def run(out: Path, *, quick: bool, pretrained: Path | None, tasks: tuple[str, ..
         if k == n_layer:
             layers[k] = table[layers_task]["full"]
         else:
-            layers[k] = finetune(out / layers_task / f"transfer-{k}", layers_task, pre, budget, fused, say, "--n-transfer", str(k))
+            layers[k] = finetune(
+                out / layers_task / f"transfer-{k}", layers_task, pre, budget, fused, say, "--n-transfer", str(k)
+            )
     zs = zeroshot_curve(pre, tasks, fused, say)
     results = summarise(table, layers, zs, layers_task, pre, budget)
     write_report(out, results)
@@ -233,37 +261,88 @@ def zeroshot_curve(pre: Path, tasks: tuple[str, ...], fused: bool, say: Callable
     return curve
 
 
-def summarise(table: dict[str, dict[str, Any]], layers: dict[int, dict[str, Any]], zs: list[dict[str, Any]],
-              layers_task: str, pre: Path, budget: Budget) -> dict[str, Any]:
+def summarise(
+    table: dict[str, dict[str, Any]],
+    layers: dict[int, dict[str, Any]],
+    zs: list[dict[str, Any]],
+    layers_task: str,
+    pre: Path,
+    budget: Budget,
+) -> dict[str, Any]:
     def acc(m: dict[str, Any]) -> dict[str, float]:
-        return {"accuracy": sum(m["correct"]) / len(m["correct"]), "se": standard_error(m["correct"]), "n": len(m["correct"])}
+        return {
+            "accuracy": sum(m["correct"]) / len(m["correct"]),
+            "se": standard_error(m["correct"]),
+            "n": len(m["correct"]),
+        }
 
     t5 = {task: {k: acc(m) for k, m in rows.items()} for task, rows in table.items()}
     effects = []
     for task, rows in table.items():
         d, se = paired_difference(rows["full"]["correct"], rows["no_pretraining"]["correct"])
-        effects.append({"task": task, "effect": "pretraining", "diff": d, "se": se,
-                        "sentence": effect_sentence(f"{task}, pre-training (full − no pre-training)", d, se, +1)})
+        effects.append(
+            {
+                "task": task,
+                "effect": "pretraining",
+                "diff": d,
+                "se": se,
+                "sentence": effect_sentence(f"{task}, pre-training (full − no pre-training)", d, se, +1),
+            }
+        )
         d, se = paired_difference(rows["full"]["correct"], rows["no_aux_lm"]["correct"])
         n_train = rows["full"]["n_train"]
-        effects.append({"task": task, "effect": "aux_lm", "diff": d, "se": se, "n_train": n_train,
-                        "sentence": effect_sentence(f"{task}, auxiliary LM loss (full − no aux LM, {n_train} training examples: "
-                                                    f"{'large' if aux_lm_expected_sign(n_train) > 0 else 'small'} by Table 5's line)",
-                                                    d, se, aux_lm_expected_sign(n_train))})
+        effects.append(
+            {
+                "task": task,
+                "effect": "aux_lm",
+                "diff": d,
+                "se": se,
+                "n_train": n_train,
+                "sentence": effect_sentence(
+                    f"{task}, auxiliary LM loss (full − no aux LM, {n_train} training examples: "
+                    f"{'large' if aux_lm_expected_sign(n_train) > 0 else 'small'} by Table 5's line)",
+                    d,
+                    se,
+                    aux_lm_expected_sign(n_train),
+                ),
+            }
+        )
     ks = sorted(layers)
     d, se = paired_difference(layers[ks[-1]]["correct"], layers[ks[0]]["correct"])
-    effects.append({"task": layers_task, "effect": "layers", "diff": d, "se": se,
-                    "sentence": effect_sentence(f"{layers_task}, all {ks[-1]} layers vs none transferred", d, se, +1)})
+    effects.append(
+        {
+            "task": layers_task,
+            "effect": "layers",
+            "diff": d,
+            "se": se,
+            "sentence": effect_sentence(f"{layers_task}, all {ks[-1]} layers vs none transferred", d, se, +1),
+        }
+    )
     for task in table:
         pts = [r[task] for r in zs]
         first, last = pts[0], pts[-1]
-        se = math.sqrt(first["value"] * (1 - first["value"]) / first["n"] + last["value"] * (1 - last["value"]) / last["n"])
+        se = math.sqrt(
+            first["value"] * (1 - first["value"]) / first["n"] + last["value"] * (1 - last["value"]) / last["n"]
+        )
         diff = last["value"] - first["value"]
-        effects.append({"task": task, "effect": "zeroshot", "diff": diff, "se": se,
-                        "sentence": effect_sentence(f"{task}, zero-shot last vs first checkpoint", diff, se, +1)})
-    return {"pretrained": str(pre), "budget": budget.__dict__, "table5": t5,
-            "layers": {layers_task: {str(k): acc(m) for k, m in layers.items()}},
-            "zeroshot": zs, "effects": effects, "paper": PAPER}
+        effects.append(
+            {
+                "task": task,
+                "effect": "zeroshot",
+                "diff": diff,
+                "se": se,
+                "sentence": effect_sentence(f"{task}, zero-shot last vs first checkpoint", diff, se, +1),
+            }
+        )
+    return {
+        "pretrained": str(pre),
+        "budget": budget.__dict__,
+        "table5": t5,
+        "layers": {layers_task: {str(k): acc(m) for k, m in layers.items()}},
+        "zeroshot": zs,
+        "effects": effects,
+        "paper": PAPER,
+    }
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -281,17 +360,40 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
 
 def report_markdown(results: dict[str, Any]) -> str:
     t5 = results["table5"]
-    lines = ["# GPT-1's analyses in miniature", "",
-             f"Pretrained run: `{results['pretrained']}`; budget {results['budget']}. Dev accuracy ± one standard error.", "",
-             "## Table 5 (ablations)", "", "| task | full method | w/o pre-training | w/o aux LM |", "|---|---|---|---|"]
+    lines = [
+        "# GPT-1's analyses in miniature",
+        "",
+        f"Pretrained run: `{results['pretrained']}`; budget {results['budget']}. Dev accuracy ± one standard error.",
+        "",
+        "## Table 5 (ablations)",
+        "",
+        "| task | full method | w/o pre-training | w/o aux LM |",
+        "|---|---|---|---|",
+    ]
     for task, rows in t5.items():
-        cells = [f"{100 * rows[k]['accuracy']:.1f} ± {100 * rows[k]['se']:.1f}" for k in ("full", "no_pretraining", "no_aux_lm")]
+        cells = [
+            f"{100 * rows[k]['accuracy']:.1f} ± {100 * rows[k]['se']:.1f}"
+            for k in ("full", "no_pretraining", "no_aux_lm")
+        ]
         lines.append(f"| {task} (n={rows['full']['n']}) | " + " | ".join(cells) + " |")
-    (task, layers), = results["layers"].items()
-    lines += ["", "![Table 5](table5.png)", "", f"## Fig. 2 left: layers transferred ({task})", "",
-              "| blocks transferred | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers),
-              "| dev accuracy | " + " | ".join(f"{100 * v['accuracy']:.1f} ± {100 * v['se']:.1f}" for v in layers.values()) + " |",
-              "", "![layers](fig2_layers.png)", "", "## Fig. 2 right: zero-shot vs pretraining updates", ""]
+    ((task, layers),) = results["layers"].items()
+    lines += [
+        "",
+        "![Table 5](table5.png)",
+        "",
+        f"## Fig. 2 left: layers transferred ({task})",
+        "",
+        "| blocks transferred | " + " | ".join(layers) + " |",
+        "|---|" + "---|" * len(layers),
+        "| dev accuracy | "
+        + " | ".join(f"{100 * v['accuracy']:.1f} ± {100 * v['se']:.1f}" for v in layers.values())
+        + " |",
+        "",
+        "![layers](fig2_layers.png)",
+        "",
+        "## Fig. 2 right: zero-shot vs pretraining updates",
+        "",
+    ]
     tasks = [k for k in results["zeroshot"][0] if k != "step"]
     lines += ["| update | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for r in results["zeroshot"]:
@@ -326,8 +428,14 @@ def _plot_table5(results: dict[str, Any], path: Path) -> None:
     width = 0.8 / len(names)
     for i, k in enumerate(names):
         rows = [results["table5"][t][k] for t in tasks]
-        ax.bar([j + i * width for j in range(len(tasks))], [100 * r["accuracy"] for r in rows], width,
-               yerr=[100 * r["se"] for r in rows], label=k.replace("_", " "), capsize=3)
+        ax.bar(
+            [j + i * width for j in range(len(tasks))],
+            [100 * r["accuracy"] for r in rows],
+            width,
+            yerr=[100 * r["se"] for r in rows],
+            label=k.replace("_", " "),
+            capsize=3,
+        )
     ax.set_xticks([j + width for j in range(len(tasks))], tasks)
     ax.set_ylabel("dev accuracy (%)")
     ax.legend()
@@ -336,9 +444,15 @@ def _plot_table5(results: dict[str, Any], path: Path) -> None:
 
 def _plot_layers(results: dict[str, Any], path: Path) -> None:
     plt, fig, ax = _figure()
-    (task, layers), = results["layers"].items()
+    ((task, layers),) = results["layers"].items()
     ks = [int(k) for k in layers]
-    ax.errorbar(ks, [100 * v["accuracy"] for v in layers.values()], yerr=[100 * v["se"] for v in layers.values()], marker="o", capsize=3)
+    ax.errorbar(
+        ks,
+        [100 * v["accuracy"] for v in layers.values()],
+        yerr=[100 * v["se"] for v in layers.values()],
+        marker="o",
+        capsize=3,
+    )
     ax.set_xlabel("pretrained blocks transferred")
     ax.set_ylabel(f"{task} dev accuracy (%)")
     ax.grid(alpha=0.3)
@@ -362,16 +476,34 @@ def _plot_zeroshot(results: dict[str, Any], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m engine.paper", description="GPT-1's Table 5 and Fig. 2 in miniature, on the embedded data.")
-    p.add_argument("--out", default="runs/paper", help="where the sub-runs, report.md, figures and results.json go (default: runs/paper)")
+    p = cli.ArgumentParser(
+        prog="python -m engine.paper", description="GPT-1's Table 5 and Fig. 2 in miniature, on the embedded data."
+    )
+    p.add_argument(
+        "--out",
+        default="runs/paper",
+        help="where the sub-runs, report.md, figures and results.json go (default: runs/paper)",
+    )
     p.add_argument("--quick", action="store_true", help="a smaller budget (~10 min on 2 CPU cores)")
     p.add_argument("--pretrained", default=None, help="reuse this pretraining run instead of making one under --out")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"embedded multiple-choice tasks (default: {' '.join(TASKS)})")
+    p.add_argument(
+        "--tasks", nargs="+", default=list(TASKS), help=f"embedded multiple-choice tasks (default: {' '.join(TASKS)})"
+    )
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True, help="fused kernels (default: on)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the budget's pretraining updates")
     p.add_argument("--finetune-steps", type=int, default=None, help="override the budget's updates per fine-tuning")
-    p.add_argument("--finetune-lr", type=float, default=None, help=f"override the budget's peak fine-tuning rate (default: {BUDGETS['default'].finetune_lr})")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="override: pretraining checkpoints (zero-shot curve points) every N updates")
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help=f"override the budget's peak fine-tuning rate (default: {BUDGETS['default'].finetune_lr})",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="override: pretraining checkpoints (zero-shot curve points) every N updates",
+    )
     p.add_argument("--preset", default=None, help="pretraining preset (default: the pretraining CLI's)")
     return p
 
@@ -400,8 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     if pre is not None and not (pre / "config.json").is_file():
         raise FileNotFoundError(f"--pretrained {pre}: no config.json + model.safetensors there")
     out = Path(args.out)
-    results = run(out, quick=args.quick, pretrained=pre, tasks=tuple(args.tasks), fused=args.fused, budget=budget,
-                  say=lambda m: print(m, flush=True))
+    results = run(
+        out,
+        quick=args.quick,
+        pretrained=pre,
+        tasks=tuple(args.tasks),
+        fused=args.fused,
+        budget=budget,
+        say=lambda m: print(m, flush=True),
+    )
     print(report_markdown(results))
     print(f"report: {out / 'report.md'}")
     return 0

@@ -38,6 +38,7 @@ The exported tokenizer adds the transformation's tokens itself, so
 transformers.pipeline("text-classification", model=DIR) gives a classification or entailment
 run's predictions (for inputs within max_len).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,10 @@ def example_from_record(record: Mapping[str, Any], kind: str, uid: str, where: s
     missing = [k for k in required if k not in record]
     unknown = [k for k in record if k not in required + optional]
     if missing or unknown:
-        raise ValueError(f"{where}: {kind} examples have the fields {list(required)} (optional {list(optional)}); "
-                         + (f"missing {missing}" if missing else f"unknown {unknown}"))
+        raise ValueError(
+            f"{where}: {kind} examples have the fields {list(required)} (optional {list(optional)}); "
+            + (f"missing {missing}" if missing else f"unknown {unknown}")
+        )
     uid = str(record.get("id", uid))
     if kind != "multiple_choice":
         texts = tuple(record[k] for k in required)
@@ -114,8 +117,10 @@ def _read_glue_test(path: Path, task: str) -> list[Example]:
     from engine.data import glue
 
     if task != "cola" and task not in glue.GLUE:
-        raise ValueError(f"--input {path}: a .tsv is read in a GLUE task's layout, and this run's task {task!r} "
-                         f"is not a GLUE task; give JSONL (see python -m engine.predict --help)")
+        raise ValueError(
+            f"--input {path}: a .tsv is read in a GLUE task's layout, and this run's task {task!r} "
+            f"is not a GLUE task; give JSONL (see python -m engine.predict --help)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"--input file not found: {path}")
     if task == "cola":
@@ -129,7 +134,9 @@ def _read_glue_test(path: Path, task: str) -> list[Example]:
 def _read_task(path: Path) -> dict[str, Any]:
     file = path / TASK_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{path} has no {TASK_FILE}: not a fine-tuned run (make one with python -m engine.finetune)")
+        raise FileNotFoundError(
+            f"{path} has no {TASK_FILE}: not a fine-tuned run (make one with python -m engine.finetune)"
+        )
     try:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -184,7 +191,14 @@ class Predictor:
             raise ValueError(f"{path}: its tokenizer has no fine-tuning tokens (<start>, <delim>, <classify>, <pad>)")
         head = _load_head(path, meta["kind"], meta["labels"], body.config.n_embd, dev)
         model = GPT1ForTask(body, head, lm_coef=0.0).eval()
-        return cls(model, tokenizer, meta["task"], meta["kind"], tuple(meta["labels"]), min(meta["max_len"], body.config.n_positions))
+        return cls(
+            model,
+            tokenizer,
+            meta["task"],
+            meta["kind"],
+            tuple(meta["labels"]),
+            min(meta["max_len"], body.config.n_positions),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -193,12 +207,16 @@ class Predictor:
     def examples(self, items: Iterable[Mapping[str, Any] | Example]) -> list[Example]:
         """Dicts (FIELDS' layout) or Examples, as Examples."""
         if isinstance(items, (Mapping, str)):
-            raise TypeError(f"examples must be a list of dicts or Examples, got one {type(items).__name__}: wrap it in a list")
+            raise TypeError(
+                f"examples must be a list of dicts or Examples, got one {type(items).__name__}: wrap it in a list"
+            )
         out = []
         for i, item in enumerate(items):
             if not isinstance(item, (Mapping, Example)):
                 raise TypeError(f"example {i} must be a dict or an Example, got {type(item).__name__}")
-            out.append(item if isinstance(item, Example) else example_from_record(item, self.kind, str(i), f"example {i}"))
+            out.append(
+                item if isinstance(item, Example) else example_from_record(item, self.kind, str(i), f"example {i}")
+            )
         return out
 
     def encode(self, items: Iterable[Mapping[str, Any] | Example]) -> list[Encoded]:
@@ -215,7 +233,9 @@ class Predictor:
         """The head's raw output per example: logits (n_labels,), choice scores (S,) or the
         standardised score (), on the CPU. Batches hold examples of one shape, by length."""
         pad = self.tokenizer.special_tokens().pad
-        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].sequences), max(map(len, encoded[i].sequences))))
+        order = sorted(
+            range(len(encoded)), key=lambda i: (len(encoded[i].sequences), max(map(len, encoded[i].sequences)))
+        )
         found: dict[int, torch.Tensor] = {}
         start = 0
         while start < len(order):
@@ -258,12 +278,26 @@ class Predictor:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m engine.predict", description="Apply a fine-tuned run to new examples.",
-                       epilog="JSONL fields by kind: " + "; ".join(f"{k}: {', '.join(r)}" for k, (r, _) in FIELDS.items())
-                       + ' (optional "id", "label"). A .tsv input is the run\'s GLUE task\'s test layout.')
-    p.add_argument("run", help="a fine-tuned run directory (config.json, model.safetensors, head.safetensors, tokenizer.json, task.json)")
-    p.add_argument("--input", default=None, metavar="FILE", help="examples: .jsonl (fields by the task's kind, see below) or a GLUE .tsv")
-    p.add_argument("--output", default=None, metavar="FILE", help="write the predictions (JSONL) here instead of stdout")
+    p = ArgumentParser(
+        prog="python -m engine.predict",
+        description="Apply a fine-tuned run to new examples.",
+        epilog="JSONL fields by kind: "
+        + "; ".join(f"{k}: {', '.join(r)}" for k, (r, _) in FIELDS.items())
+        + ' (optional "id", "label"). A .tsv input is the run\'s GLUE task\'s test layout.',
+    )
+    p.add_argument(
+        "run",
+        help="a fine-tuned run directory (config.json, model.safetensors, head.safetensors, tokenizer.json, task.json)",
+    )
+    p.add_argument(
+        "--input",
+        default=None,
+        metavar="FILE",
+        help="examples: .jsonl (fields by the task's kind, see below) or a GLUE .tsv",
+    )
+    p.add_argument(
+        "--output", default=None, metavar="FILE", help="write the predictions (JSONL) here instead of stdout"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
     p.add_argument("--export-hf", default=None, metavar="DIR", help="write the run as a transformers model directory")
     add_runtime_args(p)

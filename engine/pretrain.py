@@ -16,6 +16,7 @@ lists them. --init starts a NEW run from a model (a run directory of ours or a H
 openai-gpt directory): its tokenizer and config, a fresh optimizer and schedule. The run's
 lifecycle (lock, saved config, resume policy, exit codes) is engine.training.run's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,6 @@ from engine.cli import (
     run_cli,
 )
 from engine.data.prepare import Corpus as _Corpus  # noqa: F401 (_load_tokenizer: imported from here by callers)
-from engine.data.prepare import load_tokenizer as _load_tokenizer
 from engine.data.prepare import prepare
 from engine.training import run
 from engine.training.checkpoint import (
@@ -73,8 +73,17 @@ class DevicePreset:
 
 # CUDA: the paper's model, batch (64 x 512 tokens) and learning rate, a 8192-token BPE.
 CUDA_DEFAULTS = DevicePreset(
-    "cuda", preset="gpt1", vocab_size=8192, seq_len=512, batch_size=64, max_steps=400, lr=2.5e-4, eval_every=50,
-    checkpoint_every=200, eval_windows=256, final_eval_windows=None,
+    "cuda",
+    preset="gpt1",
+    vocab_size=8192,
+    seq_len=512,
+    batch_size=64,
+    max_steps=400,
+    lr=2.5e-4,
+    eval_every=50,
+    checkpoint_every=200,
+    eval_windows=256,
+    final_eval_windows=None,
 )
 # CPU (about 5 minutes on 2 free cores, 1.6M tokens seen, ~1.2 epochs): gpt1-small (4
 # layers, 256 wide), 16 x 128-token batches, 800 updates. Three choices make that budget show
@@ -87,8 +96,17 @@ CUDA_DEFAULTS = DevicePreset(
 #   predictable, steps are cheaper: 600 x 8 x 128 reached 5.41 vs 6.19 with it, against
 #   5.95 vs 6.34 with 8192 tokens. The defaults reach ~4.85 vs 6.19.
 CPU_DEFAULTS = DevicePreset(
-    "cpu", preset="gpt1-small", vocab_size=2048, seq_len=128, batch_size=16, max_steps=800, lr=6e-4, eval_every=100,
-    checkpoint_every=200, eval_windows=64, final_eval_windows=512,
+    "cpu",
+    preset="gpt1-small",
+    vocab_size=2048,
+    seq_len=128,
+    batch_size=16,
+    max_steps=800,
+    lr=6e-4,
+    eval_every=100,
+    checkpoint_every=200,
+    eval_windows=64,
+    final_eval_windows=512,
 )
 DEVICE_PRESETS = {p.name: p for p in (CPU_DEFAULTS, CUDA_DEFAULTS)}
 # What --init brings with it: a model's tokenizer and shape cannot be chosen as well.
@@ -99,22 +117,87 @@ INIT_EXCLUDES = ("preset", "tokenizer", "vocab_size")
 class PretrainConfig:
     """Data, tokenizer and model."""
 
-    data: list[str] | None = field(default=None, metadata={"help": "text files (.txt/.md), .jsonl files, directories or globs (default: the embedded Shakespeare corpus)"})
-    val_data: list[str] | None = field(default=None, metadata={"help": "validation files (default: held out from --data: whole documents, or paragraphs when there are few)"})
+    data: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "text files (.txt/.md), .jsonl files, directories or globs (default: the embedded Shakespeare corpus)"
+        },
+    )
+    val_data: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "validation files (default: held out from --data: whole documents, or paragraphs when there are few)"
+        },
+    )
     text_field: str = field(default="text", metadata={"help": "JSONL field holding the text"})
-    val_fraction: float = field(default=0.05, metadata={"help": "share of --data held out for validation when --val-data is not given"})
-    init: str | None = field(default=None, metadata={"help": "start a new run from this model: a run directory or a Hugging Face openai-gpt directory (config.json + weights + tokenizer); its tokenizer and config are used, the optimizer and schedule start fresh (default: random weights)"})
-    tokenizer: list[str] | None = field(default=None, metadata={"help": "a tokenizer.json, or GPT-1's encoder_bpe_40000.json and vocab_40000.bpe (two paths or their directory) (default: train a BPE on the training split, cached)"})
-    vocab_size: int | None = field(default=None, metadata={"help": "vocabulary of the BPE trained when --tokenizer is not given (default: 8192 on CUDA, 2048 on CPU)"})
-    tokenizer_mode: str = field(default="hf", metadata={"help": "how text is cut into words before GPT-1's original BPE files (--tokenizer encoder_bpe_40000.json vocab_40000.bpe, or an --init directory holding them): hf (transformers' BERT-style cut) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own", "choices": ("hf", "openai")})
-    epochs: float | None = field(default=None, metadata={"help": "train in epochs: each visits every (seq_len+1)-token window of the training split once, in a seeded order, and sets --max-steps (the paper: 100) (default: windows drawn at random, --max-steps updates)"})
-    cache_dir: str | None = field(default=None, metadata={"help": "where tokenizers and token shards are cached (default: $GPT1_CACHE_DIR or ~/.cache/gpt1-engine)"})
-    preset: str | None = field(default=None, metadata={"help": "model size: gpt1 (the paper's), gpt1-medium, gpt1-small, gpt1-tiny (default: gpt1 on CUDA, gpt1-small on CPU)"})
-    seq_len: int | None = field(default=None, metadata={"help": "tokens per training sequence (n_ctx), at most the preset's n_positions (default: 512 on CUDA, 128 on CPU)"})
-    dropout: float | None = field(default=None, metadata={"help": "residual, embedding and attention dropout (default: the preset's, 0.1 as the paper)"})
-    eval_windows: int | None = field(default=None, metadata={"help": "validation windows per periodic evaluation, spread over the split (default: 256 on CUDA, 64 on CPU)"})
-    final_eval_windows: int | None = field(default=None, metadata={"help": "validation windows of the final evaluation (default: all on CUDA, 512 on CPU)"})
-    sample_tokens: int = field(default=60, metadata={"help": "tokens sampled from the trained model at the end (0: none)"})
+    val_fraction: float = field(
+        default=0.05, metadata={"help": "share of --data held out for validation when --val-data is not given"}
+    )
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "start a new run from this model: a run directory or a Hugging Face openai-gpt directory (config.json + weights + tokenizer); its tokenizer and config are used, the optimizer and schedule start fresh (default: random weights)"
+        },
+    )
+    tokenizer: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "a tokenizer.json, or GPT-1's encoder_bpe_40000.json and vocab_40000.bpe (two paths or their directory) (default: train a BPE on the training split, cached)"
+        },
+    )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "vocabulary of the BPE trained when --tokenizer is not given (default: 8192 on CUDA, 2048 on CPU)"
+        },
+    )
+    tokenizer_mode: str = field(
+        default="hf",
+        metadata={
+            "help": "how text is cut into words before GPT-1's original BPE files (--tokenizer encoder_bpe_40000.json vocab_40000.bpe, or an --init directory holding them): hf (transformers' BERT-style cut) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own",
+            "choices": ("hf", "openai"),
+        },
+    )
+    epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "train in epochs: each visits every (seq_len+1)-token window of the training split once, in a seeded order, and sets --max-steps (the paper: 100) (default: windows drawn at random, --max-steps updates)"
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "where tokenizers and token shards are cached (default: $GPT1_CACHE_DIR or ~/.cache/gpt1-engine)"
+        },
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "model size: gpt1 (the paper's), gpt1-medium, gpt1-small, gpt1-tiny (default: gpt1 on CUDA, gpt1-small on CPU)"
+        },
+    )
+    seq_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "tokens per training sequence (n_ctx), at most the preset's n_positions (default: 512 on CUDA, 128 on CPU)"
+        },
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata={"help": "residual, embedding and attention dropout (default: the preset's, 0.1 as the paper)"},
+    )
+    eval_windows: int | None = field(
+        default=None,
+        metadata={
+            "help": "validation windows per periodic evaluation, spread over the split (default: 256 on CUDA, 64 on CPU)"
+        },
+    )
+    final_eval_windows: int | None = field(
+        default=None, metadata={"help": "validation windows of the final evaluation (default: all on CUDA, 512 on CPU)"}
+    )
+    sample_tokens: int = field(
+        default=60, metadata={"help": "tokens sampled from the trained model at the end (0: none)"}
+    )
     prompt: str = field(default="to be, or not to be", metadata={"help": "the sample's prompt"})
 
     def __post_init__(self) -> None:
@@ -140,9 +223,13 @@ class PretrainConfig:
         if self.tokenizer_mode not in ("hf", "openai"):
             raise ValueError(f"--tokenizer-mode must be hf or openai, got {self.tokenizer_mode!r}")
         if self.tokenizer_mode == "openai" and self.tokenizer is None and self.init is None:
-            raise ValueError("--tokenizer-mode openai cuts words for GPT-1's original vocabulary: pass --tokenizer "
-                             "encoder_bpe_40000.json vocab_40000.bpe (or --init a directory holding them)")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not 0 < self.epochs < math.inf):
+            raise ValueError(
+                "--tokenizer-mode openai cuts words for GPT-1's original vocabulary: pass --tokenizer "
+                "encoder_bpe_40000.json vocab_40000.bpe (or --init a directory holding them)"
+            )
+        if self.epochs is not None and (
+            isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not 0 < self.epochs < math.inf
+        ):
             raise ValueError(f"--epochs must be a positive number, got {self.epochs!r}")
 
 
@@ -153,19 +240,33 @@ def build_parser() -> ArgumentParser:
     )
     add_dataclass_args(parser, PretrainConfig)
     add_dataclass_args(
-        parser, TrainConfig,
+        parser,
+        TrainConfig,
         defaults={"out": "runs/pretrain"},
         helps={
             name: f"{TrainConfig.__dataclass_fields__[name].metadata['help']} "
-                  f"(default: {getattr(CUDA_DEFAULTS, name)} on CUDA, {getattr(CPU_DEFAULTS, name)} on CPU)"
+            f"(default: {getattr(CUDA_DEFAULTS, name)} on CUDA, {getattr(CPU_DEFAULTS, name)} on CPU)"
             for name in CPU_DEFAULTS.train_defaults()
         },
     )
     group = parser.add_argument_group("run")
-    group.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (its saved settings, tokenizer and kernels apply)")
+    group.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its latest checkpoint (its saved settings, tokenizer and kernels apply)",
+    )
     group.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    group.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and exit after update STEP without changing the schedule (split a run into sessions)")
-    group.add_argument("--prepare-only", action="store_true", help="build (or find) the tokenizer and token shards in the cache, print where they are and exit; a run with the same data and tokenizer flags reuses them")
+    group.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="STEP",
+        help="checkpoint and exit after update STEP without changing the schedule (split a run into sessions)",
+    )
+    group.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="build (or find) the tokenizer and token shards in the cache, print where they are and exit; a run with the same data and tokenizer flags reuses them",
+    )
     return parser
 
 
@@ -183,8 +284,12 @@ def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig
         out = Path(ns.resume)
         if "out" in given_t and Path(given_t["out"]) != out:
             raise UserError(f"--out {given_t['out']} differs from --resume {out}; a resumed run stays in its directory")
-        built, saved = run.resume_sections(out, "pretrain", {"pretrain": given_p, "train": {**given_t, "out": str(out)}},
-                                           {"pretrain": PretrainConfig, "train": TrainConfig})
+        built, saved = run.resume_sections(
+            out,
+            "pretrain",
+            {"pretrain": given_p, "train": {**given_t, "out": str(out)}},
+            {"pretrain": PretrainConfig, "train": TrainConfig},
+        )
         ns.saved_model = saved.get("model")
         return built["pretrain"], built["train"], ns
     device = resolve_device(given_t.get("device", "auto"))
@@ -197,8 +302,10 @@ def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig
         p_defaults.update(preset=None, vocab_size=None)
     pcfg = PretrainConfig(**{**p_defaults, **given_p})
     if pcfg.init is not None and not (Path(pcfg.init) / "config.json").is_file():
-        raise FileNotFoundError(f"--init {pcfg.init}: no config.json there (expected a run directory or a "
-                                "Hugging Face openai-gpt directory)")
+        raise FileNotFoundError(
+            f"--init {pcfg.init}: no config.json there (expected a run directory or a "
+            "Hugging Face openai-gpt directory)"
+        )
     n_positions = _n_positions(pcfg)
     if "seq_len" not in given_p:
         pcfg.seq_len = min(pcfg.seq_len, n_positions)
@@ -222,9 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     if ns.prepare_only:  # the data this run would read, and nothing of a run
         from engine.data.shards import default_cache_dir
 
-        given = ((run.load_tokenizer_file(Path(ns.resume) / "tokenizer.json"), f"the run's own ({ns.resume})") if ns.resume
-                 else (run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s") if pcfg.init else None)
-        return prepare(pcfg, Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir(), lambda *a: print(*a, flush=True), given)
+        given = (
+            (run.load_tokenizer_file(Path(ns.resume) / "tokenizer.json"), f"the run's own ({ns.resume})")
+            if ns.resume
+            else (run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s")
+            if pcfg.init
+            else None
+        )
+        return prepare(
+            pcfg,
+            Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir(),
+            lambda *a: print(*a, flush=True),
+            given,
+        )
     with run.distributed(tcfg.device) as dist, run.locked_run_dir(Path(tcfg.out), dist):
         return _pretrain(pcfg, tcfg, ns, dist)
 
@@ -234,7 +351,9 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     resume_from = prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
     say = (lambda *a: print(*a, flush=True)) if dist.is_main else (lambda *a: None)
     if resume_from is not None and (done := run.finished_step(resume_from, tcfg.max_steps, out / "model.safetensors")):
-        say(f"{out} already finished at update {done} of {tcfg.max_steps}: nothing to do (raise --max-steps to train further)")
+        say(
+            f"{out} already finished at update {done} of {tcfg.max_steps}: nothing to do (raise --max-steps to train further)"
+        )
         return 0
     run.check_fused(tcfg.fused, dist.device)
     micro, accum = batch_layout(tcfg, dist.world_size)
@@ -251,7 +370,21 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
         if resume_from is None:
             tokenizer.save(out / "tokenizer.json")
     dist.barrier()
-    say(_describe(pcfg, tcfg, model.config, dist, _n_params(model), corpus, shards, tok_note, built, resume_from, (micro, accum)))
+    say(
+        _describe(
+            pcfg,
+            tcfg,
+            model.config,
+            dist,
+            _n_params(model),
+            corpus,
+            shards,
+            tok_note,
+            built,
+            resume_from,
+            (micro, accum),
+        )
+    )
     return _train(pcfg, tcfg, ns, dist, model, tokenizer, shards, resume_from, micro, say)
 
 
@@ -284,7 +417,10 @@ def _data(pcfg: PretrainConfig, out: Path, resuming: bool, dist: Any, say: Any) 
         dist.barrier()
     try:
         if resuming:
-            tokenizer, tok_note = run.load_tokenizer_file(out / "tokenizer.json"), f"the run's own ({out / 'tokenizer.json'})"
+            tokenizer, tok_note = (
+                run.load_tokenizer_file(out / "tokenizer.json"),
+                f"the run's own ({out / 'tokenizer.json'})",
+            )
         elif pcfg.init is not None:
             tokenizer, tok_note = run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s"
         else:
@@ -318,7 +454,9 @@ def _model(pcfg: PretrainConfig, tcfg: TrainConfig, tokenizer: Any, saved_model:
     if pcfg.dropout is not None:
         mcfg = dataclasses.replace(mcfg, resid_pdrop=pcfg.dropout, embd_pdrop=pcfg.dropout, attn_pdrop=pcfg.dropout)
     if tokenizer.vocab_size > mcfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size} embedding rows")
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size} embedding rows"
+        )
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank and every run
     model = GPT1(mcfg, fused=tcfg.fused)
     if state is not None:
@@ -326,8 +464,18 @@ def _model(pcfg: PretrainConfig, tcfg: TrainConfig, tokenizer: Any, saved_model:
     return model
 
 
-def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: Any, tokenizer: Any, shards: Any,
-           resume_from: Path | None, micro: int, say: Any) -> int:
+def _train(
+    pcfg: PretrainConfig,
+    tcfg: TrainConfig,
+    ns: Any,
+    dist: Any,
+    model: Any,
+    tokenizer: Any,
+    shards: Any,
+    resume_from: Path | None,
+    micro: int,
+    say: Any,
+) -> int:
     import torch
 
     from engine.data.windows import EpochWindows, RandomWindows, eval_batches
@@ -338,15 +486,24 @@ def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: A
     def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return m(batch[:, :-1], targets=batch[:, 1:]).loss
 
-    def evaluate(trainer: Trainer, max_windows: int | None = pcfg.eval_windows, prefix: str = "val") -> dict[str, float]:
-        batches = eval_batches(shards.val, window, micro, rank=dist.rank, world_size=dist.world_size, max_windows=max_windows)
+    def evaluate(
+        trainer: Trainer, max_windows: int | None = pcfg.eval_windows, prefix: str = "val"
+    ) -> dict[str, float]:
+        batches = eval_batches(
+            shards.val, window, micro, rank=dist.rank, world_size=dist.world_size, max_windows=max_windows
+        )
         loss = trainer.eval_loss(batches)
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0))}
 
     mcfg, n_params = model.config, _n_params(model)
     trainer = Trainer(
-        model, tcfg, loss_fn, (EpochWindows if pcfg.epochs is not None else RandomWindows)(shards.train, window, tcfg.batch_size, tcfg.seed),
-        evaluate=evaluate, dist=dist, tokens_per_sample=pcfg.seq_len,
+        model,
+        tcfg,
+        loss_fn,
+        (EpochWindows if pcfg.epochs is not None else RandomWindows)(shards.train, window, tcfg.batch_size, tcfg.seed),
+        evaluate=evaluate,
+        dist=dist,
+        tokens_per_sample=pcfg.seq_len,
         flops_per_token=flops_per_token(n_params, mcfg.n_layer, mcfg.n_embd, pcfg.seq_len),
         resume_from=resume_from,
     )
@@ -361,7 +518,9 @@ def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: A
         final = evaluate(trainer, pcfg.final_eval_windows, prefix="final_val")
     trainer.log(final)
     if dist.is_main:
-        trainer.metrics.plot(out / LOSS_PLOT, hlines={f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy})
+        trainer.metrics.plot(
+            out / LOSS_PLOT, hlines={f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy}
+        )
     sample = _sample(model, tokenizer, pcfg, tcfg, dist.device) if dist.is_main and pcfg.sample_tokens else None
     if sample is not None:
         from engine.fileio import atomic_write_text
@@ -371,13 +530,20 @@ def _train(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any, model: A
     return 0
 
 
-def _summary(say: Any, out: Path, result: Any, wall: float, final: dict[str, float], shards: Any, sample: str | None) -> None:
+def _summary(
+    say: Any, out: Path, result: Any, wall: float, final: dict[str, float], shards: Any, sample: str | None
+) -> None:
     tps = [r["tokens_per_s"] for r in result.metrics if "tokens_per_s" in r]
     say("")
-    say(f"done: {result.step} updates in {wall:.0f} s" + (f", {sum(tps) / len(tps):,.0f} tokens/s on average" if tps else ""))
-    say(f"validation loss {final['final_val_loss']:.4f} nats/token (perplexity {final['final_val_ppl']:.1f}) "
+    say(
+        f"done: {result.step} updates in {wall:.0f} s"
+        + (f", {sum(tps) / len(tps):,.0f} tokens/s on average" if tps else "")
+    )
+    say(
+        f"validation loss {final['final_val_loss']:.4f} nats/token (perplexity {final['final_val_ppl']:.1f}) "
         f"vs the corpus' unigram entropy {shards.unigram_entropy:.4f} nats/token "
-        f"(unigram model on validation: {shards.val_unigram_cross_entropy:.4f})")
+        f"(unigram model on validation: {shards.val_unigram_cross_entropy:.4f})"
+    )
     if sample is not None:
         say(f"sample: {sample}")
     say(f"run directory: {out}/")
@@ -389,14 +555,29 @@ def _summary(say: Any, out: Path, result: Any, wall: float, final: dict[str, flo
         say(f"  sample       {out}/samples.txt")
 
 
-def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_params: int, corpus: _Corpus,
-              shards: Any, tok_note: str, built: bool, resume_from: Path | None, layout: tuple[int, int]) -> str:
+def _describe(
+    pcfg: PretrainConfig,
+    tcfg: TrainConfig,
+    mcfg: Any,
+    dist: Any,
+    n_params: int,
+    corpus: _Corpus,
+    shards: Any,
+    tok_note: str,
+    built: bool,
+    resume_from: Path | None,
+    layout: tuple[int, int],
+) -> str:
     import torch
 
     from engine.training.precision import resolve_precision
 
     micro, accum = layout
-    device = f"{dist.device}" + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else f" ({torch.cuda.get_device_name(dist.device)})")
+    device = f"{dist.device}" + (
+        f" ({torch.get_num_threads()} threads)"
+        if dist.device.type == "cpu"
+        else f" ({torch.cuda.get_device_name(dist.device)})"
+    )
     lines = [
         "GPT-1 pretraining" + (f" — resuming {resume_from}" if resume_from else ""),
         f"  device      {device}, {dist.world_size} process(es), {'fused kernels' if tcfg.fused else 'reference ops (--no-fused)'}"
@@ -404,7 +585,11 @@ def _describe(pcfg: PretrainConfig, tcfg: TrainConfig, mcfg: Any, dist: Any, n_p
         f"  model       {pcfg.preset or 'from --init ' + str(pcfg.init)}: {mcfg.n_layer} layers, n_embd {mcfg.n_embd}, {mcfg.n_head} heads, "
         f"n_positions {mcfg.n_positions}, vocab {mcfg.vocab_size}, dropout {mcfg.resid_pdrop} — {n_params / 1e6:.2f}M parameters",
         f"  corpus      {corpus.name}: {len(corpus.train_files)} train files, "
-        + (f"held-out works {', '.join(corpus.split['held_out_works'])}" if "held_out_works" in corpus.split else f"validation {corpus.split}"),
+        + (
+            f"held-out works {', '.join(corpus.split['held_out_works'])}"
+            if "held_out_works" in corpus.split
+            else f"validation {corpus.split}"
+        ),
         f"  tokens      train {shards.meta['train_tokens']:,}, validation {shards.meta['val_tokens']:,} "
         f"({'tokenised now' if built else 'cached'}: {shards.directory})",
         f"  tokenizer   {tok_note}",

@@ -19,6 +19,7 @@ Heuristics (Radford et al., 2018, §5 "Zero-shot behaviours"):
 ``--checkpoints`` evaluates every checkpoint of a pretraining run and plots the curve against
 the update step (the paper's Fig. 2, right) into ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ SENTIMENT_WORDS = ("negative", "positive")  # GLUE SST-2: label 0, 1
 def _fit(context: list[int], cont: list[int], n_positions: int) -> tuple[list[int], list[int]]:
     """Keeps the continuation whole (up to n_positions − 1 tokens) and the end of the context."""
     cont = cont[: n_positions - 1]
-    return context[-(n_positions - len(cont)):], cont
+    return context[-(n_positions - len(cont)) :], cont
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def average_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], b
     device = model.tokens_embed.weight.device
     scores: list[float] = []
     for k in range(0, len(pairs), batch_size):
-        chunk = [_fit(c, a, model.config.n_positions) for c, a in pairs[k:k + batch_size]]
+        chunk = [_fit(c, a, model.config.n_positions) for c, a in pairs[k : k + batch_size]]
         if any(not c for c, _ in chunk):
             raise ValueError("average_logprobs: every context needs at least one token")
         T = max(len(c) + len(a) for c, a in chunk)
@@ -79,7 +80,9 @@ def average_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], b
     return scores
 
 
-def choice_scores(model: Any, tokenizer: Any, contexts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+def choice_scores(
+    model: Any, tokenizer: Any, contexts: Sequence[str], choices: Sequence[Sequence[str]]
+) -> list[list[float]]:
     """Average log-probability of each choice after its context: one list per example."""
     pairs, sizes = [], []
     for ctx, options in zip(contexts, choices):
@@ -89,7 +92,7 @@ def choice_scores(model: Any, tokenizer: Any, contexts: Sequence[str], choices: 
     flat = average_logprobs(model, pairs)
     out, i = [], 0
     for n in sizes:
-        out.append(flat[i:i + n])
+        out.append(flat[i : i + n])
         i += n
     return out
 
@@ -118,15 +121,29 @@ def multiple_choice(model: Any, tokenizer: Any, task: str, examples: list[Exampl
     scores = choice_scores(model, tokenizer, [" ".join(e.segments) for e in examples], [e.choices for e in examples])
     pred = [_argmax(s) for s in scores]
     n_choices = len(examples[0].choices)
-    return Result(task, "accuracy", accuracy(pred, [e.label for e in examples]), len(examples), 1 / n_choices,
-                  "choice with the highest average token log-probability given the context")
+    return Result(
+        task,
+        "accuracy",
+        accuracy(pred, [e.label for e in examples]),
+        len(examples),
+        1 / n_choices,
+        "choice with the highest average token log-probability given the context",
+    )
 
 
 def sentiment(model: Any, tokenizer: Any, task: str, examples: list[Example]) -> Result:
-    scores = choice_scores(model, tokenizer, [e.segments[0] + " very" for e in examples], [SENTIMENT_WORDS] * len(examples))
+    scores = choice_scores(
+        model, tokenizer, [e.segments[0] + " very" for e in examples], [SENTIMENT_WORDS] * len(examples)
+    )
     pred = [_argmax(s) for s in scores]
-    return Result(task, "accuracy", accuracy(pred, [int(e.label) for e in examples]), len(examples), 0.5,
-                  '"very" appended; "positive" vs "negative", the likelier wins')
+    return Result(
+        task,
+        "accuracy",
+        accuracy(pred, [int(e.label) for e in examples]),
+        len(examples),
+        0.5,
+        '"very" appended; "positive" vs "negative", the likelier wins',
+    )
 
 
 def sentence_scores(model: Any, tokenizer: Any, sentences: Sequence[str]) -> list[float]:
@@ -145,17 +162,27 @@ def best_threshold(scores: Sequence[float], labels: Sequence[int]) -> float:
     return max(mids, key=lambda t: matthews([int(s > t) for s in scores], labels))
 
 
-def acceptability(model: Any, tokenizer: Any, task: str, examples: list[Example], train: list[Example] | None) -> Result:
+def acceptability(
+    model: Any, tokenizer: Any, task: str, examples: list[Example], train: list[Example] | None
+) -> Result:
     scores = sentence_scores(model, tokenizer, [e.segments[0] for e in examples])
     if train:
-        threshold = best_threshold(sentence_scores(model, tokenizer, [e.segments[0] for e in train]), [int(e.label) for e in train])
+        threshold = best_threshold(
+            sentence_scores(model, tokenizer, [e.segments[0] for e in train]), [int(e.label) for e in train]
+        )
         how = "threshold fitted on the training file"
     else:
         threshold = sorted(scores)[len(scores) // 2]
         how = "threshold at the dev median"
     pred = [int(s > threshold) for s in scores]
-    return Result(task, "matthews", matthews(pred, [int(e.label) for e in examples]), len(examples), 0.0,
-                  f"average token log-probability, {how}")
+    return Result(
+        task,
+        "matthews",
+        matthews(pred, [int(e.label) for e in examples]),
+        len(examples),
+        0.0,
+        f"average token log-probability, {how}",
+    )
 
 
 def winograd(model: Any, tokenizer: Any, task: str, examples: list[Example]) -> Result:
@@ -166,16 +193,24 @@ def winograd(model: Any, tokenizer: Any, task: str, examples: list[Example]) -> 
         sizes.append(len(e.choices))
     flat, pred, i = average_logprobs(model, pairs), [], 0
     for n in sizes:
-        pred.append(_argmax(flat[i:i + n]))
+        pred.append(_argmax(flat[i : i + n]))
         i += n
-    return Result(task, "accuracy", accuracy(pred, [e.label for e in examples]), len(examples), 1 / sizes[0],
-                  "each candidate for the pronoun; the likelier rest of the sentence wins")
+    return Result(
+        task,
+        "accuracy",
+        accuracy(pred, [e.label for e in examples]),
+        len(examples),
+        1 / sizes[0],
+        "each candidate for the pronoun; the likelier rest of the sentence wins",
+    )
 
 
 # ---- data -----------------------------------------------------------------------------------
 
 
-def load_examples(task: str, data_dir: Path | None, split: str, max_examples: int | None) -> tuple[list[Example], list[Example] | None]:
+def load_examples(
+    task: str, data_dir: Path | None, split: str, max_examples: int | None
+) -> tuple[list[Example], list[Example] | None]:
     """(examples to score, training examples for CoLA's threshold or None)."""
     if task not in TASKS:
         raise ValueError(f"unknown zero-shot task {task!r}; expected one of {', '.join(TASKS)}")
@@ -200,7 +235,9 @@ def _read_dprd(data_dir: Path | None) -> list[Example]:
     from engine.data.winograd import read_winograd
 
     if data_dir is None:
-        raise ValueError("--task dprd reads your files: pass --data-dir (a DPRD test.c.txt, a .jsonl, or their directory)")
+        raise ValueError(
+            "--task dprd reads your files: pass --data-dir (a DPRD test.c.txt, a .jsonl, or their directory)"
+        )
     path = Path(data_dir)
     if path.is_dir():
         found = [path / f for f in DPRD_FILES if (path / f).is_file()]
@@ -212,8 +249,14 @@ def _read_dprd(data_dir: Path | None) -> list[Example]:
     return read_winograd(path)
 
 
-def evaluate(model: Any, tokenizer: Any, task: str, data_dir: Path | None = None, split: str = "dev",
-             max_examples: int | None = None) -> Result:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: str,
+    data_dir: Path | None = None,
+    split: str = "dev",
+    max_examples: int | None = None,
+) -> Result:
     """One task's zero-shot score for a loaded model (in eval mode) and its tokenizer."""
     examples, train = load_examples(task, data_dir, split, max_examples)
     model.eval()
@@ -274,16 +317,33 @@ def plot_curve(curve: list[dict[str, Any]], tasks: Sequence[str], path: Path) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m engine.zeroshot", description="The paper's zero-shot heuristics (§5) on a pretrained run.")
+    p = cli.ArgumentParser(
+        prog="python -m engine.zeroshot", description="The paper's zero-shot heuristics (§5) on a pretrained run."
+    )
     p.add_argument("run", help="a run directory (config.json + model.safetensors + tokenizer.json)")
-    p.add_argument("--task", nargs="+", default=["shakespeare-cloze"], help=f"one or more of: {', '.join(TASKS)} (default: shakespeare-cloze)")
-    p.add_argument("--data-dir", default=None, help="the task's files in their published layout (embedded tasks need none); dprd: a file or its directory")
+    p.add_argument(
+        "--task",
+        nargs="+",
+        default=["shakespeare-cloze"],
+        help=f"one or more of: {', '.join(TASKS)} (default: shakespeare-cloze)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="the task's files in their published layout (embedded tasks need none); dprd: a file or its directory",
+    )
     p.add_argument("--split", default="dev", choices=("dev", "test"), help="which split to score (default: dev)")
     p.add_argument("--max-examples", type=int, default=None, help="score at most N examples per task")
-    p.add_argument("--checkpoints", action="store_true", help="score every checkpoint of the run and plot the curve (Fig. 2 right)")
-    p.add_argument("--out", default=None, help="where --checkpoints writes zeroshot.json and zeroshot.png (default: RUN/zeroshot)")
+    p.add_argument(
+        "--checkpoints", action="store_true", help="score every checkpoint of the run and plot the curve (Fig. 2 right)"
+    )
+    p.add_argument(
+        "--out", default=None, help="where --checkpoints writes zeroshot.json and zeroshot.png (default: RUN/zeroshot)"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None, help="fused kernels (default: when available)")
+    p.add_argument(
+        "--fused", action=argparse.BooleanOptionalAction, default=None, help="fused kernels (default: when available)"
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     return p
 
@@ -326,7 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         curve.append(row)
         if not args.json:
             where = f"update {step}" if step is not None else str(path)
-            print(f"{where}: " + "; ".join(f"{t} {row[t]['metric']} {row[t]['value']:.4f} (n={row[t]['n']}, chance {row[t]['chance']:.3f})" for t in args.task), flush=True)
+            print(
+                f"{where}: "
+                + "; ".join(
+                    f"{t} {row[t]['metric']} {row[t]['value']:.4f} (n={row[t]['n']}, chance {row[t]['chance']:.3f})"
+                    for t in args.task
+                ),
+                flush=True,
+            )
     if args.checkpoints:
         from engine.fileio import atomic_write_text
 

@@ -12,6 +12,7 @@ extension-cpp's `_test_correctness(device)`).
 Test bodies never branch on the backend: they make tensors with ``backend.tensor`` and call
 the ops.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,7 +48,9 @@ class Backend:
 
     def args(self, args: tuple) -> tuple:
         """An op's arguments with every tensor on the device; the string "seed" stands for a valid seed."""
-        return tuple(self.seed(1) if a == "seed" else self.tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        return tuple(
+            self.seed(1) if a == "seed" else self.tensor(a) if isinstance(a, torch.Tensor) else a for a in args
+        )
 
 
 CPP = Backend("cpp", torch.device("cpu"))

@@ -1,5 +1,6 @@
 """Shared test set-up: Triton runs under its interpreter where there is no GPU, and the
 shared tolerances in tests/helpers.py are importable from every test directory."""
+
 import os
 import sys
 from pathlib import Path

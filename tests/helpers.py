@@ -1,4 +1,5 @@
 """Tolerances, in one place, each with its reason; and the comparisons that use them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,11 @@ FA_FLOOR = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| in float64, on the CPU (a CUDA result against a CPU reference)."""
-    return (actual.detach().cpu().double() - expected.detach().cpu().double()).abs().max().item() if actual.numel() else 0.0
+    return (
+        (actual.detach().cpu().double() - expected.detach().cpu().double()).abs().max().item()
+        if actual.numel()
+        else 0.0
+    )
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> None:
@@ -37,8 +42,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tens
     assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.0e} x scale {scale:.3g}"
 
 
-def assert_fa_rule(actual: torch.Tensor, ref_fp32: torch.Tensor, pytorch_lowp: torch.Tensor, name: str = "tensor",
-                   computed_in: torch.dtype | None = None) -> None:
+def assert_fa_rule(
+    actual: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    pytorch_lowp: torch.Tensor,
+    name: str = "tensor",
+    computed_in: torch.dtype | None = None,
+) -> None:
     """FlashAttention rule: err(actual, ref) <= FA_SLACK * err(pytorch_lowp, ref) (+ floor).
     `computed_in`: the low precision behind an fp32 `actual` (e.g. weights trained under bf16
     autocast), which sets the floor; by default actual's own dtype."""
@@ -123,7 +133,9 @@ def compile_for_sm90(script: str) -> str:
         pytest.skip(f"no bundled ptxas at {ptxas}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 
@@ -131,4 +143,6 @@ def compile_for_sm90(script: str) -> str:
 # GPT-1's original BPE files (MIT, OpenAI's release), kept beside the project for tests only.
 GPT1_BPE = Path(__file__).resolve().parents[2] / "shared" / "gpt1-bpe"
 GPT1_ENCODER, GPT1_MERGES = GPT1_BPE / "encoder_bpe_40000.json", GPT1_BPE / "vocab_40000.bpe"
-needs_gpt1_files = pytest.mark.skipif(not GPT1_ENCODER.is_file(), reason="GPT-1's BPE files are not in ../shared/gpt1-bpe")
+needs_gpt1_files = pytest.mark.skipif(
+    not GPT1_ENCODER.is_file(), reason="GPT-1's BPE files are not in ../shared/gpt1-bpe"
+)

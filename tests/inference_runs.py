@@ -1,5 +1,6 @@
 """Tiny run directories for the inference CLIs' tests, in the layout engine.pretrain writes
 (config.json + model.safetensors + tokenizer.json), made here in a second."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,12 +35,16 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 def make_fixture_run(path: Path, n_positions: int = 96, vocab_size: int = 400) -> Path:
     """A random-weight 2×32 GPT1 and a BPE trained on every fixture file's lines (so the GLUE-
     format fixtures tokenise without unknowns), saved as a pretraining run."""
-    texts = [line for f in sorted(FIXTURES.rglob("*")) if f.is_file() for line in f.read_text(encoding="utf-8").split("\n")]
+    texts = [
+        line for f in sorted(FIXTURES.rglob("*")) if f.is_file() for line in f.read_text(encoding="utf-8").split("\n")
+    ]
     tok = BPETokenizer.train(texts=texts * 2, vocab_size=vocab_size)
     path.mkdir(parents=True, exist_ok=True)
     tok.save(path / "tokenizer.json")
     torch.manual_seed(0)
-    GPT1(GPT1Config(vocab_size=tok.vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2), fused=False).save_pretrained(path)
+    GPT1(
+        GPT1Config(vocab_size=tok.vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2), fused=False
+    ).save_pretrained(path)
     return path
 
 
@@ -71,22 +76,42 @@ def make_task_run(path: Path, kind: str, seed: int = 0) -> Path:
         head.linear.bias.uniform_(-1.0, 1.0)
     if kind == "regression":
         head.set_target_stats(torch.tensor([0.5, 4.0, 2.5, 3.0]))
-    meta = {"task": task, "kind": kind, "labels": list(labels), "metrics": ["accuracy"], "max_len": 40,
-            "lm_coef": 0.5, "dropout": 0.1, "init": "test", "data_dir": None}
+    meta = {
+        "task": task,
+        "kind": kind,
+        "labels": list(labels),
+        "metrics": ["accuracy"],
+        "max_len": 40,
+        "lm_coef": 0.5,
+        "dropout": 0.1,
+        "init": "test",
+        "data_dir": None,
+    }
     save_run(GPT1ForTask(body, head), tok, meta, path)
     return path
 
 
 # one example of each kind, in engine.predict's JSONL layout
 EXAMPLES = {
-    "classification": [{"text": "to be, or not to be"}, {"text": "the slings and arrows of outrageous fortune", "id": "x"},
-                       {"text": "to die, to sleep; no more"}],
-    "entailment": [{"text": "to be, or not to be", "text_pair": "that is the question"},
-                   {"text": "to die", "text_pair": "to sleep, perchance to dream; ay, there's the rub", "label": 1}],
-    "similarity": [{"text": "to be, or not to be", "text_pair": "that is the question"},
-                   {"text": "a sea of troubles", "text_pair": "the thousand natural shocks"}],
-    "regression": [{"text": "to be, or not to be", "text_pair": "that is the question"},
-                   {"text": "a sea of troubles", "text_pair": "the thousand natural shocks"}],
-    "multiple_choice": [{"context": "to be, or not to be", "choices": ["that is the question", "a sea of troubles"]},
-                        {"context": ["whether 'tis nobler", "in the mind"], "choices": ["to suffer", "to die", "no more"]}],
+    "classification": [
+        {"text": "to be, or not to be"},
+        {"text": "the slings and arrows of outrageous fortune", "id": "x"},
+        {"text": "to die, to sleep; no more"},
+    ],
+    "entailment": [
+        {"text": "to be, or not to be", "text_pair": "that is the question"},
+        {"text": "to die", "text_pair": "to sleep, perchance to dream; ay, there's the rub", "label": 1},
+    ],
+    "similarity": [
+        {"text": "to be, or not to be", "text_pair": "that is the question"},
+        {"text": "a sea of troubles", "text_pair": "the thousand natural shocks"},
+    ],
+    "regression": [
+        {"text": "to be, or not to be", "text_pair": "that is the question"},
+        {"text": "a sea of troubles", "text_pair": "the thousand natural shocks"},
+    ],
+    "multiple_choice": [
+        {"context": "to be, or not to be", "choices": ["that is the question", "a sea of troubles"]},
+        {"context": ["whether 'tis nobler", "in the mind"], "choices": ["to suffer", "to die", "no more"]},
+    ],
 }

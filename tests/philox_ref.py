@@ -7,6 +7,7 @@ attention (attention_keep_mask): 8-bit draws, 16 per call. Query i = 16a + 8h + 
 j = 32g + 8k + 2q + e (r < 8, k < 4, q < 4, e < 2): keep = [byte 2(k%2) + e of word 2h + k//2
 of Philox4x32-7(seed, (8a + r, 4g + q, b·H + h, 0)) ≥ min(round(p·2⁸), 255)].
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,10 @@ def philox4x32(counters: list[np.ndarray], seed: int, rounds: int = 7) -> list[n
         prod0 = np.uint64(0xD2511F53) * c[0]
         prod2 = np.uint64(0xCD9E8D57) * c[2]
         c = [
-            (prod2 >> np.uint64(32)) ^ c[1] ^ k0, prod2 & lo32,
-            (prod0 >> np.uint64(32)) ^ c[3] ^ k1, prod0 & lo32,
+            (prod2 >> np.uint64(32)) ^ c[1] ^ k0,
+            prod2 & lo32,
+            (prod0 >> np.uint64(32)) ^ c[3] ^ k1,
+            prod0 & lo32,
         ]
         k0 = (k0 + np.uint64(0x9E3779B9)) & lo32
         k1 = (k1 + np.uint64(0xBB67AE85)) & lo32

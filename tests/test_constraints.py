@@ -1,5 +1,6 @@
 """CI installs the test dependencies pinned (.ci/constraints.txt), so that a release of one
 cannot turn CI red: every dev requirement must have its pin there, inside its own range."""
+
 from pathlib import Path
 
 import tomllib
@@ -27,11 +28,13 @@ def test_every_dev_requirement_is_pinned_within_its_range():
         req = Requirement(text)
         name = canonicalize_name(req.name)
         assert name in pinned, f"{req.name} (a dev requirement) has no pin in .ci/constraints.txt"
-        assert req.specifier.contains(pinned[name], prereleases=True), f"{req.name}=={pinned[name]} is outside {req.specifier}"
+        assert req.specifier.contains(pinned[name], prereleases=True), (
+            f"{req.name}=={pinned[name]} is outside {req.specifier}"
+        )
 
 
 def test_the_readme_and_ci_install_with_the_constraints():
     line = next(line for line in (ROOT / "README.md").read_text().splitlines() if '".[dev]"' in line)
-    command = line[line.index("pip install torch"):]  # after the venv's creation, which .ci/run does itself
+    command = line[line.index("pip install torch") :]  # after the venv's creation, which .ci/run does itself
     assert "-c .ci/constraints.txt" in command
     assert command in (ROOT / ".ci" / "run").read_text(), "CI must run the README's test command verbatim"

@@ -3,6 +3,7 @@ transformers imports it. In each way the engine is used — the editable install
 a plain `pip install .`, a checkout on PYTHONPATH without installing (the GPU machine) — and from
 the checkout's root as from elsewhere, `import kernels` must be theirs, `gpt1_kernels` ours, and
 transformers' OpenAI GPT must load what the engine saves, in one process."""
+
 from __future__ import annotations
 
 import json
@@ -106,8 +107,24 @@ def test_plain_checkout_from_the_root_and_elsewhere(tmp_path):
 def test_pip_install_from_the_source_root_and_elsewhere(tmp_path):
     source = _checkout_copy(tmp_path / "source")
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     assert not (target / "kernels").exists(), "pip must not install a top-level `kernels`"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

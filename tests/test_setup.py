@@ -1,5 +1,6 @@
 """setup.py where torch cannot be imported (pip's isolated build environment): one sentence
 saying what to run instead, no traceback."""
+
 import subprocess
 import sys
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Data: pretraining corpora, token shards and windows (corpus, shards, windows); the
 fine-tuning task readers and input transformations live beside them (tasks*)."""
+
 from engine.data.corpus import (
     SHAKESPEARE_VALIDATION,
     Document,

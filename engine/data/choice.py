@@ -11,6 +11,7 @@ Layouts, as published:
     SWAG         train.csv, val.csv, test.csv (real CSV, quoted fields): sent1, sent2,
                  ending0-3, label (absent from test)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,12 @@ from engine.data.records import (
 
 # ---- Story Cloze Test ----------------------------------------------------------------------
 
-STORY_COLUMNS = ["InputStoryid", *(f"InputSentence{i}" for i in range(1, 5)), "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2"]
+STORY_COLUMNS = [
+    "InputStoryid",
+    *(f"InputSentence{i}" for i in range(1, 5)),
+    "RandomFifthSentenceQuiz1",
+    "RandomFifthSentenceQuiz2",
+]
 STORY_ANSWER = "AnswerRightEnding"
 STORY_DEV_FRACTION = 0.2  # OpenAI's code held out 374 of the 1,871 validation stories
 # OpenAI's split (datasets.py): sklearn's train_test_split(test_size=374,
@@ -104,8 +110,12 @@ def read_race_file(path: Path) -> list[Example]:
     questions, options = data["questions"], data["options"]
     answers = data.get("answers")
     if len(options) != len(questions) or (answers is not None and len(answers) != len(questions)):
-        raise fail(path, None, f"{len(questions)} questions but {len(options)} option lists and "
-                   f"{len(answers) if answers is not None else 'no'} answers")
+        raise fail(
+            path,
+            None,
+            f"{len(questions)} questions but {len(options)} option lists and "
+            f"{len(answers) if answers is not None else 'no'} answers",
+        )
     uid = str(data.get("id", path.name))
     out = []
     for q, (question, opts) in enumerate(zip(questions, options)):

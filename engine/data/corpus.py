@@ -11,6 +11,7 @@ whole units (documents, or paragraphs when there are fewer than 20 documents) ch
 hash of their text (`HashSplit`, decided unit by unit as the corpus streams past), so
 identical units always land on the same side.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,8 @@ SHAKESPEARE_VALIDATION = ("hamlet", "julius_caesar", "twelfth_night", "tempest")
 
 _GUTENBERG_START = re.compile(r"^\s*\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.IGNORECASE | re.MULTILINE)
 _GUTENBERG_END = re.compile(
-    r"^\s*(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$", re.IGNORECASE | re.MULTILINE
+    r"^\s*(\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
+    re.IGNORECASE | re.MULTILINE,
 )
 
 
@@ -103,8 +105,13 @@ def resolve_files(paths: list[str | Path]) -> list[Path]:
             continue
         p = Path(text)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
             if not found:
                 raise FileNotFoundError(f"data directory {p} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             out += found
@@ -140,7 +147,7 @@ def strip_gutenberg(text: str) -> str:
     if "gutenberg" in text.lower():  # both patterns need the word; they are slow over MBs without it
         start = _GUTENBERG_START.search(text)
         if start:
-            text = text[start.end():]
+            text = text[start.end() :]
         end = _GUTENBERG_END.search(text)
         if end:
             text = text[: end.start()]
@@ -180,7 +187,9 @@ def count_documents(files: list[Path], text_field: str = "text", limit: int | No
 
 
 def empty_corpus_error(files: list[Path]) -> ValueError:
-    return ValueError(f"the corpus is empty: no text in {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}")
+    return ValueError(
+        f"the corpus is empty: no text in {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}"
+    )
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
@@ -193,7 +202,9 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {offset + e.start})") from None
+                raise ValueError(
+                    f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {offset + e.start})"
+                ) from None
             offset += len(raw)
             doc = _jsonl_document(path, n, line, field) if line.strip() else None
             if doc is not None and doc.text.strip():

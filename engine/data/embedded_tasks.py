@@ -17,6 +17,7 @@ pretraining text (see ``dev_works`` for the genre task's one exception). A speec
 blank-line-separated block that opens with the speaker's name; stage directions ([...]) and
 headings are dropped. Every draw uses a fixed seed: the tasks do not move with --seed.
 """
+
 from __future__ import annotations
 
 import random
@@ -46,17 +47,42 @@ GENRE_LINES = 4  # lines per genre passage
 # Troilus and Cymbeline follow the Folio's own titles: tragedies).
 GENRES = ("comedy", "history", "tragedy")
 PLAY_GENRE = {
-    "alls_well_that_ends_well": "comedy", "as_you_like_it": "comedy", "comedy_of_errors": "comedy",
-    "loves_labours_lost": "comedy", "measure_for_measure": "comedy", "merchant_of_venice": "comedy",
-    "merry_wives_of_windsor": "comedy", "midsummer_nights_dream": "comedy", "much_ado_about_nothing": "comedy",
-    "pericles": "comedy", "taming_of_the_shrew": "comedy", "tempest": "comedy", "twelfth_night": "comedy",
-    "two_gentlemen_of_verona": "comedy", "winters_tale": "comedy",
-    "henry_iv_part_1": "history", "henry_iv_part_2": "history", "henry_v": "history", "henry_vi_part_1": "history",
-    "henry_vi_part_2": "history", "henry_vi_part_3": "history", "henry_viii": "history", "john": "history",
-    "richard_ii": "history", "richard_iii": "history",
-    "antony_and_cleopatra": "tragedy", "coriolanus": "tragedy", "cymbeline": "tragedy", "hamlet": "tragedy",
-    "julius_caesar": "tragedy", "lear": "tragedy", "macbeth": "tragedy", "othello": "tragedy",
-    "romeo_and_juliet": "tragedy", "timon_of_athens": "tragedy", "tragedy_of_titus_andronicus": "tragedy",
+    "alls_well_that_ends_well": "comedy",
+    "as_you_like_it": "comedy",
+    "comedy_of_errors": "comedy",
+    "loves_labours_lost": "comedy",
+    "measure_for_measure": "comedy",
+    "merchant_of_venice": "comedy",
+    "merry_wives_of_windsor": "comedy",
+    "midsummer_nights_dream": "comedy",
+    "much_ado_about_nothing": "comedy",
+    "pericles": "comedy",
+    "taming_of_the_shrew": "comedy",
+    "tempest": "comedy",
+    "twelfth_night": "comedy",
+    "two_gentlemen_of_verona": "comedy",
+    "winters_tale": "comedy",
+    "henry_iv_part_1": "history",
+    "henry_iv_part_2": "history",
+    "henry_v": "history",
+    "henry_vi_part_1": "history",
+    "henry_vi_part_2": "history",
+    "henry_vi_part_3": "history",
+    "henry_viii": "history",
+    "john": "history",
+    "richard_ii": "history",
+    "richard_iii": "history",
+    "antony_and_cleopatra": "tragedy",
+    "coriolanus": "tragedy",
+    "cymbeline": "tragedy",
+    "hamlet": "tragedy",
+    "julius_caesar": "tragedy",
+    "lear": "tragedy",
+    "macbeth": "tragedy",
+    "othello": "tragedy",
+    "romeo_and_juliet": "tragedy",
+    "timon_of_athens": "tragedy",
+    "tragedy_of_titus_andronicus": "tragedy",
     "troilus_and_cressida": "tragedy",
 }
 # The dev split: the works pretraining holds out for its own validation, so that no dev
@@ -116,7 +142,9 @@ def _reorderable(line: str) -> bool:
     return len(set(line.split()[1:-1])) >= 2
 
 
-def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str, distractor: str = "other_line") -> list[Example]:
+def cloze_examples(
+    by_play: dict[str, list[list[str]]], size: int, prefix: str, distractor: str = "other_line"
+) -> list[Example]:
     """Passages of CONTEXT_LINES lines ending mid-sentence; choices: the true next line and
     N_CHOICES - 1 lines from other speeches with as many words (so length gives nothing away),
     the true one equally often in each position."""
@@ -131,8 +159,12 @@ def cloze_examples(by_play: dict[str, list[list[str]]], size: int, prefix: str, 
                     pool.append((play, s, line))
             for i in range(len(lines) - CONTEXT_LINES):
                 context, nxt = lines[i : i + CONTEXT_LINES], lines[i + CONTEXT_LINES]
-                if not context[-1].endswith(_SENTENCE_END) and _long_enough(nxt) and all(map(_long_enough, context)) \
-                        and (distractor != "shuffled" or _reorderable(nxt)):
+                if (
+                    not context[-1].endswith(_SENTENCE_END)
+                    and _long_enough(nxt)
+                    and all(map(_long_enough, context))
+                    and (distractor != "shuffled" or _reorderable(nxt))
+                ):
                     candidates.append((play, s, context, nxt))
     if not candidates or len(pool) < N_CHOICES:
         raise ValueError(f"the {prefix} plays yield no cloze passages")

@@ -19,6 +19,7 @@ Layouts, as published (one directory per task, e.g. ``glue_data/CoLA``):
 
 Every file is split on tabs only: GLUE text holds unbalanced quote characters.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -86,9 +87,7 @@ def read_glue_tsv(path: Path, layout: GlueLayout, labelled: bool) -> list[Exampl
         label: int | float | None = None
         if has_label:
             raw = values[len(layout.text)]
-            label = (
-                class_index(layout.labels, raw, path, n) if layout.labels else score(raw, *STSB_RANGE, path, n)
-            )
+            label = class_index(layout.labels, raw, path, n) if layout.labels else score(raw, *STSB_RANGE, path, n)
         uid = values[-1].strip() if id_col else f"{path.name}:{n}"
         out.append(Example(uid, texts, label=label))
     return out
@@ -102,7 +101,11 @@ def read_cola(path: Path, labelled: bool) -> list[Example]:
     out = []
     for n, fields in tsv_lines(path):
         if len(fields) != 4:
-            raise fail(path, n, f"{len(fields)} tab-separated fields; CoLA rows have 4 (source, label, original label, sentence)")
+            raise fail(
+                path,
+                n,
+                f"{len(fields)} tab-separated fields; CoLA rows have 4 (source, label, original label, sentence)",
+            )
         out.append(Example(f"{path.name}:{n}", (fields[3],), label=class_index(BINARY, fields[1], path, n)))
     return out
 
@@ -143,7 +146,11 @@ def read_snli_file(path: Path) -> list[Example]:
                 raise fail(path, n, f"missing field(s) {missing}")
             label = _snli_label(row["gold_label"], path, n)
             if label is not None:
-                out.append(Example(str(row.get("pairID", f"{path.name}:{n}")), (row["sentence1"], row["sentence2"]), label=label))
+                out.append(
+                    Example(
+                        str(row.get("pairID", f"{path.name}:{n}")), (row["sentence1"], row["sentence2"]), label=label
+                    )
+                )
         return out
     table = TsvTable(path)
     for n, (a, b, raw) in table.rows(["sentence1", "sentence2", "gold_label"]):
@@ -173,7 +180,9 @@ def read_scitail_file(path: Path) -> list[Example]:
     for n, fields in tsv_lines(path):
         if len(fields) != 3:
             raise fail(path, n, f"{len(fields)} tab-separated fields; SciTail rows have 3 (premise, hypothesis, label)")
-        out.append(Example(f"{path.name}:{n}", (fields[0], fields[1]), label=class_index(SCITAIL_LABELS, fields[2], path, n)))
+        out.append(
+            Example(f"{path.name}:{n}", (fields[0], fields[1]), label=class_index(SCITAIL_LABELS, fields[2], path, n))
+        )
     return out
 
 

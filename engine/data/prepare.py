@@ -5,6 +5,7 @@ Nothing holds the corpus in memory: the BPE trains from a stream of the training
 the shards are built from one (engine.data.shards). The split is decided unit by unit as the
 text streams past (engine.data.corpus.HashSplit); the embedded corpus holds out whole works.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,11 +117,17 @@ class Corpus:
             self._source = source = fixed
 
     def key(self) -> dict[str, Any]:
-        return {"train_files": file_fingerprint(self.train_files), "val_files": file_fingerprint(self.val_files), "split": self.split}
+        return {
+            "train_files": file_fingerprint(self.train_files),
+            "val_files": file_fingerprint(self.val_files),
+            "split": self.split,
+        }
 
     def tokenizer_path(self, cache: Path) -> Path:
         """Where the BPE trained on this corpus (with the run's --vocab-size) is cached."""
-        key = cache_key({**self.key(), "vocab_size": self.pcfg.vocab_size, "kind": "bpe", "bpe_training": BPE_TRAINING_VERSION})
+        key = cache_key(
+            {**self.key(), "vocab_size": self.pcfg.vocab_size, "kind": "bpe", "bpe_training": BPE_TRAINING_VERSION}
+        )
         return cache / "tokenizers" / f"{key}.json"
 
     def tokenizer(self, cache: Path, say: Callable[..., None]) -> tuple[Any, str]:
@@ -182,7 +189,9 @@ def prepare(pcfg: Any, cache: Path, say: Callable[..., None] = print, tokenizer:
     shards, built = data.shards(cache, tokenizer, say)
     meta = shards.meta
     say(f"tokenizer  {note}")
-    say(f"shards     {shards.directory}/ ({'built now' if built else 'cached'}): train {meta['train_tokens']:,} tokens "
+    say(
+        f"shards     {shards.directory}/ ({'built now' if built else 'cached'}): train {meta['train_tokens']:,} tokens "
         f"({meta['train_documents']:,} units), validation {meta['val_tokens']:,} tokens ({meta['val_documents']:,} units), "
-        f"{meta['dtype']}")
+        f"{meta['dtype']}"
+    )
     return 0

@@ -6,6 +6,7 @@ characters, so a CSV quoting rule would merge or drop rows), real CSVs (ROCStori
 with the csv module. Any row that does not fit — a missing field, a label outside the task's
 label set — is a ``TaskDataError`` naming the file and the line.
 """
+
 from __future__ import annotations
 
 import csv

@@ -16,6 +16,7 @@ call. The finished directory is renamed into place, so a half-built one is never
 build at a time per cache (a lock file), which also makes it safe to remove what killed builds
 of other keys left behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def check_vocab(vocab_size: int) -> None:
     if vocab_size > MAX_VOCAB:
-        raise ValueError(f"the tokenizer has {vocab_size} tokens, more than the {MAX_VOCAB} ids uint32 token shards can hold")
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens, more than the {MAX_VOCAB} ids uint32 token shards can hold"
+        )
 
 
 class UnitSource(Protocol):
@@ -225,7 +228,9 @@ def remove_leftovers(shard_root: Path, keep: str) -> list[Path]:
     return removed
 
 
-def build_shards(directory: Path, source: UnitSource, tokenizer: Any, key_parts: dict[str, Any], *, progress: bool = False) -> TokenShards:
+def build_shards(
+    directory: Path, source: UnitSource, tokenizer: Any, key_parts: dict[str, Any], *, progress: bool = False
+) -> TokenShards:
     """Tokenises `source` into `directory`: streamed, resumable, renamed into place when done."""
     dtype = token_dtype(tokenizer.vocab_size)
     partial = directory.parent / f".{directory.name}.partial"
@@ -251,13 +256,24 @@ def build_shards(directory: Path, source: UnitSource, tokenizer: Any, key_parts:
 def _resume_state(partial: Path, plan: str, dtype: np.dtype) -> dict[str, Any]:
     """The recorded progress of a build in `partial` under `plan` (its files cut back to it),
     or a fresh start."""
-    fresh = {"plan": plan, "dtype": dtype.name, "units": 0, "text_bytes": 0,
-             "train_tokens": 0, "val_tokens": 0, "train_units": 0, "val_units": 0}
+    fresh = {
+        "plan": plan,
+        "dtype": dtype.name,
+        "units": 0,
+        "text_bytes": 0,
+        "train_tokens": 0,
+        "val_tokens": 0,
+        "train_units": 0,
+        "val_units": 0,
+    }
     try:
         state = json.loads((partial / "progress.json").read_text())
     except (OSError, json.JSONDecodeError):
         state = None
-    if not isinstance(state, dict) or {k: state.get(k) for k in ("plan", "dtype")} != {"plan": plan, "dtype": dtype.name}:
+    if not isinstance(state, dict) or {k: state.get(k) for k in ("plan", "dtype")} != {
+        "plan": plan,
+        "dtype": dtype.name,
+    }:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         for split in ("train", "val"):
@@ -268,15 +284,26 @@ def _resume_state(partial: Path, plan: str, dtype: np.dtype) -> dict[str, Any]:
     return state
 
 
-def _stream(partial: Path, source: UnitSource, tokenizer: Any, dtype: np.dtype, state: dict[str, Any], progress: bool) -> None:
+def _stream(
+    partial: Path, source: UnitSource, tokenizer: Any, dtype: np.dtype, state: dict[str, Any], progress: bool
+) -> None:
     """Appends the tokens of every unit after the first state['units'] to the two files,
     recording progress in `state` and on disk every CHECKPOINT_BYTES of text."""
     from tqdm import tqdm
 
     skip, since_record = state["units"], 0
     # On a terminal only: a CLI's stderr otherwise holds nothing but its one-line errors.
-    bar = tqdm(total=source.total_bytes, initial=state["text_bytes"], unit="B", unit_scale=True, unit_divisor=1024,
-               desc="tokenising", disable=not (progress and sys.stderr.isatty()), mininterval=1.0, smoothing=0.1)
+    bar = tqdm(
+        total=source.total_bytes,
+        initial=state["text_bytes"],
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="tokenising",
+        disable=not (progress and sys.stderr.isatty()),
+        mininterval=1.0,
+        smoothing=0.1,
+    )
     start, tokens_at_start = time.perf_counter(), state["train_tokens"] + state["val_tokens"]
     with open(partial / "train.bin", "ab") as train_f, open(partial / "val.bin", "ab") as val_f, bar:
         for batch in _batches(source.units(), skip):
@@ -307,7 +334,9 @@ def _batches(units: Iterable[tuple[bool, str]], skip: int) -> Iterator[list[tupl
         yield batch
 
 
-def _write_batch(batch: list[tuple[bool, str]], tokenizer: Any, dtype: np.dtype, files: tuple[Any, Any], state: dict[str, Any]) -> int:
+def _write_batch(
+    batch: list[tuple[bool, str]], tokenizer: Any, dtype: np.dtype, files: tuple[Any, Any], state: dict[str, Any]
+) -> int:
     """Encodes one batch and appends each unit's ids to its side's file; returns its text size."""
     pieces, owners = [], []
     for i, (_, text) in enumerate(batch):
@@ -354,7 +383,9 @@ def _record(partial: Path, state: dict[str, Any], files: tuple[Any, Any]) -> Non
     atomic_write_text(partial / "progress.json", json.dumps(state) + "\n")
 
 
-def _meta(partial: Path, state: dict[str, Any], vocab_size: int, dtype: np.dtype, source: dict[str, Any]) -> dict[str, Any]:
+def _meta(
+    partial: Path, state: dict[str, Any], vocab_size: int, dtype: np.dtype, source: dict[str, Any]
+) -> dict[str, Any]:
     """meta.json's content: counts and the unigram statistics, read back from the files."""
     n_train, n_val = state["train_tokens"], state["val_tokens"]
     if n_train == 0:

@@ -5,6 +5,7 @@ examples}), which input transformation it uses (``kind``), its label set, the me
 paper reports for it (the first one picks the best checkpoint), and, for GLUE, the file name of
 each test set in GLUE's submission format.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,29 +58,60 @@ def _glue(name: str, kind: str, metrics: tuple[str, ...], submission: dict[str, 
 
 
 _TASKS = [
-    _glue("cola", "classification", ("matthews", "accuracy"), {"test": "CoLA.tsv"}, "GLUE CoLA: grammatical acceptability"),
+    _glue(
+        "cola", "classification", ("matthews", "accuracy"), {"test": "CoLA.tsv"}, "GLUE CoLA: grammatical acceptability"
+    ),
     _glue("sst2", "classification", ("accuracy",), {"test": "SST-2.tsv"}, "GLUE SST-2: sentiment"),
     _glue("mrpc", "similarity", ("f1", "accuracy"), {"test": "MRPC.tsv"}, "GLUE MRPC: paraphrase"),
     _glue("qqp", "similarity", ("f1", "accuracy"), {"test": "QQP.tsv"}, "GLUE QQP: duplicate questions"),
     _glue("stsb", "regression", ("pearson", "spearman"), {"test": "STS-B.tsv"}, "GLUE STS-B: similarity score 0-5"),
-    _glue("mnli", "entailment", ("accuracy",), {"matched": "MNLI-m.tsv", "mismatched": "MNLI-mm.tsv"}, "GLUE MNLI: dev matched and mismatched"),
+    _glue(
+        "mnli",
+        "entailment",
+        ("accuracy",),
+        {"matched": "MNLI-m.tsv", "mismatched": "MNLI-mm.tsv"},
+        "GLUE MNLI: dev matched and mismatched",
+    ),
     _glue("qnli", "entailment", ("accuracy",), {"test": "QNLI.tsv"}, "GLUE QNLI: question answering as entailment"),
     _glue("rte", "entailment", ("accuracy",), {"test": "RTE.tsv"}, "GLUE RTE: entailment"),
     _glue("wnli", "entailment", ("accuracy",), {"test": "WNLI.tsv"}, "GLUE WNLI: Winograd as entailment"),
     Task("snli", "entailment", glue.read_snli, labels=glue.NLI3, about="SNLI 1.0 (jsonl, txt or GLUE tsv)"),
     Task("scitail", "entailment", glue.read_scitail, labels=glue.SCITAIL_LABELS, about="SciTail 1.1 tsv_format"),
-    Task("rocstories", "multiple_choice", choice.read_story_cloze, n_choices=2, about="Story Cloze Test (ROCStories) CSVs"),
+    Task(
+        "rocstories",
+        "multiple_choice",
+        choice.read_story_cloze,
+        n_choices=2,
+        about="Story Cloze Test (ROCStories) CSVs",
+    ),
     Task("race", "multiple_choice", choice.read_race, n_choices=4, about="RACE, middle and high"),
     Task("race-middle", "multiple_choice", partial(choice.read_race, levels=("middle",)), n_choices=4, about="RACE-m"),
     Task("race-high", "multiple_choice", partial(choice.read_race, levels=("high",)), n_choices=4, about="RACE-h"),
     Task("swag", "multiple_choice", choice.read_swag, n_choices=4, about="SWAG train/val/test CSVs"),
-    Task(embedded_tasks.CLOZE, "multiple_choice", embedded_tasks.read_cloze, n_choices=embedded_tasks.N_CHOICES,
-         embedded=True, about="embedded: Shakespeare passage → its true next line among candidates"),
-    Task(embedded_tasks.ORDER, "multiple_choice", partial(embedded_tasks.read_cloze, distractor="shuffled"),
-         n_choices=embedded_tasks.N_CHOICES, embedded=True,
-         about="embedded: Shakespeare passage → its true next line vs the same words reordered"),
-    Task(embedded_tasks.GENRE, "classification", embedded_tasks.read_genre, labels=embedded_tasks.GENRES,
-         embedded=True, about="embedded: Shakespeare passage → comedy / history / tragedy"),
+    Task(
+        embedded_tasks.CLOZE,
+        "multiple_choice",
+        embedded_tasks.read_cloze,
+        n_choices=embedded_tasks.N_CHOICES,
+        embedded=True,
+        about="embedded: Shakespeare passage → its true next line among candidates",
+    ),
+    Task(
+        embedded_tasks.ORDER,
+        "multiple_choice",
+        partial(embedded_tasks.read_cloze, distractor="shuffled"),
+        n_choices=embedded_tasks.N_CHOICES,
+        embedded=True,
+        about="embedded: Shakespeare passage → its true next line vs the same words reordered",
+    ),
+    Task(
+        embedded_tasks.GENRE,
+        "classification",
+        embedded_tasks.read_genre,
+        labels=embedded_tasks.GENRES,
+        embedded=True,
+        about="embedded: Shakespeare passage → comedy / history / tragedy",
+    ),
 ]
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
 DEFAULT_TASK = embedded_tasks.DEFAULT

@@ -13,6 +13,7 @@ tie, the earlier segment loses first) until the sequence fits; the special token
 dropped. Sequences are right-padded with the pad token: under causal attention a pad after
 the extract token cannot change it, and pads get LM label -100, so no attention mask is needed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,7 +72,9 @@ def transform(
         if not choices or not segments:
             raise ValueError("a multiple-choice example needs context segments and at least one choice")
     elif len(segments) != want or choices:
-        raise ValueError(f"a {kind} example has {want} text segment(s) and no choices, got {len(segments)} and {len(choices)}")
+        raise ValueError(
+            f"a {kind} example has {want} text segment(s) and no choices, got {len(segments)} and {len(choices)}"
+        )
     specials = 2 if single else 3  # start, [delim,] extract
     if max_len < specials + 1:
         raise ValueError(f"max_len {max_len} leaves no room for text after {specials} special tokens")
@@ -141,7 +144,12 @@ class Batch:
 
     def as_dict(self) -> dict[str, Tensor | None]:
         """The keyword arguments of GPT1ForTask.forward (what engine.training.trainer moves and pins)."""
-        return {"input_ids": self.input_ids, "extract": self.extract, "labels": self.labels, "lm_labels": self.lm_labels}
+        return {
+            "input_ids": self.input_ids,
+            "extract": self.extract,
+            "labels": self.labels,
+            "lm_labels": self.lm_labels,
+        }
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
@@ -150,7 +158,9 @@ def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
         raise ValueError("cannot collate an empty batch")
     S = len(items[0].sequences)
     if any(len(e.sequences) != S for e in items):
-        raise ValueError(f"examples in a batch must have the same number of sequences, got {sorted({len(e.sequences) for e in items})}")
+        raise ValueError(
+            f"examples in a batch must have the same number of sequences, got {sorted({len(e.sequences) for e in items})}"
+        )
     T = max(len(s) for e in items for s in e.sequences)
     ids = torch.full((len(items), S, T), pad_id, dtype=torch.long)
     lm = torch.full((len(items), S, T), IGNORE_INDEX, dtype=torch.long)

@@ -6,6 +6,7 @@ sample index), so any process can produce any slice of any update's batch: proce
 different slices of the same global batch, and a resumed run reads exactly what the
 interrupted one would have.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -99,7 +100,13 @@ def eval_starts(n_tokens: int, window: int, max_windows: int | None = None) -> n
 
 
 def eval_batches(
-    tokens: np.ndarray, window: int, batch_size: int, *, rank: int = 0, world_size: int = 1, max_windows: int | None = None
+    tokens: np.ndarray,
+    window: int,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_windows: int | None = None,
 ) -> Iterator[Tensor]:
     """Validation batches (batch_size, window): process `rank` takes every world_size-th
     window of `eval_starts`, so processes together cover each window once."""

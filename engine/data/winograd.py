@@ -11,6 +11,7 @@ Two layouts:
 Each becomes an ``Example`` with ``segments = (text before the pronoun, text after it)``,
 ``choices`` = the candidates and ``label`` = the correct one's index.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,9 @@ from pathlib import Path
 from engine.data.records import Example, fail, jsonl_rows, require_file
 
 
-def split_at_pronoun(sentence: str, pronoun: str, candidates: tuple[str, ...], path: Path, line: int) -> tuple[str, str]:
+def split_at_pronoun(
+    sentence: str, pronoun: str, candidates: tuple[str, ...], path: Path, line: int
+) -> tuple[str, str]:
     """(before, after) around the pronoun: its first whole-word occurrence after the first
     mention of a candidate (the pronoun refers back), else its first occurrence."""
     found = [m for m in re.finditer(rf"\b{re.escape(pronoun)}\b", sentence, flags=re.IGNORECASE)]
@@ -29,10 +32,12 @@ def split_at_pronoun(sentence: str, pronoun: str, candidates: tuple[str, ...], p
     first_mention = min((m for m in mentions if m >= 0), default=-1)
     after = [m for m in found if m.start() > first_mention] or found
     m = after[0]
-    return sentence[: m.start()], sentence[m.end():]
+    return sentence[: m.start()], sentence[m.end() :]
 
 
-def _example(uid: str, sentence: str, pronoun: str, candidates: list[str], answer: str, path: Path, line: int) -> Example:
+def _example(
+    uid: str, sentence: str, pronoun: str, candidates: list[str], answer: str, path: Path, line: int
+) -> Example:
     candidates = [c.strip() for c in candidates]
     if len(candidates) < 2 or not all(candidates):
         raise fail(path, line, f"expected at least two candidates, got {candidates!r}")
@@ -55,7 +60,9 @@ def read_dprd_text(path: Path) -> list[Example]:
         if not block:
             continue
         if len(block) != 4:
-            raise fail(path, start, f"a DPRD example has 4 lines (sentence, pronoun, candidates, answer), got {len(block)}")
+            raise fail(
+                path, start, f"a DPRD example has 4 lines (sentence, pronoun, candidates, answer), got {len(block)}"
+            )
         sentence, pronoun, candidates, answer = block
         out.append(_example(f"{path.name}:{start}", sentence, pronoun, candidates.split(","), answer, path, start))
         block = []
@@ -70,7 +77,17 @@ def read_winograd_jsonl(path: Path) -> list[Example]:
             raise fail(path, n, f"missing field(s) {', '.join(missing)}")
         if not isinstance(row["candidates"], list):
             raise fail(path, n, "candidates must be a list of strings")
-        out.append(_example(str(row.get("id", f"{path.name}:{n}")), row["sentence"], row["pronoun"], row["candidates"], row["answer"], path, n))
+        out.append(
+            _example(
+                str(row.get("id", f"{path.name}:{n}")),
+                row["sentence"],
+                row["pronoun"],
+                row["candidates"],
+                row["answer"],
+                path,
+                n,
+            )
+        )
     return out
 
 

@@ -1,11 +1,12 @@
 """The paper's task metrics, as plain functions of predictions and labels (Python sequences).
 
-    accuracy   fraction correct
-    f1         binary F1 of the positive class (1): 2·TP / (2·TP + FP + FN)   (MRPC, QQP)
-    matthews   (TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), 0 when a factor is 0 (CoLA)
-    pearson    linear correlation of scores                               (STS-B)
-    spearman   Pearson correlation of the ranks, ties given their average rank (STS-B)
+accuracy   fraction correct
+f1         binary F1 of the positive class (1): 2·TP / (2·TP + FP + FN)   (MRPC, QQP)
+matthews   (TP·TN − FP·FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), 0 when a factor is 0 (CoLA)
+pearson    linear correlation of scores                               (STS-B)
+spearman   Pearson correlation of the ranks, ties given their average rank (STS-B)
 """
+
 from __future__ import annotations
 
 import math

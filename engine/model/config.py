@@ -3,6 +3,7 @@
 Field names follow transformers' ``OpenAIGPTConfig`` so that a Hugging Face
 ``config.json`` maps one to one; ``n_inner`` (the FFN width) is the one addition.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,19 +20,37 @@ ACTIVATIONS = {"gelu": "tanh", "gelu_new": "tanh", "gelu_exact": "none"}
 
 @dataclass
 class GPT1Config:
-    vocab_size: int = field(default=40478, metadata={"help": "tokens in the vocabulary (GPT-1: 40,000 BPE merges + 478 base symbols)"})
+    vocab_size: int = field(
+        default=40478, metadata={"help": "tokens in the vocabulary (GPT-1: 40,000 BPE merges + 478 base symbols)"}
+    )
     n_positions: int = field(default=512, metadata={"help": "longest sequence: rows of the learned position table"})
     n_embd: int = field(default=768, metadata={"help": "width of the residual stream"})
     n_layer: int = field(default=12, metadata={"help": "number of Transformer blocks"})
     n_head: int = field(default=12, metadata={"help": "attention heads per block; must divide n_embd"})
-    n_inner: int | None = field(default=None, metadata={"help": "FFN hidden width; None means 4 * n_embd (GPT-1: 3072)"})
-    afn: str = field(default="gelu", metadata={"help": "activation: 'gelu' (OpenAI's tanh form, as transformers' openai-gpt), 'gelu_new' (same), 'gelu_exact' (erf)"})
-    resid_pdrop: float = field(default=0.1, metadata={"help": "dropout on each sub-layer's output before the residual add"})
+    n_inner: int | None = field(
+        default=None, metadata={"help": "FFN hidden width; None means 4 * n_embd (GPT-1: 3072)"}
+    )
+    afn: str = field(
+        default="gelu",
+        metadata={
+            "help": "activation: 'gelu' (OpenAI's tanh form, as transformers' openai-gpt), 'gelu_new' (same), 'gelu_exact' (erf)"
+        },
+    )
+    resid_pdrop: float = field(
+        default=0.1, metadata={"help": "dropout on each sub-layer's output before the residual add"}
+    )
     embd_pdrop: float = field(default=0.1, metadata={"help": "embedding dropout probability (where: embd_dropout)"})
-    embd_dropout: str = field(default="sum", metadata={"help": "'sum': drop the token + position sum (transformers); 'matrix': drop elements of the whole embedding tables, one mask per pass, seen by the tied LM head too (OpenAI's code)"})
+    embd_dropout: str = field(
+        default="sum",
+        metadata={
+            "help": "'sum': drop the token + position sum (transformers); 'matrix': drop elements of the whole embedding tables, one mask per pass, seen by the tied LM head too (OpenAI's code)"
+        },
+    )
     attn_pdrop: float = field(default=0.1, metadata={"help": "dropout on the attention probabilities"})
     layer_norm_epsilon: float = field(default=1e-5, metadata={"help": "LayerNorm epsilon"})
-    initializer_range: float = field(default=0.02, metadata={"help": "std of the N(0, std) init of weights and embeddings"})
+    initializer_range: float = field(
+        default=0.02, metadata={"help": "std of the N(0, std) init of weights and embeddings"}
+    )
 
     def __post_init__(self) -> None:
         if self.n_inner is None:
@@ -41,9 +60,7 @@ class GPT1Config:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPT1Config.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"GPT1Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"GPT1Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value < 1.0:
@@ -51,9 +68,7 @@ class GPT1Config:
         if not isinstance(self.embd_dropout, str) or self.embd_dropout not in EMBEDDING_DROPOUT:
             raise ValueError(f"GPT1Config.embd_dropout must be one of {EMBEDDING_DROPOUT}, got {self.embd_dropout!r}")
         if not isinstance(self.afn, str) or self.afn not in ACTIVATIONS:
-            raise ValueError(
-                f"GPT1Config.afn must be one of {sorted(ACTIVATIONS)}, got {self.afn!r}"
-            )
+            raise ValueError(f"GPT1Config.afn must be one of {sorted(ACTIVATIONS)}, got {self.afn!r}")
         for name in ("layer_norm_epsilon", "initializer_range"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 < value < math.inf:

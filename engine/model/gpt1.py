@@ -9,6 +9,7 @@ Every op with a fused kernel goes through one namespace chosen at construction:
 ``engine.model.reference`` (plain PyTorch). Parameter names match transformers' OpenAIGPTModel
 (weights in nn.Linear layout), so ``state_dict``s move between this, ``ReferenceGPT1`` and HF.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -159,14 +160,18 @@ class GPT1(nn.Module):
         counted = (targets != IGNORE_INDEX).any(dim=1)  # (B,)
         safe = targets.clone()
         safe[:, 0] = torch.where(counted, targets[:, 0], torch.zeros_like(targets[:, 0]))
-        per_seq = torch.stack([self.fn.linear_cross_entropy(x[i], wte, safe[i], IGNORE_INDEX) for i in range(x.shape[0])])
+        per_seq = torch.stack(
+            [self.fn.linear_cross_entropy(x[i], wte, safe[i], IGNORE_INDEX) for i in range(x.shape[0])]
+        )
         w = counted.to(per_seq.dtype)
         return (per_seq * w).sum() / w.sum().clamp(min=1.0)
 
     def _tables(self) -> tuple[Tensor, Tensor]:
         """The embedding tables this pass reads (dropped whole under embd_dropout="matrix")."""
         p = self.config.embd_pdrop if self.training else 0.0
-        return reference.embedding_tables(self.tokens_embed.weight, self.positions_embed.weight, p, self.config.embd_dropout)
+        return reference.embedding_tables(
+            self.tokens_embed.weight, self.positions_embed.weight, p, self.config.embd_dropout
+        )
 
     def _embed(self, input_ids: Tensor, start: int, wte: Tensor | None = None, wpe: Tensor | None = None) -> Tensor:
         if wte is None or wpe is None:
@@ -175,9 +180,7 @@ class GPT1(nn.Module):
         x = F.embedding(input_ids, wte) + F.embedding(pos, wpe)
         return self.drop(x) if self.config.embd_dropout == "sum" else x
 
-    def _check_tokens(
-        self, ids: Tensor, name: str, like: Tensor | None = None, allow_ignore: bool = False
-    ) -> None:
+    def _check_tokens(self, ids: Tensor, name: str, like: Tensor | None = None, allow_ignore: bool = False) -> None:
         """Bad ids become a ValueError here, never an out-of-bounds read or device-side assert."""
         if not isinstance(ids, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
@@ -235,12 +238,18 @@ class GPT1(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds n_positions={P}")
         device = self.tokens_embed.weight.device
         if generator is not None and generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device}, the model on {device}; make it with torch.Generator(device=...)")
+            raise ValueError(
+                f"generator is on {generator.device}, the model on {device}; make it with torch.Generator(device=...)"
+            )
         return self._decode(input_ids, max_new_tokens, float(temperature), top_k, generator)
 
     @torch.no_grad()
     def _decode(
-        self, input_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
         generator: torch.Generator | None,
     ) -> Iterator[Tensor]:
         cfg, p = self.config, self.tokens_embed.weight
@@ -311,8 +320,12 @@ def _check_sampling(
     numbers here: top_k=True would silently mean 1)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
-            or temperature < 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")

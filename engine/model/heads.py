@@ -13,6 +13,7 @@ Dropout draws ONE mask per example, shared across its choices (as OpenAI's code:
 orders with a shared mask. The objective is L3 = L2 + λ·L1: L2 the task loss, L1 the language-
 model loss on the transformed sequences (pads ignored), λ = 0.5 in the paper (0 disables L1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +50,9 @@ class TaskHead(nn.Module):
     (buffers, saved with the head) map it back, so that at the paper's small learning rate the
     output does not have to travel from 0 to STS-B's mean of ~2.7 through the bias alone."""
 
-    def __init__(self, kind: str, n_embd: int, n_labels: int = 1, pdrop: float = 0.1, initializer_range: float = 0.02) -> None:
+    def __init__(
+        self, kind: str, n_embd: int, n_labels: int = 1, pdrop: float = 0.1, initializer_range: float = 0.02
+    ) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
@@ -129,7 +132,9 @@ class GPT1ForTask(nn.Module):
             raise ValueError(f"lm_average must be one of {LOSS_AVERAGES}, got {lm_average!r}")
         self.body, self.head, self.lm_coef, self.lm_average = body, head, lm_coef, lm_average
 
-    def forward(self, input_ids: Tensor, extract: Tensor, labels: Tensor | None = None, lm_labels: Tensor | None = None) -> TaskOutput:
+    def forward(
+        self, input_ids: Tensor, extract: Tensor, labels: Tensor | None = None, lm_labels: Tensor | None = None
+    ) -> TaskOutput:
         """input_ids, lm_labels: (B, S, T); extract: (B, S) extract-token positions; labels: (B,)."""
         B, S, T = input_ids.shape
         want_lm = self.lm_coef > 0 and lm_labels is not None

@@ -8,6 +8,7 @@ nn.Linear's (out, in) — and an `lm_head.weight` tied to the token embedding.
 A fine-tuned run (body + task head) is written for transformers' task classes by
 `save_task_model`; the table above it says which class each head kind maps onto, and how.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,11 @@ def load_pretrained(path: str | Path) -> tuple[GPT1Config, dict[str, Tensor]]:
         if key.endswith(_IGNORED):
             continue
         state[key] = value.t().contiguous() if key.endswith(_CONV1D) else value
-    if lm_head is not None and "tokens_embed.weight" in state and not torch.equal(lm_head, state["tokens_embed.weight"]):
+    if (
+        lm_head is not None
+        and "tokens_embed.weight" in state
+        and not torch.equal(lm_head, state["tokens_embed.weight"])
+    ):
         raise ValueError(f"{path}: lm_head.weight differs from tokens_embed.weight; GPT-1's LM head is tied")
 
     layers = {int(k.split(".")[1]) for k in state if k.startswith("h.") and k.split(".")[1].isdigit()}
@@ -106,7 +111,9 @@ def save_pretrained(config: GPT1Config, state_dict: dict[str, Tensor], path: str
     _write(Path(path), state_dict, config.to_hf_dict())
 
 
-def _write(path: Path, body_state: dict[str, Tensor], hf_config: dict, prefix: str = "", extra: dict[str, Tensor] | None = None) -> None:
+def _write(
+    path: Path, body_state: dict[str, Tensor], hf_config: dict, prefix: str = "", extra: dict[str, Tensor] | None = None
+) -> None:
     """model.safetensors (body in the Conv1D layout, names under `prefix`, then `extra`) and
     config.json, each atomically."""
     from safetensors.torch import save_file
@@ -182,17 +189,28 @@ def save_task_model(body: GPT1, head: TaskHead, labels: Sequence[str], pad_token
     extra: dict = {"pad_token_id": pad_token_id}
     if head.kind == "multiple_choice":
         name = DOUBLE_HEADS
-        head_state = {"multiple_choice_head.summary.weight": head.linear.weight.detach().to("cpu"),
-                      "multiple_choice_head.summary.bias": head.linear.bias.detach().to("cpu")}
-        extra.update(summary_type="cls_index", summary_use_proj=True, summary_proj_to_labels=True,
-                     summary_activation=None, summary_first_dropout=head.dropout.p, summary_last_dropout=0.0)
+        head_state = {
+            "multiple_choice_head.summary.weight": head.linear.weight.detach().to("cpu"),
+            "multiple_choice_head.summary.bias": head.linear.bias.detach().to("cpu"),
+        }
+        extra.update(
+            summary_type="cls_index",
+            summary_use_proj=True,
+            summary_proj_to_labels=True,
+            summary_activation=None,
+            summary_first_dropout=head.dropout.p,
+            summary_last_dropout=0.0,
+        )
     else:
         name = SEQUENCE_CLASSIFICATION
         head_state = _head_as_sequence_classifier(body_state, config.n_layer, head)
     names = list(labels) if labels else ["score"]
     hf_config = {
-        **config.to_hf_dict(), **extra, "architectures": [name],
-        "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)},
+        **config.to_hf_dict(),
+        **extra,
+        "architectures": [name],
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
         "gpt1_task_kind": head.kind,
     }
     _write(path, body_state, hf_config, prefix="transformer.", extra=head_state)

@@ -10,6 +10,7 @@ normaliser and pre-tokeniser) cuts differently, so OpenAI's weights see text the
 ftfy and spaCy are optional (``pip install -e ".[openai]"``); ``spacy.blank("en")`` needs no
 model download (the tokenizer is the language's rules, the same with or without a model).
 """
+
 from __future__ import annotations
 
 import re

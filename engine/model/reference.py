@@ -11,6 +11,7 @@ test-only keywords:
 
 ``ReferenceGPT1`` composes them into the paper's model (post-LN decoder, tied LM head).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,9 +83,7 @@ def add_layernorm(
     return F.layer_norm(s, (s.shape[-1],), weight, bias, eps).to(dtype)
 
 
-def linear_gelu(
-    x: Tensor, weight: Tensor, bias: Tensor, approximate: str = "tanh", *, upcast: bool = False
-) -> Tensor:
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, approximate: str = "tanh", *, upcast: bool = False) -> Tensor:
     """GELU(x Wᵀ + b): the FFN's first projection and its activation.
 
     weight: (F, C) as nn.Linear; approximate="tanh" is OpenAI's

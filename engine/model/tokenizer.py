@@ -12,6 +12,7 @@ Both run BPE over characters with a ``</w>`` end-of-word suffix. Fine-tuning add
 tokens at the end of the vocabulary (``add_special_tokens``): start, delimiter, classify (the
 paper's "extract") and pad.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,12 @@ def _train_deterministic(texts: Callable[[], Iterable[str]], vocab_size: int, mi
     )
     pipeline.train_from_iterator(iter(texts()), trainer)
     learned = json.loads(pipeline.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]  # "a b" before tokenizers 0.20
-    tok = _gpt1_pipeline(Tokenizer(models.BPE(vocab=learned["vocab"], merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD)))
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]
+    ]  # "a b" before tokenizers 0.20
+    tok = _gpt1_pipeline(
+        Tokenizer(models.BPE(vocab=learned["vocab"], merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD))
+    )
     tok.add_special_tokens([UNK])
     return tok
 
@@ -136,7 +141,9 @@ class BPETokenizer:
         elif callable(texts):
             source = texts
         elif iter(texts) is texts:  # type: ignore[arg-type]
-            raise ValueError("BPETokenizer.train reads texts twice: pass a list or a function returning a fresh iterable, not an iterator")
+            raise ValueError(
+                "BPETokenizer.train reads texts twice: pass a list or a function returning a fresh iterable, not an iterator"
+            )
         else:
             source = lambda: texts  # type: ignore[assignment,return-value]
         tok = _train_deterministic(source, vocab_size, min_frequency)
@@ -159,7 +166,9 @@ class BPETokenizer:
             vocab = json.loads(encoder_json.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{encoder_json} is not a JSON token→id map: {e}") from None
-        if not isinstance(vocab, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
+        if not isinstance(vocab, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()
+        ):
             raise ValueError(f"{encoder_json} must map tokens to integer ids")
         if not all(0 <= v < 2**32 for v in vocab.values()):
             raise ValueError(f"{encoder_json} holds an id outside [0, 2^32)")
@@ -168,7 +177,9 @@ class BPETokenizer:
         try:
             lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{vocab_bpe} is not UTF-8 text (byte offset {e.start}); expected GPT-1's merges file") from None
+            raise ValueError(
+                f"{vocab_bpe} is not UTF-8 text (byte offset {e.start}); expected GPT-1's merges file"
+            ) from None
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = []
@@ -181,10 +192,14 @@ class BPETokenizer:
             # Checked here: tokenizers panics on some of these (a merge whose result is unknown).
             unknown = [t for t in (pair[0], pair[1], pair[0] + pair[1]) if t not in vocab]
             if unknown:
-                raise ValueError(f"{vocab_bpe}:{n}: the merge {line!r} uses {unknown[0]!r}, which is not in {encoder_json}")
+                raise ValueError(
+                    f"{vocab_bpe}:{n}: the merge {line!r} uses {unknown[0]!r}, which is not in {encoder_json}"
+                )
             merges.append((pair[0], pair[1]))
         try:
-            model = models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD, fuse_unk=False)
+            model = models.BPE(
+                vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix=END_OF_WORD, fuse_unk=False
+            )
         except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
             raise ValueError(f"{vocab_bpe} does not fit {encoder_json}: {e}") from None
         return cls(_gpt1_pipeline(Tokenizer(model)), mode)
@@ -229,7 +244,10 @@ class BPETokenizer:
             from engine.model.openai_text import words
 
             cut = [words(t) for t in texts]
-            return [e.ids if w else [] for w, e in zip(cut, encode([w or [""] for w in cut], is_pretokenized=True, add_special_tokens=False))]
+            return [
+                e.ids if w else []
+                for w, e in zip(cut, encode([w or [""] for w in cut], is_pretokenized=True, add_special_tokens=False))
+            ]
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -6,6 +6,7 @@ A checkpoint is ``checkpoints/step_<8 digits>/``: the weights (WeightsIO), train
 (Trainer.state_dict()) and checkpoint.json, which records whether it was saved from a
 finite state ("good") and every file's size, so a truncated file is seen without reading
 it. Resuming falls back from an unreadable checkpoint to the newest good one that reads."""
+
 from __future__ import annotations
 
 import contextlib
@@ -99,7 +100,13 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, state: dict[str, Any], write_weights: Callable[[Path], None], *, good: bool, keep: int
+    run_dir: str | Path,
+    step: int,
+    state: dict[str, Any],
+    write_weights: Callable[[Path], None],
+    *,
+    good: bool,
+    keep: int,
 ) -> Path:
     """Writes checkpoints/step_<step>/ (weights, trainer_state.pt, checkpoint.json) into a
     hidden temporary directory, fsynced, then renamed into place; then keeps the newest

@@ -6,6 +6,7 @@ tied LM head is one of them), plus 6·L·T·C for causal attention — QKᵀ and
 2·T·C FLOPs per token, halved by the causal mask (FlashAttention's convention), × 3 with the
 backward. MFU = achieved FLOP/s ÷ the device's dense bf16 tensor-core peak.
 """
+
 from __future__ import annotations
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU, by a substring of the device name.

@@ -1,5 +1,6 @@
 """The run's metrics: metrics.jsonl (one JSON object per record, each with "step"),
 TensorBoard scalars when the package is installed, and loss.png with one subplot per panel."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,6 @@ from engine.training.checkpoint import METRICS
 
 Panels = list[tuple[str, list[tuple[str, str]]]]
 DEFAULT_PANELS: Panels = [("cross-entropy (nats/token)", [("loss", "train"), ("val_loss", "validation")])]
-
 
 
 class MetricsLog:

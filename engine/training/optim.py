@@ -12,6 +12,7 @@ the decoupled decay λ·p is scaled by α, bias correction included (AdamW: by l
 Vectors (biases, LayerNorm gains) get no decay whatever their group says, as OpenAI's
 ``vector_l2=False``. Gradient clipping is the trainer's, as it is for AdamW.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,14 @@ from torch import Tensor
 class OpenAIAdam(torch.optim.Optimizer):
     """OpenAI's Adam (see the module doc). ``weight_decay`` is OpenAI's ``l2`` (GPT-1: 0.01)."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 2.5e-4, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 2.5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -68,7 +75,7 @@ class OpenAIAdam(torch.optim.Optimizer):
         ms = [self.state[p]["exp_avg"] for p in params]
         vs = [self.state[p]["exp_avg_sq"] for p in params]
         grads = [p.grad for p in params]
-        alpha = group["lr"] * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+        alpha = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
         torch._foreach_lerp_(ms, grads, 1.0 - b1)  # m = β1·m + (1−β1)·g
         torch._foreach_mul_(vs, b2)
         torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)  # v = β2·v + (1−β2)·g²

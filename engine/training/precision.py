@@ -6,6 +6,7 @@ Lake). Elsewhere bf16 GEMMs are emulated in fp32 units and run slower than fp32,
 keeps fp32 there. Under bf16 autocast the weights stay fp32 (master weights); matmuls run in
 bf16 with fp32 accumulation, softmax, LayerNorm statistics and the loss in fp32.
 """
+
 from __future__ import annotations
 
 import platform
@@ -36,7 +37,7 @@ def cpu_model() -> str:
 
 
 def cpu_bf16_isa() -> str | None:
-    """"AMX-BF16" or "AVX512-BF16" when this CPU has native bf16 matmuls, else None.
+    """ "AMX-BF16" or "AVX512-BF16" when this CPU has native bf16 matmuls, else None.
 
     Asks torch (cpuinfo, what oneDNN itself sees) where it can, else the kernel's CPU flags."""
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.10

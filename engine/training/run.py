@@ -13,6 +13,7 @@ resume policy (only RUN_CONTROL settings may change; everything else — tokeniz
 model, optimisation — is the run's own) and the exit codes (0 done, 1 diverged or an
 environment fault, 2 bad input, 128 + signal when interrupted; see engine.cli.run_cli).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,11 +33,26 @@ from engine.training.checkpoint import RUN_CONFIG
 
 LOCK_FILE = ".run.lock"
 # What --resume may change: where and how the run runs and reports, never what it computes.
-RUN_CONTROL = frozenset({
-    "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "prefetch", "compile", "device",
-    "peak_tflops", "max_bad_steps", "cache_dir", "eval_windows", "final_eval_windows", "sample_tokens", "prompt",
-    "eval_batch_size",
-})
+RUN_CONTROL = frozenset(
+    {
+        "max_steps",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "prefetch",
+        "compile",
+        "device",
+        "peak_tflops",
+        "max_bad_steps",
+        "cache_dir",
+        "eval_windows",
+        "final_eval_windows",
+        "sample_tokens",
+        "prompt",
+        "eval_batch_size",
+    }
+)
 
 
 # ---- processes and devices --------------------------------------------------------------------
@@ -93,8 +109,9 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise UserError(f"{self.run_dir} is in use by another run (pid {holder}); "
-                                "wait for it to end or pass another --out") from None
+                raise UserError(
+                    f"{self.run_dir} is in use by another run (pid {holder}); wait for it to end or pass another --out"
+                ) from None
             if self._is_current(fd):  # not a lock file a finishing run just removed
                 break
             os.close(fd)
@@ -172,7 +189,10 @@ def _from_rank0(value: Any, dist: Any) -> Any:
 
 def save_run_config(out: Path, kind: str, sections: dict[str, Any]) -> None:
     """train_config.json: which CLI wrote the run and every resolved setting, by section."""
-    data = {"kind": kind, **{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in sections.items()}}
+    data = {
+        "kind": kind,
+        **{k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in sections.items()},
+    }
     atomic_write_text(out / RUN_CONFIG, json.dumps(data, indent=2) + "\n")
 
 
@@ -190,8 +210,14 @@ def read_run_config(run_dir: Path, kind: str) -> dict[str, Any]:
     found = saved.get("kind") or ("pretrain" if "pretrain" in saved else "finetune" if "args" in saved else None)
     if found != kind:
         who = f"python -m engine.{found}" if found in ("pretrain", "finetune") else "no CLI of this engine"
-        raise UserError(f"{path} was written by {who}, not engine.{kind}"
-                        + (f"; resume it with python -m engine.{found} --resume {run_dir}" if found in ("pretrain", "finetune") else ""))
+        raise UserError(
+            f"{path} was written by {who}, not engine.{kind}"
+            + (
+                f"; resume it with python -m engine.{found} --resume {run_dir}"
+                if found in ("pretrain", "finetune")
+                else ""
+            )
+        )
     return saved
 
 
@@ -205,19 +231,24 @@ def build_section(cls: Callable[..., Any], values: Any, path: Path, section: str
         raise UserError(f"{path}: {e}") from None
 
 
-def resume_sections(run_dir: Path, kind: str, given: dict[str, dict[str, Any]],
-                    classes: dict[str, Callable[..., Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def resume_sections(
+    run_dir: Path, kind: str, given: dict[str, dict[str, Any]], classes: dict[str, Callable[..., Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The one resume policy: the saved sections with the flags given now applied, refusing
     any given flag outside RUN_CONTROL that differs from the saved value. Returns (built
     sections, the raw saved file)."""
     saved = read_run_config(run_dir, kind)
     changed = sorted(
-        k for section, flags in given.items() for k, v in flags.items()
+        k
+        for section, flags in given.items()
+        for k, v in flags.items()
         if k not in RUN_CONTROL and isinstance(saved.get(section), dict) and saved[section].get(k, v) != v
     )
     if changed:
-        raise UserError(f"--resume cannot change {', '.join(flag_name(c) for c in changed)} (saved in {run_dir / RUN_CONFIG}); "
-                        "only run-control flags such as --max-steps may change; start a new run instead")
+        raise UserError(
+            f"--resume cannot change {', '.join(flag_name(c) for c in changed)} (saved in {run_dir / RUN_CONFIG}); "
+            "only run-control flags such as --max-steps may change; start a new run instead"
+        )
     path, built = run_dir / RUN_CONFIG, {}
     for section, cls in classes.items():
         values = saved.get(section)
@@ -233,7 +264,11 @@ def finished_step(resume_from: Path, max_steps: int, done_marker: Path) -> int |
     if not done_marker.exists():
         return None
     name = resume_from.name  # checkpoints/step_<step>: no need to read a 1.4 GB trainer state
-    step = int(name.removeprefix("step_")) if name.startswith("step_") and name[5:].isdigit() else int(checkpoint.load_trainer_state(resume_from)["step"])
+    step = (
+        int(name.removeprefix("step_"))
+        if name.startswith("step_") and name[5:].isdigit()
+        else int(checkpoint.load_trainer_state(resume_from)["step"])
+    )
     return step if step >= max_steps else None
 
 
@@ -248,7 +283,9 @@ def exit_code(result: Any, out: Path, say: Callable[[str], None]) -> int | None:
     if result.status == "interrupted":
         return 128 + (result.signal or 0)
     if result.status == "stopped":
-        say(f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}")
+        say(
+            f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}"
+        )
         return 0
     return None
 
@@ -266,7 +303,9 @@ def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf")
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder_bpe_40000.json", "vocab_40000.bpe")):
         if (run_dir / vocab).is_file() and (run_dir / merges).is_file():
             return BPETokenizer.from_gpt1_files(run_dir / vocab, run_dir / merges, mode=mode)
-    raise FileNotFoundError(f"no tokenizer in {run_dir} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer PATH")
+    raise FileNotFoundError(
+        f"no tokenizer in {run_dir} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer PATH"
+    )
 
 
 def load_tokenizer_file(path: Path) -> Any:

@@ -39,6 +39,7 @@ Run directory::
 The run directory's layout and checkpoint I/O live in engine.training.checkpoint, the CLIs' flag
 handling in engine.cli.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,30 +83,85 @@ class TrainConfig:
     """Training: optimisation, schedule, devices, checkpoints and logging."""
 
     out: str = field(default="runs/run", metadata={"help": "run directory: checkpoints, metrics, final weights"})
-    max_steps: int = field(default=1000, metadata={"help": "optimizer updates in the whole run (the schedule spans them)"})
-    batch_size: int = field(default=64, metadata={"help": "sequences per update, over all processes and accumulation steps (paper: 64)"})
-    micro_batch_size: int | None = field(default=None, metadata={"help": "sequences per forward pass per process; fewer than batch_size/processes accumulates gradients (default: no accumulation)"})
+    max_steps: int = field(
+        default=1000, metadata={"help": "optimizer updates in the whole run (the schedule spans them)"}
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "sequences per update, over all processes and accumulation steps (paper: 64)"}
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "sequences per forward pass per process; fewer than batch_size/processes accumulates gradients (default: no accumulation)"
+        },
+    )
     lr: float = field(default=2.5e-4, metadata={"help": "peak learning rate (paper: 2.5e-4)"})
-    warmup_steps: int | None = field(default=None, metadata={"help": "updates of linear warm-up from 0 to --lr (default: the paper's 2000, capped at 10%% of max_steps)"})
-    schedule: str = field(default="cosine", metadata={"help": "decay after warm-up: cosine to 0 (paper, pretraining), linear to 0 (paper, fine-tuning) or constant", "choices": ("cosine", "linear", "constant")})
+    warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "updates of linear warm-up from 0 to --lr (default: the paper's 2000, capped at 10%% of max_steps)"
+        },
+    )
+    schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "decay after warm-up: cosine to 0 (paper, pretraining), linear to 0 (paper, fine-tuning) or constant",
+            "choices": ("cosine", "linear", "constant"),
+        },
+    )
     beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (paper: 0.9)"})
     beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (paper: 0.999)"})
     eps: float = field(default=1e-8, metadata={"help": "Adam epsilon (paper: 1e-8)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains get none (paper: 0.01)"})
-    optimizer: str = field(default="adamw", metadata={"help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); engine.training.optim)", "choices": ("adamw", "openai-adam")})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"})
+    weight_decay: float = field(
+        default=0.01,
+        metadata={
+            "help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains get none (paper: 0.01)"
+        },
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); engine.training.optim)",
+            "choices": ("adamw", "openai-adam"),
+        },
+    )
+    grad_clip: float = field(
+        default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the model init, dropout and data order"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)", "choices": ("auto", "cpu", "cuda")})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, fp32 elsewhere), fp32 or bf16", "choices": ("auto", "fp32", "bf16")})
-    fused: bool = field(default=True, metadata={"help": "run the model on the fused kernels (C++ on CPU, Triton on CUDA) instead of the PyTorch reference"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "cpu, cuda, or auto (cuda when available)", "choices": ("auto", "cpu", "cuda")},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 autocast on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, fp32 elsewhere), fp32 or bf16",
+            "choices": ("auto", "fp32", "bf16"),
+        },
+    )
+    fused: bool = field(
+        default=True,
+        metadata={
+            "help": "run the model on the fused kernels (C++ on CPU, Triton on CUDA) instead of the PyTorch reference"
+        },
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     log_every: int = field(default=10, metadata={"help": "log train loss and throughput every N updates"})
     eval_every: int = field(default=200, metadata={"help": "validate every N updates; 0: only at the end"})
     checkpoint_every: int = field(default=500, metadata={"help": "checkpoint every N updates; 0: only at the end"})
     keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept (the newest K)"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive non-finite losses (each one's update is skipped)"})
+    max_bad_steps: int = field(
+        default=5,
+        metadata={"help": "stop after this many consecutive non-finite losses (each one's update is skipped)"},
+    )
     prefetch: int = field(default=4, metadata={"help": "micro-batches a background thread loads ahead"})
-    peak_tflops: float | None = field(default=None, metadata={"help": "accelerator peak TFLOP/s for MFU (default: looked up by GPU name; H100/H200 bf16 dense: 989)"})
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={
+            "help": "accelerator peak TFLOP/s for MFU (default: looked up by GPU name; H100/H200 bf16 dense: 989)"
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "log_every", "keep_checkpoints", "max_bad_steps", "prefetch")
@@ -143,7 +199,9 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{flag_name(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                raise ValueError(
+                    f"{flag_name(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}"
+                )
         if not self.out:
             raise ValueError("--out must name a directory")
 
@@ -324,7 +382,9 @@ class Prefetcher:
     """Loads micro-batches in a background thread, in order, `depth` ahead of the step (and
     pins them on CUDA), so reading data overlaps compute. Yields (step, micro, batch)."""
 
-    def __init__(self, jobs: Iterable[tuple[int, int, int, int]], fetch: Callable[[int, int, int], Any], depth: int, pin: bool) -> None:
+    def __init__(
+        self, jobs: Iterable[tuple[int, int, int, int]], fetch: Callable[[int, int, int], Any], depth: int, pin: bool
+    ) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(iter(jobs), fetch, pin), daemon=True, name="prefetch")
@@ -365,6 +425,7 @@ class Prefetcher:
 
 # ---- progress ---------------------------------------------------------------------
 
+
 class Progress:
     """Progress on stderr: a tqdm bar on a terminal; elsewhere (a log file, a pipe) one plain
     line per logged update, since a bar written to a file is one endless line. Off: silent,
@@ -375,7 +436,9 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+            self.bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5
+            )
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -387,7 +450,11 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)
         elif self.enabled:
-            print(f"update {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items()), file=sys.stderr, flush=True)
+            print(
+                f"update {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items()),
+                file=sys.stderr,
+                flush=True,
+            )
 
     def write(self, message: str) -> None:
         if self.bar is not None:
@@ -489,7 +556,9 @@ class Trainer:
         self.resumed_from: Path | None = None
         self._signal: int | None = None
         self._saved: tuple[int, Path] | None = None  # (step, checkpoint) of the last save
-        self._progress = Progress(cfg.max_steps, 0, enabled=False)  # fit() makes the real one; warnings before go to stderr
+        self._progress = Progress(
+            cfg.max_steps, 0, enabled=False
+        )  # fit() makes the real one; warnings before go to stderr
 
         if resume_from is not None:
             self.resume(resume_from)
@@ -556,8 +625,10 @@ class Trainer:
         loss, bad, stop = self._agree(loss_sum / self.accum_steps, norm)
         if bad:
             self.bad_steps += 1
-            self._write(f"warning: non-finite loss or gradient at update {self.step + 1} (loss {loss}); "
-                        f"update skipped ({self.bad_steps}/{self.cfg.max_bad_steps})")
+            self._write(
+                f"warning: non-finite loss or gradient at update {self.step + 1} (loss {loss}); "
+                f"update skipped ({self.bad_steps}/{self.cfg.max_bad_steps})"
+            )
         else:
             self.optimizer.step()
             self.bad_steps = 0
@@ -575,7 +646,7 @@ class Trainer:
         for n, batch in enumerate(micro_batches, 1):
             batch = to_device(batch, self.device)
             sync = n == self.accum_steps or not self.dist.distributed  # DDP all-reduces on the last only
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self.autocast_context():
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync(), self.autocast_context():
                 loss, more = _split(self.loss_fn(self.wrapped, batch))
                 (loss / self.accum_steps).backward()
             loss_sum += loss.detach().float()
@@ -589,8 +660,13 @@ class Trainer:
         """The loss averaged over processes, whether any process saw a non-finite loss or
         gradient, and whether any was signalled: every process takes the same decision."""
         bad = (~torch.isfinite(loss)) | (~torch.isfinite(norm))
-        stats = torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0), bad.float(),
-                             torch.tensor(float(self._signal is not None), device=loss.device)]).double()
+        stats = torch.stack(
+            [
+                torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+                bad.float(),
+                torch.tensor(float(self._signal is not None), device=loss.device),
+            ]
+        ).double()
         if self.dist.distributed:
             torch.distributed.all_reduce(stats)
         loss_mean, n_bad, n_stop = stats.tolist()
@@ -603,8 +679,11 @@ class Trainer:
         """Trains to cfg.max_steps (or until update `stop_at`, saving a checkpoint there as
         an interruption would). SIGINT/SIGTERM finish the current update, save and return."""
         end = self.cfg.max_steps if stop_at is None else min(stop_at, self.cfg.max_steps)
-        jobs = ((s, m, (self.dist.rank * self.accum_steps + m) * self.micro_batch_size, self.micro_batch_size)
-                for s in range(self.step, end) for m in range(self.accum_steps))
+        jobs = (
+            (s, m, (self.dist.rank * self.accum_steps + m) * self.micro_batch_size, self.micro_batch_size)
+            for s in range(self.step, end)
+            for m in range(self.accum_steps)
+        )
         prefetch = Prefetcher(jobs, self.batches, self.cfg.prefetch, pin=self.device.type == "cuda")
         self._progress = Progress(self.cfg.max_steps, self.step, self.progress)
         old_handlers = self._install_signal_handlers()
@@ -654,15 +733,19 @@ class Trainer:
         if status == "diverged":
             good = latest_checkpoint(self.run_dir)
             why = "stopping" if self.bad_steps >= self.cfg.max_bad_steps else "the run ended inside the streak"
-            self._write(f"error: {self.bad_steps} consecutive non-finite losses up to update {self.step}; {why}; no final "
-                        f"weights written. The last good checkpoint is {good or 'none (none was saved)'}")
+            self._write(
+                f"error: {self.bad_steps} consecutive non-finite losses up to update {self.step}; {why}; no final "
+                f"weights written. The last good checkpoint is {good or 'none (none was saved)'}"
+            )
             return status, good
         checkpoint = self.save_checkpoint()
         if self.dist.is_main and not self.bad_steps:
             self.weights.save(self.model, self.run_dir)
         if status == "interrupted":
-            self._write(f"interrupted by signal {self._signal} at update {self.step}; checkpoint "
-                        f"{checkpoint}; continue with --resume {self.run_dir}")
+            self._write(
+                f"interrupted by signal {self._signal} at update {self.step}; checkpoint "
+                f"{checkpoint}; continue with --resume {self.run_dir}"
+            )
         return status, checkpoint
 
     def _log_update(self, out: StepOutput, window: "_Window") -> None:
@@ -724,8 +807,12 @@ class Trainer:
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
         else:
-            warnings.warn(f"checkpoint written by {len(rngs)} processes, resumed on {self.dist.world_size}: "
-                          "dropout RNG reseeded (data order is unaffected)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"checkpoint written by {len(rngs)} processes, resumed on {self.dist.world_size}: "
+                "dropout RNG reseeded (data order is unaffected)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             seed_everything(self.cfg.seed + self.dist.rank + self.step)
         if self.load_extra_state is not None:
             self.load_extra_state(state.get("extra", {}))
@@ -752,8 +839,14 @@ class Trainer:
         state = self.state_dict()
         path = checkpoint_dir(self.run_dir, self.step)
         if self.dist.is_main:
-            save_checkpoint(self.run_dir, self.step, state, lambda d: self.weights.save(self.model, d),
-                            good=self.bad_steps == 0, keep=self.cfg.keep_checkpoints)
+            save_checkpoint(
+                self.run_dir,
+                self.step,
+                state,
+                lambda d: self.weights.save(self.model, d),
+                good=self.bad_steps == 0,
+                keep=self.cfg.keep_checkpoints,
+            )
         self.dist.barrier()
         self._saved = (self.step, path)
         return path

@@ -1,5 +1,6 @@
 """bench/conftest.py's side-by-side summary: after pytest-benchmark's tables, medians, and a
 slowdown that reads "slower"."""
+
 import importlib.util
 import re
 import shutil
@@ -41,7 +42,10 @@ def test_summary_prints_after_pytest_benchmark_tables(tmp_path):
     (tmp_path / "test_noop.py").write_text(TEST_FILE)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     out = proc.stdout

@@ -1,4 +1,5 @@
 """The C++ extension as a whole: what it registers, and how it is built (engine/_build.py)."""
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,18 @@ def _op_calls():
     }
 
 
-@pytest.mark.parametrize("name", ["add_layernorm_fwd", "add_layernorm_bwd", "linear_gelu_fwd", "linear_gelu_bwd",
-                                  "attention_fwd", "attention_bwd", "linear_cross_entropy_fwd"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "add_layernorm_fwd",
+        "add_layernorm_bwd",
+        "linear_gelu_fwd",
+        "linear_gelu_bwd",
+        "attention_fwd",
+        "attention_bwd",
+        "linear_cross_entropy_fwd",
+    ],
+)
 def test_ops_ignore_an_enclosing_autocast(name):
     # engine.ops casts the inputs for autocast; the kernel itself must then compute in the dtypes
     # it was given, not let autocast recast the ATen ops it calls internally (at::addmm → bf16)

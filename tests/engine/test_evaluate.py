@@ -1,17 +1,18 @@
 """`python -m engine.evaluate`: loss and perplexity against a direct computation, token by
 token, of what the windows promise (each token once, with the context the stride gives)."""
+
 import json
 import math
 
 import pytest
 import torch
-from helpers import assert_close
-from inference_runs import TEXT, make_lm_run
 
 from engine import GPT1
 from engine.cli import run_cli
 from engine.evaluate import main, score_documents, windows
 from engine.model.tokenizer import BPETokenizer
+from helpers import assert_close
+from inference_runs import TEXT, make_lm_run
 
 P = 8  # a short context, so that the documents span many windows
 
@@ -98,12 +99,15 @@ def test_text_is_scored_as_the_tokenizer_encodes_it(run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tokens"] == len(tok.encode(f.read_text())) - 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--stride", "0"], "--stride must be in [1, 8]"),
-    (["--stride", "9"], "--stride must be in [1, 8]"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--stride", "x"], "--stride: invalid int value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--stride", "0"], "--stride must be in [1, 8]"),
+        (["--stride", "9"], "--stride must be in [1, 8]"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--stride", "x"], "--stride: invalid int value"),
+    ],
+)
 def test_bad_values_are_one_line_exit_2(run, files, capsys, args, message):
     assert cli([str(run), "--data", str(files[0]), "--no-fused", "--device", "cpu", *args]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Atomic writes: permissions follow the umask, failures name the file and leave nothing."""
+
 import errno
 import os
 import stat

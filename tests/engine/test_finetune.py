@@ -1,11 +1,11 @@
 """The fine-tuning CLI end to end, on fixture files and a tiny "pretrained" run made here
 (GPT1(...).save_pretrained + a tokenizer), so nothing waits on the pretraining CLI."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from inference_runs import make_fixture_run
 
 import engine.training.precision as precision
 from engine import GPT1
@@ -21,6 +21,7 @@ from engine.finetune import (
     main,
 )
 from engine.model.tokenizer import BPETokenizer
+from inference_runs import make_fixture_run
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 GLUE = FIX / "glue"
@@ -42,10 +43,32 @@ def read_tsv(path: Path) -> list[list[str]]:
 
 def test_end_to_end_entailment_then_eval_only(pretrained, tmp_path, capsys):
     out = tmp_path / "rte"
-    rc = finetune(["--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained), "--out", str(out), "--max-steps", "4"])
+    rc = finetune(
+        [
+            "--task",
+            "rte",
+            "--data-dir",
+            str(GLUE / "RTE"),
+            "--init",
+            str(pretrained),
+            "--out",
+            str(out),
+            "--max-steps",
+            "4",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
-    for name in ("config.json", "model.safetensors", "head.safetensors", "tokenizer.json", "task.json", "metrics.json",
-                 "metrics.jsonl", "loss.png", "dev_predictions.tsv"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "head.safetensors",
+        "tokenizer.json",
+        "task.json",
+        "metrics.json",
+        "metrics.jsonl",
+        "loss.png",
+        "dev_predictions.tsv",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "best").exists()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -56,10 +79,17 @@ def test_end_to_end_entailment_then_eval_only(pretrained, tmp_path, capsys):
     assert sub[0] == ["index", "prediction"] and [r[0] for r in sub[1:]] == ["0", "1"]
     assert all(r[1] in ("entailment", "not_entailment") for r in sub[1:])
     dev_pred = read_tsv(out / "dev_predictions.tsv")
-    assert dev_pred[0] == ["index", "prediction", "label"] and [r[2] for r in dev_pred[1:]] == ["entailment", "not_entailment"]
+    assert dev_pred[0] == ["index", "prediction", "label"] and [r[2] for r in dev_pred[1:]] == [
+        "entailment",
+        "not_entailment",
+    ]
     # the checkpoint is a Hugging Face layout GPT1 whose vocabulary holds the 4 task tokens
     tok = BPETokenizer.load(out / "tokenizer.json")
-    assert GPT1.from_pretrained(out, fused=False).config.vocab_size == tok.vocab_size == BPETokenizer.load(pretrained / "tokenizer.json").vocab_size + 4
+    assert (
+        GPT1.from_pretrained(out, fused=False).config.vocab_size
+        == tok.vocab_size
+        == BPETokenizer.load(pretrained / "tokenizer.json").vocab_size + 4
+    )
     # re-evaluating the saved best checkpoint reproduces its metrics and predictions
     capsys.readouterr()
     assert finetune(["--eval-only", "--init", str(out)]) == 0
@@ -72,25 +102,56 @@ def test_end_to_end_entailment_then_eval_only(pretrained, tmp_path, capsys):
 @pytest.mark.parametrize("isa,said", [("AVX512-BF16", "bf16 autocast (auto: "), (None, "fp32 (auto: ")])
 def test_header_says_the_resolved_precision_and_why(pretrained, tmp_path, capsys, monkeypatch, isa, said):
     monkeypatch.setattr(precision, "cpu_bf16_isa", lambda: isa)
-    rc = finetune(["--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained), "--out", str(tmp_path / "r"),
-                   "--max-steps", "1"])
+    rc = finetune(
+        [
+            "--task",
+            "rte",
+            "--data-dir",
+            str(GLUE / "RTE"),
+            "--init",
+            str(pretrained),
+            "--out",
+            str(tmp_path / "r"),
+            "--max-steps",
+            "1",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     (line,) = [x for x in out.splitlines() if x.startswith("precision")]
     assert said in line and (isa or "neither AMX-BF16 nor AVX512-BF16") in line, line
 
 
-@pytest.mark.parametrize("task,folder,keys,submission", [
-    ("stsb", GLUE / "STS-B", ("pearson", "spearman"), "STS-B.tsv"),
-    ("mrpc", GLUE / "MRPC", ("f1", "accuracy"), "MRPC.tsv"),
-    ("cola", GLUE / "CoLA", ("matthews", "accuracy"), "CoLA.tsv"),
-    ("mnli", GLUE / "MNLI", ("accuracy",), "MNLI-m.tsv"),
-    ("swag", FIX / "swag", ("accuracy",), "swag.tsv"),
-    ("race", FIX / "race" / "RACE", ("accuracy",), None),
-])
+@pytest.mark.parametrize(
+    "task,folder,keys,submission",
+    [
+        ("stsb", GLUE / "STS-B", ("pearson", "spearman"), "STS-B.tsv"),
+        ("mrpc", GLUE / "MRPC", ("f1", "accuracy"), "MRPC.tsv"),
+        ("cola", GLUE / "CoLA", ("matthews", "accuracy"), "CoLA.tsv"),
+        ("mnli", GLUE / "MNLI", ("accuracy",), "MNLI-m.tsv"),
+        ("swag", FIX / "swag", ("accuracy",), "swag.tsv"),
+        ("race", FIX / "race" / "RACE", ("accuracy",), None),
+    ],
+)
 def test_each_kind_runs_and_reports_its_metrics(pretrained, tmp_path, task, folder, keys, submission):
     out = tmp_path / task
-    assert finetune(["--task", task, "--data-dir", str(folder), "--init", str(pretrained), "--out", str(out), "--max-steps", "2"]) == 0
+    assert (
+        finetune(
+            [
+                "--task",
+                task,
+                "--data-dir",
+                str(folder),
+                "--init",
+                str(pretrained),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     for k in keys:
         assert isinstance(metrics[k], float), k
@@ -108,7 +169,20 @@ def test_each_kind_runs_and_reports_its_metrics(pretrained, tmp_path, task, fold
 
 def test_random_init_ablation_takes_the_runs_architecture(pretrained, tmp_path):
     out = tmp_path / "none"
-    args = ["--task", "sst2", "--data-dir", str(GLUE / "SST-2"), "--init", "none", "--arch", str(pretrained), "--out", str(out), "--max-steps", "1"]
+    args = [
+        "--task",
+        "sst2",
+        "--data-dir",
+        str(GLUE / "SST-2"),
+        "--init",
+        "none",
+        "--arch",
+        str(pretrained),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+    ]
     assert finetune(args) == 0
     assert json.loads((out / "task.json").read_text())["init"].startswith("random init")
     a = GPT1.from_pretrained(out, fused=False)
@@ -123,7 +197,10 @@ def test_user_errors_are_one_line(pretrained, tmp_path, capsys, monkeypatch):
         ([], "no pretrained run at runs/pretrain (--init): make one with `python -m engine.pretrain --fused`"),
         (["--task", "rte", "--init", str(pretrained)], "pass --data-dir"),
         (["--task", "rte", "--data-dir", str(tmp_path), "--init", str(pretrained)], "task file not found"),
-        (["--task", "sst2", "--data-dir", str(GLUE / "SST-2"), "--init", str(pretrained), "--lm-coef", "-1"], "--lm-coef"),
+        (
+            ["--task", "sst2", "--data-dir", str(GLUE / "SST-2"), "--init", str(pretrained), "--lm-coef", "-1"],
+            "--lm-coef",
+        ),
         (["--eval-only", "--init", str(pretrained)], "--eval-only needs --init RUN_DIR of a fine-tuned run"),
     ]
     for args, message in cases:
@@ -140,7 +217,18 @@ def test_user_errors_are_one_line(pretrained, tmp_path, capsys, monkeypatch):
 
 def test_never_overwrites_a_finished_run(pretrained, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--task", "wnli", "--data-dir", str(GLUE / "WNLI"), "--init", str(pretrained), "--out", str(out), "--max-steps", "1"]
+    args = [
+        "--task",
+        "wnli",
+        "--data-dir",
+        str(GLUE / "WNLI"),
+        "--init",
+        str(pretrained),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+    ]
     assert finetune(args) == 0
     before = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
@@ -160,7 +248,7 @@ def test_add_task_tokens_appends_fresh_rows(pretrained):
     assert W.shape[0] == old.shape[0] + 4 == tok.vocab_size
     assert torch.equal(W[: old.shape[0]], old)
     assert (sp.start, sp.delimiter, sp.classify, sp.pad) == tuple(range(old.shape[0], old.shape[0] + 4))
-    assert W[old.shape[0]:].abs().sum() > 0 and W[old.shape[0]:].std() < 0.1  # N(0, 0.02) rows
+    assert W[old.shape[0] :].abs().sum() > 0 and W[old.shape[0] :].std() < 0.1  # N(0, 0.02) rows
 
 
 def test_batches_are_a_pure_function_of_the_step():
@@ -184,11 +272,35 @@ def test_two_process_ddp_run(pretrained, tmp_path):
     import sys
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.finetune",
-           "--no-fused", "--quiet", "--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained),
-           "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "engine.finetune",
+        "--no-fused",
+        "--quiet",
+        "--task",
+        "rte",
+        "--data-dir",
+        str(GLUE / "RTE"),
+        "--init",
+        str(pretrained),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[2]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_dev"] == 2 and metrics["dev"]["dev"]["n"] == 2  # both ranks' shares gathered
@@ -201,15 +313,40 @@ def test_fused_path_runs_the_same_cli(pretrained, tmp_path):
     if not torch.cuda.is_available() and ops.cpu_kernels_error():
         pytest.skip(ops.cpu_kernels_error())
     out = tmp_path / "fused"
-    args = ["--fused", "--quiet", "--batch-size", "2", "--task", "rocstories", "--data-dir", str(FIX / "rocstories"),
-            "--init", str(pretrained), "--out", str(out), "--max-steps", "2"]
+    args = [
+        "--fused",
+        "--quiet",
+        "--batch-size",
+        "2",
+        "--task",
+        "rocstories",
+        "--data-dir",
+        str(FIX / "rocstories"),
+        "--init",
+        str(pretrained),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+    ]
     assert run_cli(main, args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_train"] == 5 and metrics["n_dev"] == 1 and metrics["test"]["test"]["n"] == 1
 
 
 def test_stop_and_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
-    common = ["--task", "rte", "--data-dir", str(GLUE / "RTE"), "--init", str(pretrained), "--max-steps", "4", "--eval-every", "2"]
+    common = [
+        "--task",
+        "rte",
+        "--data-dir",
+        str(GLUE / "RTE"),
+        "--init",
+        str(pretrained),
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+    ]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert finetune(common + ["--out", str(whole)]) == 0
     assert finetune(common + ["--out", str(split), "--stop-at", "2"]) == 0
@@ -229,8 +366,13 @@ def test_learns_a_separable_multiple_choice_task(pretrained, tmp_path, capsys):
 
     rng = random.Random(0)
     words = "the premise states a hypothesis about what people do".split()
-    header = ["InputStoryid", *(f"InputSentence{i}" for i in range(1, 5)), "RandomFifthSentenceQuiz1",
-              "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
+    header = [
+        "InputStoryid",
+        *(f"InputSentence{i}" for i in range(1, 5)),
+        "RandomFifthSentenceQuiz1",
+        "RandomFifthSentenceQuiz2",
+        "AnswerRightEnding",
+    ]
     data = tmp_path / "story"
     data.mkdir()
     with open(data / "cloze_val.csv", "w", newline="") as f:
@@ -243,16 +385,43 @@ def test_learns_a_separable_multiple_choice_task(pretrained, tmp_path, capsys):
             answer = rng.randint(1, 2)
             w.writerow([f"s{i}", *story, *((right, wrong) if answer == 1 else (wrong, right)), answer])
     out = tmp_path / "run"
-    rc = run_cli(main, ["--no-fused", "--quiet", "--task", "rocstories", "--data-dir", str(data), "--init", str(pretrained),
-                        "--out", str(out), "--batch-size", "16", "--lr", "1e-3", "--max-steps", "150", "--lm-coef", "0"])
+    rc = run_cli(
+        main,
+        [
+            "--no-fused",
+            "--quiet",
+            "--task",
+            "rocstories",
+            "--data-dir",
+            str(data),
+            "--init",
+            str(pretrained),
+            "--out",
+            str(out),
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--max-steps",
+            "150",
+            "--lm-coef",
+            "0",
+        ],
+    )
     assert rc == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_dev"] == 50 and metrics["accuracy"] >= 0.9, metrics
 
 
-@pytest.mark.parametrize("device, given, lr", [
-    ("cpu", {}, CPU_LR), ("cuda", {}, PAPER_TRAIN["lr"]), ("cpu", {"lr": 3e-5}, 3e-5), ("cuda", {"lr": 3e-5}, 3e-5),
-])
+@pytest.mark.parametrize(
+    "device, given, lr",
+    [
+        ("cpu", {}, CPU_LR),
+        ("cuda", {}, PAPER_TRAIN["lr"]),
+        ("cpu", {"lr": 3e-5}, 3e-5),
+        ("cuda", {"lr": 3e-5}, 3e-5),
+    ],
+)
 def test_default_lr_is_the_papers_on_cuda_and_cpu_lr_on_cpu(tmp_path, device, given, lr):
     cfg = _resolve_train_config(FinetuneConfig(), given, tmp_path, 6000, torch.device(device))
     assert cfg.lr == lr

@@ -1,13 +1,14 @@
 """`python -m engine.generate`: the run's model and tokenizer, streamed output that equals
 GPT1.generate's tokens decoded, greedy at temperature 0, one-line errors for bad values."""
+
 import pytest
 import torch
-from inference_runs import make_lm_run
 
 from engine import GPT1
 from engine.cli import run_cli
 from engine.generate import main, stream_sample
 from engine.model.tokenizer import BPETokenizer
+from inference_runs import make_lm_run
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,10 @@ def direct(run, prompt, n, samples=1, temperature=0.8, top_k=40, seed=0):
     tok = BPETokenizer.load(run / "tokenizer.json")
     ids = torch.tensor([tok.encode(prompt)])
     g = torch.Generator().manual_seed(seed)
-    texts = [tok.decode(model.generate(ids, n, temperature=temperature, top_k=top_k, generator=g)[0].tolist()) for _ in range(samples)]
+    texts = [
+        tok.decode(model.generate(ids, n, temperature=temperature, top_k=top_k, generator=g)[0].tolist())
+        for _ in range(samples)
+    ]
     return "---\n".join(t + "\n" for t in texts)
 
 
@@ -67,23 +71,28 @@ def test_tokens_are_written_as_they_come(run):
     model = GPT1.from_pretrained(run, fused=False).eval()
     tok = BPETokenizer.load(run / "tokenizer.json")
     pieces = []
-    ids = stream_sample(model, tok, tok.encode("to die"), 10, 1.0, None, torch.Generator().manual_seed(0), pieces.append)
+    ids = stream_sample(
+        model, tok, tok.encode("to die"), 10, 1.0, None, torch.Generator().manual_seed(0), pieces.append
+    )
     assert len(ids) == len(tok.encode("to die")) + 10
     assert "".join(pieces) == tok.decode(ids) + "\n"
     assert len([p for p in pieces if p]) > 5, "the text must arrive piece by piece, not at the end"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--temperature", "nan"], "--temperature must be a finite number"),
-    (["--temperature", "inf"], "--temperature must be a finite number"),
-    (["--temperature", "-1"], "--temperature must be a finite number"),
-    (["--top-k", "0"], "--top-k must be a positive integer"),
-    (["--top-k", "x"], "--top-k: invalid int value"),
-    (["--num-samples", "0"], "--num-samples must be at least 1"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["--max-new-tokens", "500"], "leaves room for at most"),
-    (["--seed", "1.5"], "--seed: invalid int value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "nan"], "--temperature must be a finite number"),
+        (["--temperature", "inf"], "--temperature must be a finite number"),
+        (["--temperature", "-1"], "--temperature must be a finite number"),
+        (["--top-k", "0"], "--top-k must be a positive integer"),
+        (["--top-k", "x"], "--top-k: invalid int value"),
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--max-new-tokens", "500"], "leaves room for at most"),
+        (["--seed", "1.5"], "--seed: invalid int value"),
+    ],
+)
 def test_bad_values_are_one_line_exit_2(run, capsys, args, message):
     assert generate(run, "--prompt", "to be", *args) == 2
     err = capsys.readouterr().err
@@ -104,7 +113,9 @@ def test_bad_runs_and_prompts_are_one_line_exit_2(run, tmp_path, capsys):
 
 
 def test_fused_path_gives_the_greedy_tokens_of_the_reference(run, capsys):
-    assert cli([str(run), "--device", "cpu", "--prompt", "the slings", "--max-new-tokens", "9", "--temperature", "0"]) == 0
+    assert (
+        cli([str(run), "--device", "cpu", "--prompt", "the slings", "--max-new-tokens", "9", "--temperature", "0"]) == 0
+    )
     assert capsys.readouterr().out == direct(run, "the slings", 9, temperature=0)
 
 

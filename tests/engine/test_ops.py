@@ -1,5 +1,6 @@
 """engine/ops.py as a package boundary: the fused path from a plain checkout (PYTHONPATH only,
 no pip install), with and without a C++ compiler."""
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ def checkout_copy(tmp_path: Path) -> Path:
 def run(root: Path, tmp_path: Path, **env: str) -> str:
     full_env = {**os.environ, "PYTHONPATH": str(root), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), **env}
     full_env.pop("GPT1_CPU_KERNELS", None)
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=full_env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=root, env=full_env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -93,8 +96,9 @@ def test_triton_launchers_serve_the_cpu_when_asked(tmp_path):
     on the CPU (tests/ops runs each op that way in-process) and matches the reference path."""
     pytest.importorskip("triton")
     env = {**os.environ, "GPT1_CPU_KERNELS": "triton", "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", TRITON_ON_CPU], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", TRITON_ON_CPU], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REFUSED attention_fwd: head_dim = C / n_head = 24 / 1 = 24" in out.stdout, out.stdout
     loss_err, grad_err = (float(v) for v in out.stdout.split("ERR ")[1].split())

@@ -1,17 +1,18 @@
 """`python -m engine.predict` and engine.predict.Predictor: a fine-tuned run applied to new
 examples, checked against the body + head computed directly and against transformers'
 classes loading the exported run."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
-from inference_runs import EXAMPLES, TASKS, make_lm_run, make_task_run
 
 from engine.cli import run_cli
 from engine.data.transforms import InputTransform
 from engine.predict import Predictor, main
+from helpers import assert_close
+from inference_runs import EXAMPLES, TASKS, make_lm_run, make_task_run
 
 transformers = pytest.importorskip("transformers")
 GLUE = Path(__file__).resolve().parents[1] / "fixtures" / "glue"
@@ -124,8 +125,22 @@ def test_cli_reads_the_glue_test_layout_of_a_finetuned_run(tmp_path, capsys):
 
     pre = make_lm_run(tmp_path / "pre", n_positions=64)
     out = tmp_path / "rte"
-    args = ["--no-fused", "--quiet", "--batch-size", "2", "--task", "rte", "--data-dir", str(GLUE / "RTE"),
-            "--init", str(pre), "--out", str(out), "--max-steps", "2"]
+    args = [
+        "--no-fused",
+        "--quiet",
+        "--batch-size",
+        "2",
+        "--task",
+        "rte",
+        "--data-dir",
+        str(GLUE / "RTE"),
+        "--init",
+        str(pre),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+    ]
     assert run_cli(finetune, args) == 0
     capsys.readouterr()
     assert cli([str(out), "--input", str(GLUE / "RTE" / "test.tsv"), "--no-fused", "--device", "cpu"]) == 0
@@ -135,13 +150,16 @@ def test_cli_reads_the_glue_test_layout_of_a_finetuned_run(tmp_path, capsys):
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"text": "to be"}'], "in.jsonl:1: entailment examples have the fields ['text', 'text_pair']"),
-    (['{"text": "a", "text_pair": "b", "hypothesis": "c"}'], "unknown ['hypothesis']"),
-    (['{"text": "a", "text_pair": 3}'], "must be strings"),
-    (['{"text": "a", "text_pair": "b"}', "[1, 2]"], "in.jsonl:2"),
-    ([""], "holds no examples"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"text": "to be"}'], "in.jsonl:1: entailment examples have the fields ['text', 'text_pair']"),
+        (['{"text": "a", "text_pair": "b", "hypothesis": "c"}'], "unknown ['hypothesis']"),
+        (['{"text": "a", "text_pair": 3}'], "must be strings"),
+        (['{"text": "a", "text_pair": "b"}', "[1, 2]"], "in.jsonl:2"),
+        ([""], "holds no examples"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, lines, message):
     f = tmp_path / "in.jsonl"
     f.write_text("\n".join(lines) + "\n")
@@ -171,9 +189,16 @@ def test_bad_runs_are_one_line_exit_2(runs, tmp_path, capsys):
 
 
 def test_export_from_the_cli(runs, tmp_path, capsys):
-    assert cli([str(runs["multiple_choice"]), "--export-hf", str(tmp_path / "hf"), "--no-fused", "--device", "cpu"]) == 0
+    assert (
+        cli([str(runs["multiple_choice"]), "--export-hf", str(tmp_path / "hf"), "--no-fused", "--device", "cpu"]) == 0
+    )
     assert "OpenAIGPTDoubleHeadsModel" in capsys.readouterr().err
-    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
 
 
 def test_python_call_rejects_what_is_not_a_list_of_examples(runs):
@@ -211,4 +236,8 @@ def test_transformers_pipeline_gives_the_same_predictions(runs, tmp_path, kind):
     for r, ours in zip(got, predictor.predict(examples)):
         probs = {d["label"]: d["score"] for d in r}
         assert max(probs, key=probs.get) == ours["prediction"]
-        assert_close(torch.tensor([probs[k] for k in predictor.labels]), torch.tensor(list(ours["probabilities"].values())), "probabilities")
+        assert_close(
+            torch.tensor([probs[k] for k in predictor.labels]),
+            torch.tensor(list(ours["probabilities"].values())),
+            "probabilities",
+        )

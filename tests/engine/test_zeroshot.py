@@ -1,18 +1,19 @@
 """The zero-shot heuristics (engine.zeroshot) on a tiny model: scores against a direct
 computation, each task's heuristic, the DPRD reader, and the CLI with --checkpoints."""
+
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from inference_runs import make_fixture_run
 
 from engine import GPT1, zeroshot
 from engine.cli import run_cli
 from engine.data.records import Example, TaskDataError
 from engine.data.winograd import read_winograd
 from engine.model.tokenizer import BPETokenizer
+from inference_runs import make_fixture_run
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -75,8 +76,11 @@ def test_cola_threshold_maximises_matthews_on_train(run):
 
 def test_dprd_reader_and_substitution(tmp_path, run):
     f = tmp_path / "test.c.txt"
-    f.write_text("The bee landed on the flower because it had pollen.\nit\nThe bee,the flower\nthe flower\n\n"
-                 "Tom thanked Bill because he had helped him.\nhe\nTom,Bill\nBill\n", encoding="utf-8")
+    f.write_text(
+        "The bee landed on the flower because it had pollen.\nit\nThe bee,the flower\nthe flower\n\n"
+        "Tom thanked Bill because he had helped him.\nhe\nTom,Bill\nBill\n",
+        encoding="utf-8",
+    )
     ex = read_winograd(f)
     assert [e.label for e in ex] == [1, 1]
     assert ex[0].segments == ("The bee landed on the flower because ", " had pollen.")
@@ -95,10 +99,29 @@ def test_cli_checkpoints_curve(run, tmp_path, capsys):
     import shutil
 
     for step in (10, 20):
-        shutil.copytree(run, run / "checkpoints" / f"step_{step:08d}", ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+        shutil.copytree(
+            run,
+            run / "checkpoints" / f"step_{step:08d}",
+            ignore=shutil.ignore_patterns("checkpoints"),
+            dirs_exist_ok=True,
+        )
     out = tmp_path / "curve"
-    code = run_cli(zeroshot.main, [str(run), "--task", "shakespeare-cloze", "shakespeare-order", "--max-examples", "6",
-                                   "--checkpoints", "--out", str(out), "--no-fused", "--json"])
+    code = run_cli(
+        zeroshot.main,
+        [
+            str(run),
+            "--task",
+            "shakespeare-cloze",
+            "shakespeare-order",
+            "--max-examples",
+            "6",
+            "--checkpoints",
+            "--out",
+            str(out),
+            "--no-fused",
+            "--json",
+        ],
+    )
     assert code == 0
     curve = json.loads((out / "zeroshot.json").read_text())
     assert [r["step"] for r in curve] == [10, 20] and curve[0]["shakespeare-cloze"]["n"] == 6

@@ -1,12 +1,14 @@
 """The `backend` fixture (tests/backends.py says what each backend is) and a dispatch recorder."""
+
 from __future__ import annotations
 
 from typing import Iterator
 
 import pytest
 import torch
-from backends import BACKENDS, Backend, use
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from backends import BACKENDS, Backend, use
 
 
 @pytest.fixture(params=list(BACKENDS))

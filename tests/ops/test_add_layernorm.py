@@ -1,4 +1,5 @@
 """gpt1::add_layernorm_* on every backend against engine.model.reference.add_layernorm."""
+
 from __future__ import annotations
 
 import math
@@ -6,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from backends import CPP, TRITON, cases
+from engine import ops, reference
 from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 from philox_ref import keep_mask
-
-from engine import ops, reference
 
 EPS = 1e-5
 GRAD_NAMES = ("grad_x", "grad_residual", "grad_weight", "grad_bias")
@@ -60,8 +61,9 @@ def test_fp32_forward_stats_and_grads(backend, shape, p):
     for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
         assert_close(got, want, name)
     # the saved statistics, of s = x + dropout(r) in float64
-    _, mean, rstd = gpt1.add_layernorm_fwd(*(backend.tensor(t) for t in (x, r, w, b)), EPS, p,
-                                           backend.seed(1234) if p else None)
+    _, mean, rstd = gpt1.add_layernorm_fwd(
+        *(backend.tensor(t) for t in (x, r, w, b)), EPS, p, backend.seed(1234) if p else None
+    )
     s = x.double() + (r.double() * mask / (1 - p) if p else r.double())
     assert_close(mean.cpu(), s.mean(1).float(), "mean")
     assert_close(rstd.cpu(), (s.var(1, unbiased=False) + EPS).rsqrt().float(), "rstd")
@@ -200,8 +202,14 @@ def test_dropout_masks_of_both_backends_are_bit_identical():
     assert ops.cpu_kernels_error() is None, ops.cpu_kernels_error()
     from gpt1_kernels.add_layernorm import add_layernorm_dropout_mask as triton_mask
 
-    for seed, rows, cols, p in [(123456789012345, 7, 33, 0.3), (2**62 - 1, 5, 100, 0.1), (5, 70, 7, 0.5),
-                                (2**40 + 9, 3, 1, 0.2), (77, 2, 257, 0.9), (1, 4, 768, 0.1)]:
+    for seed, rows, cols, p in [
+        (123456789012345, 7, 33, 0.3),
+        (2**62 - 1, 5, 100, 0.1),
+        (5, 70, 7, 0.5),
+        (2**40 + 9, 3, 1, 0.2),
+        (77, 2, 257, 0.9),
+        (1, 4, 768, 0.1),
+    ]:
         cpp = gpt1.add_layernorm_dropout_mask(CPP.seed(seed), rows, cols, p)  # the C++ CPU kernel
         assert torch.equal(cpp, triton_mask(TRITON.seed(seed), rows, cols, p).cpu())
 
@@ -286,19 +294,41 @@ _X, _R, _W, _B, _DY = make_inputs(4, 8)
 _MEAN, _RSTD = torch.zeros(4), torch.ones(4)
 BAD = {  # case → (op, arguments (CPU; moved to the backend's device), pattern both messages match)
     "1-D x": ("add_layernorm_fwd", (_X[0], _R[0], _W, _B, EPS, 0.0, None), r"x must be 2-D \(N, C"),
-    "integer x": ("add_layernorm_fwd", (_X.long(), _R.long(), _W, _B, EPS, 0.0, None), r"x must be .*float32.*(Long|int64)"),
-    "residual shape": ("add_layernorm_fwd", (_X, _R[:3], _W, _B, EPS, 0.0, None), r"residual must .*shape.*4, 8.*got.*3, 8"),
-    "integer residual": ("add_layernorm_fwd", (_X, _R.int(), _W, _B, EPS, 0.0, None), r"residual must be .*float32.*(Int|int32)"),
+    "integer x": (
+        "add_layernorm_fwd",
+        (_X.long(), _R.long(), _W, _B, EPS, 0.0, None),
+        r"x must be .*float32.*(Long|int64)",
+    ),
+    "residual shape": (
+        "add_layernorm_fwd",
+        (_X, _R[:3], _W, _B, EPS, 0.0, None),
+        r"residual must .*shape.*4, 8.*got.*3, 8",
+    ),
+    "integer residual": (
+        "add_layernorm_fwd",
+        (_X, _R.int(), _W, _B, EPS, 0.0, None),
+        r"residual must be .*float32.*(Int|int32)",
+    ),
     "weight shape": ("add_layernorm_fwd", (_X, _R, _W[:7], _B, EPS, 0.0, None), r"weight must .*\(8,\).*7"),
     "bias shape": ("add_layernorm_fwd", (_X, _R, _W, _B[:2], EPS, 0.0, None), r"bias must .*\(8,\).*2"),
     "negative eps": ("add_layernorm_fwd", (_X, _R, _W, _B, -1.0, 0.0, None), r"eps must be .*>= 0, got -1"),
     "dropout_p = 1": ("add_layernorm_fwd", (_X, _R, _W, _B, EPS, 1.0, "seed"), r"dropout_p must be in \[0, 1\), got 1"),
-    "missing seed": ("add_layernorm_fwd", (_X, _R, _W, _B, EPS, 0.5, None), r"dropout_p ?= ?0\.5 .*needs a seed tensor, got None"),
-    "int32 seed": ("add_layernorm_fwd", (_X, _R, _W, _B, EPS, 0.5, torch.tensor([1], dtype=torch.int32)),
-                   r"seed must be an int64 .*(Int|int32)"),
+    "missing seed": (
+        "add_layernorm_fwd",
+        (_X, _R, _W, _B, EPS, 0.5, None),
+        r"dropout_p ?= ?0\.5 .*needs a seed tensor, got None",
+    ),
+    "int32 seed": (
+        "add_layernorm_fwd",
+        (_X, _R, _W, _B, EPS, 0.5, torch.tensor([1], dtype=torch.int32)),
+        r"seed must be an int64 .*(Int|int32)",
+    ),
     "grad_y shape": ("add_layernorm_bwd", (_DY[:2], _X, _R, _W, _MEAN, _RSTD, 0.0, None), r"grad_y must .*4, 8.*2, 8"),
-    "mean dtype": ("add_layernorm_bwd", (_DY, _X, _R, _W, _MEAN.double(), _RSTD, 0.0, None),
-                   r"mean must .*(Float|float32).*(Double|float64)"),
+    "mean dtype": (
+        "add_layernorm_bwd",
+        (_DY, _X, _R, _W, _MEAN.double(), _RSTD, 0.0, None),
+        r"mean must .*(Float|float32).*(Double|float64)",
+    ),
     "mask rows": ("add_layernorm_dropout_mask", ("seed", -1, 4, 0.5), r"rows and cols must be >= 0, got -1 and 4"),
     "mask dropout_p": ("add_layernorm_dropout_mask", ("seed", 2, 4, -0.1), r"dropout_p must be in \[0, 1\), got -0\.1"),
 }

@@ -1,4 +1,5 @@
 """gpt1::attention_* on every backend against engine.model.reference.causal_attention."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 import triton
+
 from backends import CPP, TRITON, cases
+from engine import ops, reference
 from gpt1_kernels.attention import _TUNED
 from gpt1_kernels.pinning import pinned_config
 from helpers import assert_close, assert_fa_rule
@@ -18,8 +21,6 @@ from helpers import attention_exact_reference as exact_reference
 from helpers import attention_reference as autograd_reference
 from helpers import attention_reference_lse as reference_lse
 from philox_ref import attention_keep_mask
-
-from engine import ops, reference
 
 gpt1 = torch.ops.gpt1
 # triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)
@@ -92,11 +93,19 @@ def _tuned_configs() -> list:
     """(kernel, index, p) for every config of the three attention autotuners, with and without
     dropout (register-capped configs are tuned with dropout only): the interpreter and the
     autotuner otherwise run one config each, so a tile-specific bug could hide in the others."""
-    def tag(c):
-        return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" + (f"r{c.maxnreg}" if c.maxnreg else "")
 
-    return [pytest.param(name, i, p, id=f"{name}-{tag(c)}-p{p}") for name, tuned in _TUNED.items()
-            for i, c in enumerate(tuned.configs) for p in (0.0, 0.1) if p or not c.maxnreg]
+    def tag(c):
+        return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}" + (
+            f"r{c.maxnreg}" if c.maxnreg else ""
+        )
+
+    return [
+        pytest.param(name, i, p, id=f"{name}-{tag(c)}-p{p}")
+        for name, tuned in _TUNED.items()
+        for i, c in enumerate(tuned.configs)
+        for p in (0.0, 0.1)
+        if p or not c.maxnreg
+    ]
 
 
 @pytest.mark.parametrize("kernel,index,p", _tuned_configs())
@@ -121,7 +130,9 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
         pins.enter_context(pinned_config(tuned, config))
         if kernel != "fwd":  # the other backward pass at its largest tile of this dtype: faster
             other = _TUNED["dq" if kernel == "dkdv" else "dkdv"]
-            pins.enter_context(pinned_config(other, next(c for c in other.configs if A._is_fp32_tile(c) == (dtype == torch.float32))))
+            pins.enter_context(
+                pinned_config(other, next(c for c in other.configs if A._is_fp32_tile(c) == (dtype == torch.float32)))
+            )
         out, lse = gpt1.attention_fwd(leaf, H, p, backend.seed(seed) if p else None)
         if kernel != "fwd":
             out.backward(backend.tensor(dout))
@@ -167,7 +178,9 @@ DROPOUT_CASES = [(2, 33, 2, 16, 0.2), (1, 64, 1, 64, 0.5), (1, 7, 1, 16, 0.9), (
 
 
 @pytest.mark.parametrize(
-    "backend,case", cases(DROPOUT_CASES, cpp=[(2, 37, 3, 20, 0.3)], compiled=[(1, 300, 2, 64, 0.3)]), indirect=["backend"]
+    "backend,case",
+    cases(DROPOUT_CASES, cpp=[(2, 37, 3, 20, 0.3)], compiled=[(1, 300, 2, 64, 0.3)]),
+    indirect=["backend"],
 )
 def test_dropout_forward_and_grad_use_the_mask_op(backend, case):
     """out and every gradient equal the reference fed the op's own mask: forward and backward draw
@@ -345,13 +358,29 @@ BAD = {  # case → (op, arguments (CPU; moved to the backend's device), pattern
     "dropout_p = 1": ("attention_fwd", (_Q, 2, 1.0, "seed"), r"dropout_p must be .*in \[0, 1\), got 1"),
     "negative dropout_p": ("attention_fwd", (_Q, 2, -0.5, "seed"), r"dropout_p must be .*in \[0, 1\), got -0\.5"),
     "missing seed": ("attention_fwd", (_Q, 2, 0.1, None), r"dropout_p ?= ?0\.1 > 0 needs a seed.*got None"),
-    "int32 seed": ("attention_fwd", (_Q, 2, 0.1, torch.tensor([1], dtype=torch.int32)), r"seed must be an int64 .*(Int|int32)"),
+    "int32 seed": (
+        "attention_fwd",
+        (_Q, 2, 0.1, torch.tensor([1], dtype=torch.int32)),
+        r"seed must be an int64 .*(Int|int32)",
+    ),
     "seed of two": ("attention_fwd", (_Q, 2, 0.1, torch.tensor([1, 2])), r"seed must be an int64 .*\(?2,?\)?"),
     "grad_out shape": ("attention_bwd", (_O[:, :3], _Q, _O, _L, 2, 0.0, None), r"grad_out must .*shape.*1, 4, 32"),
-    "grad_out dtype": ("attention_bwd", (_O.half(), _Q, _O, _L, 2, 0.0, None), r"grad_out must .*(Float|float32).*(Half|float16)"),
-    "lse dtype": ("attention_bwd", (_O, _Q, _O, _L.double(), 2, 0.0, None), r"lse must .*(Float|float32).*(Double|float64)"),
+    "grad_out dtype": (
+        "attention_bwd",
+        (_O.half(), _Q, _O, _L, 2, 0.0, None),
+        r"grad_out must .*(Float|float32).*(Half|float16)",
+    ),
+    "lse dtype": (
+        "attention_bwd",
+        (_O, _Q, _O, _L.double(), 2, 0.0, None),
+        r"lse must .*(Float|float32).*(Double|float64)",
+    ),
     "mask heads": ("attention_dropout_mask", ("seed", 1, 0, 4, 0.5), r"n_head (must be an int )?>= 1.*got (1, )?0"),
-    "mask seq_len": ("attention_dropout_mask", ("seed", 1, 1, -3, 0.5), r"seq_len (must be an int )?>= 0.*got (1, 1, )?-3"),
+    "mask seq_len": (
+        "attention_dropout_mask",
+        ("seed", 1, 1, -3, 0.5),
+        r"seq_len (must be an int )?>= 0.*got (1, 1, )?-3",
+    ),
     "mask dropout_p": ("attention_dropout_mask", ("seed", 1, 1, 4, 1.5), r"dropout_p must be .*in \[0, 1\), got 1\.5"),
 }
 
@@ -366,8 +395,11 @@ def test_bad_inputs_raise_value_error(backend, case):
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize(
     "qkv,n_head,message",
-    [(torch.zeros(1, 4, 72), 1, "head_dim = C / n_head = 24 / 1 = 24"), (torch.zeros(1, 4, 96).double(), 2, "float64"),
-     (torch.zeros(1, 96, 4).transpose(1, 2), 2, "contiguous")],
+    [
+        (torch.zeros(1, 4, 72), 1, "head_dim = C / n_head = 24 / 1 = 24"),
+        (torch.zeros(1, 4, 96).double(), 2, "float64"),
+        (torch.zeros(1, 96, 4).transpose(1, 2), 2, "contiguous"),
+    ],
     ids=["head_dim 24", "float64", "strided"],
 )
 def test_triton_refuses_what_only_cpp_takes(backend, qkv, n_head, message):

@@ -7,6 +7,7 @@ autocast, the reference in fp32 (no autocast) and the reference under the same a
 the fp32 reference, forward and every gradient; the gradients of fp32 leaves (master weights)
 come back fp32. Shapes are tiny: on CPUs without native bf16 the bf16 GEMMs are emulated.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import assert_close, assert_fa_rule
 
 from engine import GPT1, GPT1Config, ops, reference
+from helpers import assert_close, assert_fa_rule
 
 BF16 = torch.bfloat16
 
@@ -64,8 +65,9 @@ def test_linear_gelu(N, C, F):
     w = torch.randn(F, C, generator=g) * 2.0 / C**0.5  # fp32 master weights
     b = 0.5 * torch.randn(F, generator=g)
     dy = torch.randn(N, F, generator=g)
-    out = check_three_ways(ops.linear_gelu, reference.linear_gelu, [x, w, b], dy, "tanh",
-                           names=["grad_x", "grad_weight", "grad_bias"])
+    out = check_three_ways(
+        ops.linear_gelu, reference.linear_gelu, [x, w, b], dy, "tanh", names=["grad_x", "grad_weight", "grad_bias"]
+    )
     assert out.dtype == BF16
 
 
@@ -76,8 +78,9 @@ def test_linear_cross_entropy(N, C, V):
     w = torch.randn(V, C, generator=g) * 0.5
     t = torch.randint(0, V, (N,), generator=g)
     t[1::7] = -100  # some ignored targets, never all
-    loss = check_three_ways(ops.linear_cross_entropy, reference.linear_cross_entropy, [h, w], None, t,
-                            names=["grad_hidden", "grad_weight"])
+    loss = check_three_ways(
+        ops.linear_cross_entropy, reference.linear_cross_entropy, [h, w], None, t, names=["grad_hidden", "grad_weight"]
+    )
     assert loss.dtype == torch.float32  # the loss stays fp32
 
 
@@ -109,8 +112,11 @@ def gemm_input_dtypes(fn, tmp_path) -> Counter:
     trace = tmp_path / "trace.json"
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text())["traceEvents"]
-    return Counter(tuple(e["args"]["Input type"][:2]) for e in events
-                   if e.get("name") in ("aten::mm", "aten::addmm") and "Input type" in e.get("args", {}))
+    return Counter(
+        tuple(e["args"]["Input type"][:2])
+        for e in events
+        if e.get("name") in ("aten::mm", "aten::addmm") and "Input type" in e.get("args", {})
+    )
 
 
 def fwd_bwd(fn, *leaves):
@@ -118,6 +124,7 @@ def fwd_bwd(fn, *leaves):
         with autocast():
             out = fn(*leaves)
         out.float().sum().backward()
+
     return run
 
 
@@ -138,7 +145,10 @@ def test_the_gemms_run_on_bf16_operands(tmp_path, one_thread):
     g = torch.Generator().manual_seed(4)
     x, w, b = (torch.randn(*s, generator=g, requires_grad=True) for s in ((37, 48), (100, 48), (100,)))
     assert gemm_input_dtypes(fwd_bwd(ops.linear_gelu, x, w, b), tmp_path) == Counter({BF16_PAIR: 3})
-    h, wv = torch.randn(600, 24, generator=g, requires_grad=True), torch.randn(3000, 24, generator=g, requires_grad=True)
+    h, wv = (
+        torch.randn(600, 24, generator=g, requires_grad=True),
+        torch.randn(3000, 24, generator=g, requires_grad=True),
+    )
     t = torch.randint(0, 3000, (600,), generator=g)
     assert gemm_input_dtypes(fwd_bwd(ops.linear_cross_entropy, h, wv, t), tmp_path) == Counter({BF16_PAIR: 3})
     # attention, one query block per head (T < 64): per head P V, dV, dK, dQ in bf16; S (forward
@@ -149,8 +159,9 @@ def test_the_gemms_run_on_bf16_operands(tmp_path, one_thread):
     assert counts == Counter({BF16_PAIR: 4 * B * H, FP32_PAIR: 3 * B * H})
 
 
-CFG = dict(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=101, resid_pdrop=0.0, embd_pdrop=0.0,
-           attn_pdrop=0.0)  # dropout off: the fused and reference paths draw different masks
+CFG = dict(
+    n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=101, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)  # dropout off: the fused and reference paths draw different masks
 
 
 def _step(model, ids, amp, run=None):

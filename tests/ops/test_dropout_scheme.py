@@ -3,6 +3,7 @@ implementations: kernels/attention.py's _dropout_keep / _philox and csrc/philox.
 attention_keep_row. Plus the property the scheme exists for: each Philox call's 16 draws are
 score elements that one thread of the sm_90 wgmma accumulator holds, so the compiled kernels
 build the mask without a layout conversion (checked on the sm_90a compile, no GPU needed)."""
+
 from __future__ import annotations
 
 import re
@@ -12,6 +13,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from backends import TRITON
 from gpt1_kernels.attention import (
     PHILOX_ROUNDS,
@@ -156,7 +158,9 @@ def test_dropout_needs_no_layout_round_trip_on_sm90():
     for name, (cvt_off, cvt_on, bar_off, bar_on, smem_off, smem_on, loop_off, loop_on) in rows.items():
         extra = DKDV_EXTRA if name == "dkdv" else {"bar": 0, "smem": 0}
         assert bar_on <= bar_off + extra["bar"], f"{name}: bar.sync per iteration {bar_off} -> {bar_on} with dropout"
-        assert smem_on <= smem_off + extra["smem"], f"{name}: shared-memory ops per iteration {smem_off} -> {smem_on} with dropout"
+        assert smem_on <= smem_off + extra["smem"], (
+            f"{name}: shared-memory ops per iteration {smem_off} -> {smem_on} with dropout"
+        )
         assert loop_on <= 1.5 * loop_off, f"{name}: inner loop {loop_off} -> {loop_on} instructions"
     assert rows["fwd"][1] <= rows["fwd"][0], f"fwd: convert_layout {rows['fwd'][0]} -> {rows['fwd'][1]}"
 
@@ -180,7 +184,9 @@ def test_fp32_runs_its_one_clean_tile_and_low_precision_never_does():
     from gpt1_kernels.attention import _dkdv_tuned, _dq_tuned, _fwd_tuned, _prune
 
     for tuner in (_fwd_tuned, _dkdv_tuned, _dq_tuned):
-        fp32 = _prune(tuner.configs, {"T_BUCKET": 512, "qkv_ptr": torch.empty(0, dtype=torch.float32)}, HAS_DROPOUT=True)
+        fp32 = _prune(
+            tuner.configs, {"T_BUCKET": 512, "qkv_ptr": torch.empty(0, dtype=torch.float32)}, HAS_DROPOUT=True
+        )
         assert len(fp32) == 1 and fp32[0].kwargs["BLOCK_M"] * fp32[0].kwargs["BLOCK_N"] <= 32 * 32
         for dtype in (torch.bfloat16, torch.float16):
             lowp = _prune(tuner.configs, {"T_BUCKET": 512, "qkv_ptr": torch.empty(0, dtype=dtype)}, HAS_DROPOUT=True)

@@ -3,16 +3,17 @@
 The op returns the gradients of the mean loss with its forward (the logits never exist whole);
 register_autograd scales them by the upstream gradient, which the tests check too.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from backends import cases
-from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 
+from backends import cases
 from engine import ops, reference
+from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 
 IGNORE = -100
 gpt1 = torch.ops.gpt1
@@ -39,7 +40,9 @@ def run(backend, hidden, weight, targets, ignore_index=IGNORE, upstream=1.0):
 
 def reference_of(hidden, weight, targets, ignore_index=IGNORE, exact=True, **kwargs):
     fn = exact_reference if exact else autograd_reference
-    return fn(lambda h, w: reference.linear_cross_entropy(h, w, targets, ignore_index, **kwargs), (hidden, weight), None)
+    return fn(
+        lambda h, w: reference.linear_cross_entropy(h, w, targets, ignore_index, **kwargs), (hidden, weight), None
+    )
 
 
 # (N, C, V): one row, primes, V not a power of two (partial last vocabulary block); C++ chunks its
@@ -76,7 +79,9 @@ def test_triton_cuda_block_width(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
-@pytest.mark.parametrize("rows,dtype", [(1, torch.float32), (5, torch.float32), (8, torch.bfloat16), (8, torch.float16)])
+@pytest.mark.parametrize(
+    "rows,dtype", [(1, torch.float32), (5, torch.float32), (8, torch.bfloat16), (8, torch.float16)]
+)
 def test_triton_chunks_accumulate_the_same_gradients(backend, monkeypatch, rows, dtype):
     """Chunks of `rows` rows (CHUNK_BYTES shrunk): grad_weight sums over chunks in float32."""
     from gpt1_kernels import linear_cross_entropy as kernel
@@ -153,8 +158,10 @@ def test_low_precision_fa_rule(backend, dtype, N, C, V):
 def test_strided_inputs_give_the_contiguous_result(backend):
     hidden, weight, targets = (backend.tensor(t) for t in make_inputs(12, 40, 30))
     strided = (hidden.t().contiguous().t(), weight.t().contiguous().t(), torch.stack([targets, targets], 1)[:, 0])
-    for got, want in zip(gpt1.linear_cross_entropy_fwd(*strided, IGNORE, True),
-                         gpt1.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True)):
+    for got, want in zip(
+        gpt1.linear_cross_entropy_fwd(*strided, IGNORE, True),
+        gpt1.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True),
+    ):
         assert_close(got.cpu(), want.cpu())
 
 
@@ -180,7 +187,9 @@ def test_double_backward_raises_a_clear_error(backend):
 def test_fused_path_dispatches_the_op(backend, gpt1_ops_run_by):
     hidden, weight, targets = (backend.tensor(t) for t in make_inputs(6, 8, 11))
     weight.requires_grad_()
-    names = gpt1_ops_run_by(lambda: ops.linear_cross_entropy(hidden.view(2, 3, 8), weight, targets.view(2, 3)).backward())
+    names = gpt1_ops_run_by(
+        lambda: ops.linear_cross_entropy(hidden.view(2, 3, 8), weight, targets.view(2, 3)).backward()
+    )
     assert names == ["linear_cross_entropy_fwd"]  # the gradients come out of the forward
 
 
@@ -221,8 +230,10 @@ def test_cpp_result_is_thread_count_independent(backend):
 
 _H, _W, _T = make_inputs(4, 8, 10)
 BAD = {  # case → (arguments (CPU; moved to the backend's device), pattern both messages match)
-    "target too large": ((_H, _W, torch.tensor([1, 10, 2, 3]), IGNORE, True),
-                         r"targets\[1\] = 10 .*\[0, 10\).*ignore_index ?= ?-100|\[0, 10\).*-100.*targets\[1\] = 10"),
+    "target too large": (
+        (_H, _W, torch.tensor([1, 10, 2, 3]), IGNORE, True),
+        r"targets\[1\] = 10 .*\[0, 10\).*ignore_index ?= ?-100|\[0, 10\).*-100.*targets\[1\] = 10",
+    ),
     "negative target": ((_H, _W, torch.tensor([1, 2, -1, 3]), IGNORE, False), r"targets\[2\] = -1"),
     "int32 targets": ((_H, _W, _T.int(), IGNORE, True), r"targets must .*(Long|int64).*(Int|int32)"),
     "targets length": ((_H, _W, _T[:3], IGNORE, True), r"targets must .*shape.*4.*3"),

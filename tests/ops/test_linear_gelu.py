@@ -3,16 +3,17 @@
 Triton has two forward implementations (kernels/linear_gelu.py CANDIDATES: a Triton matmul with
 a GELU epilogue, and cuBLAS addmm + a Triton GELU), so its backend runs once per candidate.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
 
 import pytest
 import torch
-from backends import Backend, cases, use
-from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 
+from backends import Backend, cases, use
 from engine import ops, reference
+from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 
 GRAD_NAMES = ("grad_x", "grad_weight", "grad_bias")
 VARIANTS = ("cpp", "triton-matmul", "triton-cublas")
@@ -55,7 +56,9 @@ def run(backend, x, w, b, dy, approximate):
 SHAPES = [(1, 48, 192), (7, 13, 29), (37, 96, 100), (13, 100, 37), (70, 48, 192), (130, 48, 3)]
 
 
-@pytest.mark.parametrize("backend,shape", cases(SHAPES, compiled=[(64, 256, 1024)], backends=VARIANTS), indirect=["backend"])
+@pytest.mark.parametrize(
+    "backend,shape", cases(SHAPES, compiled=[(64, 256, 1024)], backends=VARIANTS), indirect=["backend"]
+)
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_fp32_forward_and_grads(backend, shape, approximate):
     x, w, b, dy = make_inputs(*shape)
@@ -84,8 +87,9 @@ def test_gelu_accurate_far_into_the_tails(backend, approximate):
 def test_low_precision_fa_rule(backend, dtype, approximate, N, C, F):
     x, w, b, dy = make_inputs(N, C, F, dtype)
     y, _, grads = run(backend, x, w, b, dy, approximate)
-    y_ref, grads_ref = autograd_reference(reference.linear_gelu, [t.float() for t in (x, w, b)], dy.float(),
-                                          approximate, upcast=True)
+    y_ref, grads_ref = autograd_reference(
+        reference.linear_gelu, [t.float() for t in (x, w, b)], dy.float(), approximate, upcast=True
+    )
     y_low, grads_low = autograd_reference(reference.linear_gelu, (x, w, b), dy, approximate)
     assert y.dtype == dtype
     assert_fa_rule(y, y_ref, y_low, "y")
@@ -163,7 +167,9 @@ def test_grad_bias_is_deterministic(backend, monkeypatch):
         assert_close(got, want, name)
 
 
-@pytest.mark.parametrize("backend,impl", [("triton-matmul", "triton"), ("triton-cublas", "cublas")], indirect=["backend"])
+@pytest.mark.parametrize(
+    "backend,impl", [("triton-matmul", "triton"), ("triton-cublas", "cublas")], indirect=["backend"]
+)
 def test_triton_variant_runs_its_candidate(backend, impl):
     from gpt1_kernels.linear_gelu import CANDIDATES
 
@@ -178,8 +184,10 @@ def test_triton_variant_runs_its_candidate(backend, impl):
 def _matmul_configs() -> list:
     from gpt1_kernels.linear_gelu import _MATMUL_CONFIGS
 
-    return [pytest.param(i, id="{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c.kwargs) + f"w{c.num_warps}")
-            for i, c in enumerate(_MATMUL_CONFIGS)]
+    return [
+        pytest.param(i, id="{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c.kwargs) + f"w{c.num_warps}")
+        for i, c in enumerate(_MATMUL_CONFIGS)
+    ]
 
 
 @pytest.mark.parametrize("index", _matmul_configs())
@@ -197,8 +205,12 @@ def test_every_matmul_config_matches_reference(backend, index):
     with pinned_config(_matmul_autotuned, _MATMUL_CONFIGS[index]):
         y, pre = (t.cpu() for t in gpt1.linear_gelu_fwd(*(backend.tensor(t) for t in (x, w, b)), "tanh"))
         if fp32_too:
-            y32, pre32 = (t.cpu() for t in gpt1.linear_gelu_fwd(*(backend.tensor(t.float()) for t in (x, w, b)), "tanh"))
-    assert_fa_rule(y, reference.linear_gelu(x.float(), w.float(), b.float(), "tanh"), reference.linear_gelu(x, w, b, "tanh"), "y")
+            y32, pre32 = (
+                t.cpu() for t in gpt1.linear_gelu_fwd(*(backend.tensor(t.float()) for t in (x, w, b)), "tanh")
+            )
+    assert_fa_rule(
+        y, reference.linear_gelu(x.float(), w.float(), b.float(), "tanh"), reference.linear_gelu(x, w, b, "tanh"), "y"
+    )
     assert_fa_rule(pre, x.float() @ w.float().t() + b.float(), x @ w.t() + b, "pre")
     if fp32_too:
         assert_close(y32, reference.linear_gelu(x.float(), w.float(), b.float(), "tanh"), "y fp32")
@@ -223,7 +235,11 @@ BAD = {  # case → (op, arguments (CPU; moved to the backend's device), pattern
     "1-D x": ("linear_gelu_fwd", (_X[0], _W, _B, "tanh"), r"x must be 2-D \(N, C"),
     "integer x": ("linear_gelu_fwd", (_X.long(), _W.long(), _B, "tanh"), r"x must be .*float32.*(Long|int64)"),
     "weight width": ("linear_gelu_fwd", (_X, _W[:, :7], _B, "tanh"), r"weight must .*\(F, 8\).*6, 7"),
-    "weight dtype": ("linear_gelu_fwd", (_X, _W.double(), _B, "tanh"), r"weight must .*(Float|float32).*(Double|float64)"),
+    "weight dtype": (
+        "linear_gelu_fwd",
+        (_X, _W.double(), _B, "tanh"),
+        r"weight must .*(Float|float32).*(Double|float64)",
+    ),
     "bias shape": ("linear_gelu_fwd", (_X, _W, _B[:5], "tanh"), r"bias must .*6.*got.*5"),
     "approximate": ("linear_gelu_fwd", (_X, _W, _B, "erf"), r"approximate must be 'tanh' or 'none', got 'erf'"),
     "grad_y shape": ("linear_gelu_bwd", (_DY[:, :5], _X, _W, _PRE, "tanh"), r"grad_y must .*4, 6.*4, 5"),

@@ -1,14 +1,15 @@
 """The LM head's padded vocabulary and fp16 scaling (kernels/linear_cross_entropy.py), under the
 interpreter at small shapes: V ≡ 6 (mod 8) like GPT-1's 40478, padded inside the op to a multiple
 of PAD; gradients come back with V rows; fp16 gradients of a mean over many rows do not underflow."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from gpt1_kernels import linear_cross_entropy as lce
-from helpers import assert_close
 
 from engine import reference
+from gpt1_kernels import linear_cross_entropy as lce
+from helpers import assert_close
 
 IGNORE = -100
 
@@ -55,7 +56,10 @@ def test_fp16_gradients_of_a_mean_over_many_rows_do_not_underflow():
     _, grad_h_ref, grad_w_ref = exact_reference(hidden, weight, targets)
     free = torch.ones(V, dtype=torch.bool)
     free[targets[targets != IGNORE]] = False
-    for name, got, want in (("grad_hidden", grad_h, grad_h_ref), ("grad_weight (untargeted rows)", grad_w[free], grad_w_ref[free])):
+    for name, got, want in (
+        ("grad_hidden", grad_h, grad_h_ref),
+        ("grad_weight (untargeted rows)", grad_w[free], grad_w_ref[free]),
+    ):
         scale = want.abs().max().item()
         err = (got.float() - want).abs().max().item()
         assert err <= 4 * 2.0**-11 * scale, f"{name}: error {err:.3e} > 4 fp16 ulps of scale {scale:.3e}"

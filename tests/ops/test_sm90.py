@@ -5,6 +5,7 @@ memory, or is a bf16 matmul without wgmma. Skipped only where Triton or its bund
 ptxas/cuobjdump is missing. The compiles run once per test run (a module fixture), two at a time,
 and are cached by content across runs (bench/sm90_report.py: _cache_key), so a rerun without
 kernel changes takes seconds."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,11 +31,14 @@ def test_every_kernel_and_variant_is_compiled(results):
     that compiled nothing could not fail."""
     seen = {(r.job.op, r.job.attr, r.job.dtype, r.job.dropout) for r in results}
     for op, attr in [("attention", a) for a in {r.job.attr for r in results if r.job.op == "attention"}] + [
-        ("linear_gelu", "_matmul_autotuned"), ("linear_cross_entropy", "_cross_entropy_chunk_kernel"),
+        ("linear_gelu", "_matmul_autotuned"),
+        ("linear_cross_entropy", "_cross_entropy_chunk_kernel"),
         ("add_layernorm", "_add_layernorm_bwd_kernel"),
     ]:
         for dtype in R.DTYPES:
-            assert (op, attr, dtype, False) in seen or (op, attr, dtype, True) in seen, f"{op}/{attr} {dtype} not compiled"
+            assert (op, attr, dtype, False) in seen or (op, attr, dtype, True) in seen, (
+                f"{op}/{attr} {dtype} not compiled"
+            )
     assert sum(r.is_matmul and r.job.dtype == "bf16" for r in results) >= 4, "bf16 matmuls missing from the report"
 
 
@@ -61,14 +65,21 @@ def test_attention_dropout_adds_at_most_one_conversion_per_loop(results):
     inner-loop iteration (dK/dV's transposed tiles and fp32's non-wgmma layouts move one packed
     keep word per Philox call; bf16 fwd and dQ move nothing): at most two more bar.sync, one in
     bf16 where the loop's own barrier serves the other. The old mask transposition cost 9 more."""
-    plain = {(r.job.attr, r.job.config, r.job.dtype): r for r in results if r.job.op == "attention" and not r.job.dropout}
-    pairs = [(plain[(r.job.attr, r.job.config, r.job.dtype)], r) for r in results
-             if r.job.op == "attention" and r.job.dropout and (r.job.attr, r.job.config, r.job.dtype) in plain]
+    plain = {
+        (r.job.attr, r.job.config, r.job.dtype): r for r in results if r.job.op == "attention" and not r.job.dropout
+    }
+    pairs = [
+        (plain[(r.job.attr, r.job.config, r.job.dtype)], r)
+        for r in results
+        if r.job.op == "attention" and r.job.dropout and (r.job.attr, r.job.config, r.job.dtype) in plain
+    ]
     assert len(pairs) >= 10, f"only {len(pairs)} attention configs compiled with and without dropout"
     for off, on in pairs:
         assert len(on.bars) == len(off.bars), on.job.label
         for b_off, b_on in zip(off.bars, on.bars):
-            assert b_on <= b_off + (1 if on.job.dtype == "bf16" else 2), f"{on.job.label}: bar.sync per iteration {off.bars} -> {on.bars}"
+            assert b_on <= b_off + (1 if on.job.dtype == "bf16" else 2), (
+                f"{on.job.label}: bar.sync per iteration {off.bars} -> {on.bars}"
+            )
 
 
 def test_the_gate_flags_each_failure_kind():
@@ -82,12 +93,14 @@ def test_the_gate_flags_each_failure_kind():
 
 
 def test_sass_loops_are_counted_between_a_backward_branch_and_its_target():
-    sass = "\n".join([
-        "        /*0000*/                   MOV R1, R2 ;",
-        "        /*0010*/                   IADD3 R1, R1, 1, RZ ;",
-        "        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;",
-        "        /*0030*/              @P0 BRA 0x10 ;",
-        "        /*0040*/                   EXIT ;",
-        "        /*0050*/                   BRA 0x50;",
-    ])
+    sass = "\n".join(
+        [
+            "        /*0000*/                   MOV R1, R2 ;",
+            "        /*0010*/                   IADD3 R1, R1, 1, RZ ;",
+            "        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;",
+            "        /*0030*/              @P0 BRA 0x10 ;",
+            "        /*0040*/                   EXIT ;",
+            "        /*0050*/                   BRA 0x50;",
+        ]
+    )
     assert R._sass_loops(sass) == ([3], [1])

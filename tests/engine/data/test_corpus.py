@@ -1,4 +1,5 @@
 """Pretraining corpora: the embedded Shakespeare split, reading files, splits without leakage."""
+
 import json
 
 import pytest
@@ -67,11 +68,14 @@ def test_resolve_files_dirs_globs_dedup(tmp_path):
     assert [p.name for p in resolve_files([str(tmp_path / "**" / "*.md")])] == ["b.md"]
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda d: [d / "missing.txt"], "data path not found"),
-    (lambda d: [str(d / "*.nothing")], "no files match"),
-    (lambda d: [d / "empty_dir"], "holds no"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: [d / "missing.txt"], "data path not found"),
+        (lambda d: [str(d / "*.nothing")], "no files match"),
+        (lambda d: [d / "empty_dir"], "holds no"),
+    ],
+)
 def test_resolve_files_errors(tmp_path, make, match):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match=match):
@@ -81,17 +85,25 @@ def test_resolve_files_errors(tmp_path, make, match):
 def test_read_documents_text_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_bytes("\ufeffline one\r\nline two\r\n".encode("utf-8"))
     (tmp_path / "b.jsonl").write_text(
-        json.dumps({"body": "first doc"}) + "\n\n" + json.dumps({"body": "  "}) + "\n" + json.dumps({"body": "second"}) + "\n"
+        json.dumps({"body": "first doc"})
+        + "\n\n"
+        + json.dumps({"body": "  "})
+        + "\n"
+        + json.dumps({"body": "second"})
+        + "\n"
     )
     docs = read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"], text_field="body")
     assert [d.text for d in docs] == ["line one\nline two\n", "first doc", "second"]
     assert docs[1].name.endswith("b.jsonl:1") and docs[2].name.endswith("b.jsonl:4")
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "looks binary"),
-    ("caf\u00e9".encode("latin-1"), "not UTF-8 text .byte 0xe9 at offset 3"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "looks binary"),
+        ("caf\u00e9".encode("latin-1"), "not UTF-8 text .byte 0xe9 at offset 3"),
+    ],
+)
 def test_read_documents_rejects_binary_and_non_utf8(tmp_path, content, match):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)

@@ -1,6 +1,7 @@
 """Prepared pretraining data: the streamed build gives the bytes the list-based build gave,
 holds a bounded amount of memory whatever the corpus size, survives being killed, and
 `pretrain --prepare-only` builds what a later run reuses."""
+
 import hashlib
 import json
 import os
@@ -32,10 +33,12 @@ def spec_inputs(root: Path) -> dict:
     docs.mkdir(parents=True, exist_ok=True)
     with open(docs / "part.jsonl", "w") as f:
         for i in range(30):
-            f.write(json.dumps({"text": "\n".join(lines[i * 20:(i + 1) * 20])}) + "\n")
+            f.write(json.dumps({"text": "\n".join(lines[i * 20 : (i + 1) * 20])}) + "\n")
         f.write(json.dumps({"text": "   "}) + "\n")
     for i in range(10):
-        text = "\n".join(lines[600 + i * 25:600 + (i + 1) * 25]) if i != 9 else "\n".join(lines[60:80])  # 9: a duplicate
+        text = (
+            "\n".join(lines[600 + i * 25 : 600 + (i + 1) * 25]) if i != 9 else "\n".join(lines[60:80])
+        )  # 9: a duplicate
         (docs / f"doc{i:02d}.txt").write_text(text + "\n")
     tiny = root / "tiny.txt"
     tiny.write_text("one short paragraph.\n\nanother paragraph here.\n\nand a third one, the last.\n")
@@ -52,8 +55,26 @@ def spec_inputs(root: Path) -> dict:
 # engine.pretrain._Corpus(...).documents()) with FIXTURE_TOKENIZER, before the streaming build:
 # sha256 prefixes of train.bin / val.bin and the metadata.
 BEFORE_STREAMING = {
-    "shakespeare": ("70888cda3396fee7", "cb6358427abd729f", 1804767, 201270, 38, 4, 5.600132090802651, 5.577005371634719),
-    "poems-paragraphs": ("f9229c6c5b45ca73", "08af16a2f3d2a925", 40817, 2176, 394, 20, 5.7298454039050135, 5.733645146670903),
+    "shakespeare": (
+        "70888cda3396fee7",
+        "cb6358427abd729f",
+        1804767,
+        201270,
+        38,
+        4,
+        5.600132090802651,
+        5.577005371634719,
+    ),
+    "poems-paragraphs": (
+        "f9229c6c5b45ca73",
+        "08af16a2f3d2a925",
+        40817,
+        2176,
+        394,
+        20,
+        5.7298454039050135,
+        5.733645146670903,
+    ),
     "documents": ("603ffa652b8f6fc1", "fcdd15ef733d578e", 9722, 2526, 32, 8, 5.7138068963230975, 5.77619791944281),
     "val-files": ("eb87061702177677", "8716848da254c066", 8585, 792, 2, 1, 5.636281248848503, 5.710777410298659),
     "fix-up": ("dd6711d15890f6b3", "4481360c3cc1c034", 21, 10, 2, 1, 2.912494403331052, 5.974896262786696),
@@ -70,8 +91,16 @@ def test_streamed_shards_are_the_bytes_of_the_list_based_build(name, tmp_path):
     corpus = Corpus(PretrainConfig(data=data, val_data=val_data, val_fraction=val_fraction))
     shards, built = corpus.shards(tmp_path / "cache", BPETokenizer.load(FIXTURE_TOKENIZER), lambda *a: None)
     meta = shards.meta
-    got = (sha(shards.directory / "train.bin"), sha(shards.directory / "val.bin"), meta["train_tokens"], meta["val_tokens"],
-           meta["train_documents"], meta["val_documents"], meta["unigram_entropy"], meta["val_unigram_cross_entropy"])
+    got = (
+        sha(shards.directory / "train.bin"),
+        sha(shards.directory / "val.bin"),
+        meta["train_tokens"],
+        meta["val_tokens"],
+        meta["train_documents"],
+        meta["val_documents"],
+        meta["unigram_entropy"],
+        meta["val_unigram_cross_entropy"],
+    )
     assert built and got == BEFORE_STREAMING[name]
 
 
@@ -120,9 +149,23 @@ def test_peak_memory_of_a_build_does_not_grow_with_the_corpus(tmp_path):
     budget_kib = 8 * 1024  # measured: ~4 MB (batches of 64 kB of text, statistics in 256k-token steps)
     size = make_corpus(tmp_path / "corpus", 16)
     assert size > 1.5 * budget_kib * 1024
-    proc = subprocess.run([sys.executable, "-c", BUILD_IN_A_CHILD, str(tmp_path / "corpus"), str(tmp_path / "cache"),
-                           str(1 << 22), str(FIXTURE_TOKENIZER), str(tmp_path / "corpus" / "part0000.txt"),
-                           str(tmp_path / "corpus" / "part0001.txt")], env=child_env(), capture_output=True, text=True, timeout=480)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BUILD_IN_A_CHILD,
+            str(tmp_path / "corpus"),
+            str(tmp_path / "cache"),
+            str(1 << 22),
+            str(FIXTURE_TOKENIZER),
+            str(tmp_path / "corpus" / "part0000.txt"),
+            str(tmp_path / "corpus" / "part0001.txt"),
+        ],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth, tokens = (int(x) for x in proc.stdout.split("peak growth KiB")[1].split())
     assert tokens > size / 5  # the whole corpus went through
@@ -134,9 +177,13 @@ def test_a_killed_build_resumes_to_the_same_shards(tmp_path):
     make_corpus(tmp_path / "corpus", 3)
     argv = [sys.executable, "-c", BUILD_IN_A_CHILD, str(tmp_path / "corpus")]
     tail = [str(1 << 18), str(FIXTURE_TOKENIZER)]
-    whole = subprocess.run(argv + [str(tmp_path / "whole")] + tail, env=child_env(), capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(
+        argv + [str(tmp_path / "whole")] + tail, env=child_env(), capture_output=True, text=True, timeout=300
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
-    child = subprocess.Popen(argv + [str(tmp_path / "killed")] + tail, env=child_env(), stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        argv + [str(tmp_path / "killed")] + tail, env=child_env(), stdout=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 240
         progress = list((tmp_path / "killed" / "shards").glob(".*.partial/progress.json"))
@@ -148,17 +195,28 @@ def test_a_killed_build_resumes_to_the_same_shards(tmp_path):
         child.wait(timeout=60)
     finally:
         child.kill()
-    resumed = subprocess.run(argv + [str(tmp_path / "killed")] + tail, env=child_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        argv + [str(tmp_path / "killed")] + tail, env=child_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing the interrupted build" in resumed.stdout
-    (a,), (b,) = ([d for d in (tmp_path / run / "shards").iterdir() if not d.name.startswith(".")] for run in ("whole", "killed"))
+    (a,), (b,) = (
+        [d for d in (tmp_path / run / "shards").iterdir() if not d.name.startswith(".")] for run in ("whole", "killed")
+    )
     assert a.name == b.name
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_prepare_only_builds_what_a_run_reuses(tmp_path, capsys):
-    data = ["--data", *[str(shakespeare_dir() / p) for p in POEMS[:3]], "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")]
+    data = [
+        "--data",
+        *[str(shakespeare_dir() / p) for p in POEMS[:3]],
+        "--vocab-size",
+        "300",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     out = tmp_path / "run"
     assert run_cli(main, [*data, "--prepare-only", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -168,8 +226,29 @@ def test_prepare_only_builds_what_a_run_reuses(tmp_path, capsys):
     assert str(tokenizer) in printed and str(shards) in printed and "built now" in printed
     assert run_cli(main, [*data, "--prepare-only"]) == 0
     assert "cached" in capsys.readouterr().out
-    code = run_cli(main, [*data, "--out", str(out), "--preset", "gpt1-tiny", "--seq-len", "32", "--batch-size", "2",
-                          "--max-steps", "1", "--eval-every", "0", "--final-eval-windows", "1", "--sample-tokens", "0", "--no-fused"])
+    code = run_cli(
+        main,
+        [
+            *data,
+            "--out",
+            str(out),
+            "--preset",
+            "gpt1-tiny",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+            "--eval-every",
+            "0",
+            "--final-eval-windows",
+            "1",
+            "--sample-tokens",
+            "0",
+            "--no-fused",
+        ],
+    )
     printed = capsys.readouterr().out
     assert code == 0 and f"cached: {tokenizer}" in printed and f"cached: {shards}" in printed
     assert (out / "tokenizer.json").read_bytes() == tokenizer.read_bytes()

@@ -1,6 +1,7 @@
 """Token shards: built once in a stream, reused while corpus and tokenizer are unchanged, rebuilt
 otherwise; resumed after an interruption; uint32 past 65,536 tokens; leftovers of killed builds
 removed."""
+
 import hashlib
 import math
 import os
@@ -54,7 +55,9 @@ def test_build_then_reuse(tmp_path, tokenizer):
     again, built = load_or_build_shards(tmp_path, {"files": [["a", 1, 2]]}, count, tokenizer)
     assert not built and count.calls == 1  # the documents were not even read
     assert again.directory == shards.directory and again.train.tolist() == expected_train
-    assert [p.name for p in shards.directory.parent.iterdir() if p.name.startswith(".")] == [".lock"]  # no temp dirs left
+    assert [p.name for p in shards.directory.parent.iterdir() if p.name.startswith(".")] == [
+        ".lock"
+    ]  # no temp dirs left
 
 
 def test_changed_files_or_tokenizer_rebuild(tmp_path, tokenizer):
@@ -145,8 +148,10 @@ class Interrupting:
 
 def many_docs():
     lines = read_documents(shakespeare_files()[:1])[0].text.splitlines()
-    return ListSource([Document(str(i), "\n".join(lines[i * 40:(i + 1) * 40])) for i in range(40)],
-                      [Document("v", "\n".join(lines[2000:2100]))])
+    return ListSource(
+        [Document(str(i), "\n".join(lines[i * 40 : (i + 1) * 40])) for i in range(40)],
+        [Document("v", "\n".join(lines[2000:2100]))],
+    )
 
 
 def digests(shards):
@@ -195,11 +200,15 @@ def test_one_build_at_a_time_per_cache(tmp_path, tokenizer):
     said, result = [], {}
     with open(tmp_path / "shards" / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # flock locks are per open file: this one blocks the thread's
-        worker = threading.Thread(target=lambda: result.update(out=load_or_build_shards(tmp_path, {"k": 6}, docs, tokenizer, say=said.append)))
+        worker = threading.Thread(
+            target=lambda: result.update(out=load_or_build_shards(tmp_path, {"k": 6}, docs, tokenizer, say=said.append))
+        )
         worker.start()
         worker.join(timeout=2)
         assert worker.is_alive() and "out" not in result
         assert any("waiting for another process's token-shard build" in m for m in said)
         fcntl.flock(held, fcntl.LOCK_UN)
     worker.join(timeout=60)
-    assert result["out"][1] and result["out"][0].train.tolist() == [t for d in docs().train for t in tokenizer.encode(d.text)]
+    assert result["out"][1] and result["out"][0].train.tolist() == [
+        t for d in docs().train for t in tokenizer.encode(d.text)
+    ]

@@ -1,5 +1,6 @@
 """Task readers on small fixture files written in each data set's published layout
 (tests/fixtures/), and the errors a malformed file must produce."""
+
 import json
 import shutil
 from pathlib import Path
@@ -33,7 +34,10 @@ def test_cola_no_header_four_columns_quotes_kept():
     assert train[2].segments == ('She said "hello and left.',) and train[2].label == 1
     assert train[0].uid == "train.tsv:1"
     test = load("cola", GLUE / "CoLA", "test")["test"]  # the test file has a header
-    assert [(e.uid, e.segments, e.label) for e in test] == [("0", ('A "quoted start.',), None), ("1", ("Ran he home.",), None)]
+    assert [(e.uid, e.segments, e.label) for e in test] == [
+        ("0", ('A "quoted start.',), None),
+        ("1", ("Ran he home.",), None),
+    ]
 
 
 def test_sst2_header_and_unlabelled_test():
@@ -73,7 +77,9 @@ def test_mnli_matched_and_mismatched_with_varying_label_columns():
     assert set(test) == {"matched", "mismatched"} and test["matched"][0].label is None
 
 
-@pytest.mark.parametrize("task,folder,labels", [("qnli", "QNLI", [0, 1]), ("rte", "RTE", [0, 1, 0, 1]), ("wnli", "WNLI", [1, 0, 1, 0])])
+@pytest.mark.parametrize(
+    "task,folder,labels", [("qnli", "QNLI", [0, 1]), ("rte", "RTE", [0, 1, 0, 1]), ("wnli", "WNLI", [1, 0, 1, 0])]
+)
 def test_qnli_rte_wnli(task, folder, labels):
     train = load(task, GLUE / folder, "train")["train"]
     assert [e.label for e in train] == labels and all(len(e.segments) == 2 for e in train)
@@ -160,7 +166,9 @@ def test_snli_jsonl_and_txt_drop_no_consensus(layout):
 
 
 def test_snli_bad_label(tmp_path):
-    (tmp_path / "snli_1.0_dev.jsonl").write_text(json.dumps({"sentence1": "a", "sentence2": "b", "gold_label": "yes"}) + "\n")
+    (tmp_path / "snli_1.0_dev.jsonl").write_text(
+        json.dumps({"sentence1": "a", "sentence2": "b", "gold_label": "yes"}) + "\n"
+    )
     with pytest.raises(TaskDataError, match=r"snli_1\.0_dev\.jsonl:1: label 'yes'"):
         load("snli", tmp_path, "dev")
 
@@ -168,7 +176,10 @@ def test_snli_bad_label(tmp_path):
 def test_scitail_no_header_three_columns():
     root = FIX / "scitail" / "SciTailV1.1"
     train = load("scitail", root, "train")["train"]
-    assert [e.label for e in train] == [0, 1, 0] and train[1].segments == ('A "cell is small.', "The moon is made of cheese.")
+    assert [e.label for e in train] == [0, 1, 0] and train[1].segments == (
+        'A "cell is small.',
+        "The moon is made of cheese.",
+    )
     assert len(load("scitail", root / "tsv_format", "test")["test"]) == 1  # the tsv_format dir itself works too
 
 
@@ -182,7 +193,9 @@ def test_story_cloze_split_and_csv_quoting():
     assert not {e.uid for e in train} & {e.uid for e in dev}
     assert load("rocstories", d, "dev")["dev"] == dev  # fixed: the same on every call
     story = {e.uid: e for e in train + dev}
-    assert story["id-0"].segments == ("Ann wanted a dog. She saved her money. She went to the shelter, hopeful. She saw a puppy.",)
+    assert story["id-0"].segments == (
+        "Ann wanted a dog. She saved her money. She went to the shelter, hopeful. She saw a puppy.",
+    )
     assert story["id-1"].segments[0].endswith('He said, "Oh no."') and story["id-1"].label == 1
     assert story["id-0"].choices == ("Ann adopted the puppy.", "Ann hated dogs.") and story["id-0"].label == 0
     test = load("rocstories", d, "test")["test"]
@@ -249,7 +262,22 @@ def test_swag_missing_column(tmp_path):
 
 
 def test_registry_names():
-    for name in ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "snli", "scitail", "rocstories", "race", "swag"):
+    for name in (
+        "cola",
+        "sst2",
+        "mrpc",
+        "qqp",
+        "stsb",
+        "mnli",
+        "qnli",
+        "rte",
+        "wnli",
+        "snli",
+        "scitail",
+        "rocstories",
+        "race",
+        "swag",
+    ):
         assert name in TASKS
     assert TASKS["shakespeare-cloze"].embedded and TASKS["shakespeare-cloze"].kind == "multiple_choice"
     assert TASKS["shakespeare-genre"].kind == "classification"

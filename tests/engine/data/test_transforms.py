@@ -1,4 +1,5 @@
 """The paper's input transformations: exact token layouts, truncation, tokenisation, padding."""
+
 import random
 
 import pytest
@@ -84,7 +85,9 @@ def test_truncate_matches_one_token_at_a_time():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="max_len 3 leaves no room for text after 3 special tokens"):
         transform("entailment", [[1], [2]], [], SP, 3)
-    assert transform("entailment", [[1], [2]], [], SP, 4) == [[S, D, 2, E]]  # the smallest that fits; a tie: the first loses
+    assert transform("entailment", [[1], [2]], [], SP, 4) == [
+        [S, D, 2, E]
+    ]  # the smallest that fits; a tie: the first loses
     with pytest.raises(ValueError, match="unknown task kind 'ranking'"):
         transform("ranking", [[1]], [], SP, 8)
     with pytest.raises(ValueError, match="entailment example has 2 text segment"):
@@ -106,7 +109,10 @@ def test_input_transform_tokenises_then_transforms(tokenizer):
     (enc,) = InputTransform(tokenizer, "similarity", 64)([ex])
     a, b = tokenizer.encode("the cat sat"), tokenizer.encode("a dog")
     assert enc.label == 1
-    assert enc.sequences == (tuple([sp.start, *a, sp.delimiter, *b, sp.classify]), tuple([sp.start, *b, sp.delimiter, *a, sp.classify]))
+    assert enc.sequences == (
+        tuple([sp.start, *a, sp.delimiter, *b, sp.classify]),
+        tuple([sp.start, *b, sp.delimiter, *a, sp.classify]),
+    )
     mc = Example("y", ("the cat", "is it"), ("so", "far away"), 0)
     (enc,) = InputTransform(tokenizer, "multiple_choice", 64)([mc])
     ctx = tokenizer.encode("the cat") + tokenizer.encode("is it")
@@ -126,7 +132,10 @@ def test_collate_pads_right_and_masks_lm_labels():
     b = collate(items, SP.pad)
     P = SP.pad
     assert b.input_ids.tolist() == [[[S, 1, 2, E, P], [S, 3, E, P, P]], [[S, 4, E, P, P], [S, 5, 6, 7, E]]]
-    assert b.lm_labels.tolist() == [[[S, 1, 2, E, -100], [S, 3, E, -100, -100]], [[S, 4, E, -100, -100], [S, 5, 6, 7, E]]]
+    assert b.lm_labels.tolist() == [
+        [[S, 1, 2, E, -100], [S, 3, E, -100, -100]],
+        [[S, 4, E, -100, -100], [S, 5, 6, 7, E]],
+    ]
     assert b.extract.tolist() == [[3, 2], [2, 4]]
     assert b.labels.dtype == torch.long and b.labels.tolist() == [1, 0]
     scores = collate([Encoded(((S, E),), 2.5), Encoded(((S, E),), 1)], SP.pad).labels

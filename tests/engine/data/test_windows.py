@@ -1,4 +1,5 @@
 """Training and validation windows: shapes, determinism, slicing across processes, coverage."""
+
 import numpy as np
 import pytest
 import torch

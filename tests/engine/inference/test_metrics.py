@@ -1,4 +1,5 @@
 """Task metrics against values worked out by hand (each computation written beside it)."""
+
 import math
 
 import pytest

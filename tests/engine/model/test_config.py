@@ -71,5 +71,12 @@ def test_every_field_is_documented():
 def test_hf_dict_round_trip_and_hf_config_without_n_inner():
     c = GPT1Config.from_name("gpt1-small")
     assert GPT1Config.from_dict(c.to_hf_dict()) == c
-    hf = {"model_type": "openai-gpt", "n_embd": 128, "n_head": 4, "n_layer": 2, "afn": "gelu", "summary_type": "cls_index"}
+    hf = {
+        "model_type": "openai-gpt",
+        "n_embd": 128,
+        "n_head": 4,
+        "n_layer": 2,
+        "afn": "gelu",
+        "summary_type": "cls_index",
+    }
     assert GPT1Config.from_dict(hf).n_inner == 512  # openai-gpt's FFN is 4 * n_embd

@@ -1,14 +1,17 @@
 """embd_dropout="matrix" (OpenAI's code): the whole embedding tables are dropped, one mask per
 pass, and the tied LM head reads the dropped token table; "sum" (transformers) drops the sum."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
 
 from engine import GPT1, GPT1Config
 from engine.model.reference import ReferenceGPT1
+from helpers import assert_close
 
-CFG = dict(n_layer=2, n_embd=48, n_head=4, n_positions=32, vocab_size=97, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.3)
+CFG = dict(
+    n_layer=2, n_embd=48, n_head=4, n_positions=32, vocab_size=97, resid_pdrop=0.0, attn_pdrop=0.0, embd_pdrop=0.3
+)
 
 
 def spec_loss(model: torch.nn.Module, ids: torch.Tensor, seed: int) -> torch.Tensor:

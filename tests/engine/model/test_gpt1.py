@@ -1,11 +1,12 @@
 """GPT1 (fused and reference paths) against ReferenceGPT1, the spec; inputs; generation."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
 
 from engine import GPT1, GPT1Config
 from engine.model.reference import ReferenceGPT1
+from helpers import assert_close
 
 CFG = dict(n_layer=2, n_embd=48, n_head=4, n_positions=32, vocab_size=97)  # head_dim 12, prime vocab
 

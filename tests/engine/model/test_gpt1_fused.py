@@ -1,12 +1,15 @@
 """GPT1(fused=True) on CPU as a whole: torch.compile traces it in one graph through the gpt1::
 ops, and a 20-step training run follows the reference path's loss curve."""
+
 import torch
-from helpers import assert_close
 
 from engine import GPT1, GPT1Config
+from helpers import assert_close
 
 # dropout off: the two paths draw different masks (Philox in the kernels, torch's RNG in the reference)
-CFG = dict(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=101, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+CFG = dict(
+    n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=101, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 
 
 def test_torch_compile_fullgraph_traces_the_fused_ops_and_matches_eager():
@@ -28,7 +31,9 @@ def test_torch_compile_fullgraph_traces_the_fused_ops_and_matches_eager():
     torch.compile(model, backend=recording_backend, fullgraph=True)(ids, labels=ids)
     traced = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     for op in ("gpt1.attention_fwd", "gpt1.add_layernorm_fwd", "gpt1.linear_gelu_fwd", "gpt1.linear_cross_entropy_fwd"):
-        assert any(t.startswith(op) for t in traced), f"{op} is not in the compiled graph: {sorted(t for t in traced if 'gpt1' in t)}"
+        assert any(t.startswith(op) for t in traced), (
+            f"{op} is not in the compiled graph: {sorted(t for t in traced if 'gpt1' in t)}"
+        )
 
     torch._dynamo.reset()
     loss = torch.compile(model, fullgraph=True)(ids, labels=ids).loss  # inductor, fused ops as extern kernels

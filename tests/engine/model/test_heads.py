@@ -1,5 +1,6 @@
 """Task heads: the shared dropout mask, the similarity sum, the extract-token read-out and the
 combined objective L3 = L2 + λ·L1."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,9 @@ def test_similarity_sums_both_orders_before_the_linear_layer():
     out = head(h)
     torch.manual_seed(1)
     keep = torch.empty(5, 1, C).bernoulli_(0.9) / 0.9
-    assert torch.allclose(out, F.linear((h[:, :1] * keep + h[:, 1:] * keep)[:, 0], head.linear.weight, head.linear.bias), atol=1e-6)
+    assert torch.allclose(
+        out, F.linear((h[:, :1] * keep + h[:, 1:] * keep)[:, 0], head.linear.weight, head.linear.bias), atol=1e-6
+    )
 
 
 def test_classification_and_regression_heads():
@@ -88,7 +91,10 @@ def _tiny_model(kind: str, n_labels: int, lm_coef: float) -> GPT1ForTask:
 
 
 def _batch():
-    items = [Encoded(((30, 1, 2, 31, 5, 32), (30, 1, 2, 31, 6, 7, 32)), 1), Encoded(((30, 3, 31, 8, 32), (30, 3, 31, 9, 32)), 0)]
+    items = [
+        Encoded(((30, 1, 2, 31, 5, 32), (30, 1, 2, 31, 6, 7, 32)), 1),
+        Encoded(((30, 3, 31, 8, 32), (30, 3, 31, 9, 32)), 0),
+    ]
     return collate(items, pad_id=33)
 
 
@@ -138,7 +144,9 @@ def test_lm_loss_averaged_per_sequence_as_openai(fused):
     lm[1] = -100  # a sequence with no counted token: left out of the mean, no NaN
     out = model(b.input_ids, b.extract, b.labels, lm.view(B, S, T))
     logits = spec(ids, return_logits=True).logits[:, :-1]
-    tok = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), lm[:, 1:].reshape(-1), ignore_index=-100, reduction="none").view(B * S, T - 1)
+    tok = F.cross_entropy(
+        logits.reshape(-1, cfg.vocab_size), lm[:, 1:].reshape(-1), ignore_index=-100, reduction="none"
+    ).view(B * S, T - 1)
     m = (lm[:, 1:] != -100).float()
     rows = m.sum(1) > 0
     expected = ((tok * m).sum(1)[rows] / m.sum(1)[rows]).mean()

@@ -1,4 +1,5 @@
 """Drop-in with transformers' openai-gpt: same weights → same logits, both directions."""
+
 import json
 
 import pytest
@@ -93,7 +94,9 @@ def test_a_huge_config_is_refused_before_anything_is_allocated(tmp_path):
     exhausts memory; checking the config against the weights' shapes first is a ValueError."""
     GPT1(tiny_config(), fused=False).save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf_dict(), "vocab_size": 100_000_000_000}))
-    with pytest.raises(ValueError, match="tokens_embed.weight has shape \\(101, 32\\), the config implies \\(100000000000, 32\\)"):
+    with pytest.raises(
+        ValueError, match="tokens_embed.weight has shape \\(101, 32\\), the config implies \\(100000000000, 32\\)"
+    ):
         GPT1.from_pretrained(tmp_path, fused=False)
 
 
@@ -105,11 +108,21 @@ def test_a_config_with_a_million_layers_is_refused_at_once(tmp_path):
         GPT1.from_pretrained(tmp_path, fused=False)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("n_layer", "2"), ("n_head", None), ("n_embd", [32]), ("vocab_size", 1e11), ("afn", ["gelu"]),
-    ("layer_norm_epsilon", "1e-5"), ("initializer_range", None), ("resid_pdrop", [0.1]), ("attn_pdrop", True),
-    ("layer_norm_epsilon", True),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n_layer", "2"),
+        ("n_head", None),
+        ("n_embd", [32]),
+        ("vocab_size", 1e11),
+        ("afn", ["gelu"]),
+        ("layer_norm_epsilon", "1e-5"),
+        ("initializer_range", None),
+        ("resid_pdrop", [0.1]),
+        ("attn_pdrop", True),
+        ("layer_norm_epsilon", True),
+    ],
+)
 def test_config_values_of_the_wrong_type_name_the_file_and_field(tmp_path, field, value):
     GPT1(tiny_config(), fused=False).save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**tiny_config().to_hf_dict(), field: value}))

@@ -1,6 +1,7 @@
 """mode="openai" against an emulation of OpenAI's TextEncoder (finetune-transformer-lm's
 text_utils.py, transcribed here as the spec): ftfy, text_standardize, spaCy, lower, its own BPE
 loop, unknown pieces → id 0."""
+
 import json
 from pathlib import Path
 
@@ -9,12 +10,11 @@ import pytest
 pytest.importorskip("ftfy", reason="the [openai] extra is not installed")
 pytest.importorskip("spacy", reason="the [openai] extra is not installed")
 
+from engine.model.openai_text import text_standardize  # noqa: E402
+from engine.model.tokenizer import BPETokenizer  # noqa: E402
 from helpers import GPT1_ENCODER as ENCODER  # noqa: E402
 from helpers import GPT1_MERGES as MERGES
 from helpers import needs_gpt1_files
-
-from engine.model.openai_text import text_standardize  # noqa: E402
-from engine.model.tokenizer import BPETokenizer  # noqa: E402
 
 TEXTS = [
     "I don't know — she said “no”… and left.",

@@ -1,5 +1,6 @@
 """GPT-1's BPE: OpenAI's files as transformers reads them, training (reproducible across
 processes), save/load, and bad vocabulary files."""
+
 import hashlib
 import json
 import os
@@ -8,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from engine.model.tokenizer import BPETokenizer
 from helpers import GPT1_ENCODER as ENCODER  # noqa: E402
 from helpers import GPT1_MERGES as MERGES
 from helpers import needs_gpt1_files
-
-from engine.model.tokenizer import BPETokenizer
 
 TEXTS = [
     "Hello, World! It's a test.",
@@ -34,7 +35,7 @@ def test_gpt1_files_match_transformers():
         hf = transformers.OpenAIGPTTokenizer(vocab=vocab, merges=merges)
     else:
         hf = transformers.OpenAIGPTTokenizerFast(vocab_file=str(ENCODER), merges_file=str(MERGES))
-    assert hf.encode("hello world", add_special_tokens=False) != [0, 0], "transformers built an empty vocabulary" 
+    assert hf.encode("hello world", add_special_tokens=False) != [0, 0], "transformers built an empty vocabulary"
     assert ours.vocab_size == 40478
     for text in TEXTS:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
@@ -122,9 +123,21 @@ def test_train_refuses_a_one_shot_iterator():
 
 GOOD_ENCODER = {"<unk>": 0, "t": 1, "o": 2, "o</w>": 3, "t</w>": 4, "to</w>": 5}
 MALFORMED_GPT1_FILES = {
-    "merge of unknown tokens": (GOOD_ENCODER, "#version: 0.2\nt x</w>\n", "vocab.bpe:2: the merge .t x</w>. uses .x</w>., which is not in .*enc.json"),
-    "merge result not in the vocabulary": ({"<unk>": 0, "t": 1, "o</w>": 2}, "#version: 0.2\nt o</w>\n", "uses .to</w>., which is not in"),
-    "two tokens, one id": ({**GOOD_ENCODER, "x": 5}, "#version: 0.2\nt o</w>\n", "enc.json gives two tokens the same id"),
+    "merge of unknown tokens": (
+        GOOD_ENCODER,
+        "#version: 0.2\nt x</w>\n",
+        "vocab.bpe:2: the merge .t x</w>. uses .x</w>., which is not in .*enc.json",
+    ),
+    "merge result not in the vocabulary": (
+        {"<unk>": 0, "t": 1, "o</w>": 2},
+        "#version: 0.2\nt o</w>\n",
+        "uses .to</w>., which is not in",
+    ),
+    "two tokens, one id": (
+        {**GOOD_ENCODER, "x": 5},
+        "#version: 0.2\nt o</w>\n",
+        "enc.json gives two tokens the same id",
+    ),
     "negative id": ({**GOOD_ENCODER, "x": -1}, "#version: 0.2\nt o</w>\n", "enc.json holds an id outside"),
     "string ids": ({"t": "1"}, "#version: 0.2\n", "enc.json must map tokens to integer ids"),
     "not a map": ([1, 2], "#version: 0.2\n", "enc.json must map tokens to integer ids"),

@@ -1,5 +1,6 @@
 """Checkpoint I/O: the good/bad record, rotation, fallback from corrupt checkpoints, leaks
 of killed processes, permissions and environment faults (no model: a Linear's state_dict)."""
+
 import errno
 import json
 import os
@@ -80,8 +81,11 @@ def test_load_falls_back_to_the_newest_readable_checkpoint(tmp_path):
     used, loaded = ck.load_checkpoint(root / "step_00000006", read_into(seen), warn=warned.append)
     assert used.name == "step_00000002" and loaded["step"] == 2 and seen == [2.0]
     (line,) = warned
-    assert "step_00000006 (w.pt has 10 bytes" in line and "step_00000004 (" in line and line.endswith(
-        "resuming from " + str(used) + ", the newest that reads")
+    assert (
+        "step_00000006 (w.pt has 10 bytes" in line
+        and "step_00000004 (" in line
+        and line.endswith("resuming from " + str(used) + ", the newest that reads")
+    )
     # Given the run directory, the same search from its newest good checkpoint.
     assert ck.load_checkpoint(tmp_path, read_into([]), warn=warned.append)[0] == used
 
@@ -102,7 +106,9 @@ def test_no_readable_checkpoint_is_an_error_naming_each(tmp_path):
         save(tmp_path, step)
     for step in (2, 4):
         (tmp_path / ck.CHECKPOINTS / f"step_{step:08d}" / "w.pt").write_bytes(b"x")
-    with pytest.raises(UserError, match=r"no readable checkpoint in .*checkpoints: .*step_00000004 \(.*step_00000002 \("):
+    with pytest.raises(
+        UserError, match=r"no readable checkpoint in .*checkpoints: .*step_00000004 \(.*step_00000002 \("
+    ):
         ck.load_checkpoint(tmp_path, read_into([]), warn=lambda m: None)
     with pytest.raises(UserError, match="no good checkpoint found"):
         ck.load_checkpoint(tmp_path / "empty", read_into([]))
@@ -173,7 +179,12 @@ def test_a_killed_rotation_leaves_only_recognisable_trash(tmp_path, monkeypatch)
         ck.rotate_checkpoints(tmp_path, keep=1)
     monkeypatch.undo()
     left = names(tmp_path)
-    assert left[-1] == "step_00000004" and len(left) == 2 and left[0].startswith(".step_00000002.") and left[0].endswith(".trash")
+    assert (
+        left[-1] == "step_00000004"
+        and len(left) == 2
+        and left[0].startswith(".step_00000002.")
+        and left[0].endswith(".trash")
+    )
     ck.clean_run_dir(tmp_path)
     assert names(tmp_path) == ["step_00000004"]
 
@@ -182,8 +193,13 @@ def test_clean_run_dir_removes_only_the_leaks_of_killed_processes(tmp_path):
     run = tmp_path
     save(run, 2)
     root = run / ck.CHECKPOINTS
-    leaks = [root / ".step_00000004.k2j3.tmp", root / ".step_00000002.ab12.trash", root / "step_00000006",
-             run / ".metrics.jsonl.x8y9.tmp", run / ".best.q1w2.tmp"]
+    leaks = [
+        root / ".step_00000004.k2j3.tmp",
+        root / ".step_00000002.ab12.trash",
+        root / "step_00000006",
+        run / ".metrics.jsonl.x8y9.tmp",
+        run / ".best.q1w2.tmp",
+    ]
     for p in leaks:
         if p.name.startswith(".metrics"):
             p.write_text("{}")

@@ -1,4 +1,5 @@
 """engine/training/flops.py: the one FLOPs / MFU formula, shared by engine/training/trainer.py and bench/gpu_check.py."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """MetricsLog: metrics.jsonl, TensorBoard scalars, loss.png panels."""
+
 import json
 import sys
 import types
@@ -17,8 +18,10 @@ def test_loss_plot_has_one_subplot_per_panel(tmp_path):
     (ax,) = default.axes
     assert ax.get_ylabel() == "cross-entropy (nats/token)" and ax.get_xlabel() == "update"
     assert ax.get_legend_handles_labels()[1] == ["train", "validation", "unigram entropy"]
-    panels = [("loss (nats)", [("loss", "L3 = L2 + λ·L1"), ("task_loss", "task loss"), ("lm_loss", "LM loss")]),
-              ("dev accuracy", [("dev_accuracy", "dev")])]
+    panels = [
+        ("loss (nats)", [("loss", "L3 = L2 + λ·L1"), ("task_loss", "task loss"), ("lm_loss", "LM loss")]),
+        ("dev accuracy", [("dev_accuracy", "dev")]),
+    ]
     fig = log.figure(panels, hlines={"chance": 0.5})
     top, bottom = fig.axes
     assert (top.get_ylabel(), bottom.get_ylabel()) == ("loss (nats)", "dev accuracy")
@@ -48,7 +51,11 @@ def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
     log.log({"step": 3, "loss": 2.5, "note": "text is not a scalar"})
     log.close()
     assert calls == [("init", str(tmp_path / "tensorboard")), ("loss", 2.5, 3), ("close",)]
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 2.5, "note": "text is not a scalar"}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+        "step": 3,
+        "loss": 2.5,
+        "note": "text is not a scalar",
+    }
 
 
 def test_a_full_disk_names_metrics_jsonl(tmp_path, monkeypatch):

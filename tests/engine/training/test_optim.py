@@ -1,4 +1,5 @@
 """OpenAI's Adam against a NumPy transcription of opt.py's update (the spec)."""
+
 import copy
 import math
 
@@ -13,7 +14,7 @@ def openai_adam_numpy(p, grads, lrs, b1=0.9, b2=0.999, e=1e-8, l2=0.0):
     """opt.py's adam, one parameter, lr·schedule given per update: the reference."""
     p, m, v = p.copy(), np.zeros_like(p), np.zeros_like(p)
     for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
-        lrt = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        lrt = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         decay = l2 * p if (p.ndim > 1 and l2 > 0) else 0.0

@@ -1,5 +1,6 @@
 """engine/training/precision.py: --precision {auto,fp32,bf16} resolved per device and CPU, and training
 under bf16 autocast on the fused CPU path resuming bit for bit."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,19 +12,28 @@ from engine.training.precision import cpu_bf16_isa, resolve_precision
 from engine.training.trainer import TrainConfig, Trainer, autocast_dtype
 
 
-@pytest.mark.parametrize("caps,isa", [
-    ({"amx_bf16": True, "avx512_bf16": True}, "AMX-BF16"),
-    ({"amx_bf16": False, "avx512_bf16": True}, "AVX512-BF16"),
-    ({"amx_bf16": False, "avx512_bf16": False, "avx512_f": True}, None),
-    ({}, None),  # e.g. an ARM CPU: no x86 keys at all
-])
+@pytest.mark.parametrize(
+    "caps,isa",
+    [
+        ({"amx_bf16": True, "avx512_bf16": True}, "AMX-BF16"),
+        ({"amx_bf16": False, "avx512_bf16": True}, "AVX512-BF16"),
+        ({"amx_bf16": False, "avx512_bf16": False, "avx512_f": True}, None),
+        ({}, None),  # e.g. an ARM CPU: no x86 keys at all
+    ],
+)
 def test_bf16_isa_from_torchs_cpu_capabilities(monkeypatch, caps, isa):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
     assert cpu_bf16_isa() == isa
 
 
-@pytest.mark.parametrize("flags,isa", [("fpu avx512f amx_bf16 amx_tile", "AMX-BF16"),
-                                       ("fpu avx512f avx512_bf16", "AVX512-BF16"), ("fpu avx2 avx512f", None)])
+@pytest.mark.parametrize(
+    "flags,isa",
+    [
+        ("fpu avx512f amx_bf16 amx_tile", "AMX-BF16"),
+        ("fpu avx512f avx512_bf16", "AVX512-BF16"),
+        ("fpu avx2 avx512f", None),
+    ],
+)
 def test_bf16_isa_from_proc_cpuinfo_without_torchs_capabilities(monkeypatch, tmp_path, flags, isa):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n")
@@ -72,15 +82,27 @@ def test_trainer_autocast_dtype_follows_resolve_precision(monkeypatch):
 
 # ---- resume under bf16 on the fused CPU path ------------------------------------------------
 
-MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61, resid_pdrop=0.1, embd_pdrop=0.1,
-             attn_pdrop=0.1)  # dropout on: the restored RNG state matters
+MODEL = dict(
+    n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
+)  # dropout on: the restored RNG state matters
 SEQ = 12
 TOKENS = np.random.default_rng(0).integers(0, 61, 2000).astype(np.uint16)
 
 
 def make_trainer(out, resume_from=None, init_seed=0):
-    cfg = TrainConfig(out=str(out), max_steps=5, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1,
-                      eval_every=0, checkpoint_every=0, log_every=1, precision="bf16", device="cpu")
+    cfg = TrainConfig(
+        out=str(out),
+        max_steps=5,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_every=0,
+        checkpoint_every=0,
+        log_every=1,
+        precision="bf16",
+        device="cpu",
+    )
     torch.manual_seed(init_seed)
     model = GPT1(GPT1Config(**MODEL), fused=True)
     windows = RandomWindows(TOKENS, SEQ + 1, cfg.batch_size, cfg.seed)

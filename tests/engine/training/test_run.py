@@ -2,6 +2,7 @@
 the run's own tokenizer and kernels on resume, exit codes for environment faults, one-line
 errors for bad run files, and pretraining from an existing model (--init). Tiny settings:
 each run is a few updates of a 2-layer model on ~25 kB of text."""
+
 import contextlib
 import errno
 import json
@@ -14,14 +15,14 @@ from typing import Iterator
 
 import pytest
 import torch
-from helpers import assert_close
-from inference_runs import make_fixture_run
 from safetensors.torch import load_file
 
 from engine import GPT1, GPT1Config, finetune, pretrain, run
 from engine.cli import run_cli
 from engine.data.corpus import shakespeare_dir
 from engine.model.tokenizer import BPETokenizer
+from helpers import assert_close
+from inference_runs import make_fixture_run
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -36,10 +37,36 @@ def cache(tmp_path_factory):
 
 def pre_args(out, cache, *extra, data=None):
     return [
-        "--data", *(data or [str(shakespeare_dir() / p) for p in POEMS]), "--preset", "gpt1-tiny", "--seq-len", "32",
-        "--batch-size", "4", "--max-steps", "4", "--vocab-size", "300", "--eval-every", "2", "--checkpoint-every", "2",
-        "--eval-windows", "2", "--final-eval-windows", "4", "--sample-tokens", "0", "--log-every", "1", "--no-fused",
-        "--out", str(out), "--cache-dir", str(cache), *extra,
+        "--data",
+        *(data or [str(shakespeare_dir() / p) for p in POEMS]),
+        "--preset",
+        "gpt1-tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "4",
+        "--vocab-size",
+        "300",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--eval-windows",
+        "2",
+        "--final-eval-windows",
+        "4",
+        "--sample-tokens",
+        "0",
+        "--log-every",
+        "1",
+        "--no-fused",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *extra,
     ]
 
 
@@ -56,8 +83,26 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 def ft_args(out, init, *extra):
-    return ["--quiet", "--batch-size", "2", "--task", "rte", "--data-dir", str(RTE), "--init", str(init),
-            "--out", str(out), "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "2", *extra]
+    return [
+        "--quiet",
+        "--batch-size",
+        "2",
+        "--task",
+        "rte",
+        "--data-dir",
+        str(RTE),
+        "--init",
+        str(init),
+        "--out",
+        str(out),
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        *extra,
+    ]
 
 
 def one_line(err: str) -> bool:
@@ -82,9 +127,17 @@ def test_lock_names_the_directory_and_the_holders_pid(tmp_path):
 def held_lock(out: Path) -> Iterator[subprocess.Popen]:
     """Another process holding out's run lock for the with block."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from engine.training.run import RunLock; l = RunLock(sys.argv[1]); l.acquire(); "
-         "print('locked', flush=True); time.sleep(120)", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from engine.training.run import RunLock; l = RunLock(sys.argv[1]); l.acquire(); "
+            "print('locked', flush=True); time.sleep(120)",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         yield holder
@@ -97,7 +150,10 @@ def test_second_run_on_one_out_fails_at_once(tmp_path, cache, capsys):
     """Probe 2: a second run on a locked --out fails with one line, writing nothing there."""
     out = tmp_path / "run"
     with held_lock(out) as holder:
-        for main, argv in ((pretrain.main, pre_args(out, cache)), (finetune.main, ["--no-fused", *ft_args(out, tmp_path)])):
+        for main, argv in (
+            (pretrain.main, pre_args(out, cache)),
+            (finetune.main, ["--no-fused", *ft_args(out, tmp_path)]),
+        ):
             code, _, err = cli(main, argv, capsys)
             assert code == 2 and one_line(err), err
             assert str(out) in err and f"pid {holder.pid}" in err
@@ -111,8 +167,16 @@ def test_torchrun_on_a_locked_out_fails_on_every_rank(tmp_path, cache):
     one-line message, no traceback of ours, and nothing written there."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.pretrain",
-           *pre_args(out, cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "engine.pretrain",
+        *pre_args(out, cache),
+    ]
     with held_lock(out) as holder:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0, proc.stdout[-2000:]
@@ -175,12 +239,15 @@ def test_pretrain_resume_on_a_finetuning_run_is_one_line(pretrained, tmp_path, c
     assert "engine.finetune" in err and str(out / "train_config.json") in err
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not valid JSON"),
-    ('{"kind": "pretrain", "pretrain": {}, "train": {"max_steps": "many"}}', "--max-steps must be an integer"),
-    ('{"kind": "pretrain", "pretrain": {"bogus": 1}, "train": {}}', "bogus"),
-    ("[1, 2]", "not a run configuration"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"kind": "pretrain", "pretrain": {}, "train": {"max_steps": "many"}}', "--max-steps must be an integer"),
+        ('{"kind": "pretrain", "pretrain": {"bogus": 1}, "train": {}}', "bogus"),
+        ("[1, 2]", "not a run configuration"),
+    ],
+)
 def test_bad_train_config_names_the_file(content, message, tmp_path, cache, capsys):
     out = tmp_path / "run"
     assert cli(pretrain.main, pre_args(out, cache, "--stop-at", "2"), capsys)[0] == 0
@@ -214,11 +281,14 @@ def test_disk_full_or_read_only_is_one_line_exit_1(code_, tmp_path, cache, capsy
     assert state["step"] == 2  # the finished checkpoint is intact
 
 
-@pytest.mark.parametrize("error, code", [
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "in.txt"), 2),  # the user named a missing file
-    (PermissionError(errno.EACCES, "Permission denied", "/ro/run"), 1),
-    (OSError(errno.ENOSPC, "No space left on device", "/full/run/x"), 1),
-])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "in.txt"), 2),  # the user named a missing file
+        (PermissionError(errno.EACCES, "Permission denied", "/ro/run"), 1),
+        (OSError(errno.ENOSPC, "No space left on device", "/full/run/x"), 1),
+    ],
+)
 def test_run_cli_exit_codes(error, code, capsys):
     def main(argv):
         raise error
@@ -231,8 +301,9 @@ def test_run_cli_exit_codes(error, code, capsys):
 # ---- fine-tuning resume: one policy ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag", [["--lr", "1e-3"], ["--task", "sst2"], ["--batch-size", "4"], ["--lm-coef", "0.25"],
-                                  ["--fused"]])
+@pytest.mark.parametrize(
+    "flag", [["--lr", "1e-3"], ["--task", "sst2"], ["--batch-size", "4"], ["--lm-coef", "0.25"], ["--fused"]]
+)
 def test_finetune_resume_refuses_changed_settings(flag, pretrained, tmp_path, capsys):
     """Probe 4: these used to be dropped silently (and --no-fused runs resumed fused)."""
     out = tmp_path / "run"
@@ -295,8 +366,12 @@ def test_finetune_bad_head_file_is_one_line(pretrained, tmp_path, capsys):
 def test_init_none_with_preset_and_tokenizer_outside_a_project(pretrained, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/pretrain here
     out = tmp_path / "scratch"
-    argv = ["--no-fused", *ft_args(out, "none", "--preset", "gpt1-tiny", "--tokenizer", str(pretrained / "tokenizer.json"),
-                                   "--max-steps", "1")]
+    argv = [
+        "--no-fused",
+        *ft_args(
+            out, "none", "--preset", "gpt1-tiny", "--tokenizer", str(pretrained / "tokenizer.json"), "--max-steps", "1"
+        ),
+    ]
     code, _, err = cli(finetune.main, argv, capsys)
     assert code == 0, err
     assert GPT1.from_pretrained(out, fused=False).config.n_layer == GPT1Config.from_name("gpt1-tiny").n_layer
@@ -308,7 +383,9 @@ def test_init_none_with_arch_reads_only_config_and_tokenizer(pretrained, tmp_pat
     for name in ("config.json", "tokenizer.json"):
         (arch / name).write_bytes((pretrained / name).read_bytes())  # no weights
     out = tmp_path / "scratch"
-    code, _, err = cli(finetune.main, ["--no-fused", *ft_args(out, "none", "--arch", str(arch), "--max-steps", "1")], capsys)
+    code, _, err = cli(
+        finetune.main, ["--no-fused", *ft_args(out, "none", "--arch", str(arch), "--max-steps", "1")], capsys
+    )
     assert code == 0, err
 
 
@@ -327,10 +404,33 @@ def test_pretrain_init_continues_a_model_on_new_text_as_a_new_run(tmp_path, cach
     base = tmp_path / "base"
     assert cli(pretrain.main, pre_args(base, cache), capsys)[0] == 0
     new_text = tmp_path / "new.txt"
-    new_text.write_text("\n\n".join((shakespeare_dir() / "sonnets_gut.txt").read_text(encoding="utf-8").split("\n\n")[:200]))
+    new_text.write_text(
+        "\n\n".join((shakespeare_dir() / "sonnets_gut.txt").read_text(encoding="utf-8").split("\n\n")[:200])
+    )
     out = tmp_path / "cont"
-    argv = ["--init", str(base), "--data", str(new_text), "--seq-len", "32", "--batch-size", "4", "--max-steps", "1",
-            "--lr", "1e-9", "--eval-every", "0", "--sample-tokens", "0", "--no-fused", "--out", str(out), "--cache-dir", str(cache)]
+    argv = [
+        "--init",
+        str(base),
+        "--data",
+        str(new_text),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--lr",
+        "1e-9",
+        "--eval-every",
+        "0",
+        "--sample-tokens",
+        "0",
+        "--no-fused",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     code, stdout, err = cli(pretrain.main, argv, capsys)
     assert code == 0, err
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
@@ -350,15 +450,39 @@ def test_pretrain_init_reads_a_hugging_face_directory(tmp_path, cache, capsys):
     hf = tmp_path / "hf"
     hf.mkdir()
     letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(letters)}, **{c + "</w>": i + 27 for i, c in enumerate(letters)}}
+    vocab = {
+        "<unk>": 0,
+        **{c: i + 1 for i, c in enumerate(letters)},
+        **{c + "</w>": i + 27 for i, c in enumerate(letters)},
+    }
     (hf / "vocab.json").write_text(json.dumps(vocab))
     (hf / "merges.txt").write_text("#version: 0.2\n")
     torch.manual_seed(0)
-    GPT1(GPT1Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=2), fused=False).save_pretrained(hf)
+    GPT1(
+        GPT1Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=2, n_head=2), fused=False
+    ).save_pretrained(hf)
     out = tmp_path / "cont"
-    argv = ["--init", str(hf), "--data", *[str(shakespeare_dir() / p) for p in POEMS], "--seq-len", "32",
-            "--batch-size", "4", "--max-steps", "2", "--eval-every", "0", "--sample-tokens", "0", "--no-fused",
-            "--out", str(out), "--cache-dir", str(cache)]
+    argv = [
+        "--init",
+        str(hf),
+        "--data",
+        *[str(shakespeare_dir() / p) for p in POEMS],
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--sample-tokens",
+        "0",
+        "--no-fused",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     code, _, err = cli(pretrain.main, argv, capsys)
     assert code == 0, err
     assert GPT1.from_pretrained(out, fused=False).config.vocab_size == len(vocab)

@@ -1,5 +1,6 @@
 """The shared training engine: schedule, weight-decay groups, accumulation, exact resume,
 checkpoints, non-finite losses, metrics and the run-directory policy (CPU, tiny model)."""
+
 import errno
 import json
 import math
@@ -11,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, assert_fa_rule
 
 from engine import GPT1, GPT1Config
 from engine.cli import UserError
@@ -31,6 +31,7 @@ from engine.training.trainer import (
     build_optimizer,
     param_groups,
 )
+from helpers import assert_close, assert_fa_rule
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)
 SEQ = 12
@@ -43,9 +44,23 @@ def loss_fn(model, batch):
 
 def make_trainer(tmp_path, dropout=0.1, loss=loss_fn, resume_from=None, init_seed=0, **overrides):
     """A tiny run; fp32 unless `precision` says otherwise (auto would be bf16 on AMX/AVX512-BF16 CPUs)."""
-    cfg = TrainConfig(**{**dict(out=str(tmp_path), max_steps=6, batch_size=4, micro_batch_size=2, lr=1e-3,
-                               warmup_steps=2, eval_every=0, checkpoint_every=0, log_every=1, precision="fp32"),
-                         **overrides})
+    cfg = TrainConfig(
+        **{
+            **dict(
+                out=str(tmp_path),
+                max_steps=6,
+                batch_size=4,
+                micro_batch_size=2,
+                lr=1e-3,
+                warmup_steps=2,
+                eval_every=0,
+                checkpoint_every=0,
+                log_every=1,
+                precision="fp32",
+            ),
+            **overrides,
+        }
+    )
     torch.manual_seed(init_seed)
     pdrop = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     model = GPT1(GPT1Config(**MODEL, **pdrop), fused=False)
@@ -54,7 +69,9 @@ def make_trainer(tmp_path, dropout=0.1, loss=loss_fn, resume_from=None, init_see
         return {"val_loss": trainer.eval_loss(eval_batches(TOKENS[:600], SEQ + 1, 4))}
 
     windows = RandomWindows(TOKENS, SEQ + 1, cfg.batch_size, cfg.seed)
-    return Trainer(model, cfg, loss, windows, evaluate=evaluate, tokens_per_sample=SEQ, resume_from=resume_from, progress=False)
+    return Trainer(
+        model, cfg, loss, windows, evaluate=evaluate, tokens_per_sample=SEQ, resume_from=resume_from, progress=False
+    )
 
 
 # ---- schedule and optimiser ---------------------------------------------------------------
@@ -125,18 +142,21 @@ def test_weight_decay_groups():
     assert opt.defaults["fused"]  # torch's fused AdamW exists on CPU in torch >= 2.4
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-1.0), "--lr must be a positive"),
-    (dict(lr=float("nan")), "--lr must be a positive"),
-    (dict(batch_size=0), "--batch-size must be positive"),
-    (dict(max_steps=-5), "--max-steps must be positive"),
-    (dict(warmup_steps=50, max_steps=10), "--warmup-steps .50. must not exceed --max-steps .10."),
-    (dict(beta2=1.0), "--beta2 must be in"),
-    (dict(weight_decay=-0.1), "--weight-decay"),
-    (dict(schedule="step"), "--schedule must be one of"),
-    (dict(micro_batch_size=0), "--micro-batch-size must be positive"),
-    (dict(eval_every=-1), "--eval-every must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-1.0), "--lr must be a positive"),
+        (dict(lr=float("nan")), "--lr must be a positive"),
+        (dict(batch_size=0), "--batch-size must be positive"),
+        (dict(max_steps=-5), "--max-steps must be positive"),
+        (dict(warmup_steps=50, max_steps=10), "--warmup-steps .50. must not exceed --max-steps .10."),
+        (dict(beta2=1.0), "--beta2 must be in"),
+        (dict(weight_decay=-0.1), "--weight-decay"),
+        (dict(schedule="step"), "--schedule must be one of"),
+        (dict(micro_batch_size=0), "--micro-batch-size must be positive"),
+        (dict(eval_every=-1), "--eval-every must be >= 0"),
+    ],
+)
 def test_config_rejects_nonsense(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
@@ -193,11 +213,17 @@ def test_accumulation_under_bf16_autocast_keeps_bf16s_error(tmp_path):
     full-batch gradient as one bf16 forward's is (the FlashAttention rule). Gradients, not
     weights: Adam's first update is lr · sign(g) and would hide all but the signs."""
     grads = {}
-    for name, kw in {"fp32": dict(micro_batch_size=4), "bf16": dict(micro_batch_size=4, precision="bf16"),
-                     "bf16_accum": dict(micro_batch_size=1, precision="bf16")}.items():
+    for name, kw in {
+        "fp32": dict(micro_batch_size=4),
+        "bf16": dict(micro_batch_size=4, precision="bf16"),
+        "bf16_accum": dict(micro_batch_size=1, precision="bf16"),
+    }.items():
         t = make_trainer(tmp_path / name, dropout=0.0, max_steps=1, warmup_steps=1, grad_clip=0.0, **kw)
         t.optimizer.register_step_pre_hook(
-            lambda opt, *_, name=name, t=t: grads.update({name: {k: p.grad.clone() for k, p in t.model.named_parameters()}}))
+            lambda opt, *_, name=name, t=t: grads.update(
+                {name: {k: p.grad.clone() for k, p in t.model.named_parameters()}}
+            )
+        )
         t.fit()
     assert t.autocast == torch.bfloat16 and t.accum_steps == 4
     for k, ref in grads["fp32"].items():
@@ -229,7 +255,13 @@ def test_every_file_of_a_run_honours_the_umask(tmp_path):
     finally:
         os.umask(old)
     paths = list((tmp_path / "run").rglob("*"))
-    assert {p.name for p in paths} >= {"model.safetensors", "config.json", "trainer_state.pt", "checkpoint.json", "loss.png"}
+    assert {p.name for p in paths} >= {
+        "model.safetensors",
+        "config.json",
+        "trainer_state.pt",
+        "checkpoint.json",
+        "loss.png",
+    }
     modes = {p.relative_to(tmp_path): stat.S_IMODE(p.stat().st_mode) for p in paths}
     assert modes == {p: 0o755 if (tmp_path / p).is_dir() else 0o644 for p in modes}
 
@@ -287,14 +319,17 @@ def test_consecutive_non_finite_losses_stop_with_the_good_checkpoint_intact(tmp_
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
     assert result.checkpoint == tmp_path / "checkpoints" / "step_00000002"
     assert "The last good checkpoint is " + str(result.checkpoint) in capsys.readouterr().err
-    assert all(torch.isfinite(v).all() for v in GPT1.from_pretrained(result.checkpoint, fused=False).state_dict().values())
+    assert all(
+        torch.isfinite(v).all() for v in GPT1.from_pretrained(result.checkpoint, fused=False).state_dict().values()
+    )
 
 
 def test_a_run_ending_inside_a_short_streak_diverges_and_keeps_the_good_checkpoints(tmp_path, capsys):
     """A streak shorter than --max-bad-steps at the end: no final weights, no checkpoint of
     the bad state, the good ones not rotated out, and the last good one named."""
-    t = make_trainer(tmp_path, dropout=0.0, loss=nan_at({5, 6}), max_steps=6, checkpoint_every=1, keep_checkpoints=2,
-                     max_bad_steps=5)
+    t = make_trainer(
+        tmp_path, dropout=0.0, loss=nan_at({5, 6}), max_steps=6, checkpoint_every=1, keep_checkpoints=2, max_bad_steps=5
+    )
     result = t.fit()
     assert result.status == "diverged" and result.step == 6
     assert not (tmp_path / "model.safetensors").exists()
@@ -323,7 +358,9 @@ def test_an_interrupt_inside_a_streak_writes_nothing_from_the_bad_state(tmp_path
     t = make_trainer(tmp_path, dropout=0.0, loss=signalled, max_steps=6, checkpoint_every=2)
     result = t.fit()
     assert result.status == "interrupted" and result.step == 3
-    assert result.checkpoint.name == "step_00000002" and [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert result.checkpoint.name == "step_00000002" and [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_00000002"
+    ]
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -340,8 +377,12 @@ def test_resume_falls_back_from_a_corrupt_newest_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     resumed = make_trainer(tmp_path / "part", resume_from=newest, init_seed=99)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "step_00000004" in err[0] and "resuming from" in err[0] and err[0].endswith(
-        "step_00000002, the newest that reads")
+    assert (
+        len(err) == 1
+        and "step_00000004" in err[0]
+        and "resuming from" in err[0]
+        and err[0].endswith("step_00000002, the newest that reads")
+    )
     assert resumed.step == 2 and resumed.resumed_from.name == "step_00000002"
     resumed.fit()
     for k, v in weights(full).items():
