@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=None, help="only the first N configs of each list")
     args = ap.parse_args()
     print(
-        f"{'kernel':6} {'config':16} {'drop':4} {'cvt':>4} {'regs':>4} {'spill':>5} {'bar':>4} {'loop':>5} {'lbar':>4} {'lsm':>4} {'smem':>6}  ratio"
+        f"{'kernel':6} {'config':16} {'drop':4} {'cvt':>4} {'regs':>4} {'spill':>5} {'bar':>4} {'loop':>5} "
+        f"{'lbar':>4} {'lsm':>4} {'smem':>6}  ratio"
     )
     for name in args.kernels:
         for cfg in KERNELS[name].configs[: args.configs]:

@@ -67,7 +67,8 @@ kernels_package()  # gpt1_kernels, installed or this checkout's kernels/
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from engine import GPT1, GPT1Config, ops, reference  # noqa: E402
+from engine import GPT1, GPT1Config, ops  # noqa: E402
+from engine.model import reference  # noqa: E402
 from engine.training.flops import flops_per_token, mfu, peak_bf16_flops  # noqa: E402
 from helpers import FA_FLOOR, FA_SLACK  # noqa: E402
 
@@ -524,7 +525,8 @@ def main() -> int:
     print_table()
     failed = [k for k, v in RESULTS["checks"].items() if not v.get("ok")]
     print(
-        f"\nchecks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed {failed}; errors: {len(RESULTS['errors'])}"
+        f"\nchecks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed {failed}; "
+        f"errors: {len(RESULTS['errors'])}"
     )
     out = ARGS.out or ROOT / "bench" / "results" / f"{name.replace(' ', '_')}-{_dt.date.today()}.json"
     if not ARGS.smoke or ARGS.out:

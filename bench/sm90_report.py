@@ -611,7 +611,8 @@ def markdown(results: list[Result]) -> str:
         rows.append(
             f"| {j.op} | {j.attr} | {j.config} | {j.dtype} | {'0.1' if j.dropout else '-'} | {r.smem} | {r.regs} | "
             f"{r.regs * 32 * j.num_warps} | {r.spill} | {r.wgmma} | {r.cvt} | "
-            f"{', '.join(map(str, r.loops)) or '-'} | {', '.join(map(str, r.bars)) or '-'} | {'; '.join(fails) or 'ok'} |"
+            f"{', '.join(map(str, r.loops)) or '-'} | {', '.join(map(str, r.bars)) or '-'} | "
+            f"{'; '.join(fails) or 'ok'} |"
         )
     bad = sum(1 for r in results if r.failures())
     rows += ["", f"{len(results)} compiles, {bad} failing the gate (spill, > 227 KiB, bf16 matmul without wgmma)."]

@@ -6,7 +6,8 @@ torch.autocast("cpu", torch.bfloat16), with the inputs in the dtypes the model g
 there: qkv and the residual branch bf16 (matmul outputs), the stream and the weights fp32.
 
 Units: attention in GFLOP/s by FlashAttention's formula (fwd 4·B·T²·H·D, halved when causal;
-bwd 2.5× fwd); add+LayerNorm in GB/s of compulsory traffic; the matmul ops in GFLOP/s. Rates count fp32 bytes for every provider (so GB/s compares as 1/time).
+bwd 2.5× fwd); add+LayerNorm in GB/s of compulsory traffic; the matmul ops in GFLOP/s. Rates count
+fp32 bytes for every provider (so GB/s compares as 1/time).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import ops, reference
+from engine import ops
+from engine.model import reference
 
 from .conftest import SHAPES, fused_cpu_error, median_seconds
 

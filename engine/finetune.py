@@ -52,6 +52,7 @@ from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
 from engine.model.tokenizer import BPETokenizer
 from engine.training import checkpoint, run
 from engine.training import trainer as train
+from engine.training.flops import flops_per_token
 from engine.training.precision import resolve_precision
 
 # Where `python -m engine.pretrain` writes its run when given no --out.
@@ -827,9 +828,7 @@ def _train(
         evaluate=evaluate,
         dist=dist,
         tokens_per_sample=round(mean_tokens),
-        flops_per_token=train.flops_per_token(
-            n_params, model.body.config.n_layer, model.body.config.n_embd, round(mean_len)
-        ),
+        flops_per_token=flops_per_token(n_params, model.body.config.n_layer, model.body.config.n_embd, round(mean_len)),
         weights=TASK_WEIGHTS,
         extra_state=lambda: dict(best),
         load_extra_state=lambda s: best.update(s),

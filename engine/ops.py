@@ -49,25 +49,30 @@ SCHEMAS = {
     # qkv (B, T, 3C) → out (B, T, C), lse (B, H, T)
     "attention_fwd": "(Tensor qkv, int n_head, float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
     # → grad_qkv (B, T, 3C)
-    "attention_bwd": "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, float dropout_p, Tensor? seed) -> Tensor",
+    "attention_bwd": "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int n_head, float dropout_p, Tensor? seed)"
+    " -> Tensor",
     # → keep (B, H, T, T) bool, upper triangle unspecified
     "attention_dropout_mask": "(Tensor seed, int batch, int n_head, int seq_len, float dropout_p) -> Tensor",
     # x, residual (N, C) (residual may be lower precision: a bf16 matmul output under autocast
     # while the stream x stays float32, as F.layer_norm); weight, bias (C,) → y (N, C) in x's
     # dtype, mean (N,), rstd (N,)
-    "add_layernorm_fwd": "(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor)",
+    "add_layernorm_fwd": "(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps, float dropout_p, "
+    "Tensor? seed) -> (Tensor, Tensor, Tensor)",
     # → grad_x, grad_residual (residual's dtype; empty when dropout_p == 0: it equals grad_x),
     #   grad_weight, grad_bias
-    "add_layernorm_bwd": "(Tensor grad_y, Tensor x, Tensor residual, Tensor weight, Tensor mean, Tensor rstd, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)",
+    "add_layernorm_bwd": "(Tensor grad_y, Tensor x, Tensor residual, Tensor weight, Tensor mean, Tensor rstd, "
+    "float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)",
     # → keep (N, C) bool
     "add_layernorm_dropout_mask": "(Tensor seed, int rows, int cols, float dropout_p) -> Tensor",
     # x (N, C), weight (F, C), bias (F,) → y = gelu(pre) (N, F), pre = x Wᵀ + b (N, F)
     "linear_gelu_fwd": "(Tensor x, Tensor weight, Tensor bias, str approximate) -> (Tensor, Tensor)",
     # → grad_x (N, C), grad_weight (F, C), grad_bias (F,)
-    "linear_gelu_bwd": "(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, str approximate) -> (Tensor, Tensor, Tensor)",
+    "linear_gelu_bwd": "(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, str approximate)"
+    " -> (Tensor, Tensor, Tensor)",
     # hidden (N, C), weight (V, C), targets (N,) int64 → loss () float32 (mean over kept
     # targets), grad_hidden (N, C), grad_weight (V, C) of that mean (empty unless compute_grad)
-    "linear_cross_entropy_fwd": "(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, bool compute_grad) -> (Tensor, Tensor, Tensor)",
+    "linear_cross_entropy_fwd": "(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, bool compute_grad)"
+    " -> (Tensor, Tensor, Tensor)",
 }
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
@@ -482,7 +487,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore
         raise ValueError(f"linear_cross_entropy: weight must be (V, {C}), got {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(
-            f"linear_cross_entropy: targets {tuple(targets.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}"
+            f"linear_cross_entropy: targets {tuple(targets.shape)} must match hidden's leading dims "
+            f"{tuple(hidden.shape[:-1])}"
         )
     if targets.dtype != torch.int64:
         raise ValueError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")

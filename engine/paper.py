@@ -1,7 +1,7 @@
 """`python -m engine.paper`: the paper's analyses in miniature, on the embedded data, from nothing.
 
-    python -m engine.paper --out runs/paper            # ~28 min on 2 CPU cores (measured: bench/results/paper-2026-12-01)
-    python -m engine.paper --quick --out runs/paper-q  # ~10 min: a check that everything runs (its LM is still on the unigram plateau)
+    python -m engine.paper --out runs/paper            # ~28 min on 2 CPU cores (bench/results/paper-2026-12-01)
+    python -m engine.paper --quick --out runs/paper-q  # ~10 min: checks everything runs (LM on the unigram plateau)
     python -m engine.paper --pretrained runs/pretrain --out runs/paper   # reuse a pretraining run
 
 Writes into --out: ``report.md`` (the tables, the figures and a sentence per effect),
@@ -41,7 +41,8 @@ TASKS = ("shakespeare-cloze", "shakespeare-order")
 # helps (Fig. 2 left); zero-shot accuracy grows with pretraining (Fig. 2 right).
 PAPER = {
     "pretraining": "Table 5: removing pre-training costs 14.8 points on average (74.7 → 59.9); it helps every task",
-    "aux_lm": "Table 5: removing the auxiliary LM loss changes the average little (74.7 → 75.0); it helps the larger data sets (NLI, QQP) and hurts the smaller ones",
+    "aux_lm": "Table 5: removing the auxiliary LM loss changes the average little (74.7 → 75.0); it helps the "
+    "larger data sets (NLI, QQP) and hurts the smaller ones",
     "layers": "Fig. 2 left: accuracy rises with each layer transferred (up to 9% per layer on MultiNLI)",
     "zeroshot": "Fig. 2 right: zero-shot performance rises steadily with pretraining updates",
 }

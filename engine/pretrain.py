@@ -479,7 +479,8 @@ def _train(
     import torch
 
     from engine.data.windows import EpochWindows, RandomWindows, eval_batches
-    from engine.training.trainer import Trainer, flops_per_token
+    from engine.training.flops import flops_per_token
+    from engine.training.trainer import Trainer
 
     out, window = Path(tcfg.out), pcfg.seq_len + 1
 

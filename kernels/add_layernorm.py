@@ -393,5 +393,6 @@ def add_layernorm_dropout_mask(seed: Tensor, rows: int, cols: int, dropout_p: fl
     keep = torch.ones(rows, cols, dtype=torch.int8, device=seed.device)
     if dropout_p > 0 and rows > 0 and cols > 0:
         launch = fwd_launch(cols)
-        _add_layernorm_dropout_mask_kernel[(triton.cdiv(rows, launch["ROWS"]),)](seed, keep, rows, cols, thresh, **launch)
+        grid = (triton.cdiv(rows, launch["ROWS"]),)
+        _add_layernorm_dropout_mask_kernel[grid](seed, keep, rows, cols, thresh, **launch)
     return keep.view(torch.bool)

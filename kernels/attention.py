@@ -192,7 +192,8 @@ def _dropout_keep_bits(seed, bh, start_m, start_n, drop_thresh, BLOCK_M: tl.cons
     t = drop_thresh.to(tl.uint32)
     t7 = (t & 127) * 0x01010101
     u = tl.where(t < 128, 0xFFFFFFFF, 0).to(tl.uint32)
-    k = _keep_msbs(w0, t7, u) | (_keep_msbs(w1, t7, u) >> 1) | (_keep_msbs(w2, t7, u) >> 2) | (_keep_msbs(w3, t7, u) >> 3)
+    k = (_keep_msbs(w0, t7, u) | (_keep_msbs(w1, t7, u) >> 1)
+         | (_keep_msbs(w2, t7, u) >> 2) | (_keep_msbs(w3, t7, u) >> 3))
     # A reduction over a size-1 axis changes nothing but pins the layout: Triton does not
     # rematerialise through reductions, so the transposed tile's layout conversion happens on
     # these words (one per call) instead of recomputing every call in each of the four threads
@@ -215,7 +216,8 @@ def _dropout_keep_unpack(bits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _keep_tile(seed, bh, start_m, start_n, drop_thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OWNED: tl.constexpr):
+def _keep_tile(seed, bh, start_m, start_n, drop_thresh,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OWNED: tl.constexpr):
     """The keep mask of _dropout_keep, built to suit the consumer's layout. OWNED: a wgmma
     accumulator in query-major order (fwd and dQ in bf16/fp16), whose threads hold whole calls,
     so each byte is compared where it is drawn. Otherwise (dK/dV's transposed tiles, fp32's
@@ -337,8 +339,10 @@ def _attn_bwd_delta_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = h * HEAD_DIM + tl.arange(0, HEAD_DIM)
     ok = offs_m[:, None] < T
-    o = tl.load(out_ptr + b.to(tl.int64) * stride_out_b + offs_m[:, None] * stride_out_t + cols[None, :], mask=ok, other=0.0)
-    do = tl.load(dout_ptr + b.to(tl.int64) * stride_dout_b + offs_m[:, None] * stride_dout_t + cols[None, :], mask=ok, other=0.0)
+    o = tl.load(out_ptr + b.to(tl.int64) * stride_out_b + offs_m[:, None] * stride_out_t + cols[None, :],
+                mask=ok, other=0.0)
+    do = tl.load(dout_ptr + b.to(tl.int64) * stride_dout_b + offs_m[:, None] * stride_dout_t + cols[None, :],
+                 mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
@@ -497,7 +501,8 @@ def _attn_bwd_dq_kernel(
     head = b.to(tl.int64) * stride_qkv_b + h * HEAD_DIM
     q_offs = offs_m[:, None] * stride_qkv_t + offs_d[None, :]
     q = tl.load(qkv_ptr + head + q_offs, mask=row_ok[:, None], other=0.0)
-    do_ptrs = dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM + offs_m[:, None] * stride_dout_t + offs_d[None, :]
+    do_ptrs = (dout_ptr + b.to(tl.int64) * stride_dout_b + h * HEAD_DIM
+               + offs_m[:, None] * stride_dout_t + offs_d[None, :])
     do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
@@ -550,7 +555,8 @@ def _attn_dropout_mask_kernel(
 def _configs(shapes: list[tuple[int, ...]]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) → autotune configs."""
     return [
-        triton.Config({"BLOCK_M": s[0], "BLOCK_N": s[1]}, num_warps=s[2], num_stages=s[3], maxnreg=(s[4:] or (None,))[0])
+        triton.Config({"BLOCK_M": s[0], "BLOCK_N": s[1]}, num_warps=s[2], num_stages=s[3],
+                      maxnreg=(s[4:] or (None,))[0])
         for s in shapes
     ]
 
@@ -606,7 +612,8 @@ _fwd_tuned = _autotune(
 )
 _dkdv_tuned = _autotune(_attn_bwd_dkdv_kernel, [(32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 2)], (16, 32, 4, 2))
 _dq_tuned = _autotune(
-    _attn_bwd_dq_kernel, [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
+    _attn_bwd_dq_kernel,
+    [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2)],
     (32, 32, 4, 2),
 )
 _TUNED = {"fwd": _fwd_tuned, "dkdv": _dkdv_tuned, "dq": _dq_tuned}  # the autotuned passes, by name
@@ -655,7 +662,8 @@ def _check_qkv(name: str, qkv: Tensor, n_head: int) -> tuple[int, int, int, int]
     if B * n_head > _MAX_GRID_Y:
         raise ValueError(f"{name}: batch * n_head = {B * n_head} exceeds the grid limit {_MAX_GRID_Y}")
     if qkv.device.type == "cpu" and not _INTERPRET:
-        raise ValueError(f"{name}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton)")
+        raise ValueError(f"{name}: CPU tensors need the Triton interpreter "
+                         "(TRITON_INTERPRET=1 before importing triton)")
     return B, T, C, D
 
 
@@ -752,7 +760,8 @@ def attention_bwd(
     return grad_qkv
 
 
-def _dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p: float, blocks: tuple[int, int]) -> Tensor:
+def _dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p: float,
+                  blocks: tuple[int, int]) -> Tensor:
     """attention_dropout_mask with explicit (BLOCK_M, BLOCK_N) tiles (tests vary them)."""
     name = "attention_dropout_mask"
     for arg, value, least in (("batch", batch, 0), ("n_head", n_head, 1), ("seq_len", seq_len, 0)):
@@ -763,7 +772,8 @@ def _dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p
     if batch * n_head > _MAX_GRID_Y:
         raise ValueError(f"{name}: batch * n_head = {batch * n_head} exceeds the grid limit {_MAX_GRID_Y}")
     if seed.device.type == "cpu" and not _INTERPRET:
-        raise ValueError(f"{name}: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton)")
+        raise ValueError(f"{name}: CPU tensors need the Triton interpreter "
+                         "(TRITON_INTERPRET=1 before importing triton)")
     if blocks[0] % 16 or blocks[1] % 32:
         raise ValueError(f"{name}: tiles must be multiples of (16, 32), got {blocks}")
     if dropout_p == 0:  # the kernels draw nothing; the seed may be anything

@@ -298,7 +298,8 @@ CANDIDATES = {"cublas": linear_gelu_fwd_cublas, "triton": linear_gelu_fwd_triton
 def linear_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
     """(y, pre): y = GELU(x Wᵀ + b), pre saved for backward; by CANDIDATES[DEFAULT_IMPL]."""
     if DEFAULT_IMPL not in CANDIDATES:
-        raise ValueError(f"gpt1_kernels.linear_gelu.DEFAULT_IMPL must be one of {sorted(CANDIDATES)}, got {DEFAULT_IMPL!r}")
+        raise ValueError(f"gpt1_kernels.linear_gelu.DEFAULT_IMPL must be one of {sorted(CANDIDATES)}, "
+                         f"got {DEFAULT_IMPL!r}")
     return CANDIDATES[DEFAULT_IMPL](x, weight, bias, approximate)
 
 

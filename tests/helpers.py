@@ -89,7 +89,7 @@ def exact_reference(fn, tensors, dout, *args, **kwargs):
 
 def attention_reference(qkv, dout, H, p=0.0, mask=None, upcast=False):
     """out and grad_qkv of engine.model.reference.causal_attention, by autograd, in qkv's dtype."""
-    from engine import reference
+    from engine.model import reference
 
     mask = None if mask is None else mask.cpu()
     out, (grad,) = autograd_reference(reference.causal_attention, [qkv], dout, H, p, upcast=upcast, dropout_mask=mask)

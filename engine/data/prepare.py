@@ -191,7 +191,8 @@ def prepare(pcfg: Any, cache: Path, say: Callable[..., None] = print, tokenizer:
     say(f"tokenizer  {note}")
     say(
         f"shards     {shards.directory}/ ({'built now' if built else 'cached'}): train {meta['train_tokens']:,} tokens "
-        f"({meta['train_documents']:,} units), validation {meta['val_tokens']:,} tokens ({meta['val_documents']:,} units), "
+        f"({meta['train_documents']:,} units), validation {meta['val_tokens']:,} tokens "
+        f"({meta['val_documents']:,} units), "
         f"{meta['dtype']}"
     )
     return 0

@@ -159,7 +159,8 @@ def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
     S = len(items[0].sequences)
     if any(len(e.sequences) != S for e in items):
         raise ValueError(
-            f"examples in a batch must have the same number of sequences, got {sorted({len(e.sequences) for e in items})}"
+            "examples in a batch must have the same number of sequences, "
+            f"got {sorted({len(e.sequences) for e in items})}"
         )
     T = max(len(s) for e in items for s in e.sequences)
     ids = torch.full((len(items), S, T), pad_id, dtype=torch.long)

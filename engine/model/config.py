@@ -33,7 +33,8 @@ class GPT1Config:
     afn: str = field(
         default="gelu",
         metadata={
-            "help": "activation: 'gelu' (OpenAI's tanh form, as transformers' openai-gpt), 'gelu_new' (same), 'gelu_exact' (erf)"
+            "help": "activation: 'gelu' (OpenAI's tanh form, as transformers' openai-gpt), 'gelu_new' (same), "
+            "'gelu_exact' (erf)"
         },
     )
     resid_pdrop: float = field(
@@ -43,7 +44,8 @@ class GPT1Config:
     embd_dropout: str = field(
         default="sum",
         metadata={
-            "help": "'sum': drop the token + position sum (transformers); 'matrix': drop elements of the whole embedding tables, one mask per pass, seen by the tied LM head too (OpenAI's code)"
+            "help": "'sum': drop the token + position sum (transformers); 'matrix': drop elements of the whole "
+            "embedding tables, one mask per pass, seen by the tied LM head too (OpenAI's code)"
         },
     )
     attn_pdrop: float = field(default=0.1, metadata={"help": "dropout on the attention probabilities"})

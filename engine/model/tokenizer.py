@@ -137,15 +137,21 @@ class BPETokenizer:
             missing = [str(p) for p in paths if not p.is_file()]
             if missing or not paths:
                 raise FileNotFoundError(f"tokenizer training files not found: {missing[:5] or '(none given)'}")
-            source: Callable[[], Iterable[str]] = lambda: _file_lines(paths)
+
+            def source() -> Iterable[str]:
+                return _file_lines(paths)
         elif callable(texts):
             source = texts
         elif iter(texts) is texts:  # type: ignore[arg-type]
             raise ValueError(
-                "BPETokenizer.train reads texts twice: pass a list or a function returning a fresh iterable, not an iterator"
+                "BPETokenizer.train reads texts twice: pass a list or a function returning a fresh iterable, "
+                "not an iterator"
             )
         else:
-            source = lambda: texts  # type: ignore[assignment,return-value]
+
+            def source() -> Iterable[str]:
+                return texts  # type: ignore[return-value]
+
         tok = _train_deterministic(source, vocab_size, min_frequency)
         if tok.get_vocab_size() <= 1:
             raise ValueError("tokenizer training data is empty: no tokens learned")

@@ -72,8 +72,8 @@ from engine.training.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from engine.training.flops import PEAK_BF16_FLOPS, flops_per_token  # noqa: F401  (one formula; pretrain/finetune import it from here)
-from engine.training.metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported: callers import them from here)
+from engine.training.flops import PEAK_BF16_FLOPS
+from engine.training.metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported)
 
 # ---- configuration ----------------------------------------------------------------------
 
@@ -92,7 +92,8 @@ class TrainConfig:
     micro_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "sequences per forward pass per process; fewer than batch_size/processes accumulates gradients (default: no accumulation)"
+            "help": "sequences per forward pass per process; fewer than batch_size/processes accumulates gradients "
+            "(default: no accumulation)"
         },
     )
     lr: float = field(default=2.5e-4, metadata={"help": "peak learning rate (paper: 2.5e-4)"})
@@ -105,7 +106,8 @@ class TrainConfig:
     schedule: str = field(
         default="cosine",
         metadata={
-            "help": "decay after warm-up: cosine to 0 (paper, pretraining), linear to 0 (paper, fine-tuning) or constant",
+            "help": "decay after warm-up: cosine to 0 (paper, pretraining), linear to 0 (paper, fine-tuning) "
+            "or constant",
             "choices": ("cosine", "linear", "constant"),
         },
     )
@@ -115,13 +117,16 @@ class TrainConfig:
     weight_decay: float = field(
         default=0.01,
         metadata={
-            "help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains get none (paper: 0.01)"
+            "help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains "
+            "get none (paper: 0.01)"
         },
     )
     optimizer: str = field(
         default="adamw",
         metadata={
-            "help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); engine.training.optim)",
+            "help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias "
+            "correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); "
+            "engine.training.optim)",
             "choices": ("adamw", "openai-adam"),
         },
     )
@@ -136,7 +141,8 @@ class TrainConfig:
     precision: str = field(
         default="auto",
         metadata={
-            "help": "auto (bf16 autocast on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, fp32 elsewhere), fp32 or bf16",
+            "help": "auto (bf16 autocast on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, fp32 elsewhere), "
+            "fp32 or bf16",
             "choices": ("auto", "fp32", "bf16"),
         },
     )

@@ -77,7 +77,9 @@ try:  # head_dim 24: the C++ kernel takes it, the Triton launcher refuses it by 
     torch.ops.gpt1.attention_fwd(torch.zeros(1, 4, 72), 1, 0.0, None)
 except ValueError as e:
     print("REFUSED", e)
-cfg = GPT1Config(n_layer=1, n_embd=32, n_head=2, n_positions=8, vocab_size=37, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+cfg = GPT1Config(
+    n_layer=1, n_embd=32, n_head=2, n_positions=8, vocab_size=37, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 torch.manual_seed(0)
 ref = GPT1(cfg, fused=False)
 fused = GPT1(cfg, fused=True)

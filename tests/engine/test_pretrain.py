@@ -400,12 +400,10 @@ def test_epochs_set_the_length_and_resume_mid_epoch_is_bit_identical(tmp_path, c
     """--epochs 0.5: every window at most once, max_steps from the split's window count; a run
     stopped mid-epoch and resumed equals the uninterrupted one."""
     base = [a for a in args(tmp_path / "x", cache) if a not in ("--max-steps", "6")]
-    epoch = lambda out, *extra: [
-        *[a if a != str(tmp_path / "x") else str(out) for a in base],
-        "--epochs",
-        "0.5",
-        *extra,
-    ]  # noqa: E731
+
+    def epoch(out, *extra):
+        return [*[a if a != str(tmp_path / "x") else str(out) for a in base], "--epochs", "0.5", *extra]
+
     code, stdout, _ = run(epoch(tmp_path / "full"), capsys)
     assert code == 0
     saved = json.loads((tmp_path / "full" / "train_config.json").read_text())

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from backends import CPP, TRITON, cases
-from engine import ops, reference
+from engine import ops
+from engine.model import reference
 from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 from philox_ref import keep_mask
 

@@ -13,7 +13,8 @@ import torch
 import triton
 
 from backends import CPP, TRITON, cases
-from engine import ops, reference
+from engine import ops
+from engine.model import reference
 from gpt1_kernels.attention import _TUNED
 from gpt1_kernels.pinning import pinned_config
 from helpers import assert_close, assert_fa_rule

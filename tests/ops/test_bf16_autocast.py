@@ -16,7 +16,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine import GPT1, GPT1Config, ops, reference
+from engine import GPT1, GPT1Config, ops
+from engine.model import reference
 from helpers import assert_close, assert_fa_rule
 
 BF16 = torch.bfloat16

@@ -132,7 +132,8 @@ def test_threshold_is_eight_bits():
 _LAYOUT_SM90 = r"""
 from bench.attn_layout_probe import KERNELS, probe
 for name, m, n in (("fwd", 128, 64), ("dq", 128, 32), ("dkdv", 32, 128)):  # the issue's configs, all w8
-    config = next(c for c in KERNELS[name].configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg) == (m, n, 8, None))
+    shape = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg)  # noqa: E731
+    config = next(c for c in KERNELS[name].configs if shape(c) == (m, n, 8, None))
     off, on = probe(name, config, False), probe(name, config, True)
     print(name, *(r[k] for k in ("cvt", "loop_bar", "loop_smem", "loop") for r in (off, on)))
 """

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from backends import cases
-from engine import ops, reference
+from engine import ops
+from engine.model import reference
 from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 
 IGNORE = -100

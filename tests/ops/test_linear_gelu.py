@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from backends import Backend, cases, use
-from engine import ops, reference
+from engine import ops
+from engine.model import reference
 from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
 
 GRAD_NAMES = ("grad_x", "grad_weight", "grad_bias")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import reference
+from engine.model import reference
 from gpt1_kernels import linear_cross_entropy as lce
 from helpers import assert_close
 

@@ -115,7 +115,8 @@ from engine.data import shards
 from engine.data.prepare import Corpus
 from engine.pretrain import PretrainConfig
 from engine.model.tokenizer import BPETokenizer
-shards.BATCH_BYTES, shards.PIECE_CHARS, shards.STATS_CHUNK, shards.CHECKPOINT_BYTES = 1 << 16, 1 << 14, 1 << 18, int(sys.argv[3])
+shards.BATCH_BYTES, shards.PIECE_CHARS, shards.STATS_CHUNK = 1 << 16, 1 << 14, 1 << 18
+shards.CHECKPOINT_BYTES = int(sys.argv[3])
 corpus = Corpus(PretrainConfig(data=[sys.argv[1]], val_fraction=0.05))
 tokenizer = BPETokenizer.load(sys.argv[4])
 if len(sys.argv) > 5:  # a small build first: thread pools, caches and imports are in place before measuring
@@ -123,7 +124,8 @@ if len(sys.argv) > 5:  # a small build first: thread pools, caches and imports a
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print("ready", flush=True)
 built, _ = corpus.shards(Path(sys.argv[2]), tokenizer, lambda *a: print(*a, flush=True))
-print("peak growth KiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, built.meta["train_tokens"], flush=True)
+growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print("peak growth KiB", growth, built.meta["train_tokens"], flush=True)
 """
 
 

@@ -314,7 +314,10 @@ def test_embedded_genre_balanced_over_three_genres():
 def test_speech_parsing_drops_speakers_and_stage_directions():
     from engine.data.embedded_tasks import speeches
 
-    text = "ACT I.\n\nScene I. A room.\n\n[Enter Ber.]\n\nBer.\nWho's there?\n[Aside.] Stand,\nand unfold.\n\nLady Montague.\nO, where is Romeo?\n"
+    text = (
+        "ACT I.\n\nScene I. A room.\n\n[Enter Ber.]\n\nBer.\nWho's there?\n[Aside.] Stand,\nand unfold.\n\n"
+        "Lady Montague.\nO, where is Romeo?\n"
+    )
     assert speeches(text) == [["Who's there?", "Stand,", "and unfold."], ["O, where is Romeo?"]]
 
 

@@ -9,8 +9,8 @@ import stat
 import pytest
 import torch
 
-from engine import checkpoint as ck
 from engine.cli import UserError
+from engine.training import checkpoint as ck
 
 
 def write_weights(value):

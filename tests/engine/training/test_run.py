@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import GPT1, GPT1Config, finetune, pretrain, run
+from engine import GPT1, GPT1Config, finetune, pretrain
 from engine.cli import run_cli
 from engine.data.corpus import shakespeare_dir
 from engine.model.tokenizer import BPETokenizer
+from engine.training import run
 from helpers import assert_close
 from inference_runs import make_fixture_run
 
