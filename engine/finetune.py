@@ -52,8 +52,11 @@ from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
 from engine.model.tokenizer import BPETokenizer
 from engine.training import checkpoint, run
 from engine.training import trainer as train
+from engine.training.config import TrainConfig
+from engine.training.distributed import DistEnv, resolve_device
 from engine.training.flops import flops_per_token
 from engine.training.precision import resolve_precision
+from engine.training.prefetch import to_device
 
 # Where `python -m engine.pretrain` writes its run when given no --out.
 PRETRAIN_DEFAULT_OUT = "runs/pretrain"
@@ -224,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_dataclass_args(
         p,
-        train.TrainConfig,
+        TrainConfig,
         defaults={**PAPER_TRAIN, "max_steps": None, "eval_every": None, "checkpoint_every": None, "warmup_steps": None},
         helps={
             "max_steps": "updates in the run; overrides --epochs (default: epochs × ceil(n_train / batch size))",
@@ -247,7 +250,7 @@ class Resolved:
     training set's size is known), the run directory, and a resumed run's model config."""
 
     finetune: FinetuneConfig
-    train: train.TrainConfig | None
+    train: TrainConfig | None
     given_train: dict[str, Any]
     out: Path
     saved_model: dict[str, Any] | None = None
@@ -268,7 +271,7 @@ class Resolved:
 def resolve(ns: argparse.Namespace) -> Resolved:
     """The run's settings: the flags given (new run) or the saved ones under the one resume
     policy (engine.training.run.resume_sections)."""
-    given_f, given_t = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(train.TrainConfig, ns)
+    given_f, given_t = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(TrainConfig, ns)
     if ns.stop_at is not None and ns.stop_at <= 0:
         raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
     if not ns.resume:
@@ -283,14 +286,14 @@ def resolve(ns: argparse.Namespace) -> Resolved:
         out,
         "finetune",
         {"finetune": given_f, "train": {**given_t, "out": str(out)}},
-        {"finetune": FinetuneConfig, "train": train.TrainConfig},
+        {"finetune": FinetuneConfig, "train": TrainConfig},
     )
     return Resolved(built["finetune"], built["train"], given_t, out, saved.get("model"))
 
 
 def _resolve_train_config(
     fcfg: FinetuneConfig, given: dict[str, Any], out: Path, n_train: int, device: torch.device
-) -> train.TrainConfig:
+) -> TrainConfig:
     kw = {**PAPER_TRAIN, **({"lr": CPU_LR} if device.type == "cpu" else {}), **given, "out": str(out)}
     steps_per_epoch = math.ceil(n_train / kw["batch_size"])
     if "max_steps" not in given:
@@ -300,7 +303,7 @@ def _resolve_train_config(
     kw.setdefault("eval_every", min(steps_per_epoch, kw["max_steps"]))
     kw.setdefault("checkpoint_every", min(steps_per_epoch, kw["max_steps"]))
     kw.setdefault("log_every", max(1, min(10, kw["max_steps"] // 10)))
-    return train.TrainConfig(**kw)
+    return TrainConfig(**kw)
 
 
 # ---- loading models and tokenizers -------------------------------------------------------------
@@ -521,11 +524,11 @@ def predict(
     device: torch.device,
     pad_id: int,
     autocast: torch.dtype | None = None,
-    dist: train.DistEnv | None = None,
+    dist: DistEnv | None = None,
 ) -> tuple[list[Any], float | None]:
     """(prediction per example, mean L3 over the set or None when unlabelled). Examples go in
     batches of similar length; under DDP each process takes every world_size-th batch."""
-    dist = dist or train.DistEnv(device=device)
+    dist = dist or DistEnv(device=device)
     order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].sequences))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     was_training = model.training
@@ -534,7 +537,7 @@ def predict(
     loss_sum, count = 0.0, 0
     try:
         for chunk in chunks[dist.rank :: dist.world_size]:
-            batch = train.to_device(collate([encoded[i] for i in chunk], pad_id).as_dict(), device)
+            batch = to_device(collate([encoded[i] for i in chunk], pad_id).as_dict(), device)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 out = model(**batch)
             preds = model.head.predict(out.out).tolist()
@@ -640,7 +643,7 @@ def _task_meta(task: Task, fcfg: FinetuneConfig, max_len: int, source: str) -> d
     }
 
 
-def _print(msg: str, dist: train.DistEnv | None = None) -> None:
+def _print(msg: str, dist: DistEnv | None = None) -> None:
     if dist is None or dist.is_main:
         print(msg, flush=True)
 
@@ -688,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         return _finetune(ns, res, dist)
 
 
-def _finetune(ns: argparse.Namespace, res: Resolved, dist: train.DistEnv) -> int:
+def _finetune(ns: argparse.Namespace, res: Resolved, dist: DistEnv) -> int:
     t0 = time.perf_counter()
     out, fcfg = res.out, res.finetune
     resume_from = checkpoint.prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
@@ -758,8 +761,8 @@ def _describe(
     model: GPT1ForTask,
     max_len: int,
     fcfg: FinetuneConfig,
-    cfg: train.TrainConfig,
-    dist: train.DistEnv,
+    cfg: TrainConfig,
+    dist: DistEnv,
 ) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     mean_len = _mean_tokens(train_split) / len(train_split.encoded[0].sequences)
@@ -785,12 +788,12 @@ def _train(
     train_split: "Split",
     dev: list["Split"],
     test: list["Split"],
-    cfg: train.TrainConfig,
+    cfg: TrainConfig,
     fcfg: FinetuneConfig,
     meta: dict[str, Any],
     source: str,
     resume_from: Path | None,
-    dist: train.DistEnv,
+    dist: DistEnv,
     t0: float,
 ) -> int:
     out, sp, primary = Path(cfg.out), tokenizer.special_tokens(), task.metrics[0]
@@ -884,7 +887,7 @@ def eval_only(ns: argparse.Namespace) -> int:
         raise ValueError(f"{run_dir} was fine-tuned on {task.name!r}, not {given['task']!r}")
     data_dir = Path(fcfg.data_dir) if fcfg.data_dir else (Path(meta["data_dir"]) if meta.get("data_dir") else None)
     out = Path(ns.out) if ns.out else run_dir / "eval"
-    device = train.resolve_device(vars(ns).get("device", "auto"))
+    device = resolve_device(vars(ns).get("device", "auto"))
     fused = vars(ns).get("fused", True)
     run.check_fused(fused, device)
     body = GPT1.from_pretrained(run_dir, fused=fused)

@@ -45,7 +45,8 @@ from engine.training.checkpoint import (
     clear_run_dir,
     prepare_run_dir,
 )
-from engine.training.trainer import TrainConfig, batch_layout, resolve_device
+from engine.training.config import TrainConfig
+from engine.training.distributed import batch_layout, resolve_device
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def run_dir(run: str | Path) -> Path:
 
 def inference_device(device: str, fused: bool) -> torch.device:
     """The device `--device` names; the fused path on CPU needs the C++ kernels, said up front."""
-    from engine.training.trainer import resolve_device
+    from engine.training.distributed import resolve_device
 
     dev = resolve_device(device)
     if fused and dev.type == "cpu":

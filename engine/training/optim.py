@@ -1,4 +1,6 @@
-"""OpenAI's Adam, as GPT-1 was trained with it (openai/finetune-transformer-lm, opt.py).
+"""The optimiser and the learning-rate schedule: AdamW over two parameter groups (decay on matrices
+and embeddings only), warm-up then cosine/linear decay, and OpenAI's Adam, as GPT-1 was trained
+with it (openai/finetune-transformer-lm, opt.py).
 
 It is not torch's AdamW. At update t (1-based), with the learning rate lr_t = lr · schedule(t)
 that the trainer writes into each parameter group before the update:
@@ -16,10 +18,13 @@ Vectors (biases, LayerNorm gains) get no decay whatever their group says, as Ope
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from engine.training.config import TrainConfig
 
 
 class OpenAIAdam(torch.optim.Optimizer):
@@ -87,3 +92,67 @@ class OpenAIAdam(torch.optim.Optimizer):
                 if p.ndim >= 2:  # OpenAI: matrices only (vector_l2=False)
                     u.add_(p, alpha=group["weight_decay"])
         torch._foreach_add_(params, updates, alpha=-alpha)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: weight matrices and embeddings (ndim >= 2) decay, biases and
+    LayerNorm gains (ndim < 2) do not. Each group lists its parameter names in "names"."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # shared (tied) parameters appear once
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append((name, p))
+    return [
+        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """cfg.optimizer over `param_groups`: AdamW (torch's fused implementation where the device
+    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.training.optim)."""
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    device = params[0].device.type if params else "cpu"
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "openai-adam":
+        from engine.training.optim import OpenAIAdam
+
+        return OpenAIAdam(groups, **kwargs)
+    fused_ok = device in _fused_adamw_devices() and all(p.is_floating_point() for p in params)
+    if fused_ok:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def _fused_adamw_devices() -> tuple[str, ...]:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:  # private helper: fall back to what torch >= 2.4 supports
+        return ("cuda", "cpu")
+
+
+@dataclass
+class Schedule:
+    """Learning-rate multiplier of update k (0-based): linear warm-up, multiplier (k+1)/W,
+    reaching 1 at update W-1; then decay over the remaining updates to 0 at update
+    max_steps-1: cosine 0.5·(1 + cos(π·p)) or linear (1 - p), p = (k+1-W)/(max_steps-W)."""
+
+    warmup_steps: int
+    max_steps: int
+    kind: str = "cosine"
+
+    def __call__(self, k: int) -> float:
+        W, N = self.warmup_steps, self.max_steps
+        if k + 1 <= W:
+            return (k + 1) / W
+        if self.kind == "constant":
+            return 1.0
+        p = min(1.0, (k + 1 - W) / max(1, N - W))
+        if self.kind == "linear":
+            return 1.0 - p
+        return 0.5 * (1.0 + math.cos(math.pi * p))

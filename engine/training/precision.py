@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from engine.training.config import TrainConfig
+
 PRECISIONS = ("auto", "fp32", "bf16")
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -78,3 +80,10 @@ def resolve_precision(precision: str, device: torch.device | str) -> tuple[torch
     if isa is None:
         return None, f"fp32 (auto: {model} has neither AMX-BF16 nor AVX512-BF16)"
     return torch.bfloat16, f"bf16 autocast (auto: {model} has {isa})"
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of cfg.precision on `device` (None: fp32); engine.training.precision says why."""
+    from engine.training.precision import resolve_precision
+
+    return resolve_precision(cfg.precision, device)[0]

@@ -63,7 +63,7 @@ def distributed(device: str) -> Iterator[Any]:
     """Joins the torchrun job (or runs alone) on `device`; leaves it at the end, waiting for
     every process after a normal exit (gloo aborts a rank that tears down while a peer is
     still using the group) and not after an error (peers may never arrive)."""
-    from engine.training.trainer import setup_distributed, teardown_distributed
+    from engine.training.distributed import setup_distributed, teardown_distributed
 
     dist = setup_distributed(device)
     try:

@@ -45,21 +45,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import queue
 import signal
-import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from engine.cli import UserError, flag_name
 from engine.training.checkpoint import (
     LOSS_PLOT,
     WeightsIO,
@@ -72,406 +68,25 @@ from engine.training.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from engine.training.config import TrainConfig
+from engine.training.distributed import DistEnv, batch_layout, resolve_device
 from engine.training.flops import PEAK_BF16_FLOPS
 from engine.training.metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported)
+from engine.training.optim import Schedule, build_optimizer
+from engine.training.precision import autocast_dtype
+from engine.training.prefetch import Prefetcher, to_device
+from engine.training.progress import Progress
 
 # ---- configuration ----------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    """Training: optimisation, schedule, devices, checkpoints and logging."""
-
-    out: str = field(default="runs/run", metadata={"help": "run directory: checkpoints, metrics, final weights"})
-    max_steps: int = field(
-        default=1000, metadata={"help": "optimizer updates in the whole run (the schedule spans them)"}
-    )
-    batch_size: int = field(
-        default=64, metadata={"help": "sequences per update, over all processes and accumulation steps (paper: 64)"}
-    )
-    micro_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "sequences per forward pass per process; fewer than batch_size/processes accumulates gradients "
-            "(default: no accumulation)"
-        },
-    )
-    lr: float = field(default=2.5e-4, metadata={"help": "peak learning rate (paper: 2.5e-4)"})
-    warmup_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "updates of linear warm-up from 0 to --lr (default: the paper's 2000, capped at 10%% of max_steps)"
-        },
-    )
-    schedule: str = field(
-        default="cosine",
-        metadata={
-            "help": "decay after warm-up: cosine to 0 (paper, pretraining), linear to 0 (paper, fine-tuning) "
-            "or constant",
-            "choices": ("cosine", "linear", "constant"),
-        },
-    )
-    beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (paper: 0.9)"})
-    beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (paper: 0.999)"})
-    eps: float = field(default=1e-8, metadata={"help": "Adam epsilon (paper: 1e-8)"})
-    weight_decay: float = field(
-        default=0.01,
-        metadata={
-            "help": "decoupled (AdamW) weight decay on weight matrices and embeddings; biases and LayerNorm gains "
-            "get none (paper: 0.01)"
-        },
-    )
-    optimizer: str = field(
-        default="adamw",
-        metadata={
-            "help": "adamw (torch's, fused where the device has it) or openai-adam (OpenAI's GPT-1 Adam: bias "
-            "correction folded into the step, decay scaled by it, eps on the uncorrected sqrt(v); "
-            "engine.training.optim)",
-            "choices": ("adamw", "openai-adam"),
-        },
-    )
-    grad_clip: float = field(
-        default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the model init, dropout and data order"})
-    device: str = field(
-        default="auto",
-        metadata={"help": "cpu, cuda, or auto (cuda when available)", "choices": ("auto", "cpu", "cuda")},
-    )
-    precision: str = field(
-        default="auto",
-        metadata={
-            "help": "auto (bf16 autocast on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, fp32 elsewhere), "
-            "fp32 or bf16",
-            "choices": ("auto", "fp32", "bf16"),
-        },
-    )
-    fused: bool = field(
-        default=True,
-        metadata={
-            "help": "run the model on the fused kernels (C++ on CPU, Triton on CUDA) instead of the PyTorch reference"
-        },
-    )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    log_every: int = field(default=10, metadata={"help": "log train loss and throughput every N updates"})
-    eval_every: int = field(default=200, metadata={"help": "validate every N updates; 0: only at the end"})
-    checkpoint_every: int = field(default=500, metadata={"help": "checkpoint every N updates; 0: only at the end"})
-    keep_checkpoints: int = field(default=3, metadata={"help": "checkpoints kept (the newest K)"})
-    max_bad_steps: int = field(
-        default=5,
-        metadata={"help": "stop after this many consecutive non-finite losses (each one's update is skipped)"},
-    )
-    prefetch: int = field(default=4, metadata={"help": "micro-batches a background thread loads ahead"})
-    peak_tflops: float | None = field(
-        default=None,
-        metadata={
-            "help": "accelerator peak TFLOP/s for MFU (default: looked up by GPU name; H100/H200 bf16 dense: 989)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "log_every", "keep_checkpoints", "max_bad_steps", "prefetch")
-        non_negative = ("eval_every", "checkpoint_every")
-        for name in positive + non_negative + ("micro_batch_size", "warmup_steps", "seed"):
-            value = getattr(self, name)
-            if value is None and name in ("micro_batch_size", "warmup_steps"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{flag_name(name)} must be an integer, got {value!r}")
-            if name in positive and value <= 0:
-                raise ValueError(f"{flag_name(name)} must be positive, got {value}")
-            if value < 0:
-                raise ValueError(f"{flag_name(name)} must be >= 0, got {value}")
-        if self.micro_batch_size == 0:
-            raise ValueError("--micro-batch-size must be positive, got 0")
-        if self.warmup_steps is None:
-            self.warmup_steps = min(2000, max(1, self.max_steps // 10))
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"--warmup-steps ({self.warmup_steps}) must not exceed --max-steps ({self.max_steps})")
-        for name in ("lr", "eps"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 < value < math.inf):
-                raise ValueError(f"{flag_name(name)} must be a positive finite number, got {value!r}")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-                raise ValueError(f"{flag_name(name)} must be in [0, 1), got {value!r}")
-        for name in ("weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value < math.inf):
-                raise ValueError(f"{flag_name(name)} must be a finite number >= 0, got {value!r}")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ValueError(f"--peak-tflops must be positive, got {self.peak_tflops!r}")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(
-                    f"{flag_name(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}"
-                )
-        if not self.out:
-            raise ValueError("--out must name a directory")
 
 
 # ---- optimiser and schedule -------------------------------------------------------------
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: weight matrices and embeddings (ndim >= 2) decay, biases and
-    LayerNorm gains (ndim < 2) do not. Each group lists its parameter names in "names"."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # shared (tied) parameters appear once
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append((name, p))
-    return [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """cfg.optimizer over `param_groups`: AdamW (torch's fused implementation where the device
-    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.training.optim)."""
-    groups = param_groups(model, cfg.weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    device = params[0].device.type if params else "cpu"
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if cfg.optimizer == "openai-adam":
-        from engine.training.optim import OpenAIAdam
-
-        return OpenAIAdam(groups, **kwargs)
-    fused_ok = device in _fused_adamw_devices() and all(p.is_floating_point() for p in params)
-    if fused_ok:
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
-def _fused_adamw_devices() -> tuple[str, ...]:
-    try:
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        return tuple(_get_fused_kernels_supported_devices())
-    except ImportError:  # private helper: fall back to what torch >= 2.4 supports
-        return ("cuda", "cpu")
-
-
-@dataclass
-class Schedule:
-    """Learning-rate multiplier of update k (0-based): linear warm-up, multiplier (k+1)/W,
-    reaching 1 at update W-1; then decay over the remaining updates to 0 at update
-    max_steps-1: cosine 0.5·(1 + cos(π·p)) or linear (1 - p), p = (k+1-W)/(max_steps-W)."""
-
-    warmup_steps: int
-    max_steps: int
-    kind: str = "cosine"
-
-    def __call__(self, k: int) -> float:
-        W, N = self.warmup_steps, self.max_steps
-        if k + 1 <= W:
-            return (k + 1) / W
-        if self.kind == "constant":
-            return 1.0
-        p = min(1.0, (k + 1 - W) / max(1, N - W))
-        if self.kind == "linear":
-            return 1.0 - p
-        return 0.5 * (1.0 + math.cos(math.pi * p))
-
-
 # ---- devices and processes ----------------------------------------------------------------
 
 
-@dataclass
-class DistEnv:
-    """This process's place in the job. world_size 1: no torch.distributed."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
-
-
-def setup_distributed(device: str = "auto") -> DistEnv:
-    """Joins the torchrun job when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU): one GPU per
-    process (LOCAL_RANK). Without torchrun, a single process on `device`."""
-    dev = resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistEnv(device=dev)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
-
-
-def teardown_distributed(sync: bool = False) -> None:
-    """Leaves the process group. sync=True (the normal end of a run) first waits for every
-    process: gloo aborts a process that tears down while a peer is still using the group.
-    Leave it False after an error, when peers may never arrive."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if sync:
-            torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(micro_batch_size, accumulation steps) per process for cfg.batch_size sequences per
-    update over `world_size` processes; a ValueError when they do not divide evenly."""
-    if cfg.batch_size % world_size:
-        raise ValueError(f"--batch-size ({cfg.batch_size}) must be divisible by the number of processes ({world_size})")
-    per_rank = cfg.batch_size // world_size
-    micro = cfg.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ValueError(
-            f"--micro-batch-size ({micro}) must divide the per-process batch "
-            f"({cfg.batch_size} / {world_size} processes = {per_rank})"
-        )
-    return micro, per_rank // micro
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of cfg.precision on `device` (None: fp32); engine.training.precision says why."""
-    from engine.training.precision import resolve_precision
-
-    return resolve_precision(cfg.precision, device)[0]
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Moves every tensor in a (nested dict/list/tuple) batch; non_blocking from pinned memory."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def _pin(batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.pin_memory()
-    if isinstance(batch, dict):
-        return {k: _pin(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_pin(v) for v in batch)
-    return batch
-
-
-class Prefetcher:
-    """Loads micro-batches in a background thread, in order, `depth` ahead of the step (and
-    pins them on CUDA), so reading data overlaps compute. Yields (step, micro, batch)."""
-
-    def __init__(
-        self, jobs: Iterable[tuple[int, int, int, int]], fetch: Callable[[int, int, int], Any], depth: int, pin: bool
-    ) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(jobs), fetch, pin), daemon=True, name="prefetch")
-        self._thread.start()
-
-    def _run(self, jobs: Iterator[tuple[int, int, int, int]], fetch: Callable, pin: bool) -> None:
-        try:
-            for step, micro, start, count in jobs:
-                batch = fetch(step, start, count)
-                item = (step, micro, _pin(batch) if pin else batch)
-                while not self._put(item):
-                    if self._stop.is_set():
-                        return
-        except BaseException as e:  # surfaced in the training thread by __next__
-            while not self._put(e) and not self._stop.is_set():
-                pass
-
-    def _put(self, item: Any) -> bool:
-        try:
-            self._queue.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            return False
-
-    def __next__(self) -> tuple[int, int, Any]:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
-        self._thread.join(timeout=5)
-
-
 # ---- progress ---------------------------------------------------------------------
-
-
-class Progress:
-    """Progress on stderr: a tqdm bar on a terminal; elsewhere (a log file, a pipe) one plain
-    line per logged update, since a bar written to a file is one endless line. Off: silent,
-    except for `write` (warnings)."""
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.total, self.enabled, self.bar = total, enabled, None
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5
-            )
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def show(self, step: int, record: dict[str, Any]) -> None:
-        """A logged update's numbers: the bar's postfix, or one line."""
-        fields = _postfix(record)
-        if self.bar is not None:
-            self.bar.set_postfix(fields, refresh=False)
-        elif self.enabled:
-            print(
-                f"update {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in fields.items()),
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -917,19 +532,3 @@ def _leading_dim(batch: Any) -> int:
     if isinstance(batch, (list, tuple)):
         return _leading_dim(batch[0])
     raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
-
-
-_RATES = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "s_per_step", "step")
-
-
-def _postfix(rec: dict[str, Any]) -> dict[str, str]:
-    """The numbers a logged update shows: the loss, the extra ones loss_fn returned (e.g.
-    task_loss), throughput, lr."""
-    out = {"loss": f"{rec['loss']:.3f}"}
-    out.update({k: f"{v:.3f}" for k, v in rec.items() if k not in _RATES and isinstance(v, (int, float))})
-    if "tokens_per_s" in rec:
-        out["tok/s"] = f"{rec['tokens_per_s']:,.0f}"
-    if "mfu" in rec:
-        out["mfu"] = f"{100 * rec['mfu']:.1f}%"
-    out["lr"] = f"{rec['lr']:.2e}"
-    return out

@@ -8,8 +8,9 @@ import torch
 import engine.training.precision as precision
 from engine import GPT1, GPT1Config
 from engine.data.windows import RandomWindows
-from engine.training.precision import cpu_bf16_isa, resolve_precision
-from engine.training.trainer import TrainConfig, Trainer, autocast_dtype
+from engine.training.config import TrainConfig
+from engine.training.precision import autocast_dtype, cpu_bf16_isa, resolve_precision
+from engine.training.trainer import Trainer
 
 
 @pytest.mark.parametrize(

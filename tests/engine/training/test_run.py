@@ -494,7 +494,7 @@ def test_pretrain_init_reads_a_hugging_face_directory(tmp_path, cache, capsys):
 
 
 def test_finetune_plots_the_task_loss_and_dev_accuracy(pretrained, tmp_path, capsys, monkeypatch):
-    from engine.training.trainer import MetricsLog
+    from engine.training.metrics_log import MetricsLog
 
     calls = []
     monkeypatch.setattr(MetricsLog, "plot", lambda self, path, **k: calls.append((path, k)))  # a plot taking panels

@@ -24,13 +24,9 @@ from engine.training.checkpoint import (
     load_trainer_state,
     prepare_run_dir,
 )
-from engine.training.trainer import (
-    Schedule,
-    TrainConfig,
-    Trainer,
-    build_optimizer,
-    param_groups,
-)
+from engine.training.config import TrainConfig
+from engine.training.optim import Schedule, build_optimizer, param_groups
+from engine.training.trainer import Trainer
 from helpers import assert_close, assert_fa_rule
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)
