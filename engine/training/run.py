@@ -1,17 +1,10 @@
-"""The run lifecycle both training CLIs share (`engine.pretrain`, `engine.finetune`).
+"""A run directory: its exclusive lock, its saved configuration (train_config.json) and the one
+resume policy, shared by every training program through engine.training.launch.
 
-    with run.distributed(device) as dist, run.locked_run_dir(out, dist):
-        resume_from = prepare_run_dir(...)          # engine.training.checkpoint
-        ...  data, model, loss: the CLI's own ...
-        code = run.exit_code(trainer.fit(), out, say)
-
-What lives here, once: DDP set-up and teardown (with the barrier on a normal exit), the
-fused-kernel check on the resolved device, the run directory's exclusive lock (held for the
-run's lifetime; a second run on the same --out fails at once naming the holder's pid), the
-clean-up of a killed run's leftovers, the saved run configuration (train_config.json), one
-resume policy (only RUN_CONTROL settings may change; everything else — tokenizer, kernels,
-model, optimisation — is the run's own) and the exit codes (0 done, 1 diverged or an
-environment fault, 2 bad input, 128 + signal when interrupted; see engine.cli.run_cli).
+The lock is held for the run's lifetime (a second run on the same --out fails at once naming
+the holder's pid); a killed run's leftovers are cleaned once the lock is ours. On --resume only
+RUN_CONTROL settings may change; everything else (tokenizer, kernels, model, optimisation) is
+the run's own.
 """
 
 from __future__ import annotations
@@ -53,25 +46,6 @@ RUN_CONTROL = frozenset(
         "eval_batch_size",
     }
 )
-
-
-# ---- processes and devices --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def distributed(device: str) -> Iterator[Any]:
-    """Joins the torchrun job (or runs alone) on `device`; leaves it at the end, waiting for
-    every process after a normal exit (gloo aborts a rank that tears down while a peer is
-    still using the group) and not after an error (peers may never arrive)."""
-    from engine.training.distributed import setup_distributed, teardown_distributed
-
-    dist = setup_distributed(device)
-    try:
-        yield dist
-    except BaseException:
-        teardown_distributed()
-        raise
-    teardown_distributed(sync=True)
 
 
 def check_fused(fused: bool, device: torch.device) -> None:
@@ -270,24 +244,6 @@ def finished_step(resume_from: Path, max_steps: int, done_marker: Path) -> int |
         else int(checkpoint.load_trainer_state(resume_from)["step"])
     )
     return step if step >= max_steps else None
-
-
-# ---- how a run ends ------------------------------------------------------------------------------
-
-
-def exit_code(result: Any, out: Path, say: Callable[[str], None]) -> int | None:
-    """The exit code of a run that ended early (the trainer has printed why), or None when it
-    finished and the CLI goes on to its final evaluation."""
-    if result.status == "diverged":
-        return 1
-    if result.status == "interrupted":
-        return 128 + (result.signal or 0)
-    if result.status == "stopped":
-        say(
-            f"stopped at update {result.step} (--stop-at); checkpoint {result.checkpoint}; continue with --resume {out}"
-        )
-        return 0
-    return None
 
 
 def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf") -> Any:

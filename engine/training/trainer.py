@@ -1,18 +1,11 @@
 """The training engine shared by pretraining and fine-tuning.
 
     cfg = TrainConfig(out="runs/x", max_steps=1000, batch_size=64)
-    trainer = Trainer(model, cfg, loss_fn, batches, evaluate=..., tokens_per_sample=512)
+    trainer = Trainer(model, cfg, Job(loss_fn, batches, evaluate=..., tokens_per_sample=512))
     result = trainer.fit()           # -> TrainResult(step, status, ...)
 
-What the caller supplies:
-
-* ``model`` — any nn.Module (``GPT1``, or GPT1 + a task head).
-* ``loss_fn(model, batch) -> Tensor`` — the scalar mean loss of one micro-batch; ``model`` is
-  the module to call (DDP- or compile-wrapped). It may return ``(loss, {name: float})``.
-* ``batches(step, start, count) -> batch`` — samples ``[start, start + count)`` of update
-  ``step``'s global batch (``batch_size`` samples), on the CPU. It must be a pure function
-  of its arguments: the trainer asks each process (rank) for a different slice, prefetches
-  in a thread, and resumes exactly by asking for the same (step, slice) again.
+What the caller supplies: ``model`` (any nn.Module: ``GPT1``, or GPT1 + a task head) and a
+``Job`` (the loss, the batches and the rest of the caller's half of a run, see Job).
 
 What the trainer does: the paper's optimisation (AdamW, warm-up then cosine/linear decay
 set as group["lr"] = lr · Schedule(step) before each update, weight decay on matrices and
@@ -77,22 +70,36 @@ from engine.training.precision import autocast_dtype
 from engine.training.prefetch import Prefetcher, to_device
 from engine.training.progress import Progress
 
-# ---- configuration ----------------------------------------------------------------------
-
-
-# ---- optimiser and schedule -------------------------------------------------------------
-
-
-# ---- devices and processes ----------------------------------------------------------------
-
-
-# ---- progress ---------------------------------------------------------------------
-
-
-# ---- the loop -------------------------------------------------------------------------------
-
 LossFn = Callable[[nn.Module, Any], "Tensor | tuple[Tensor, dict[str, float]]"]
 BatchFn = Callable[[int, int, int], Any]
+
+
+@dataclass
+class Job:
+    """What the trainer trains on: the caller's half of a run.
+
+    loss_fn(model, batch) -> Tensor: the scalar mean loss of one micro-batch; `model` is the
+    module to call (DDP- or compile-wrapped). It may return (loss, {name: float}).
+    batches(step, start, count) -> batch: samples [start, start + count) of update `step`'s
+    global batch (batch_size samples), on the CPU. A pure function of its arguments: the
+    trainer asks each process for a different slice, prefetches in a thread, and resumes
+    exactly by asking for the same (step, slice) again.
+    evaluate(trainer) -> {name: float}: called on every process every eval_every updates and
+    at the end, with the model in eval mode under no_grad (and autocast); use
+    `trainer.eval_loss(batches)` for a mean loss over validation batches. Its dict is logged
+    with the step (name your keys "val_loss" etc. to get them plotted).
+    extra_state() -> dict / load_extra_state(dict): anything else a checkpoint must hold
+    (tensors, numbers, strings, lists, dicts: what torch.load(weights_only=True) reads).
+    """
+
+    loss_fn: LossFn
+    batches: BatchFn
+    evaluate: Callable[[Trainer], dict[str, float]] | None = None
+    tokens_per_sample: int | None = None  # for tokens/s
+    flops_per_token: float | None = None  # for MFU (engine.training.flops)
+    weights: WeightsIO | None = None  # how checkpoints hold the weights (default: by the model's type)
+    extra_state: Callable[[], dict[str, Any]] | None = None
+    load_extra_state: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -123,14 +130,8 @@ class StepOutput:
 
 
 class Trainer:
-    """Runs `cfg.max_steps` AdamW updates of `model` on `loss_fn` over `batches`.
+    """Runs `cfg.max_steps` AdamW updates of `model` on `job`'s loss over its batches.
 
-    evaluate(trainer) -> {name: float}: called on every process every eval_every updates and
-    at the end, with the model in eval mode under no_grad (and autocast); use
-    `trainer.eval_loss(batches)` for a mean loss over validation batches. Its dict is
-    logged with the step (name your keys "val_loss" etc. to get them plotted).
-    extra_state() -> dict / load_extra_state(dict): anything else a checkpoint must hold
-    (tensors, numbers, strings, lists, dicts: what torch.load(weights_only=True) reads).
     resume_from: a checkpoint (or a run directory: its newest good one); an unreadable one
     falls back to the newest older one that reads (engine.training.checkpoint.load_checkpoint).
     """
@@ -139,16 +140,9 @@ class Trainer:
         self,
         model: nn.Module,
         cfg: TrainConfig,
-        loss_fn: LossFn,
-        batches: BatchFn,
+        job: Job,
         *,
-        evaluate: Callable[["Trainer"], dict[str, float]] | None = None,
         dist: DistEnv | None = None,
-        tokens_per_sample: int | None = None,
-        flops_per_token: float | None = None,
-        weights: WeightsIO | None = None,
-        extra_state: Callable[[], dict[str, Any]] | None = None,
-        load_extra_state: Callable[[dict[str, Any]], None] | None = None,
         resume_from: str | Path | None = None,
         progress: bool = True,
     ) -> None:
@@ -156,14 +150,14 @@ class Trainer:
         self.dist = dist or DistEnv(device=resolve_device(cfg.device))
         self.device = self.dist.device
         self.run_dir = Path(cfg.out)
-        self.loss_fn, self.batches, self.evaluate = loss_fn, batches, evaluate
-        self.tokens_per_sample, self.flops_per_token = tokens_per_sample, flops_per_token
-        self.extra_state, self.load_extra_state = extra_state, load_extra_state
+        self.loss_fn, self.batches, self.evaluate = job.loss_fn, job.batches, job.evaluate
+        self.tokens_per_sample, self.flops_per_token = job.tokens_per_sample, job.flops_per_token
+        self.extra_state, self.load_extra_state = job.extra_state, job.load_extra_state
         self.progress = progress and self.dist.is_main
         self.micro_batch_size, self.accum_steps = batch_layout(cfg, self.dist.world_size)
 
         self.model = model.to(self.device)  # the module whose weights are saved
-        self.weights = weights or default_weights_io(model)
+        self.weights = job.weights or default_weights_io(model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.schedule = Schedule(cfg.warmup_steps, cfg.max_steps, cfg.schedule)

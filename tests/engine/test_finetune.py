@@ -118,7 +118,7 @@ def test_header_says_the_resolved_precision_and_why(pretrained, tmp_path, capsys
     )
     out, err = capsys.readouterr()
     assert rc == 0, err
-    (line,) = [x for x in out.splitlines() if x.startswith("precision")]
+    (line,) = [x for x in out.splitlines() if x.strip().startswith("precision")]
     assert said in line and (isa or "neither AMX-BF16 nor AVX512-BF16") in line, line
 
 

@@ -19,7 +19,8 @@ from engine import GPT1
 from engine.cli import run_cli
 from engine.data.corpus import shakespeare_dir
 from engine.model.tokenizer import BPETokenizer
-from engine.pretrain import CPU_DEFAULTS, main, resolve_configs
+from engine.pretrain import CPU_DEFAULTS, Pretraining, main
+from engine.training.launch import RunArgs
 from helpers import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,8 @@ def test_help_lists_the_contract_flags(capsys):
 
 
 def test_default_run_is_sized_for_the_cpu():
-    pcfg, tcfg, _ = resolve_configs([])
+    recipe = Pretraining.resolve({}, {}, RunArgs())
+    pcfg, tcfg = recipe.config, recipe.train
     if torch.cuda.is_available():
         assert pcfg.preset == "gpt1" and tcfg.batch_size == 64 and pcfg.seq_len == 512 and tcfg.lr == 2.5e-4
         return
@@ -365,7 +367,7 @@ def test_header_says_the_resolved_precision_and_why(isa, said, tmp_path, cache, 
 
 
 def test_tokenizer_paths(tmp_path):
-    from engine.pretrain import _load_tokenizer
+    from engine.data.prepare import load_tokenizer as _load_tokenizer
 
     tok = BPETokenizer.train(texts=["to be or not to be"] * 5, vocab_size=40)
     tok.save(tmp_path / "run" / "tokenizer.json")
@@ -383,7 +385,8 @@ def test_tokenizer_paths(tmp_path):
 
 
 def test_explicit_validation_files(tmp_path):
-    from engine.pretrain import PretrainConfig, _Corpus
+    from engine.data.prepare import Corpus as _Corpus
+    from engine.pretrain import PretrainConfig
 
     train = write(tmp_path / "train.txt", "one paragraph.\n\nanother one.")
     val = write(tmp_path / "val.txt", "held out text.")

@@ -10,7 +10,7 @@ from engine import GPT1, GPT1Config
 from engine.data.windows import RandomWindows
 from engine.training.config import TrainConfig
 from engine.training.precision import autocast_dtype, cpu_bf16_isa, resolve_precision
-from engine.training.trainer import Trainer
+from engine.training.trainer import Job, Trainer
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def make_trainer(out, resume_from=None, init_seed=0):
     model = GPT1(GPT1Config(**MODEL), fused=True)
     windows = RandomWindows(TOKENS, SEQ + 1, cfg.batch_size, cfg.seed)
     loss = lambda m, batch: m(batch[:, :-1], targets=batch[:, 1:]).loss  # noqa: E731
-    return Trainer(model, cfg, loss, windows, tokens_per_sample=SEQ, resume_from=resume_from, progress=False)
+    return Trainer(model, cfg, Job(loss, windows, tokens_per_sample=SEQ), resume_from=resume_from, progress=False)
 
 
 def test_bf16_fused_resume_is_bit_identical(tmp_path):

@@ -26,7 +26,7 @@ from engine.training.checkpoint import (
 )
 from engine.training.config import TrainConfig
 from engine.training.optim import Schedule, build_optimizer, param_groups
-from engine.training.trainer import Trainer
+from engine.training.trainer import Job, Trainer
 from helpers import assert_close, assert_fa_rule
 
 MODEL = dict(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=61)
@@ -65,9 +65,8 @@ def make_trainer(tmp_path, dropout=0.1, loss=loss_fn, resume_from=None, init_see
         return {"val_loss": trainer.eval_loss(eval_batches(TOKENS[:600], SEQ + 1, 4))}
 
     windows = RandomWindows(TOKENS, SEQ + 1, cfg.batch_size, cfg.seed)
-    return Trainer(
-        model, cfg, loss, windows, evaluate=evaluate, tokens_per_sample=SEQ, resume_from=resume_from, progress=False
-    )
+    job = Job(loss, windows, evaluate=evaluate, tokens_per_sample=SEQ)
+    return Trainer(model, cfg, job, resume_from=resume_from, progress=False)
 
 
 # ---- schedule and optimiser ---------------------------------------------------------------
