@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine import cli
+from engine.training.launch import Recipe, RunArgs, launch
 
 TASKS = ("shakespeare-cloze", "shakespeare-order")
 # The paper's directions: pre-training helps everywhere (Table 5: 74.7 vs 59.9 on average); the
@@ -84,86 +85,82 @@ BUDGETS = {
 # ---- sub-runs ----------------------------------------------------------------------------------
 
 
-def _run_cli(main: Callable[[list[str]], int], argv: list[str], what: str) -> None:
-    code = cli.run_cli(main, argv)
+def _launch(recipe: Recipe, args: RunArgs, what: str) -> None:
+    """Runs one sub-run through the training programs' launch; one that ends early stops the whole."""
+    code = launch(recipe, args)
     if code != 0:
-        raise cli.UserError(f"{what} failed (exit {code}): python -m {main.__module__} {' '.join(argv)}")
+        raise cli.UserError(f"{what} ended early (exit {code}); run the same command again to resume it")
 
 
 def _pretraining_done(out: Path) -> bool:
-    """The pretraining CLI logs final_val_loss only once the run finished (an interrupted run
-    also leaves weights behind)."""
+    """The pretraining program logs final_val_loss only once the run finished (an interrupted
+    run also leaves weights behind)."""
     log = out / "metrics.jsonl"
     return log.is_file() and '"final_val_loss"' in log.read_text()
 
 
-def _resume_or_start(out: Path, done: bool) -> list[str] | None:
-    """None when the sub-run finished; ["--resume", out] when it has a checkpoint; else the
-    flag that (re)starts it in `out`."""
+def _resume_or_start(out: Path, done: bool, quiet: bool = False) -> RunArgs | None:
+    """None when the sub-run finished; --resume when it has a checkpoint; else a new run in
+    `out` (replacing what an unfinished start left there)."""
     if done:
         return None
     from engine.training.checkpoint import latest_checkpoint
 
-    return ["--resume", str(out)] if latest_checkpoint(out) is not None else ["--overwrite"]
+    if latest_checkpoint(out) is not None:
+        return RunArgs(resume=str(out), quiet=quiet)
+    return RunArgs(out=str(out), overwrite=True, quiet=quiet)
 
 
-def pretrain(out: Path, budget: Budget, fused: bool, say: Callable[[str], None]) -> Path:
-    from engine import pretrain as pt
+@dataclass
+class Study:
+    """The sub-runs of one report, each in its own directory under `out`: rerunning skips the
+    finished ones and resumes an interrupted one."""
 
-    how = _resume_or_start(out, _pretraining_done(out))
-    if how is None:
+    out: Path
+    budget: Budget
+    fused: bool
+    say: Callable[[str], None] = print
+
+    def pretrain(self) -> Path:
+        from engine.pretrain import Pretraining
+
+        out = self.out / "pretrain"
+        args = _resume_or_start(out, _pretraining_done(out))
+        if args is None:
+            return out
+        self.say(f"pretraining → {out}")
+        given, given_train = {}, {"fused": self.fused}
+        if args.resume is None:  # a new run: the budget's settings (None: the program's default)
+            b = self.budget
+            given = _set(preset=b.preset)
+            given_train |= _set(keep_checkpoints=1000, max_steps=b.pretrain_steps, checkpoint_every=b.checkpoint_every)
+        _launch(Pretraining.resolve(given, given_train, args), args, "pretraining")
         return out
-    say(f"pretraining → {out}")
-    argv = ["--out", str(out), "--keep-checkpoints", "1000", "--fused" if fused else "--no-fused"]
-    if how and how[0] == "--resume":
-        argv = [*how, "--fused" if fused else "--no-fused"]
-    else:
-        if budget.pretrain_steps is not None:
-            argv += ["--max-steps", str(budget.pretrain_steps)]
-        if budget.checkpoint_every is not None:
-            argv += ["--checkpoint-every", str(budget.checkpoint_every)]
-        if budget.preset is not None:
-            argv += ["--preset", budget.preset]
-        argv += how
-    _run_cli(pt.main, argv, "pretraining")
-    return out
+
+    def finetune(self, task: str, variant: str, pretrained: Path, **changes: Any) -> dict[str, Any]:
+        """Runs (or resumes, or reuses) one fine-tuning of `task` from `pretrained` with `changes`
+        to its FinetuneConfig; returns its metrics.json and dev correctness."""
+        from engine.finetune import Finetuning
+
+        out = self.out / task / variant
+        args = _resume_or_start(out, (out / "metrics.json").is_file(), quiet=True)
+        if args is not None:
+            shown = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+            self.say(f"fine-tuning {task} {shown or '(full method)'} → {out}")
+            given, given_train = {}, {"fused": self.fused}
+            if args.resume is None:
+                steps = self.budget.finetune_steps
+                given = {"task": task, "init": str(pretrained), **changes}
+                given_train |= _set(max_steps=steps, eval_every=steps, lr=self.budget.finetune_lr)
+            _launch(Finetuning.resolve(given, given_train, args), args, f"fine-tuning {task}")
+        metrics = json.loads((out / "metrics.json").read_text())
+        metrics["correct"] = dev_correct(out / "dev_predictions.tsv")
+        return metrics
 
 
-def finetune(
-    out: Path, task: str, init: Path, budget: Budget, fused: bool, say: Callable[[str], None], *extra: str
-) -> dict[str, Any]:
-    """Runs (or resumes, or reuses) one fine-tuning; returns its metrics.json and dev correctness."""
-    from engine import finetune as ft
-
-    how = _resume_or_start(out, (out / "metrics.json").is_file())
-    if how is not None:
-        say(f"fine-tuning {task} {' '.join(extra) or '(full method)'} → {out}")
-        flags = ["--fused" if fused else "--no-fused", "--quiet"]
-        if how and how[0] == "--resume":
-            argv = [*how, *flags]
-        else:
-            init_args = ["--init", "none", "--arch", str(init)] if "--init-none" in extra else ["--init", str(init)]
-            rest = [e for e in extra if e != "--init-none"]
-            lr = ["--lr", str(budget.finetune_lr)] if budget.finetune_lr is not None else []
-            argv = [
-                "--task",
-                task,
-                *init_args,
-                "--out",
-                str(out),
-                "--max-steps",
-                str(budget.finetune_steps),
-                "--eval-every",
-                str(budget.finetune_steps),
-                *lr,
-                *rest,
-                *flags,
-                *how,
-            ]
-        _run_cli(ft.main, argv, f"fine-tuning {task}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["correct"] = dev_correct(out / "dev_predictions.tsv")
-    return metrics
+def _set(**settings: Any) -> dict[str, Any]:
+    """The settings that are given (not None)."""
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def dev_correct(path: Path) -> list[int]:
@@ -206,42 +203,26 @@ def effect_sentence(name: str, diff: float, se: float, expected_sign: int) -> st
 # ---- the whole ---------------------------------------------------------------------------------------
 
 
-def run(
-    out: Path,
-    *,
-    quick: bool,
-    pretrained: Path | None,
-    tasks: tuple[str, ...],
-    fused: bool,
-    budget: Budget | None = None,
-    say: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    budget = budget or BUDGETS["quick" if quick else "default"]
-    out.mkdir(parents=True, exist_ok=True)
-    pre = pretrained or pretrain(out / "pretrain", budget, fused, say)
+def run(study: Study, pretrained: Path | None, tasks: tuple[str, ...]) -> dict[str, Any]:
+    """Every sub-run of the report (pretraining unless `pretrained` is given), then report.md."""
+    study.out.mkdir(parents=True, exist_ok=True)
+    pre = pretrained or study.pretrain()
     from engine.model.config import GPT1Config
 
     n_layer = GPT1Config.from_json_file(pre / "config.json").n_layer
     table: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        rows = {
-            "full": finetune(out / task / "full", task, pre, budget, fused, say),
-            "no_pretraining": finetune(out / task / "no-pretraining", task, pre, budget, fused, say, "--init-none"),
-            "no_aux_lm": finetune(out / task / "no-aux-lm", task, pre, budget, fused, say, "--lm-coef", "0"),
+        table[task] = {
+            "full": study.finetune(task, "full", pre),
+            "no_pretraining": study.finetune(task, "no-pretraining", pre, init="none", arch=str(pre)),
+            "no_aux_lm": study.finetune(task, "no-aux-lm", pre, lm_coef=0.0),
         }
-        table[task] = rows
     layers_task = tasks[0]
-    layers = {}
-    for k in range(n_layer + 1):
-        if k == n_layer:
-            layers[k] = table[layers_task]["full"]
-        else:
-            layers[k] = finetune(
-                out / layers_task / f"transfer-{k}", layers_task, pre, budget, fused, say, "--n-transfer", str(k)
-            )
-    zs = zeroshot_curve(pre, tasks, fused, say)
-    results = summarise(table, layers, zs, layers_task, pre, budget)
-    write_report(out, results)
+    layers = {k: study.finetune(layers_task, f"transfer-{k}", pre, n_transfer=k) for k in range(n_layer)}
+    layers[n_layer] = table[layers_task]["full"]
+    zs = zeroshot_curve(pre, tasks, study.fused, study.say)
+    results = summarise(table, layers, zs, layers_task, pre, study.budget)
+    write_report(study.out, results)
     return results
 
 
@@ -533,15 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     if pre is not None and not (pre / "config.json").is_file():
         raise FileNotFoundError(f"--pretrained {pre}: no config.json + model.safetensors there")
     out = Path(args.out)
-    results = run(
-        out,
-        quick=args.quick,
-        pretrained=pre,
-        tasks=tuple(args.tasks),
-        fused=args.fused,
-        budget=budget,
-        say=lambda m: print(m, flush=True),
-    )
+    study = Study(out, budget, args.fused, say=lambda m: print(m, flush=True))
+    results = run(study, pre, tuple(args.tasks))
     print(report_markdown(results))
     print(f"report: {out / 'report.md'}")
     return 0

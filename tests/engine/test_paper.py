@@ -107,7 +107,7 @@ def test_report_end_to_end_and_resumable(pretrained, tmp_path, capsys, monkeypat
     )  # the budget's rate
 
     calls = []
-    monkeypatch.setattr(paper, "_run_cli", lambda *a: calls.append(a))
+    monkeypatch.setattr(paper, "_launch", lambda *a: calls.append(a))
     assert run_cli(paper.main, argv) == 0
     assert calls == []  # every sub-run finished: nothing is trained again
 
