@@ -29,7 +29,7 @@ from engine import GPT1, zeroshot  # noqa: E402
 from engine.data.tasks import get_task  # noqa: E402
 from engine.data.transforms import InputTransform, collate  # noqa: E402
 from engine.model.heads import add_task_tokens  # noqa: E402
-from engine.training.run import load_tokenizer  # noqa: E402
+from engine.model.tokenizer import load_tokenizer  # noqa: E402
 
 
 def choice_features(body: GPT1, transform: InputTransform, examples, pad: int, delim: int, batch: int = 64):

@@ -12,14 +12,15 @@ linear head reads the extract token's final state (engine.model.heads); the obje
 L3 = L2 + λ·L1 with the LM loss L1 on the same sequences. Defaults are the paper's
 (FinetuneConfig and PAPER_TRAIN): lr 6.25e-5, batch 32, 3 epochs, linear warm-up over 0.2% of
 the updates then linear decay, dropout 0.1 before the head, λ = 0.5; on CPU, where the default
-model is a 4-layer one, lr 1e-4 (CPU_LR). The loop is
-engine.training.trainer's, the run's lifecycle (lock, saved config, resume policy, exit codes) engine.training.run's.
+model is a 4-layer one, lr 1e-4 (CPU_LR). This file is the Finetuning recipe; the run's
+lifecycle (lock, saved config, resume policy, exit codes) is engine.training.launch's, the
+scoring engine.inference.tasks' (also --eval-only's).
 
-The run directory (--out) ends up holding the best dev checkpoint: config.json +
-model.safetensors (Hugging Face openai-gpt layout, special tokens included), head.safetensors,
-tokenizer.json, task.json; metrics.json (final dev metrics of that checkpoint, n_train, n_dev);
-dev predictions; GLUE-format predictions for unlabelled test files; and the trainer's
-train_config.json, metrics.jsonl, loss.png (L3, task and LM loss; the dev metric) and checkpoints/.
+The run directory (--out) ends up holding the best dev checkpoint (engine.model.finetuned:
+config.json + model.safetensors, head.safetensors, tokenizer.json, task.json); metrics.json
+(final dev metrics of that checkpoint, n_train, n_dev); dev predictions; GLUE-format
+predictions for unlabelled test files; and the trainer's train_config.json, metrics.jsonl,
+loss.png (L3, task and LM loss; the dev metric) and checkpoints/.
 """
 
 from __future__ import annotations
@@ -28,54 +29,53 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import random
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from engine import cli
-from engine.data.records import Example
+from engine.data.splits import ExampleBatches, load_splits
 from engine.data.tasks import DEFAULT_TASK, TASKS, Task, get_task
-from engine.data.transforms import Encoded, InputTransform, collate
-from engine.fileio import _fsync_dir, atomic_write, atomic_write_text, make_temp_dir
-from engine.inference.metrics import compute
+from engine.data.transforms import InputTransform
+from engine.fileio import atomic_write_text
+from engine.inference.tasks import METRICS_FILE, RunEvaluation, Scorer, summary
 from engine.model.config import GPT1Config
-from engine.model.gpt1 import GPT1
+from engine.model.finetuned import (
+    HEAD_FILE,
+    TASK_FILE,
+    TaskMeta,
+    copy_finetuned,
+    load_weights,
+    save_finetuned,
+    save_weights,
+)
+from engine.model.gpt1 import GPT1, load_pretrained
 from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
-from engine.model.tokenizer import BPETokenizer
-from engine.training import checkpoint
+from engine.model.tokenizer import BPETokenizer, load_tokenizer
+from engine.training.checkpoint import LOSS_PLOT, RUN_CONFIG, WeightsIO
 from engine.training.config import TrainConfig
-from engine.training.distributed import DistEnv, resolve_device
 from engine.training.flops import flops_per_token
 from engine.training.launch import Recipe, Run, RunArgs, add_run_args, launch, model_row
-from engine.training.prefetch import to_device
-from engine.training.run import build_section, check_fused, load_tokenizer_file, resume_sections
-from engine.training.run import load_tokenizer as load_run_tokenizer
+from engine.training.run import build_section, own_tokenizer, resume_sections
 from engine.training.trainer import Job, Trainer, TrainResult
 
 # Where `python -m engine.pretrain` writes its run when given no --out.
 PRETRAIN_DEFAULT_OUT = "runs/pretrain"
 PRETRAIN_COMMAND = "python -m engine.pretrain --fused"
-HEAD_FILE, TASK_FILE, TOKENIZER_FILE, METRICS_FILE = "head.safetensors", "task.json", "tokenizer.json", "metrics.json"
 BEST = "best"  # the best dev checkpoint while training; moved into the run directory at the end
 WARMUP_FRACTION = 0.002  # the paper: warm-up over 0.2% of training
 # The paper's fine-tuning optimisation (§4.1), written once: --help shows it, runs use it.
 PAPER_TRAIN: dict[str, Any] = {"batch_size": 32, "lr": 6.25e-5, "schedule": "linear"}
-# On CPU the default model is pretraining's CPU one (gpt1-small: 4 x 256, 3.75M parameters,
-# engine.pretrain.CPU_DEFAULTS), which, as in pretraining, takes a larger rate than the paper's
-# 117M model. Measured on shakespeare-cloze (6000 train / 2000 dev, 3 epochs, 563 updates) from
-# the default pretraining run against --init none, best dev accuracy: 6.25e-5 → 60.4% vs 50.9%;
-# 1e-4 → 62.2% vs 50.6%; 3e-4 (3000 examples) → 59.9% vs 53.1%, the random start learning
-# train-play cues in its first epoch that do not transfer.
+# On CPU the default model is pretraining's CPU one (gpt1-small, 4 x 256), which, as in
+# pretraining, takes a larger rate than the paper's 117M model (measured: bench/results/cpu-defaults.md).
 CPU_LR = 1e-4
-# The files of a fine-tuned model (what the best-dev checkpoint holds).
-MODEL_FILES = ("config.json", "model.safetensors", HEAD_FILE, TOKENIZER_FILE, TASK_FILE)
+# Checkpoints hold the body in the Hugging Face layout + head.safetensors.
+TASK_WEIGHTS = WeightsIO(save_weights, load_weights)
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -258,332 +258,28 @@ def main(argv: list[str] | None = None) -> int:
     return launch(Finetuning.resolve(given, given_train, args), args)
 
 
-def _resolve_train_config(
-    fcfg: FinetuneConfig, given: dict[str, Any], out: Path, n_train: int, device: torch.device
-) -> TrainConfig:
-    kw = {**PAPER_TRAIN, **({"lr": CPU_LR} if device.type == "cpu" else {}), **given, "out": str(out)}
-    steps_per_epoch = math.ceil(n_train / kw["batch_size"])
-    if "max_steps" not in given:
-        kw["max_steps"] = max(1, math.ceil(fcfg.epochs * n_train / kw["batch_size"]))
-    if "warmup_steps" not in given:
-        kw["warmup_steps"] = max(1, math.ceil(fcfg.warmup_fraction * kw["max_steps"]))
-    kw.setdefault("eval_every", min(steps_per_epoch, kw["max_steps"]))
-    kw.setdefault("checkpoint_every", min(steps_per_epoch, kw["max_steps"]))
-    kw.setdefault("log_every", max(1, min(10, kw["max_steps"] // 10)))
-    return TrainConfig(**kw)
-
-
-# ---- loading models and tokenizers -------------------------------------------------------------
-
-
-def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf") -> BPETokenizer:
-    """tokenizer.json (this engine), vocab.json + merges.txt (Hugging Face openai-gpt), or
-    encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's GPT-1 release)."""
-    return load_run_tokenizer(run_dir, override, mode)
-
-
-def _missing_run(path: Path, what: str) -> FileNotFoundError:
-    if str(path) == PRETRAIN_DEFAULT_OUT:
-        return FileNotFoundError(
-            f"no pretrained run at {path} ({what}): make one with `{PRETRAIN_COMMAND}`, "
-            f"or pass --init RUN_DIR, or --init none to fine-tune from random weights"
-        )
-    return FileNotFoundError(f"{what}: {path} is not a run directory (config.json + model.safetensors)")
-
-
-def load_body(fcfg: FinetuneConfig, fused: bool) -> tuple[GPT1, BPETokenizer, str]:
-    """(body with the task tokens added, tokenizer, a description of where it came from)."""
-    if fcfg.init == "none":
-        config, tokenizer, source = _random_init_source(fcfg)
-        body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
-    else:
-        from engine.model.hf import load_pretrained
-
-        init = Path(fcfg.init)
-        if not (init / "config.json").is_file():
-            raise _missing_run(init, "--init")
-        tokenizer = load_tokenizer(init, fcfg.tokenizer, fcfg.tokenizer_mode)
-        config, state = load_pretrained(init)
-        if tokenizer.vocab_size > config.vocab_size + 4:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but {init} has only "
-                f"{config.vocab_size} embedding rows"
-            )
-        body = GPT1(_with_dropout(config, fcfg.dropout), fused=fused)
-        body.load_state_dict(state)
-        source = str(init)
-        if fcfg.n_transfer is not None:
-            body.reset_blocks(fcfg.n_transfer)
-            source += f" (embeddings + {fcfg.n_transfer} of {body.config.n_layer} blocks)"
-    add_task_tokens(body, tokenizer)
-    return body, tokenizer, source
-
-
-def _random_init_source(fcfg: FinetuneConfig) -> tuple[GPT1Config, BPETokenizer, str]:
-    """--init none: the config of --preset or of --arch's config.json (weights never read),
-    the tokenizer of --tokenizer or --arch."""
-    arch = Path(fcfg.arch or PRETRAIN_DEFAULT_OUT)
-    if fcfg.preset is not None:
-        if fcfg.tokenizer is None and fcfg.arch is None:
-            raise cli.UserError(
-                f"--init none --preset {fcfg.preset} needs a tokenizer: pass --tokenizer PATH "
-                "(or --arch RUN to take that run's)"
-            )
-        tokenizer = load_tokenizer(arch, fcfg.tokenizer, fcfg.tokenizer_mode)
-        return (
-            GPT1Config.from_name(fcfg.preset, vocab_size=tokenizer.vocab_size),
-            tokenizer,
-            f"random init ({fcfg.preset})",
-        )
-    if not (arch / "config.json").is_file():
+def eval_only(given: dict[str, Any], given_train: dict[str, Any], out: str | None) -> int:
+    """--eval-only: the fine-tuned run --init re-scored on its task's dev (and test) files
+    (engine.inference.tasks.RunEvaluation), no training."""
+    fcfg = FinetuneConfig(**given)
+    run_dir = Path(fcfg.init)
+    if fcfg.init == "none" or not (run_dir / TASK_FILE).is_file():
         raise FileNotFoundError(
-            f"--init none takes the model's config.json and tokenizer from --arch RUN ({arch} has no config.json"
-            + (f"; `{PRETRAIN_COMMAND}` makes one there" if fcfg.arch is None else "")
-            + "), or pass --preset NAME with --tokenizer PATH"
+            f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); "
+            f"{run_dir} has no {TASK_FILE}"
         )
-    return (
-        GPT1Config.from_json_file(arch / "config.json"),
-        load_tokenizer(arch, fcfg.tokenizer, fcfg.tokenizer_mode),
-        f"random init ({arch / 'config.json'})",
+    evaluation = RunEvaluation(
+        run_dir,
+        Path(out) if out else run_dir / "eval",
+        data_dir=Path(fcfg.data_dir) if fcfg.data_dir else None,
+        task=given.get("task"),
+        tokenizer=fcfg.tokenizer,
+        batch_size=fcfg.eval_batch_size or given_train.get("batch_size", PAPER_TRAIN["batch_size"]),
+        device=given_train.get("device", "auto"),
+        fused=given_train.get("fused", True),
     )
-
-
-def _with_dropout(config: GPT1Config, dropout: float | None) -> GPT1Config:
-    if dropout is None:
-        return config
-    return dataclasses.replace(config, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-
-
-def resumed_body(out: Path, saved_model: Any, fused: bool) -> tuple[GPT1, BPETokenizer]:
-    """A resumed run's body (weights: the checkpoint's) and its own tokenizer, task tokens included."""
-    tokenizer = load_tokenizer_file(out / TOKENIZER_FILE)
-    tokenizer.special_tokens()
-    config = build_section(GPT1Config, saved_model, out / checkpoint.RUN_CONFIG, "model")
-    return GPT1(config, fused=fused), tokenizer
-
-
-def make_head(task: Task, body: GPT1, dropout: float) -> TaskHead:
-    return TaskHead(
-        task.kind, body.config.n_embd, task.n_labels, pdrop=dropout, initializer_range=body.config.initializer_range
-    )
-
-
-def save_head(head: TaskHead, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
-    atomic_write(path / HEAD_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-
-
-def load_head(head: TaskHead, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    file = path / HEAD_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"no {HEAD_FILE} in {path}: not a fine-tuned run")
-    try:
-        state = load_file(str(file), device=str(head.linear.weight.device))
-    except Exception as e:  # safetensors' own error type, and OSError for a truncated file
-        raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
-    try:
-        head.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{file} does not fit the task's head: {str(e).splitlines()[0]}") from None
-
-
-def _save_weights(model: GPT1ForTask, path: Path) -> None:
-    model.body.save_pretrained(path)
-    save_head(model.head, path)
-
-
-def _load_weights(model: GPT1ForTask, path: Path) -> None:
-    from engine.model.hf import load_pretrained
-
-    config, state = load_pretrained(path)
-    if config != model.body.config:
-        raise ValueError(f"{path}: checkpoint config differs from the model's")
-    model.body.load_state_dict(state)
-    load_head(model.head, path)
-
-
-TASK_WEIGHTS = checkpoint.WeightsIO(_save_weights, _load_weights)
-"""Body in the Hugging Face layout + head.safetensors."""
-
-
-def save_run(model: GPT1ForTask, tokenizer: BPETokenizer, meta: dict[str, Any], path: Path) -> None:
-    """A self-contained fine-tuned checkpoint, written to a temporary directory and renamed
-    into place (the old one is removed only after the new one is complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(path)  # honours the umask, unlike mkdtemp's 0700
-    try:
-        _save_weights(model, tmp)
-        tokenizer.save(tmp / TOKENIZER_FILE)
-        atomic_write_text(tmp / TASK_FILE, json.dumps(meta, indent=2) + "\n")
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def install_run(src: Path, dst: Path) -> None:
-    """Copies a checkpoint's files into the run directory, each atomically."""
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            atomic_write(dst / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
-
-
-# ---- data ---------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Split:
-    """One named set of examples and its encoding."""
-
-    name: str
-    examples: list[Example]
-    encoded: list[Encoded]
-
-    @property
-    def labelled(self) -> bool:
-        return all(e.label is not None for e in self.examples)
-
-
-def load_splits(task: Task, data_dir: Path | None, split: str, transform: InputTransform) -> list[Split]:
-    return [Split(name, ex, transform(ex)) for name, ex in task.load(data_dir, split).items()]
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def batch_fn(train_set: Sequence[Encoded], batch_size: int, seed: int, pad_id: int):
-    """engine.training.trainer's batches(step, start, count): the examples of update `step` are the next
-    batch_size of a sequence of epoch-wise shuffles; a pure function of its arguments."""
-    n = len(train_set)
-    orders: dict[int, list[int]] = {}
-
-    def batches(step: int, start: int, count: int) -> dict[str, Any]:
-        items = []
-        for i in range(step * batch_size + start, step * batch_size + start + count):
-            epoch, pos = divmod(i, n)
-            if epoch not in orders:
-                orders[epoch] = epoch_order(n, seed, epoch)
-            items.append(train_set[orders[epoch][pos]])
-        return collate(items, pad_id).as_dict()
-
-    return batches
-
-
-# ---- evaluation -----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict(
-    model: GPT1ForTask,
-    encoded: Sequence[Encoded],
-    batch_size: int,
-    device: torch.device,
-    pad_id: int,
-    autocast: torch.dtype | None = None,
-    dist: DistEnv | None = None,
-) -> tuple[list[Any], float | None]:
-    """(prediction per example, mean L3 over the set or None when unlabelled). Examples go in
-    batches of similar length; under DDP each process takes every world_size-th batch."""
-    dist = dist or DistEnv(device=device)
-    order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].sequences))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    was_training = model.training
-    model.eval()
-    found: dict[int, Any] = {}
-    loss_sum, count = 0.0, 0
-    try:
-        for chunk in chunks[dist.rank :: dist.world_size]:
-            batch = to_device(collate([encoded[i] for i in chunk], pad_id).as_dict(), device)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                out = model(**batch)
-            preds = model.head.predict(out.out).tolist()
-            found.update(zip(chunk, preds))
-            if out.loss is not None:
-                loss_sum += out.loss.float().item() * len(chunk)
-                count += len(chunk)
-    finally:
-        model.train(was_training)
-    if dist.distributed:
-        gathered: list[Any] = [None] * dist.world_size
-        torch.distributed.all_gather_object(gathered, (found, loss_sum, count))
-        found = {k: v for part, _, _ in gathered for k, v in part.items()}
-        loss_sum, count = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
-    return [found[i] for i in range(len(encoded))], (loss_sum / count if count else None)
-
-
-def score_split(task: Task, split: Split, preds: list[Any]) -> dict[str, float]:
-    gold = [e.label for e in split.examples]
-    return compute(task.metrics, preds, gold)
-
-
-def format_prediction(task: Task, pred: Any) -> str:
-    """As a GLUE submission writes it: the label string, the choice index, or the score (0-5)."""
-    if task.kind == "regression":
-        return f"{min(5.0, max(0.0, float(pred))):.3f}"
-    if task.labels:
-        return task.labels[int(pred)]
-    return str(int(pred))
-
-
-def write_predictions(task: Task, split: Split, preds: list[Any], path: Path, with_labels: bool) -> None:
-    lines = ["index\tprediction" + ("\tlabel" if with_labels else "")]
-    for ex, p in zip(split.examples, preds):
-        row = [ex.uid, format_prediction(task, p)]
-        if with_labels:
-            row.append(format_prediction(task, ex.label))
-        lines.append("\t".join(row))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def evaluate_all(
-    task: Task,
-    model: GPT1ForTask,
-    dev: list[Split],
-    test: list[Split],
-    out: Path,
-    batch_size: int,
-    device: torch.device,
-    pad_id: int,
-    known: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Scores every dev set (and labelled test set), writes their predictions and GLUE-format
-    predictions for unlabelled test sets; returns metrics.json's content (without counts).
-    ``known``: {dev set name: {"preds", "loss"}} already computed with these weights."""
-    known = known or {}
-    result: dict[str, Any] = {"dev": {}, "test": {}}
-    for kind, sets in (("dev", dev), ("test", test)):
-        for split in sets:
-            if kind == "dev" and split.name in known:
-                preds, loss = known[split.name]["preds"], known[split.name]["loss"]
-            else:
-                preds, loss = predict(model, split.encoded, batch_size, device, pad_id)
-            suffix = "" if len(sets) == 1 else f"_{split.name}"
-            if split.labelled:
-                scores = score_split(task, split, preds)
-                result[kind][split.name] = {
-                    **scores,
-                    "n": len(split.examples),
-                    **({"loss": loss} if loss is not None else {}),
-                }
-                write_predictions(task, split, preds, out / f"{kind}_predictions{suffix}.tsv", with_labels=True)
-            else:
-                name = task.submission.get(split.name, f"{task.name}{suffix}.tsv")
-                write_predictions(task, split, preds, out / "predictions" / name, with_labels=False)
-    primary = result["dev"][dev[0].name]
-    result.update({k: v for k, v in primary.items() if k in task.metrics})
-    return result
+    print(evaluation(), flush=True)
+    return 0
 
 
 # ---- the recipe -------------------------------------------------------------------------------------
@@ -640,64 +336,135 @@ class Finetuning(Recipe):
     def seed(self) -> int:
         return self.train.seed if self.train else self.given_train.get("seed", 0)
 
+    # ---- data and model ------------------------------------------------------------------------
+
     def build(self, run: Run) -> None:
         self.t0 = time.perf_counter()
-        fcfg, task = self.config, get_task(self.config.task)
-        self.task = task
+        fcfg, self.task = self.config, get_task(self.config.task)
         torch.manual_seed(self.seed)  # the same new rows, head (and --init none weights) on every rank
-        if run.resume_from is None:
-            body, self.tokenizer, self.source = load_body(fcfg, self.fused)
-        else:
-            (body, self.tokenizer), self.source = resumed_body(run.out, self.saved_model, self.fused), fcfg.init
-        self.max_len = _max_len(fcfg, body)
-        transform = InputTransform(self.tokenizer, task.kind, self.max_len)
-        data_dir = Path(fcfg.data_dir) if fcfg.data_dir else None
-        (self.train_split,) = load_splits(task, data_dir, "train", transform)
-        if not self.train_split.labelled:
-            raise ValueError(f"task {task.name!r}: the training set has unlabelled examples")
-        self.dev = load_splits(task, data_dir, "dev", transform)
-        self.test = load_splits(task, data_dir, "test", transform)
+        body = self._resumed_body(run.out) if run.resume_from is not None else self._new_body()
+        if fcfg.max_len is not None and fcfg.max_len > body.config.n_positions:
+            raise ValueError(f"--max-len {fcfg.max_len} exceeds the model's n_positions ({body.config.n_positions})")
+        self.max_len = fcfg.max_len or body.config.n_positions
+        self._data()
         n_train = len(self.train_split.examples)
         self.train = self.train or _resolve_train_config(fcfg, self.given_train, run.out, n_train, run.dist.device)
-        head = make_head(task, body, fcfg.head_dropout)
-        if task.kind == "regression":
+        head = TaskHead(
+            self.task.kind, body.config.n_embd, self.task.n_labels, fcfg.head_dropout, body.config.initializer_range
+        )
+        if self.task.kind == "regression":
             head.set_target_stats(torch.tensor([float(e.label) for e in self.train_split.examples]))
         self.model = GPT1ForTask(body, head, lm_coef=fcfg.lm_coef, lm_average=fcfg.lm_average)
-        self.meta = _task_meta(task, fcfg, self.max_len, self.source)
+
+    def _data(self) -> None:
+        """The task's train, dev and test sets through the input transformation."""
+        transform = InputTransform(self.tokenizer, self.task.kind, self.max_len)
+        data_dir = Path(self.config.data_dir) if self.config.data_dir else None
+        (self.train_split,) = load_splits(self.task, data_dir, "train", transform)
+        if not self.train_split.labelled:
+            raise ValueError(f"task {self.task.name!r}: the training set has unlabelled examples")
+        self.dev = load_splits(self.task, data_dir, "dev", transform)
+        self.test = load_splits(self.task, data_dir, "test", transform)
+
+    def _new_body(self) -> GPT1:
+        """--init's body (all or --n-transfer of its blocks) or a random one, with its
+        tokenizer, the task tokens added."""
+        fcfg = self.config
+        if fcfg.init == "none":
+            config, self.tokenizer, self.source = self._random_init_source()
+            body = GPT1(_with_dropout(config, fcfg.dropout), fused=self.fused)
+        else:
+            init = Path(fcfg.init)
+            if not (init / "config.json").is_file():
+                raise _missing_run(init, "--init")
+            self.tokenizer = self._tokenizer(init)
+            config, state = load_pretrained(init)
+            if self.tokenizer.vocab_size > config.vocab_size + 4:
+                raise ValueError(
+                    f"the tokenizer has {self.tokenizer.vocab_size} tokens but {init} has only "
+                    f"{config.vocab_size} embedding rows"
+                )
+            body = GPT1(_with_dropout(config, fcfg.dropout), fused=self.fused)
+            body.load_state_dict(state)
+            self.source = str(init)
+            if fcfg.n_transfer is not None:
+                body.reset_blocks(fcfg.n_transfer)
+                self.source += f" (embeddings + {fcfg.n_transfer} of {body.config.n_layer} blocks)"
+        add_task_tokens(body, self.tokenizer)
+        return body
+
+    def _tokenizer(self, run_dir: Path) -> BPETokenizer:
+        """--tokenizer's, else `run_dir`'s own."""
+        fcfg = self.config
+        if fcfg.tokenizer is not None:
+            return load_tokenizer(fcfg.tokenizer, fcfg.tokenizer_mode, "--tokenizer")
+        return load_tokenizer(run_dir, fcfg.tokenizer_mode)
+
+    def _random_init_source(self) -> tuple[GPT1Config, BPETokenizer, str]:
+        """--init none: the config of --preset or of --arch's config.json (weights never read),
+        the tokenizer of --tokenizer or --arch."""
+        fcfg = self.config
+        arch = Path(fcfg.arch or PRETRAIN_DEFAULT_OUT)
+        if fcfg.preset is not None:
+            if fcfg.tokenizer is None and fcfg.arch is None:
+                raise cli.UserError(
+                    f"--init none --preset {fcfg.preset} needs a tokenizer: pass --tokenizer PATH "
+                    "(or --arch RUN to take that run's)"
+                )
+            tokenizer = self._tokenizer(arch)
+            config = GPT1Config.from_name(fcfg.preset, vocab_size=tokenizer.vocab_size)
+            return config, tokenizer, f"random init ({fcfg.preset})"
+        if not (arch / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--init none takes the model's config.json and tokenizer from --arch RUN ({arch} has no config.json"
+                + (f"; `{PRETRAIN_COMMAND}` makes one there" if fcfg.arch is None else "")
+                + "), or pass --preset NAME with --tokenizer PATH"
+            )
+        config = GPT1Config.from_json_file(arch / "config.json")
+        return config, self._tokenizer(arch), f"random init ({arch / 'config.json'})"
+
+    def _resumed_body(self, out: Path) -> GPT1:
+        """A resumed run's body (its weights come from the checkpoint) and its own tokenizer."""
+        self.tokenizer, self.source = own_tokenizer(out), self.config.init
+        self.tokenizer.special_tokens()  # a fine-tuning run's tokenizer has them
+        config = build_section(GPT1Config, self.saved_model, out / RUN_CONFIG, "model")
+        return GPT1(config, fused=self.fused)
 
     def write_run_dir(self, run: Run) -> None:
         """A finished run resumed for more updates gets its best-dev weights back into best/."""
         if run.resume_from is not None and (run.out / METRICS_FILE).is_file() and not (run.out / BEST).is_dir():
-            _copy_model(run.out, run.out / BEST)
+            copy_finetuned(run.out, run.out / BEST)
 
     def sections(self) -> dict[str, Any]:
         return {"finetune": self.config, "train": self.train, "model": self.model.body.config}
 
     def describe(self, run: Run) -> list[tuple[str, str]]:
-        n_params = sum(p.numel() for p in self.model.parameters())
         split = self.train_split
-        mean_len = _mean_tokens(split) / len(split.encoded[0].sequences)
         sets = ", ".join(f"{len(s.examples)} {s.name}" for s in self.dev + self.test)
         return [
-            model_row(self.model.body.config, n_params, self.source),
+            model_row(self.model.body.config, _n_params(self.model), self.source),
             (
                 "task",
                 f"{self.task.name} ({self.task.kind}): {len(split.examples)} train, {sets}; "
-                f"max_len {self.max_len}, mean sequence {mean_len:.0f} tokens",
+                f"max_len {self.max_len}, mean sequence {self._mean_sequence:.0f} tokens",
             ),
         ]
 
+    @property
+    def _mean_sequence(self) -> float:
+        return self.train_split.mean_tokens / len(self.train_split.encoded[0].sequences)
+
+    # ---- training --------------------------------------------------------------------------------
+
     def job(self, run: Run) -> Job:
         cfg, body = self.train, self.model.body.config
-        n_params, mean_tokens = sum(p.numel() for p in self.model.parameters()), _mean_tokens(self.train_split)
-        mean_len = mean_tokens / len(self.train_split.encoded[0].sequences)
-        pad = self.tokenizer.special_tokens().pad
+        flops = flops_per_token(_n_params(self.model), body.n_layer, body.n_embd, round(self._mean_sequence))
         return Job(
             self.loss,
-            batch_fn(self.train_split.encoded, cfg.batch_size, cfg.seed, pad),
+            ExampleBatches(self.train_split.encoded, cfg.batch_size, cfg.seed, self.tokenizer.special_tokens().pad),
             evaluate=self.evaluate,
-            tokens_per_sample=round(mean_tokens),
-            flops_per_token=flops_per_token(n_params, body.n_layer, body.n_embd, round(mean_len)),
+            tokens_per_sample=round(self.train_split.mean_tokens),
+            flops_per_token=flops,
             weights=TASK_WEIGHTS,
             extra_state=lambda: dict(self.best),
             load_extra_state=self.best.update,
@@ -712,27 +479,39 @@ class Finetuning(Recipe):
             extra["lm_loss"] = o.lm_loss.item()
         return o.loss, extra
 
-    @property
-    def eval_batch_size(self) -> int:
-        return self.config.eval_batch_size or self.train.batch_size
+    def scorer(self, trainer: Trainer) -> Scorer:
+        pad, batch_size = self.tokenizer.special_tokens().pad, self.config.eval_batch_size or self.train.batch_size
+        return Scorer(self.task, self.model, pad, batch_size, trainer.autocast, trainer.dist)
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """The first dev set's L3 and metrics; a new best saves the run's best checkpoint."""
-        pad, dev = self.tokenizer.special_tokens().pad, self.dev[0]
-        preds, loss = predict(
-            trainer.model, dev.encoded, self.eval_batch_size, trainer.device, pad, trainer.autocast, trainer.dist
-        )
-        scores = score_split(self.task, dev, preds)
+        scorer, dev = self.scorer(trainer), self.dev[0]
+        preds, loss = scorer.predict(dev.encoded)
+        scores = scorer.score(dev, preds)
         primary = self.task.metrics[0]
         if scores[primary] > self.best["score"]:
             self.best.update(score=scores[primary], step=trainer.step)
             self.best_dev.update(preds=preds, loss=loss)
             if trainer.dist.is_main:
-                save_run(
-                    trainer.model, self.tokenizer, {**self.meta, "step": trainer.step, "dev": scores}, self.out / BEST
-                )
+                meta = dataclasses.replace(self._meta(), step=trainer.step, dev=scores)
+                save_finetuned(self.model, self.tokenizer, meta, self.out / BEST)
             trainer.dist.barrier()
         return {"val_loss": loss, **{f"dev_{k}": v for k, v in scores.items()}}
+
+    def _meta(self) -> TaskMeta:
+        fcfg, task = self.config, self.task
+        return TaskMeta(
+            task.name,
+            task.kind,
+            list(task.labels),
+            self.max_len,
+            metrics=list(task.metrics),
+            lm_coef=fcfg.lm_coef,
+            lm_average=fcfg.lm_average,
+            head_dropout=fcfg.head_dropout,
+            init=self.source,
+            data_dir=str(Path(fcfg.data_dir).resolve()) if fcfg.data_dir else None,
+        )
 
     def finish(self, trainer: Trainer, result: TrainResult, seconds: float) -> int:
         """Rank 0: the best dev checkpoint becomes the run's weights, scored on every dev and
@@ -740,14 +519,14 @@ class Finetuning(Recipe):
         if not trainer.dist.is_main:
             return 0
         out, task = self.out, self.task
-        trainer.metrics.plot(out / checkpoint.LOSS_PLOT, panels=plot_panels(task))
+        trainer.metrics.plot(out / LOSS_PLOT, panels=plot_panels(task))
         if (out / BEST).is_dir():  # the trainer left the final weights in the run directory
-            install_run(out / BEST, out)
+            copy_finetuned(out / BEST, out)
             shutil.rmtree(out / BEST, ignore_errors=True)
-        _load_weights(self.model, out)
+        load_weights(self.model, out)
         known = {self.dev[0].name: self.best_dev} if self.best_dev else {}
-        pad = self.tokenizer.special_tokens().pad
-        res = evaluate_all(task, self.model, self.dev, self.test, out, self.eval_batch_size, trainer.device, pad, known)
+        scorer = dataclasses.replace(self.scorer(trainer), autocast=None, dist=None)  # rank 0 alone, in fp32
+        res = scorer.report(self.dev, self.test, out, known)
         metrics = {
             "task": task.name,
             **{k: res[k] for k in task.metrics},
@@ -762,125 +541,58 @@ class Finetuning(Recipe):
         }
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
         print(
-            f"{_summary(task, res)} | best at update {self.best['step']} of {result.step} | "
+            f"{summary(task, res)} | best at update {self.best['step']} of {result.step} | "
             f"{metrics['wall_s']:.0f}s | run directory {out}",
             flush=True,
         )
         return 0
 
 
-def _max_len(fcfg: FinetuneConfig, body: GPT1) -> int:
-    P = body.config.n_positions
-    if fcfg.max_len is not None and fcfg.max_len > P:
-        raise ValueError(f"--max-len {fcfg.max_len} exceeds the model's n_positions ({P})")
-    return fcfg.max_len or P
-
-
-def _task_meta(task: Task, fcfg: FinetuneConfig, max_len: int, source: str) -> dict[str, Any]:
-    return {
-        "task": task.name,
-        "kind": task.kind,
-        "labels": list(task.labels),
-        "metrics": list(task.metrics),
-        "max_len": max_len,
-        "lm_coef": fcfg.lm_coef,
-        "lm_average": fcfg.lm_average,
-        "head_dropout": fcfg.head_dropout,
-        "init": source,
-        "data_dir": str(Path(fcfg.data_dir).resolve()) if fcfg.data_dir else None,
-    }
-
-
-def _summary(task: Task, result: dict[str, Any]) -> str:
-    parts = []
-    for kind in ("dev", "test"):
-        for name, scores in result.get(kind, {}).items():
-            shown = ", ".join(f"{m} {scores[m]:.4f}" for m in task.metrics)
-            parts.append(f"{kind if name == kind else f'{kind} {name}'}: {shown} (n={scores['n']})")
-    return "; ".join(parts)
-
-
 def plot_panels(task: Task) -> list[tuple[str, list[tuple[str, str]]]]:
     """loss.png's panels: the combined objective with its two parts, and the dev metric."""
     primary = task.metrics[0]
-    return [
-        (
-            "loss (nats)",
-            [
-                ("loss", "L3 = L2 + λ·L1 (train)"),
-                ("task_loss", "task loss L2 (train)"),
-                ("lm_loss", "LM loss L1 (train)"),
-                ("val_loss", "L3 (dev)"),
-            ],
-        ),
-        (f"dev {primary}", [(f"dev_{primary}", "dev")]),
+    losses = [
+        ("loss", "L3 = L2 + λ·L1 (train)"),
+        ("task_loss", "task loss L2 (train)"),
+        ("lm_loss", "LM loss L1 (train)"),
+        ("val_loss", "L3 (dev)"),
     ]
+    return [("loss (nats)", losses), (f"dev {primary}", [(f"dev_{primary}", "dev")])]
 
 
-def _copy_model(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
-        if (src / name).is_file():
-            atomic_write(dst / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
+def _resolve_train_config(
+    fcfg: FinetuneConfig, given: dict[str, Any], out: Path, n_train: int, device: torch.device
+) -> TrainConfig:
+    """A new run's TrainConfig: the paper's, CPU_LR on a CPU, lengths from the training set's size."""
+    kw = {**PAPER_TRAIN, **({"lr": CPU_LR} if device.type == "cpu" else {}), **given, "out": str(out)}
+    steps_per_epoch = math.ceil(n_train / kw["batch_size"])
+    if "max_steps" not in given:
+        kw["max_steps"] = max(1, math.ceil(fcfg.epochs * n_train / kw["batch_size"]))
+    if "warmup_steps" not in given:
+        kw["warmup_steps"] = max(1, math.ceil(fcfg.warmup_fraction * kw["max_steps"]))
+    kw.setdefault("eval_every", min(steps_per_epoch, kw["max_steps"]))
+    kw.setdefault("checkpoint_every", min(steps_per_epoch, kw["max_steps"]))
+    kw.setdefault("log_every", max(1, min(10, kw["max_steps"] // 10)))
+    return TrainConfig(**kw)
 
 
-def _mean_tokens(split: Split) -> float:
-    return sum(sum(len(s) for s in e.sequences) for e in split.encoded) / len(split.encoded)
-
-
-def eval_only(given: dict[str, Any], given_train: dict[str, Any], out: str | None) -> int:
-    """Re-evaluates the fine-tuned run --init on its task's dev (and test) files."""
-    fcfg = FinetuneConfig(**given)
-    run_dir = Path(fcfg.init)
-    if fcfg.init == "none" or not (run_dir / TASK_FILE).is_file():
-        raise FileNotFoundError(
-            f"--eval-only needs --init RUN_DIR of a fine-tuned run ({TASK_FILE} + {HEAD_FILE}); "
-            f"{run_dir} has no {TASK_FILE}"
+def _missing_run(path: Path, what: str) -> FileNotFoundError:
+    if str(path) == PRETRAIN_DEFAULT_OUT:
+        return FileNotFoundError(
+            f"no pretrained run at {path} ({what}): make one with `{PRETRAIN_COMMAND}`, "
+            f"or pass --init RUN_DIR, or --init none to fine-tune from random weights"
         )
-    meta = _read_task_meta(run_dir / TASK_FILE)
-    task = get_task(meta.get("task"))
-    if "task" in given and given["task"] != task.name:
-        raise ValueError(f"{run_dir} was fine-tuned on {task.name!r}, not {given['task']!r}")
-    data_dir = Path(fcfg.data_dir) if fcfg.data_dir else (Path(meta["data_dir"]) if meta.get("data_dir") else None)
-    out_dir = Path(out) if out else run_dir / "eval"
-    device = resolve_device(given_train.get("device", "auto"))
-    fused = given_train.get("fused", True)
-    check_fused(fused, device)
-    body = GPT1.from_pretrained(run_dir, fused=fused)
-    tokenizer = load_tokenizer(run_dir, fcfg.tokenizer)
-    tokenizer.special_tokens()  # a fine-tuned run's tokenizer has them
-    head = make_head(task, body, meta.get("head_dropout", meta.get("dropout", 0.1)))
-    load_head(head, run_dir)
-    model = GPT1ForTask(body, head, lm_coef=meta.get("lm_coef", 0.5), lm_average=meta.get("lm_average", "token")).to(
-        device
-    )
-    transform = InputTransform(tokenizer, task.kind, int(meta.get("max_len", body.config.n_positions)))
-    dev = load_splits(task, data_dir, "dev", transform)
-    test = load_splits(task, data_dir, "test", transform)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bs = fcfg.eval_batch_size or given_train.get("batch_size", PAPER_TRAIN["batch_size"])
-    res = evaluate_all(task, model, dev, test, out_dir, bs, device, tokenizer.special_tokens().pad)
-    metrics = {
-        "task": task.name,
-        **{k: res[k] for k in task.metrics},
-        "n_dev": len(dev[0].examples),
-        "run": str(run_dir),
-        "dev": res["dev"],
-        "test": res["test"],
-    }
-    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    print(f"{_summary(task, res)} | {out_dir / METRICS_FILE}", flush=True)
-    return 0
+    return FileNotFoundError(f"{what}: {path} is not a run directory (config.json + model.safetensors)")
 
 
-def _read_task_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
-        raise ValueError(f'{path}: expected a JSON object with a "task" name')
-    return meta
+def _with_dropout(config: GPT1Config, dropout: float | None) -> GPT1Config:
+    if dropout is None:
+        return config
+    return dataclasses.replace(config, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def run(study: Study, pretrained: Path | None, tasks: tuple[str, ...]) -> dict[s
 
 def zeroshot_curve(pre: Path, tasks: tuple[str, ...], fused: bool, say: Callable[[str], None]) -> list[dict[str, Any]]:
     from engine import zeroshot
-    from engine.training.run import load_tokenizer
+    from engine.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(pre)
     import torch

@@ -30,10 +30,10 @@ Output, one JSON object per example: {"id", "prediction", "probabilities"}: the 
 {label: p} for classification, entailment and similarity; the choice index and a list of
 probabilities for multiple choice; {"id", "prediction"} with the score for regression.
 
---export-hf DIR writes the run for transformers (engine.model.hf.save_task_model), with the same
+--export-hf DIR writes the run for transformers (engine.model.hf_export), with the same
 predictions: multiple choice as OpenAIGPTDoubleHeadsModel, the other kinds as
 OpenAIGPTForSequenceClassification (similarity and regression: the logits of the two orders
-added). Feed either the run's transformed sequences (Predictor.batch); engine.model.hf says how.
+added). Feed either the run's transformed sequences (Predictor.batch); engine.model.hf_export says how.
 The exported tokenizer adds the transformation's tokens itself, so
 transformers.pipeline("text-classification", model=DIR) gives a classification or entailment
 run's predictions (for inputs within max_len).
@@ -51,18 +51,12 @@ import torch
 
 from engine.cli import ArgumentParser, run_cli
 from engine.data.records import Example, fail, jsonl_rows
-from engine.data.transforms import KINDS, Batch, Encoded, InputTransform, collate
-from engine.inference.runs import (
-    add_runtime_args,
-    inference_device,
-    load_tokenizer,
-    run_dir,
-)
-from engine.model.gpt1 import GPT1
-from engine.model.heads import GPT1ForTask, TaskHead
+from engine.data.transforms import Batch, Encoded, InputTransform, collate
+from engine.inference.runs import add_runtime_args, inference_device, run_dir
+from engine.model.finetuned import load_finetuned
+from engine.model.heads import GPT1ForTask
 from engine.model.tokenizer import BPETokenizer
 
-TASK_FILE, HEAD_FILE = "task.json", "head.safetensors"
 CLASS_KINDS = ("classification", "entailment", "similarity")
 # The JSONL fields of an example, by kind: (required, optional).
 FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -131,43 +125,6 @@ def _read_glue_test(path: Path, task: str) -> list[Example]:
 # ---- the predictor ----------------------------------------------------------------------------
 
 
-def _read_task(path: Path) -> dict[str, Any]:
-    file = path / TASK_FILE
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no {TASK_FILE}: not a fine-tuned run (make one with python -m engine.finetune)"
-        )
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    if meta.get("kind") not in KINDS:
-        raise ValueError(f"{file}: field 'kind' must be one of {KINDS}, got {meta.get('kind')!r}")
-    labels = meta.get("labels", [])
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise ValueError(f"{file}: field 'labels' must be a list of strings, got {labels!r}")
-    if not isinstance(meta.get("max_len"), int) or isinstance(meta.get("max_len"), bool) or meta["max_len"] < 4:
-        raise ValueError(f"{file}: field 'max_len' must be an integer >= 4, got {meta.get('max_len')!r}")
-    if not isinstance(meta.get("task"), str):
-        raise ValueError(f"{file}: field 'task' must be a string, got {meta.get('task')!r}")
-    return meta
-
-
-def _load_head(path: Path, kind: str, labels: list[str], n_embd: int, device: torch.device) -> TaskHead:
-    from safetensors import SafetensorError
-
-    from engine.finetune import load_head
-
-    head = TaskHead(kind, n_embd, max(1, len(labels)), pdrop=0.0)
-    try:
-        load_head(head.to(device), path)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path / HEAD_FILE} is not a readable safetensors file: {e}") from None
-    return head
-
-
 @dataclass
 class Predictor:
     """A fine-tuned run ready to score examples: ``Predictor.from_run(dir).predict(examples)``."""
@@ -183,22 +140,11 @@ class Predictor:
     def from_run(cls, run: str | Path, device: str = "auto", fused: bool = True) -> "Predictor":
         """Loads RUN (see the module doc) onto `device` ('auto', 'cpu' or 'cuda')."""
         path = run_dir(run)
-        meta = _read_task(path)
         dev = inference_device(device, fused)
-        body = GPT1.from_pretrained(path, fused=fused).to(dev)
-        tokenizer = load_tokenizer(path)
-        if tokenizer.token_to_id("<classify>") is None:
-            raise ValueError(f"{path}: its tokenizer has no fine-tuning tokens (<start>, <delim>, <classify>, <pad>)")
-        head = _load_head(path, meta["kind"], meta["labels"], body.config.n_embd, dev)
-        model = GPT1ForTask(body, head, lm_coef=0.0).eval()
-        return cls(
-            model,
-            tokenizer,
-            meta["task"],
-            meta["kind"],
-            tuple(meta["labels"]),
-            min(meta["max_len"], body.config.n_positions),
-        )
+        model, tokenizer, meta = load_finetuned(path, fused)
+        n_positions = model.body.config.n_positions
+        labels = tuple(meta.labels)
+        return cls(model.to(dev).eval(), tokenizer, meta.task, meta.kind, labels, min(meta.max_len, n_positions))
 
     @property
     def device(self) -> torch.device:
@@ -265,8 +211,8 @@ class Predictor:
         return {"id": uid, "prediction": self.labels[k], "probabilities": dict(zip(self.labels, p))}
 
     def export_hf(self, path: str | Path) -> str:
-        """Writes the run for transformers (engine.model.hf.save_task_model); returns the class name."""
-        from engine.model.hf import save_task_model, save_task_tokenizer
+        """Writes the run for transformers (engine.model.hf_export); returns the class name."""
+        from engine.model.hf_export import save_task_model, save_task_tokenizer
 
         sp = self.tokenizer.special_tokens()
         name = save_task_model(self.model.body, self.model.head, self.labels, sp.pad, Path(path))

@@ -32,13 +32,13 @@ from engine.cli import ArgumentParser, UserError, add_dataclass_args, dataclass_
 from engine.data.prepare import Corpus, prepare
 from engine.data.shards import default_cache_dir
 from engine.model.config import GPT1Config
-from engine.model.gpt1 import GPT1
-from engine.model.tokenizer import BPETokenizer
+from engine.model.gpt1 import GPT1, load_pretrained
+from engine.model.tokenizer import BPETokenizer, load_tokenizer
 from engine.training.checkpoint import LOSS_PLOT, METRICS, RUN_CONFIG
 from engine.training.config import TrainConfig
 from engine.training.distributed import batch_layout, resolve_device
 from engine.training.launch import Recipe, Run, RunArgs, add_run_args, launch, model_row
-from engine.training.run import build_section, load_tokenizer, load_tokenizer_file, resume_sections
+from engine.training.run import build_section, own_tokenizer, resume_sections
 from engine.training.trainer import Job, Trainer, TrainResult
 
 DEFAULT_OUT = "runs/pretrain"
@@ -372,11 +372,10 @@ class Pretraining(Recipe):
         """(tokenizer, where it came from) when it is not the corpus's: a resumed run's own
         tokenizer.json (never one trained or cached anew: BPE ids could differ), --init's."""
         if resumed is not None:
-            return load_tokenizer_file(resumed / "tokenizer.json"), f"the run's own ({resumed / 'tokenizer.json'})"
+            return own_tokenizer(resumed), f"the run's own ({resumed / 'tokenizer.json'})"
         if self.config.init is not None:
-            return load_tokenizer(Path(self.config.init), mode=self.config.tokenizer_mode), (
-                f"--init {self.config.init}'s"
-            )
+            init = self.config.init
+            return load_tokenizer(init, self.config.tokenizer_mode, "--init"), f"--init {init}'s"
         return None
 
     def _data(self, run: Run) -> None:
@@ -415,8 +414,6 @@ class Pretraining(Recipe):
         if run.resume_from is not None:
             mcfg = build_section(GPT1Config, self.saved_model, run.out / RUN_CONFIG, "model")
         elif self.config.init is not None:
-            from engine.model.hf import load_pretrained
-
             mcfg, state = load_pretrained(self.config.init)
         else:
             mcfg = GPT1Config.from_name(self.config.preset, vocab_size=self.tokenizer.vocab_size)

@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.task:
         if t not in TASKS:
             raise ValueError(f"unknown zero-shot task {t!r}; expected one of {', '.join(TASKS)}")
+    from engine.model.tokenizer import load_tokenizer
     from engine.training.distributed import resolve_device
-    from engine.training.run import load_tokenizer
 
     run = Path(args.run)
     device = resolve_device(args.device)

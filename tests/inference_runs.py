@@ -59,11 +59,11 @@ TASKS = {
 
 
 def make_task_run(path: Path, kind: str, seed: int = 0) -> Path:
-    """A fine-tuned run as engine.finetune.save_run writes it, with a random head whose bias
-    is far from 0 (and, for regression, standardisation away from 0 / 1): every term of the
-    head shows in its outputs."""
-    from engine.finetune import add_task_tokens, save_run
-    from engine.model.heads import GPT1ForTask, TaskHead
+    """A fine-tuned run as engine.model.finetuned.save_finetuned writes it, with a random head
+    whose bias is far from 0 (and, for regression, standardisation away from 0 / 1): every term
+    of the head shows in its outputs."""
+    from engine.model.finetuned import TaskMeta, save_finetuned
+    from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
 
     task, labels = TASKS[kind]
     tok = BPETokenizer.train(texts=[TEXT] * 4, vocab_size=200, min_frequency=1)
@@ -76,18 +76,8 @@ def make_task_run(path: Path, kind: str, seed: int = 0) -> Path:
         head.linear.bias.uniform_(-1.0, 1.0)
     if kind == "regression":
         head.set_target_stats(torch.tensor([0.5, 4.0, 2.5, 3.0]))
-    meta = {
-        "task": task,
-        "kind": kind,
-        "labels": list(labels),
-        "metrics": ["accuracy"],
-        "max_len": 40,
-        "lm_coef": 0.5,
-        "dropout": 0.1,
-        "init": "test",
-        "data_dir": None,
-    }
-    save_run(GPT1ForTask(body, head), tok, meta, path)
+    meta = TaskMeta(task, kind, list(labels), max_len=40, metrics=["accuracy"], init="test")
+    save_finetuned(GPT1ForTask(body, head), tok, meta, path)
     return path
 
 

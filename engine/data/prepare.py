@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 from engine.cli import UserError
 from engine.data import corpus
 from engine.data.shards import cache_key, file_fingerprint, load_or_build_shards
+from engine.model.tokenizer import BPETokenizer, load_tokenizer
 
 # Bumped when trained tokenizers change for the same inputs: 2 = reproducible across processes.
 BPE_TRAINING_VERSION = 2
@@ -133,11 +134,9 @@ class Corpus:
     def tokenizer(self, cache: Path, say: Callable[..., None]) -> tuple[Any, str]:
         """(tokenizer, a note on where it came from): --tokenizer, else the cached BPE, else
         a BPE trained now on the training split and cached."""
-        from engine.model.tokenizer import BPETokenizer
-
         spec = self.pcfg.tokenizer
         if spec is not None:
-            return load_tokenizer(spec, self.pcfg.tokenizer_mode), f"loaded from {' + '.join(spec)}"
+            return load_tokenizer(spec, self.pcfg.tokenizer_mode, "--tokenizer"), f"loaded from {' + '.join(spec)}"
         path = self.tokenizer_path(cache)
         if path.is_file():
             return BPETokenizer.load(path), f"BPE trained on the training split (cached: {path})"
@@ -154,30 +153,6 @@ class Corpus:
             return self.source()
 
         return load_or_build_shards(cache, self.key(), source, tokenizer, progress=progress, say=say)
-
-
-def load_tokenizer(spec: list[str], mode: str = "hf") -> Any:
-    """One path: a tokenizer.json, or a directory holding tokenizer.json or GPT-1's two
-    vocabulary files. Two paths: GPT-1's encoder_bpe_40000.json and vocab_40000.bpe. `mode`:
-    how GPT-1's files cut words ("hf" or "openai", engine.model.tokenizer)."""
-    from engine.model.tokenizer import BPETokenizer
-
-    paths = [Path(p) for p in spec]
-    for p in paths:
-        if not p.exists():
-            raise FileNotFoundError(f"--tokenizer path not found: {p}")
-    if len(paths) == 2:
-        enc, bpe = sorted(paths, key=lambda p: p.suffix != ".json")
-        return BPETokenizer.from_gpt1_files(enc, bpe, mode=mode)
-    (p,) = paths
-    if p.is_file():
-        return BPETokenizer.load(p)
-    if (p / "tokenizer.json").is_file():
-        return BPETokenizer.load(p / "tokenizer.json")
-    enc, bpe = sorted(p.glob("encoder_bpe_*.json")), sorted(p.glob("vocab_*.bpe"))
-    if enc and bpe:
-        return BPETokenizer.from_gpt1_files(enc[0], bpe[0], mode=mode)
-    raise FileNotFoundError(f"--tokenizer {p}: no tokenizer.json or encoder_bpe_*.json + vocab_*.bpe in it")
 
 
 def prepare(pcfg: Any, cache: Path, say: Callable[..., None] = print, tokenizer: tuple[Any, str] | None = None) -> int:

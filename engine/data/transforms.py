@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from engine.data.records import Example
+from engine.model.heads import KINDS
 from engine.model.tokenizer import BPETokenizer, SpecialTokens
 
-KINDS = ("classification", "entailment", "similarity", "regression", "multiple_choice")
 IGNORE_INDEX = -100
 
 

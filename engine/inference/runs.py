@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import UserError
 from engine.model.gpt1 import GPT1
-from engine.model.tokenizer import BPETokenizer
+from engine.model.tokenizer import BPETokenizer, load_tokenizer
+from engine.training.distributed import resolve_device
+from engine.training.run import check_fused
 
 DEFAULT_RUN = "runs/pretrain"  # where `python -m engine.pretrain` writes without --out
 RUN_HINT = (
@@ -65,23 +66,9 @@ def run_dir(run: str | Path) -> Path:
 
 def inference_device(device: str, fused: bool) -> torch.device:
     """The device `--device` names; the fused path on CPU needs the C++ kernels, said up front."""
-    from engine.training.distributed import resolve_device
-
     dev = resolve_device(device)
-    if fused and dev.type == "cpu":
-        from engine import ops
-
-        reason = ops.cpu_kernels_error()
-        if reason is not None:
-            raise UserError(f"--fused: {reason} (or pass --no-fused)")
+    check_fused(fused, dev)
     return dev
-
-
-def load_tokenizer(path: Path) -> BPETokenizer:
-    """The run's own tokenizer (tokenizer.json, or GPT-1's / Hugging Face's vocabulary files)."""
-    from engine.finetune import load_tokenizer as load_run_tokenizer
-
-    return load_run_tokenizer(path)
 
 
 def load_language_model(run: str | Path, device: torch.device, fused: bool) -> tuple[GPT1, BPETokenizer]:

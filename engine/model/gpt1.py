@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine import ops
-from engine.model import reference
+from engine.model import hf, reference
 from engine.model.config import GPT1Config
 from engine.model.reference import MLP, Attention, init_weights
 
@@ -299,8 +299,6 @@ class GPT1(nn.Module):
     def from_pretrained(cls, path: str | Path, fused: bool = True) -> "GPT1":
         """Loads a directory in transformers' openai-gpt layout (config.json + model.safetensors,
         or pytorch_model.bin read with torch.load(weights_only=True))."""
-        from engine.model.hf import load_pretrained
-
         config, state_dict = load_pretrained(path)
         model = cls(config, fused=fused)
         model.load_state_dict(state_dict)
@@ -308,9 +306,26 @@ class GPT1(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Writes config.json + model.safetensors in the openai-gpt layout, atomically."""
-        from engine.model.hf import save_pretrained
+        hf.save_pretrained(self.config, self.state_dict(), path)
 
-        save_pretrained(self.config, self.state_dict(), path)
+
+def load_pretrained(path: str | Path) -> tuple[GPT1Config, dict[str, Tensor]]:
+    """(config, state dict) of an openai-gpt directory (engine.model.hf), every tensor checked
+    against GPT1's names and shapes for that config before any model is allocated: a
+    config.json claiming vocab_size 1e11 is refused here instead of exhausting memory."""
+    config, state = hf.read_pretrained(path)
+    with torch.device("meta"):  # GPT1's own names and shapes, nothing allocated
+        expected = {k: v.shape for k, v in GPT1(config, fused=False).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match the config (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, the config implies {tuple(shape)}")
+    return config, state
 
 
 def _check_sampling(

@@ -17,14 +17,16 @@ model loss on the transformed sequences (pads ignored), λ = 0.5 in the paper (0
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.data.transforms import KINDS
 from engine.model.gpt1 import GPT1, LOSS_AVERAGES
+from engine.model.tokenizer import BPETokenizer
+
+# What a head can read: one task kind each (engine.data.transforms builds their input sequences).
+KINDS = ("classification", "entailment", "similarity", "regression", "multiple_choice")
 
 
 class SharedDropout(nn.Module):
@@ -153,7 +155,7 @@ class GPT1ForTask(nn.Module):
         return TaskOutput(combine_losses(task_loss, body.loss, self.lm_coef), task_loss, body.loss, out)
 
 
-def add_task_tokens(body: GPT1, tokenizer: Any) -> None:
+def add_task_tokens(body: GPT1, tokenizer: BPETokenizer) -> None:
     """Appends start / delimiter / extract / pad to the vocabulary and gives them embedding
     rows drawn from N(0, initializer_range), as the paper's new tokens."""
     fresh = any(tokenizer.token_to_id(t) is None for t in ("<start>", "<delim>", "<classify>", "<pad>"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tokenizers import (
     Tokenizer,
@@ -282,3 +282,31 @@ class BPETokenizer:
         if any(v is None for v in ids.values()):
             raise ValueError("this tokenizer has no fine-tuning special tokens; call add_special_tokens() first")
         return SpecialTokens(**ids)
+
+
+def load_tokenizer(
+    source: str | Path | Sequence[str | Path], mode: str = "hf", what: str = "tokenizer"
+) -> BPETokenizer:
+    """The one way a tokenizer is read from disk. `source`: a tokenizer.json; a directory holding
+    tokenizer.json (this engine), vocab.json + merges.txt (Hugging Face openai-gpt) or
+    encoder_bpe_*.json + vocab_*.bpe (OpenAI's release); or OpenAI's two files as two paths.
+    `mode`: how GPT-1's vocabulary files cut words (module doc); `what` names the source in errors."""
+    paths = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{what} path not found: {p}")
+    if len(paths) == 2:
+        encoder, merges = sorted(paths, key=lambda p: p.suffix != ".json")
+        return BPETokenizer.from_gpt1_files(encoder, merges, mode=mode)
+    (p,) = paths
+    if p.is_file():
+        return BPETokenizer.load(p)
+    if (p / "tokenizer.json").is_file():
+        return BPETokenizer.load(p / "tokenizer.json")
+    for encoder, merges in (("vocab.json", "merges.txt"), ("encoder_bpe_*.json", "vocab_*.bpe")):
+        found = sorted(p.glob(encoder)), sorted(p.glob(merges))
+        if all(found):
+            return BPETokenizer.from_gpt1_files(found[0][0], found[1][0], mode=mode)
+    raise FileNotFoundError(
+        f"{what} {p}: no tokenizer.json or encoder_bpe_*.json + vocab_*.bpe (nor vocab.json + merges.txt) in it"
+    )

@@ -60,7 +60,7 @@ def _gpt1_save(model: nn.Module, path: Path) -> None:
 
 
 def _gpt1_load(model: nn.Module, path: Path) -> None:
-    from engine.model.hf import load_pretrained
+    from engine.model.gpt1 import load_pretrained
 
     config, state = load_pretrained(path)
     if config != model.config:

@@ -21,6 +21,7 @@ import torch
 
 from engine.cli import UserError, flag_name
 from engine.fileio import atomic_write_text
+from engine.model.tokenizer import BPETokenizer, load_tokenizer
 from engine.training import checkpoint
 from engine.training.checkpoint import RUN_CONFIG
 
@@ -246,28 +247,9 @@ def finished_step(resume_from: Path, max_steps: int, done_marker: Path) -> int |
     return step if step >= max_steps else None
 
 
-def load_tokenizer(run_dir: Path, override: str | None = None, mode: str = "hf") -> Any:
-    """A model directory's tokenizer: tokenizer.json (this engine), vocab.json + merges.txt
-    (Hugging Face openai-gpt), or encoder_bpe_40000.json + vocab_40000.bpe (OpenAI's release);
-    `mode` is how the last two cut words (engine.model.tokenizer: "hf" or "openai")."""
-    from engine.model.tokenizer import BPETokenizer
-
-    if override:
-        return BPETokenizer.load(override)
-    if (run_dir / "tokenizer.json").is_file():
-        return BPETokenizer.load(run_dir / "tokenizer.json")
-    for vocab, merges in (("vocab.json", "merges.txt"), ("encoder_bpe_40000.json", "vocab_40000.bpe")):
-        if (run_dir / vocab).is_file() and (run_dir / merges).is_file():
-            return BPETokenizer.from_gpt1_files(run_dir / vocab, run_dir / merges, mode=mode)
-    raise FileNotFoundError(
-        f"no tokenizer in {run_dir} (tokenizer.json, or vocab.json + merges.txt); pass --tokenizer PATH"
-    )
-
-
-def load_tokenizer_file(path: Path) -> Any:
-    """A run's own tokenizer.json (part of the run: its ids are what the weights were trained on)."""
-    from engine.model.tokenizer import BPETokenizer
-
+def own_tokenizer(run_dir: Path) -> BPETokenizer:
+    """A run's own tokenizer.json: part of the run (its ids are what the weights were trained on)."""
+    path = run_dir / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{path} is missing: a run's tokenizer is part of the run (a new BPE could give other ids)")
-    return BPETokenizer.load(path)
+    return load_tokenizer(path)

@@ -10,16 +10,10 @@ import torch
 import engine.training.precision as precision
 from engine import GPT1
 from engine.cli import run_cli
+from engine.data.splits import ExampleBatches
 from engine.data.transforms import Encoded
-from engine.finetune import (
-    CPU_LR,
-    PAPER_TRAIN,
-    FinetuneConfig,
-    _resolve_train_config,
-    add_task_tokens,
-    batch_fn,
-    main,
-)
+from engine.finetune import CPU_LR, PAPER_TRAIN, FinetuneConfig, _resolve_train_config, main
+from engine.model.heads import add_task_tokens
 from engine.model.tokenizer import BPETokenizer
 from inference_runs import make_fixture_run
 
@@ -253,11 +247,11 @@ def test_add_task_tokens_appends_fresh_rows(pretrained):
 
 def test_batches_are_a_pure_function_of_the_step():
     items = [Encoded(((1, i, 3),), i % 2) for i in range(5)]
-    fetch = batch_fn(items, batch_size=2, seed=0, pad_id=0)
+    fetch = ExampleBatches(items, batch_size=2, seed=0, pad_id=0)
     first = fetch(0, 0, 2)
-    assert torch.equal(first["input_ids"], batch_fn(items, 2, 0, 0)(0, 0, 2)["input_ids"])  # a fresh copy agrees
+    assert torch.equal(first["input_ids"], ExampleBatches(items, 2, 0, 0)(0, 0, 2)["input_ids"])  # a fresh copy agrees
     assert torch.equal(fetch(0, 1, 1)["input_ids"][0], first["input_ids"][1])  # a rank's slice of the same batch
-    fetch1 = batch_fn(items, batch_size=1, seed=0, pad_id=0)
+    fetch1 = ExampleBatches(items, batch_size=1, seed=0, pad_id=0)
     orders = [[int(fetch1(s, 0, 1)["input_ids"][0, 0, 1]) for s in range(e * 5, e * 5 + 5)] for e in range(3)]
     assert all(sorted(o) == [0, 1, 2, 3, 4] for o in orders)  # each example once per epoch
     assert len({tuple(o) for o in orders}) > 1  # reshuffled every epoch

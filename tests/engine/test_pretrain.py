@@ -367,21 +367,21 @@ def test_header_says_the_resolved_precision_and_why(isa, said, tmp_path, cache, 
 
 
 def test_tokenizer_paths(tmp_path):
-    from engine.data.prepare import load_tokenizer as _load_tokenizer
+    from engine.model.tokenizer import load_tokenizer
 
     tok = BPETokenizer.train(texts=["to be or not to be"] * 5, vocab_size=40)
     tok.save(tmp_path / "run" / "tokenizer.json")
     for spec in ([str(tmp_path / "run" / "tokenizer.json")], [str(tmp_path / "run")]):
-        assert _load_tokenizer(spec).encode("to be") == tok.encode("to be")
+        assert load_tokenizer(spec).encode("to be") == tok.encode("to be")
     # GPT-1's original two files (a toy vocabulary in their format), as two paths or their directory.
     gpt1 = tmp_path / "gpt1"
     vocab = {"<unk>": 0, "t": 1, "o": 2, "o</w>": 3, "t</w>": 4, "to</w>": 5}
     write(gpt1 / "encoder_bpe_40000.json", json.dumps(vocab))
     write(gpt1 / "vocab_40000.bpe", "#version: 0.2\nt o</w>\n")
     for spec in ([str(gpt1 / "vocab_40000.bpe"), str(gpt1 / "encoder_bpe_40000.json")], [str(gpt1)]):
-        assert _load_tokenizer(spec).encode("to") == [5]
+        assert load_tokenizer(spec).encode("to") == [5]
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or encoder_bpe"):
-        _load_tokenizer([str(tmp_path)])
+        load_tokenizer([str(tmp_path)])
 
 
 def test_explicit_validation_files(tmp_path):

@@ -131,9 +131,8 @@ def test_unknown_mode_is_refused(tmp_path):
 
 
 def test_run_directories_holding_gpt1_files_load_in_either_mode(tmp_path):
-    """--tokenizer-mode for --init directories with OpenAI's files (both CLIs go through these)."""
-    from engine.data.prepare import load_tokenizer as load_spec
-    from engine.training.run import load_tokenizer
+    """--tokenizer-mode for --init directories with OpenAI's files (both CLIs go through this loader)."""
+    from engine.model.tokenizer import load_tokenizer
 
     enc, bpe = _tiny_vocab(tmp_path)
     enc.rename(tmp_path / "encoder_bpe_40000.json")
@@ -141,5 +140,5 @@ def test_run_directories_holding_gpt1_files_load_in_either_mode(tmp_path):
     text = "I don't know.\nThe end"
     spec = OpenAITextEncoder(tmp_path / "encoder_bpe_40000.json", tmp_path / "vocab_40000.bpe")
     assert load_tokenizer(tmp_path, mode="openai").encode(text) == spec.encode(text)
-    assert load_spec([str(tmp_path)], "openai").encode(text) == spec.encode(text)
+    assert load_tokenizer([str(tmp_path)], "openai").encode(text) == spec.encode(text)
     assert load_tokenizer(tmp_path).mode == "hf" and load_tokenizer(tmp_path).encode(text) != spec.encode(text)

@@ -102,7 +102,7 @@ tok.save(sys.argv[2])
 def test_training_gives_one_id_map_in_every_process(tmp_path):
     """Issue 12, probe 1: three processes training the same BPE on the same text got three id
     maps (the end-of-word forms' ids followed a per-process random hash order)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]  # the repository (this file is tests/engine/model/)
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     digests = set()
     for i in range(3):
