@@ -98,6 +98,3 @@ def fsync_dir(directory: str | Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-_fsync_dir = fsync_dir  # the name engine.data.shards and engine.finetune import

@@ -71,8 +71,8 @@ BEST = "best"  # the best dev checkpoint while training; moved into the run dire
 WARMUP_FRACTION = 0.002  # the paper: warm-up over 0.2% of training
 # The paper's fine-tuning optimisation (§4.1), written once: --help shows it, runs use it.
 PAPER_TRAIN: dict[str, Any] = {"batch_size": 32, "lr": 6.25e-5, "schedule": "linear"}
-# On CPU the default model is pretraining's CPU one (gpt1-small, 4 x 256), which, as in
-# pretraining, takes a larger rate than the paper's 117M model (measured: bench/results/cpu-defaults.md).
+# On CPU the default model is pretraining's small CPU one, which takes a larger rate than the
+# paper's 117M model (measured: bench/results/cpu-defaults.md).
 CPU_LR = 1e-4
 # Checkpoints hold the body in the Hugging Face layout + head.safetensors.
 TASK_WEIGHTS = WeightsIO(save_weights, load_weights)
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
             "max_steps": "updates in the run; overrides --epochs (default: epochs × ceil(n_train / batch size))",
             "batch_size": "examples per update, over all processes and accumulation steps (paper: 32)",
             "lr": f"peak learning rate (default: {PAPER_TRAIN['lr']}, the paper's, on CUDA; {CPU_LR} on CPU, "
-            "whose default model is 4 x 256: see CPU_LR)",
+            "whose default model is 4 x 256: bench/results/cpu-defaults.md)",
             "warmup_steps": "updates of linear warm-up (default: --warmup-fraction of the updates, at least 1)",
             "eval_every": "evaluate on dev (and keep the best checkpoint) every N updates (default: once per epoch)",
             "checkpoint_every": "checkpoint every N updates (default: once per epoch)",

@@ -13,10 +13,10 @@ samples are separated by a line holding only "---". --seed makes sampling reprod
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -66,16 +66,16 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(temperature: float, top_k: int | None, num_samples: int, max_new_tokens: int | None) -> None:
     """Each bad value named by its flag (GPT1.generate would name the argument instead)."""
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be a positive integer or 'none', got {args.top_k}")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be a positive integer or 'none', got {top_k}")
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
 
 
 def new_tokens(requested: int | None, prompt_len: int, n_positions: int) -> int:
@@ -95,38 +95,40 @@ def new_tokens(requested: int | None, prompt_len: int, n_positions: int) -> int:
     return requested
 
 
-def stream_sample(
-    model: GPT1,
-    tokenizer: BPETokenizer,
-    ids: Sequence[int],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    generator: torch.Generator,
-    write: Callable[[str], None],
-) -> list[int]:
-    """Writes the decoded prompt, then each new piece of text as its token arrives; returns
-    every id. The text decoded so far is a prefix of the next decode (the BPE decoder only
-    turns a token's end-of-word marker into a space once another token follows), so writing
-    the difference reproduces tokenizer.decode of the whole sample."""
-    device = model.tokens_embed.weight.device
-    tokens = list(ids)
-    shown = tokenizer.decode(tokens)
-    write(shown)
-    prompt = torch.tensor([tokens], device=device)
-    for step in model.generate_stream(prompt, max_new_tokens, temperature, top_k, generator):
-        tokens.append(int(step.item()))
-        text = tokenizer.decode(tokens)
-        if text.startswith(shown):
-            write(text[len(shown) :])
-            shown = text
-    write("\n")
-    return tokens
+@dataclass
+class Sampler:
+    """A model and its tokenizer writing samples as they are drawn."""
+
+    model: GPT1
+    tokenizer: BPETokenizer
+    temperature: float = 1.0
+    top_k: int | None = None
+
+    def stream(
+        self, ids: Sequence[int], max_new_tokens: int, generator: torch.Generator, write: Callable[[str], None]
+    ) -> list[int]:
+        """Writes the decoded prompt, then each new piece of text as its token arrives; returns
+        every id. The text decoded so far is a prefix of the next decode (the BPE decoder only
+        turns a token's end-of-word marker into a space once another token follows), so writing
+        the difference reproduces tokenizer.decode of the whole sample."""
+        device = self.model.tokens_embed.weight.device
+        tokens = list(ids)
+        shown = self.tokenizer.decode(tokens)
+        write(shown)
+        prompt = torch.tensor([tokens], device=device)
+        for step in self.model.generate_stream(prompt, max_new_tokens, self.temperature, self.top_k, generator):
+            tokens.append(int(step.item()))
+            text = self.tokenizer.decode(tokens)
+            if text.startswith(shown):
+                write(text[len(shown) :])
+                shown = text
+        write("\n")
+        return tokens
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_args(args)
+    check_args(args.temperature, args.top_k, args.num_samples, args.max_new_tokens)
     device = inference_device(args.device, args.fused)
     model, tokenizer = load_language_model(args.run, device, args.fused)
     ids = tokenizer.encode(args.prompt)
@@ -134,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; give it some text")
     n = new_tokens(args.max_new_tokens, len(ids), model.config.n_positions)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    sampler = Sampler(model, tokenizer, args.temperature, args.top_k)
     try:
         for i in range(args.num_samples):
             if i:
                 _write(SEPARATOR + "\n")
-            stream_sample(model, tokenizer, ids, n, args.temperature, args.top_k, generator, _write)
+            sampler.stream(ids, n, generator, _write)
     except BrokenPipeError:  # `| head` closed the pipe: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -37,9 +37,7 @@ from engine import cli
 from engine.training.launch import Recipe, RunArgs, launch
 
 TASKS = ("shakespeare-cloze", "shakespeare-order")
-# The paper's directions: pre-training helps everywhere (Table 5: 74.7 vs 59.9 on average); the
-# auxiliary LM loss helps the larger data sets and not the smaller ones; each transferred layer
-# helps (Fig. 2 left); zero-shot accuracy grows with pretraining (Fig. 2 right).
+# The paper's findings, each effect's direction as the report quotes it.
 PAPER = {
     "pretraining": "Table 5: removing pre-training costs 14.8 points on average (74.7 → 59.9); it helps every task",
     "aux_lm": "Table 5: removing the auxiliary LM loss changes the average little (74.7 → 75.0); it helps the "
@@ -49,9 +47,8 @@ PAPER = {
 }
 
 
-# Table 5's auxiliary-LM finding depends on the data set's size: it helps MNLI, QNLI, QQP and SNLI
-# (108k-550k training examples) and not CoLA, SST-2, MRPC or RTE (2.5k-67k). The embedded tasks
-# are judged against the side of that line they fall on.
+# Table 5: the auxiliary LM loss helps MNLI, QNLI, QQP, SNLI (108k-550k training examples), not
+# CoLA, SST-2, MRPC, RTE (2.5k-67k); an embedded task is judged by its side of this line.
 AUX_LM_HELPS_FROM = 100_000
 
 
@@ -71,11 +68,8 @@ class Budget:
     finetune_lr: float | None = None  # peak fine-tuning rate (None: the fine-tuning CLI's default)
 
 
-# Ten fine-tunings share the budget, so each is short; a short run needs a larger peak rate. The
-# fine-tuning CLI's CPU default (1e-4 over 563 updates, decaying linearly) reaches 59.7% on
-# shakespeare-cloze after its first 188 updates, having summed ~0.016 of learning rate; 100
-# updates at 1e-4 sum 0.005 and reached 52.4% (vs 51.1% from random weights) in the first
-# measured run; 120 updates at 3e-4 sum 0.018.
+# Ten fine-tunings share the budget, so each is short and takes a larger peak rate
+# (measured: bench/results/cpu-defaults.md).
 BUDGETS = {
     "default": Budget(pretrain_steps=None, checkpoint_every=100, finetune_steps=120, finetune_lr=3e-4),
     "quick": Budget(pretrain_steps=300, checkpoint_every=60, finetune_steps=30, finetune_lr=3e-4),

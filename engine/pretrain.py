@@ -81,16 +81,8 @@ CUDA_DEFAULTS = DevicePreset(
     eval_windows=256,
     final_eval_windows=None,
 )
-# CPU (about 5 minutes on 2 free cores, 1.6M tokens seen, ~1.2 epochs): gpt1-small (4
-# layers, 256 wide), 16 x 128-token batches, 800 updates. Three choices make that budget show
-# learning, each measured on the embedded corpus (final val loss vs the unigram entropy):
-# * warm-up 10% of the run (80 updates): the paper's 2000 is longer than the whole run;
-# * lr 6e-4 (GPT-3's value for its smallest, 125M model; smaller models take larger rates):
-#   at the paper's 2.5e-4 the model was still on the unigram plateau when a 300 x 16 x 128
-#   run ended (6.29 vs 6.34); 1e-3 left the plateau later than 6e-4;
-# * a 2048-token BPE: every embedding row gets 4x the updates, sub-word continuations are
-#   predictable, steps are cheaper: 600 x 8 x 128 reached 5.41 vs 6.19 with it, against
-#   5.95 vs 6.34 with 8192 tokens. The defaults reach ~4.85 vs 6.19.
+# CPU: gpt1-small, 16 x 128-token batches, 800 updates, about 5 minutes on 2 cores; why each
+# value: bench/results/cpu-defaults.md.
 CPU_DEFAULTS = DevicePreset(
     "cpu",
     preset="gpt1-small",
@@ -321,7 +313,7 @@ class Pretraining(Recipe):
             )
             return cls(built["pretrain"], built["train"], saved.get("model"), frozenset(given_train))
         device = resolve_device(given_train.get("device", "auto"))
-        defaults = CUDA_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+        defaults = DEVICE_PRESETS[device.type]
         p_defaults = defaults.pretrain_defaults()
         if "init" in given:
             clash = [flag_name(k) for k in INIT_EXCLUDES if k in given]

@@ -28,13 +28,17 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from engine import cli
 from engine.data.records import Example
 from engine.inference.metrics import accuracy, matthews
+
+if TYPE_CHECKING:
+    from engine.model.gpt1 import GPT1
+    from engine.model.tokenizer import BPETokenizer
 
 MC_TASKS = ("rocstories", "race", "race-middle", "race-high", "swag", "shakespeare-cloze", "shakespeare-order")
 TASKS = ("sst2", "cola", "dprd", *MC_TASKS)
@@ -52,7 +56,7 @@ def _fit(context: list[int], cont: list[int], n_positions: int) -> tuple[list[in
 
 
 @torch.no_grad()
-def average_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16) -> list[float]:
+def average_logprobs(model: GPT1, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16) -> list[float]:
     """For each (context ids, continuation ids): the mean over the continuation's tokens of
     log p(token | everything before it). The context must hold at least one token; an empty
     continuation scores -inf. Only the continuation's positions go through the LM head."""
@@ -81,7 +85,7 @@ def average_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], b
 
 
 def choice_scores(
-    model: Any, tokenizer: Any, contexts: Sequence[str], choices: Sequence[Sequence[str]]
+    model: GPT1, tokenizer: BPETokenizer, contexts: Sequence[str], choices: Sequence[Sequence[str]]
 ) -> list[list[float]]:
     """Average log-probability of each choice after its context: one list per example."""
     pairs, sizes = [], []
@@ -117,7 +121,7 @@ class Result:
         return dict(self.__dict__)
 
 
-def multiple_choice(model: Any, tokenizer: Any, task: str, examples: list[Example]) -> Result:
+def multiple_choice(model: GPT1, tokenizer: BPETokenizer, task: str, examples: list[Example]) -> Result:
     scores = choice_scores(model, tokenizer, [" ".join(e.segments) for e in examples], [e.choices for e in examples])
     pred = [_argmax(s) for s in scores]
     n_choices = len(examples[0].choices)
@@ -131,7 +135,7 @@ def multiple_choice(model: Any, tokenizer: Any, task: str, examples: list[Exampl
     )
 
 
-def sentiment(model: Any, tokenizer: Any, task: str, examples: list[Example]) -> Result:
+def sentiment(model: GPT1, tokenizer: BPETokenizer, task: str, examples: list[Example]) -> Result:
     scores = choice_scores(
         model, tokenizer, [e.segments[0] + " very" for e in examples], [SENTIMENT_WORDS] * len(examples)
     )
@@ -146,7 +150,7 @@ def sentiment(model: Any, tokenizer: Any, task: str, examples: list[Example]) ->
     )
 
 
-def sentence_scores(model: Any, tokenizer: Any, sentences: Sequence[str]) -> list[float]:
+def sentence_scores(model: GPT1, tokenizer: BPETokenizer, sentences: Sequence[str]) -> list[float]:
     """Average log-probability of each sentence's tokens after its first."""
     pairs = []
     for s in sentences:
@@ -163,7 +167,7 @@ def best_threshold(scores: Sequence[float], labels: Sequence[int]) -> float:
 
 
 def acceptability(
-    model: Any, tokenizer: Any, task: str, examples: list[Example], train: list[Example] | None
+    model: GPT1, tokenizer: BPETokenizer, task: str, examples: list[Example], train: list[Example] | None
 ) -> Result:
     scores = sentence_scores(model, tokenizer, [e.segments[0] for e in examples])
     if train:
@@ -185,7 +189,7 @@ def acceptability(
     )
 
 
-def winograd(model: Any, tokenizer: Any, task: str, examples: list[Example]) -> Result:
+def winograd(model: GPT1, tokenizer: BPETokenizer, task: str, examples: list[Example]) -> Result:
     pairs, sizes = [], []
     for e in examples:
         before, after = e.segments
@@ -250,8 +254,8 @@ def _read_dprd(data_dir: Path | None) -> list[Example]:
 
 
 def evaluate(
-    model: Any,
-    tokenizer: Any,
+    model: GPT1,
+    tokenizer: BPETokenizer,
     task: str,
     data_dir: Path | None = None,
     split: str = "dev",
@@ -272,7 +276,7 @@ def evaluate(
 # ---- runs and checkpoints ---------------------------------------------------------------------
 
 
-def load_model(path: Path, fused: bool, device: torch.device) -> Any:
+def load_model(path: Path, fused: bool, device: torch.device) -> GPT1:
     from engine.model.gpt1 import GPT1
 
     if not (path / "config.json").is_file():

@@ -34,12 +34,8 @@ CONTEXT_LINES = 3  # lines of the passage before the candidates
 N_CHOICES = 2  # the true continuation and one distractor, as the Story Cloze Test
 DISTRACTORS = ("other_line", "shuffled")  # a line of another speech / the true line's words reordered
 MIN_WORDS = 3  # shorter lines ("My lord,") carry too little to choose between
-# Examples per split (the train plays yield ~30,000 cloze passages, the dev plays ~3,450).
-# 2000 dev examples put the standard error of a dev accuracy near 1.1 points. On
-# shakespeare-cloze the pretrained start gains with every training example and the random one
-# does not (pretrained vs --init none at the paper's lr: 3000 → 57.9% vs 50.0%, 6000 → 60.4%
-# vs 50.9%; 1000 / 500 → 57.2% vs 52.2%, the random start learning train-play cues that do not
-# transfer); the CPU default's lr: engine.finetune.CPU_LR.
+# Examples per split: 2000 dev examples put a dev accuracy's standard error near 1.1 points;
+# the measurements behind both sizes: bench/results/cpu-defaults.md.
 SIZES = {"train": 6000, "dev": 2000}
 GENRE_LINES = 4  # lines per genre passage
 

@@ -173,12 +173,11 @@ def _launch(recipe: Recipe, run: Run) -> int:
             return 0
     check_fused(recipe.fused, run.dist.device)
     recipe.build(run)
-    layout = batch_layout(recipe.train, run.dist.world_size)
-    # Model and batch layout are known and nothing is written yet: the place for checks of the whole run.
+    layout, job = batch_layout(recipe.train, run.dist.world_size), recipe.job(run)
+    # Model, batch layout and job are known and nothing is written yet: the place for checks of the whole run.
     if run.dist.is_main:
         _write_run_dir(recipe, run)
     run.dist.barrier()
-    job = recipe.job(run)
     run.say(header(recipe, run, layout, job))
     trainer = Trainer(
         recipe.model, recipe.train, job, dist=run.dist, resume_from=run.resume_from, progress=not run.args.quiet

@@ -15,7 +15,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -24,6 +24,9 @@ from engine.fileio import atomic_write_text
 from engine.model.tokenizer import BPETokenizer, load_tokenizer
 from engine.training import checkpoint
 from engine.training.checkpoint import RUN_CONFIG
+from engine.training.distributed import DistEnv
+
+T = TypeVar("T")
 
 LOCK_FILE = ".run.lock"
 # What --resume may change: where and how the run runs and reports, never what it computes.
@@ -124,7 +127,7 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def locked_run_dir(out: Path, dist: Any) -> Iterator[None]:
+def locked_run_dir(out: Path, dist: DistEnv) -> Iterator[None]:
     """Holds the run directory's lock (rank 0 takes it for the job) and cleans a killed
     run's leftovers once it is ours."""
     lock = RunLock(out) if dist.is_main else None
@@ -140,9 +143,7 @@ def locked_run_dir(out: Path, dist: Any) -> Iterator[None]:
     ok = False
     try:
         if lock is not None:
-            clean = getattr(checkpoint, "clean_run_dir", None)  # engine.training.checkpoint's leak clean-up
-            if clean is not None:
-                clean(out)
+            checkpoint.clean_run_dir(out)  # a killed run's leftovers, now that the directory is ours
         dist.barrier()
         yield
         ok = True
@@ -151,7 +152,7 @@ def locked_run_dir(out: Path, dist: Any) -> Iterator[None]:
             lock.release(remove_empty_dir=not ok)
 
 
-def _from_rank0(value: Any, dist: Any) -> Any:
+def _from_rank0(value: str | None, dist: DistEnv) -> str | None:
     if not dist.distributed:
         return value
     box = [value]
@@ -182,21 +183,21 @@ def read_run_config(run_dir: Path, kind: str) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(saved, dict):
         raise UserError(f"{path}: not a run configuration (expected a JSON object)")
-    found = saved.get("kind") or ("pretrain" if "pretrain" in saved else "finetune" if "args" in saved else None)
-    if found != kind:
-        who = f"python -m engine.{found}" if found in ("pretrain", "finetune") else "no CLI of this engine"
+    found = saved.get("kind")
+    if found is None:
         raise UserError(
-            f"{path} was written by {who}, not engine.{kind}"
-            + (
-                f"; resume it with python -m engine.{found} --resume {run_dir}"
-                if found in ("pretrain", "finetune")
-                else ""
-            )
+            f'{path} has no "kind": written by an engine older than this one, which cannot resume it; '
+            "start a new run (--init takes a run directory's weights)"
         )
+    if found != kind:
+        ours = found in ("pretrain", "finetune")
+        who = f"python -m engine.{found}" if ours else "no CLI of this engine"
+        hint = f"; resume it with python -m engine.{found} --resume {run_dir}" if ours else ""
+        raise UserError(f"{path} was written by {who}, not engine.{kind}{hint}")
     return saved
 
 
-def build_section(cls: Callable[..., Any], values: Any, path: Path, section: str) -> Any:
+def build_section(cls: Callable[..., T], values: object, path: Path, section: str) -> T:
     """cls(**values); a bad saved value becomes an error naming the file."""
     if not isinstance(values, dict):
         raise UserError(f"{path}: no {section!r} section (written by an older version of the engine?)")

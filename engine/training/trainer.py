@@ -64,7 +64,7 @@ from engine.training.checkpoint import (
 from engine.training.config import TrainConfig
 from engine.training.distributed import DistEnv, batch_layout, resolve_device
 from engine.training.flops import PEAK_BF16_FLOPS
-from engine.training.metrics_log import DEFAULT_PANELS, MetricsLog, Panels  # noqa: F401  (re-exported)
+from engine.training.metrics_log import MetricsLog
 from engine.training.optim import Schedule, build_optimizer
 from engine.training.precision import autocast_dtype
 from engine.training.prefetch import Prefetcher, to_device

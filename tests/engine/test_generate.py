@@ -6,7 +6,7 @@ import torch
 
 from engine import GPT1
 from engine.cli import run_cli
-from engine.generate import main, stream_sample
+from engine.generate import Sampler, main
 from engine.model.tokenizer import BPETokenizer
 from inference_runs import make_lm_run
 
@@ -71,9 +71,7 @@ def test_tokens_are_written_as_they_come(run):
     model = GPT1.from_pretrained(run, fused=False).eval()
     tok = BPETokenizer.load(run / "tokenizer.json")
     pieces = []
-    ids = stream_sample(
-        model, tok, tok.encode("to die"), 10, 1.0, None, torch.Generator().manual_seed(0), pieces.append
-    )
+    ids = Sampler(model, tok).stream(tok.encode("to die"), 10, torch.Generator().manual_seed(0), pieces.append)
     assert len(ids) == len(tok.encode("to die")) + 10
     assert "".join(pieces) == tok.decode(ids) + "\n"
     assert len([p for p in pieces if p]) > 5, "the text must arrive piece by piece, not at the end"

@@ -505,3 +505,52 @@ def test_finetune_plots_the_task_loss_and_dev_accuracy(pretrained, tmp_path, cap
     labels = [label for label, _ in panels]
     assert {"loss", "task_loss", "dev_accuracy"} <= keys
     assert not any("cross-entropy" in label for label in labels)
+
+
+# ---- run directories written before the run skeleton (issue 19) ------------------------------------
+# The fixtures are the train_config.json / task.json files the engine wrote before it (paths as
+# placeholders): such a run resumes; a run older still (no "kind") gets one line saying why not.
+
+OLD = Path(__file__).resolve().parent / "fixtures"
+
+
+def old_file(name: str, **paths: Path) -> str:
+    text = (OLD / name).read_text()
+    for key, path in paths.items():
+        text = text.replace(f"${key.upper()}", str(path))
+    return text
+
+
+def test_a_pretraining_run_from_before_resumes(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert cli(pretrain.main, pre_args(out, cache, "--stop-at", "2"), capsys)[0] == 0
+    (out / "train_config.json").write_text(
+        old_file("pretrain-train_config.json", out=out, cache=cache, texts=shakespeare_dir())
+    )
+    code, stdout, err = cli(pretrain.main, ["--resume", str(out)], capsys)
+    assert code == 0 and "resuming" in stdout, err
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_a_finetuning_run_from_before_resumes_and_evaluates(tmp_path, cache, capsys):
+    pre, out = tmp_path / "pre", tmp_path / "run"  # the fixtures' model: pre_args' pretraining
+    assert cli(pretrain.main, pre_args(pre, cache), capsys)[0] == 0
+    assert cli(finetune.main, ["--no-fused", *ft_args(out, pre, "--stop-at", "2")], capsys)[0] == 0
+    (out / "train_config.json").write_text(old_file("finetune-train_config.json", out=out, init=pre, data=RTE))
+    code, _, err = cli(finetune.main, ["--resume", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    (out / "task.json").write_text(old_file("finetune-task.json", init=pre, data=RTE))
+    code, stdout, err = cli(finetune.main, ["--no-fused", "--eval-only", "--init", str(out)], capsys)
+    assert code == 0 and "dev: accuracy" in stdout, err
+
+
+def test_a_run_older_than_kind_gets_one_line(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert cli(pretrain.main, pre_args(out, cache, "--stop-at", "2"), capsys)[0] == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    del saved["kind"]
+    (out / "train_config.json").write_text(json.dumps(saved))
+    code, _, err = cli(pretrain.main, ["--resume", str(out)], capsys)
+    assert code == 2 and one_line(err), err
+    assert str(out / "train_config.json") in err and 'has no "kind"' in err and "start a new run" in err
