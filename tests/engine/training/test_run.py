@@ -554,3 +554,25 @@ def test_a_run_older_than_kind_gets_one_line(tmp_path, cache, capsys):
     code, _, err = cli(pretrain.main, ["--resume", str(out)], capsys)
     assert code == 2 and one_line(err), err
     assert str(out / "train_config.json") in err and 'has no "kind"' in err and "start a new run" in err
+
+
+# ---- one set of run flags -------------------------------------------------------------------------
+
+
+def test_both_training_clis_read_the_same_run_flags():
+    """--out and --quiet had drifted (a config field in one CLI, a flag in the other; --quiet in
+    fine-tuning only): both now parse the run group into the same RunArgs."""
+    from engine.cli import dataclass_kwargs
+    from engine.training.launch import RunArgs
+
+    argv = ["--out", "runs/x", "--overwrite", "--stop-at", "3", "--quiet"]
+    for program in (pretrain, finetune):
+        ns = program.build_parser().parse_args(argv)
+        assert RunArgs(**dataclass_kwargs(RunArgs, ns)) == RunArgs("runs/x", None, True, 3, True), program
+
+
+def test_quiet_pretraining_prints_no_progress(tmp_path, cache, capsys):
+    code, out, err = cli(pretrain.main, pre_args(tmp_path / "a", cache, "--max-steps", "2"), capsys)
+    assert code == 0 and "update 1/2" in out + err, out + err
+    code, out, err = cli(pretrain.main, pre_args(tmp_path / "b", cache, "--max-steps", "2", "--quiet"), capsys)
+    assert code == 0 and "update 1/2" not in out + err, out + err
