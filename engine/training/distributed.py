@@ -1,15 +1,24 @@
-"""Processes and devices: this process's place in a torchrun job (DistEnv), joining and leaving it,
-the device a run resolves to, and how a global batch splits into micro-batches per process."""
+"""Processes and devices: this process's place in a torchrun job (DistEnv), joining and leaving it
+(a stated timeout; the rendezvous scoped to torchrun's restart round), the device a run resolves
+to, and how a global batch splits into micro-batches per process."""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 
 from engine.cli import UserError
 from engine.training.config import TrainConfig
+
+TIMEOUT = timedelta(minutes=30)
+"""How long a collective, and joining the job, waits for the other processes before it fails (gloo
+and NCCL alike; torch's gloo default, NCCL's is 10 minutes). A process that dies is seen sooner:
+gloo's sockets close at once, and torchrun stops the job. This bounds one that hangs; it also
+bounds rank 0 preparing data while the others wait (prepare big corpora with --prepare-only)."""
 
 
 @dataclass
@@ -57,8 +66,44 @@ def setup_distributed(device: str = "auto") -> DistEnv:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, timeout=TIMEOUT, **_round_store(rank, world))
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _round_store(rank: int, world: int) -> dict:
+    """init_process_group's store under torchrun's shared store: its keys scoped to this restart round.
+
+    torchrun (c10d rendezvous, torch >= 2.5) gives every restart round the same TCPStore, its
+    agent's, while torch's env:// init assumes a fresh one each round: every round publishes each
+    rank's address under the same keys, so a rank that joins before its peer reads the address
+    of the peer's dead predecessor (gloo: connectFullMesh, connection refused; NCCL: a stale
+    unique id). TORCHELASTIC_RESTART_COUNT names the round on one node; on several nodes torchrun
+    counts per node (pytorch#108158), hence TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 there (a fresh
+    store per round; this then does nothing)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # env://: rank 0 hosts a new store
+    _warn_if_nodes_restart(rank)
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=TIMEOUT
+    )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": torch.distributed.PrefixStore(f"gpt1/restart_{restart}", store), "rank": rank, "world_size": world}
+
+
+def _warn_if_nodes_restart(rank: int) -> None:
+    """The scoping above needs one restart count for the whole job, which torchrun keeps per node."""
+    nodes, restarts = (
+        int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+        int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")),
+    )
+    if rank == 0 and nodes > 1 and restarts > 0:
+        print(
+            f"warning: torchrun --max-restarts {restarts} on {nodes} nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "for every torchrun, or a restarted round may wait out the timeout (torchrun counts restarts per node)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def teardown_distributed(sync: bool = False) -> None:
