@@ -1,13 +1,16 @@
 """Processes and devices: this process's place in a torchrun job (DistEnv), joining and leaving it
-(a stated timeout; the rendezvous scoped to torchrun's restart round), the device a run resolves
-to, and how a global batch splits into micro-batches per process."""
+(a stated timeout; the rendezvous scoped to torchrun's restart round; a failing process says so in
+one line naming its rank), the device a run resolves to, and how a global batch splits into
+micro-batches per process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 
@@ -104,6 +107,35 @@ def _warn_if_nodes_restart(rank: int) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+class ProcessFailed(OSError):
+    """A process of a multi-process job failed with what would otherwise be a traceback (its own
+    error, or a collective with a peer that is gone): one line naming its rank and the cause, exit
+    code 1 like the environment's other faults (engine.cli.run_cli)."""
+
+
+@contextlib.contextmanager
+def joined(device: str = "auto") -> Iterator[DistEnv]:
+    """setup_distributed, then teardown_distributed: after a normal exit waiting for every process,
+    after an error not. On a multi-process job, an error that engine.cli.run_cli would show as a
+    traceback leaves as ProcessFailed ("rank R of W: <type>: <message>"); GPT1_DEBUG=1 shows both."""
+    try:
+        yield setup_distributed(device)
+        teardown_distributed(sync=True)
+    except BaseException as e:
+        teardown_distributed()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1 or not isinstance(e, Exception) or isinstance(e, (UserError, ValueError, OSError)):
+            raise  # one process, an interrupt, or already one line
+        raise ProcessFailed(f"rank {os.environ.get('RANK', '?')} of {world}: {_cause(e)}") from e
+
+
+def _cause(e: Exception) -> str:
+    """An exception as one printable line: its type and the first line of its message."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    text = "".join(c for c in first if c.isprintable())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
 def teardown_distributed(sync: bool = False) -> None:
