@@ -60,18 +60,12 @@ RUN_CONTROL = frozenset(
 
 @contextlib.contextmanager
 def distributed(device: str) -> Iterator[Any]:
-    """Joins the torchrun job (or runs alone) on `device`; leaves it at the end, waiting for
-    every process after a normal exit (gloo aborts a rank that tears down while a peer is
-    still using the group) and not after an error (peers may never arrive)."""
-    from engine.training.distributed import setup_distributed, teardown_distributed
+    """Joins the torchrun job (or runs alone) on `device` and leaves it at the end; a process that
+    fails says so in one line naming its rank (engine.training.distributed.joined)."""
+    from engine.training.distributed import joined
 
-    dist = setup_distributed(device)
-    try:
+    with joined(device) as dist:
         yield dist
-    except BaseException:
-        teardown_distributed()
-        raise
-    teardown_distributed(sync=True)
 
 
 def check_fused(fused: bool, device: torch.device) -> None:
