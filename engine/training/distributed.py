@@ -161,3 +161,11 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
             f"({cfg.batch_size} / {world_size} processes = {per_rank})"
         )
     return micro, per_rank // micro
+
+
+def micro_batches(rank: int, micro: int, accum: int) -> list[tuple[int, int]]:
+    """(start, count) of this process's micro-batches in an update's global batch: processes take
+    consecutive blocks of accum × micro samples, so sample i of update s is the same on any number
+    of processes (the run's (s · batch_size + i)-th window): a run resumed on another number of
+    processes continues the data order from the global count of windows consumed."""
+    return [((rank * accum + m) * micro, micro) for m in range(accum)]
