@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from multiprocess import pretrain_args, torchrun
+from dist_runs import pretrain_args, torchrun
 
 HERE = Path(__file__).resolve().parent
 
