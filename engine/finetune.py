@@ -50,7 +50,7 @@ from engine.model.config import GPT1Config
 from engine.model.gpt1 import GPT1
 from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
 from engine.model.tokenizer import BPETokenizer
-from engine.training import checkpoint, run
+from engine.training import checkpoint, elastic, run
 from engine.training import trainer as train
 from engine.training.config import TrainConfig
 from engine.training.distributed import DistEnv, resolve_device
@@ -271,7 +271,9 @@ class Resolved:
 def resolve(ns: argparse.Namespace) -> Resolved:
     """The run's settings: the flags given (new run) or the saved ones under the one resume
     policy (engine.training.run.resume_sections)."""
-    given_f, given_t = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(TrainConfig, ns)
+    given_f = cli.dataclass_kwargs(FinetuneConfig, ns)
+    vars(ns).update(elastic.restart_flags(Path(ns.resume or ns.out or f"runs/finetune-{given_f.get('task')}")))
+    given_t = cli.dataclass_kwargs(TrainConfig, ns)
     if ns.stop_at is not None and ns.stop_at <= 0:
         raise ValueError(f"--stop-at must be a positive update number, got {ns.stop_at}")
     if not ns.resume:
@@ -720,7 +722,8 @@ def _finetune(ns: argparse.Namespace, res: Resolved, dist: DistEnv) -> int:
     # Everything is read and checked: only now is the run directory written.
     if dist.is_main:
         _prepare_out(out, ns.overwrite, resume_from is not None, tokenizer)
-        run.save_run_config(out, "finetune", {"finetune": fcfg, "train": cfg, "model": body.config})
+        sections = {"finetune": fcfg, "train": cfg, "model": body.config, elastic.SECTION: elastic.record()}
+        run.save_run_config(out, "finetune", sections)
     dist.barrier()
     head = make_head(task, body, fcfg.head_dropout)
     if task.kind == "regression":

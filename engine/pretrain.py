@@ -38,7 +38,7 @@ from engine.cli import (
 )
 from engine.data.prepare import Corpus as _Corpus  # noqa: F401 (_load_tokenizer: imported from here by callers)
 from engine.data.prepare import prepare
-from engine.training import run
+from engine.training import elastic, run
 from engine.training.checkpoint import (
     LOSS_PLOT,
     METRICS,
@@ -275,6 +275,7 @@ def resolve_configs(argv: list[str] | None) -> tuple[PretrainConfig, TrainConfig
     """Parses argv and fills every 'auto' value: the configs as this run will use them. On
     --resume, the saved model config is in the namespace's `saved_model`."""
     ns = build_parser().parse_args(argv)
+    vars(ns).update(elastic.restart_flags(Path(ns.resume or vars(ns).get("out", "runs/pretrain"))))
     given_p, given_t = dataclass_kwargs(PretrainConfig, ns), dataclass_kwargs(TrainConfig, ns)
     ns.saved_model, ns.given_train = None, set(given_t)
     if "epochs" in given_p and "max_steps" in given_t:
@@ -367,7 +368,8 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     if dist.is_main:
         if ns.overwrite:
             clear_run_dir(out)
-        run.save_run_config(out, "pretrain", {"pretrain": pcfg, "train": tcfg, "model": model.config})
+        sections = {"pretrain": pcfg, "train": tcfg, "model": model.config, elastic.SECTION: elastic.record()}
+        run.save_run_config(out, "pretrain", sections)
         if resume_from is None:
             tokenizer.save(out / "tokenizer.json")
     dist.barrier()
