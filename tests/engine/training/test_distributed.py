@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from dist_runs import pretrain_args, torchrun
 
 HERE = Path(__file__).resolve().parent

@@ -13,8 +13,8 @@ reseeds; ZeRO-1 runs AdamW foreach, the plain run fused (fp32 rounding, ~1e-8); 
 
 import pytest
 import torch
-from dist_runs import losses, pretrain_args, torchrun, weights
 
+from dist_runs import losses, pretrain_args, torchrun, weights
 from engine import pretrain
 from engine.cli import run_cli
 from engine.training.distributed import micro_batches
