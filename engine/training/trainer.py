@@ -17,8 +17,9 @@ What the caller supplies:
 What the trainer does: the paper's optimisation (AdamW, warm-up then cosine/linear decay
 set as group["lr"] = lr · Schedule(step) before each update, weight decay on matrices and
 embeddings only, grad-norm clip), gradient accumulation, bf16 autocast on CUDA,
-DistributedDataParallel under torchrun, atomic checkpoints keeping the last K good ones with
-exact resume (falling back from a corrupt newest one), skipping of non-finite updates (no
+DistributedDataParallel under torchrun (optimizer state sharded with --zero1), atomic
+checkpoints keeping the last K good ones with exact resume on any number of processes (one
+whole file; falling back from a corrupt newest one), skipping of non-finite updates (no
 checkpoint or final weights from inside a non-finite streak), SIGINT/SIGTERM handling,
 metrics.jsonl + progress (a tqdm bar on a terminal, plain lines otherwise) + loss.png
 (+ TensorBoard when installed).
