@@ -74,4 +74,4 @@ def _recorded_job(out: Path) -> str | None:
 
 def _say(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":
-        print(f"torchrun restart {restart_count()}: {message}", flush=True)
+        print(f"torchrun restarted the workers (restart {restart_count()} on this node): {message}", flush=True)

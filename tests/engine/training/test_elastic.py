@@ -43,7 +43,8 @@ def test_a_restarted_round_resumes_its_jobs_run_and_says_so_once(tmp_path, torch
     out = a_run(tmp_path / "run", "job-1")
     assert elastic.restart_flags(out) == {"resume": str(out), "overwrite": False}
     assert capsys.readouterr().out == (
-        f"torchrun restart 1: continuing {out} from step_00000010 with the run's saved settings (as --resume {out})\n"
+        f"torchrun restarted the workers (restart 1 on this node): continuing {out} from step_00000010 with the run's "
+        f"saved settings (as --resume {out})\n"
     )
     torchrun_env.setenv("RANK", "1")
     assert elastic.restart_flags(out) == {"resume": str(out), "overwrite": False}
@@ -105,7 +106,8 @@ def test_a_worker_killed_after_a_checkpoint_is_restarted_and_the_run_ends_bit_id
     program = [str(HERE / "faulty_pretrain.py"), *pretrain_args(out, cache, *args)]
     proc = torchrun(program, launcher=["--max-restarts=1"], cwd=tmp_path, GPT1_TEST_FAULT="kill 1 3")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count(f"torchrun restart 1: continuing {out} from step_00000003") == 1, proc.stdout[-3000:]
+    said = f"torchrun restarted the workers (restart 1 on this node): continuing {out} from step_00000003"
+    assert proc.stdout.count(said) == 1, proc.stdout[-3000:]
     assert sum(line.startswith("error: rank 0 of 2: ") for line in proc.stderr.splitlines()) == 1
     a, b = weights(out), weights(tmp_path / "whole")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -126,7 +128,8 @@ def test_fine_tuning_wires_the_policy_in_too(tmp_path, torchrun_env, capsys):
     torchrun_env.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     capsys.readouterr()
     assert run_cli(finetune.main, args) == 0
-    assert f"torchrun restart 1: continuing {out} from step_00000002" in capsys.readouterr().out
+    said = f"torchrun restarted the workers (restart 1 on this node): continuing {out} from step_00000002"
+    assert said in capsys.readouterr().out
     assert list_checkpoints(out)[-1].name == "step_00000004"
     torchrun_env.setenv("TORCHELASTIC_RUN_ID", "job-2")
     assert run_cli(finetune.main, args) == 2
