@@ -25,7 +25,7 @@ from engine.training import run
 from helpers import assert_close
 from inference_runs import make_fixture_run
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FIX = ROOT / "tests" / "fixtures"
 RTE = FIX / "glue" / "RTE"
 POEMS = ["lovers_complaint_gut.txt", "passionate_pilgrim_gut.txt", "phoenix_and_the_turtle_gut.txt"]
