@@ -38,7 +38,8 @@ def cache(tmp_path_factory):
 @pytest.mark.slow
 def test_a_failing_rank_says_so_in_one_line_and_the_others_do_not_hang(tmp_path, cache):
     """Rank 1 raises before its third update: it prints one line naming its rank and the cause; rank 0,
-    left alone in a collective, ends too with its own line; no traceback of ours."""
+    left alone in a collective, ends too (its collective fails at once, or torchrun stops it); no
+    traceback of ours."""
     out = tmp_path / "run"
     program = [str(HERE / "faulty_pretrain.py"), *pretrain_args(out, cache, "--max-steps", "50")]
     proc = torchrun(program, cwd=tmp_path, GPT1_TEST_FAULT="raise 1 2")
@@ -47,7 +48,8 @@ def test_a_failing_rank_says_so_in_one_line_and_the_others_do_not_hang(tmp_path,
     assert [line for line in ours if line.startswith("error: rank 1 of 2: ")] == [
         "error: rank 1 of 2: RuntimeError: injected fault"
     ], proc.stderr[-4000:]
-    assert sum(line.startswith("error: rank 0 of 2: ") for line in ours) == 1, proc.stderr[-4000:]
+    # rank 0 ends with its own line, or silently when torchrun's SIGTERM comes first: never waiting
+    assert sum(line.startswith("error: rank 0 of 2: ") for line in ours) <= 1, proc.stderr[-4000:]
     assert not re.search(r'File ".*/engine/', proc.stderr), proc.stderr[-4000:]
 
 

@@ -96,7 +96,7 @@ def test_the_default_job_id_trusts_the_restart_count(tmp_path, torchrun_env):
 @pytest.mark.slow
 def test_a_worker_killed_after_a_checkpoint_is_restarted_and_the_run_ends_bit_identical(tmp_path):
     """torchrun --max-restarts 1: rank 1 is killed (kill -9) right after the checkpoint at update 3;
-    the survivor ends with one line, torchrun restarts both with the same command, which continues
+    the survivor ends (at most one line), torchrun restarts both with the same command, which continues
     the run from update 3 and exits 0 with the weights and losses of an uninterrupted run."""
     cache = tmp_path / "cache"
     args = ("--max-steps", "6", "--checkpoint-every", "3", "--dropout", "0.1")
@@ -108,7 +108,8 @@ def test_a_worker_killed_after_a_checkpoint_is_restarted_and_the_run_ends_bit_id
     assert proc.returncode == 0, proc.stderr[-4000:]
     said = f"torchrun restarted the workers (restart 1 on this node): continuing {out} from step_00000003"
     assert proc.stdout.count(said) == 1, proc.stdout[-3000:]
-    assert sum(line.startswith("error: rank 0 of 2: ") for line in proc.stderr.splitlines()) == 1
+    survivor = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 0 of 2: ")]
+    assert len(survivor) <= 1  # its collective failed (one line), or torchrun's SIGTERM ended it first
     a, b = weights(out), weights(tmp_path / "whole")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert losses(out) == losses(tmp_path / "whole")
