@@ -249,12 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_out(task: str) -> str:
+    """Where a fine-tuning run lives when given no --out."""
+    return f"runs/finetune-{task}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     given, given_train = cli.dataclass_kwargs(FinetuneConfig, ns), cli.dataclass_kwargs(TrainConfig, ns)
     if ns.eval_only:
         return eval_only(given, given_train, ns.out)
-    args = RunArgs(**cli.dataclass_kwargs(RunArgs, ns))
+    args = RunArgs(**cli.dataclass_kwargs(RunArgs, ns)).restarted(default_out(given.get("task", DEFAULT_TASK)))
     return launch(Finetuning.resolve(given, given_train, args), args)
 
 
@@ -314,7 +319,7 @@ class Finetuning(Recipe):
         resume policy (engine.training.run.resume_sections)."""
         if args.resume_dir is None:
             config = FinetuneConfig(**given)
-            return cls(config, None, given_train, args.run_dir(f"runs/finetune-{config.task}"))
+            return cls(config, None, given_train, args.run_dir(default_out(config.task)))
         out = args.resume_dir
         built, saved = resume_sections(
             out,

@@ -275,7 +275,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    args = RunArgs(**dataclass_kwargs(RunArgs, ns))
+    args = RunArgs(**dataclass_kwargs(RunArgs, ns)).restarted(DEFAULT_OUT)
     recipe = Pretraining.resolve(dataclass_kwargs(PretrainConfig, ns), dataclass_kwargs(TrainConfig, ns), args)
     return recipe.prepare_data(args) if ns.prepare_only else launch(recipe, args)
 

@@ -61,6 +61,14 @@ class TrainConfig:
             "choices": ("adamw", "openai-adam"),
         },
     )
+    zero1: bool = field(
+        default=False,
+        metadata={
+            "help": "ZeRO-1 under torchrun: each process keeps the optimizer state of its share of the parameters "
+            "(torch.distributed.optim.ZeroRedundancyOptimizer); checkpoints stay one whole file that any number "
+            "of processes resumes, with or without it"
+        },
+    )
     grad_clip: float = field(
         default=1.0, metadata={"help": "clip the global gradient norm to this; 0 disables (paper: 1.0)"}
     )

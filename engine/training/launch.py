@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import abc
 import argparse
-import contextlib
 import dataclasses
 import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from engine.cli import UserError
 from engine.model.config import GPT1Config
 from engine.model.tokenizer import BPETokenizer
+from engine.training import elastic
 from engine.training.checkpoint import clear_run_dir, prepare_run_dir
 from engine.training.config import TrainConfig
-from engine.training.distributed import DistEnv, batch_layout
+from engine.training.distributed import DistEnv, batch_layout, joined
 from engine.training.run import check_fused, finished_step, locked_run_dir, save_run_config
 from engine.training.trainer import Job, Trainer, TrainResult
 
@@ -64,6 +64,12 @@ class RunArgs:
     def run_dir(self, default: str) -> Path:
         """Where the run lives: --resume's directory, else --out, else the recipe's default."""
         return self.resume_dir or Path(self.out or default)
+
+    def restarted(self, default_out: str) -> RunArgs:
+        """These flags, or in a round torchrun restarted (engine.training.elastic) the ones that
+        continue this job's run in its directory, as --resume would."""
+        flags = elastic.restart_flags(self.run_dir(default_out))
+        return dataclasses.replace(self, **flags) if flags else self
 
 
 def add_run_args(parser: argparse.ArgumentParser, out_help: str) -> argparse._ArgumentGroup:
@@ -157,7 +163,7 @@ class Recipe(abc.ABC):
 
 def launch(recipe: Recipe, args: RunArgs) -> int:
     """Runs `recipe` under `args` (see the module doc); returns the exit code."""
-    with distributed(recipe.device) as dist, locked_run_dir(recipe.out, dist):
+    with joined(recipe.device) as dist, locked_run_dir(recipe.out, dist):
         resume_from = prepare_run_dir(recipe.out, resume=args.resume_dir is not None, overwrite=args.overwrite)
         return _launch(recipe, Run(args, dist, recipe.out, resume_from))
 
@@ -203,7 +209,7 @@ def _write_run_dir(recipe: Recipe, run: Run) -> None:
     if run.resume_from is None:
         recipe.tokenizer.save(run.out / "tokenizer.json")
     recipe.write_run_dir(run)
-    save_run_config(run.out, recipe.kind, recipe.sections())
+    save_run_config(run.out, recipe.kind, {**recipe.sections(), elastic.SECTION: elastic.record()})
 
 
 def header(recipe: Recipe, run: Run, layout: tuple[int, int], job: Job) -> str:
@@ -267,19 +273,3 @@ def exit_code(result: TrainResult, run: Run) -> int | None:
         )
         return 0
     return None
-
-
-@contextlib.contextmanager
-def distributed(device: str) -> Iterator[DistEnv]:
-    """Joins the torchrun job (or runs alone) on `device`; leaves it at the end, waiting for
-    every process after a normal exit (gloo aborts a rank that tears down while a peer is
-    still using the group) and not after an error (peers may never arrive)."""
-    from engine.training.distributed import setup_distributed, teardown_distributed
-
-    dist = setup_distributed(device)
-    try:
-        yield dist
-    except BaseException:
-        teardown_distributed()
-        raise
-    teardown_distributed(sync=True)

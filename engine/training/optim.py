@@ -107,16 +107,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
     """cfg.optimizer over `param_groups`: AdamW (torch's fused implementation where the device
-    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.training.optim)."""
+    has it — CUDA, and CPU since torch 2.4 — else foreach), or OpenAI's Adam (engine.training.optim).
+    cfg.zero1 on several processes: the same optimizer under ZeRO-1 (`zero1`)."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     device = params[0].device.type if params else "cpu"
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.zero1 and world_size > 1:
+        return zero1(groups, cfg.optimizer, kwargs)
     if cfg.optimizer == "openai-adam":
-        from engine.training.optim import OpenAIAdam
-
         return OpenAIAdam(groups, **kwargs)
     fused_ok = device in _fused_adamw_devices() and all(p.is_floating_point() for p in params)
     if fused_ok:
@@ -125,6 +126,59 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         except (RuntimeError, TypeError):
             pass
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def zero1(groups: list[dict[str, Any]], name: str, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    """ZeRO-1 (torch.distributed.optim.ZeroRedundancyOptimizer): each process holds the state of
+    its share of the parameters, updates them, and broadcasts them to the others; the same update
+    as the plain optimizer. AdamW runs foreach, not fused: ZeRO's load_state_dict moves the
+    0-dim step tensors to the CPU, where fused AdamW on CUDA cannot take them."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if name == "openai-adam":
+        return ZeroRedundancyOptimizer(groups, optimizer_class=OpenAIAdam, **kwargs)
+    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, foreach=True, **kwargs)
+
+
+# How an optimizer runs, not what it computes: this process's choice, never a checkpoint's.
+IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The whole optimizer state in torch's layout (parameters by index, groups in order), which
+    neither the number of processes nor ZeRO-1 changes: ZeRO-1's shards are gathered onto rank 0
+    (every process must call; the others get None)."""
+    if not _is_zero(optimizer):
+        return optimizer.state_dict()
+    optimizer.consolidate_state_dict(to=0)
+    return optimizer.state_dict() if torch.distributed.get_rank() == 0 else None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Loads `optimizer_state`'s result, written by any number of processes with or without ZeRO-1
+    (ZeRO-1 keeps this process's share); `optimizer` keeps its own IMPLEMENTATION flags."""
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(state['param_groups'])} parameter groups, this one "
+            f"{len(optimizer.param_groups)}"
+        )
+    groups = [
+        {**saved, **{k: now[k] for k in IMPLEMENTATION if k in now}}
+        for saved, now in zip(state["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**state, "state": dict(state["state"]), "param_groups": groups})  # ZeRO edits "state"
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this process holds (under ZeRO-1: its share)."""
+    local = optimizer.optim if _is_zero(optimizer) else optimizer
+    return sum(t.nbytes for s in local.state.values() for t in s.values() if isinstance(t, Tensor))
+
+
+def _is_zero(optimizer: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
 def _fused_adamw_devices() -> tuple[str, ...]:

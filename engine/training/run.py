@@ -42,6 +42,8 @@ RUN_CONTROL = frozenset(
         "device",
         "peak_tflops",
         "max_bad_steps",
+        "micro_batch_size",  # the same global batch, accumulated as this machine's memory allows
+        "zero1",  # checkpoints are whole: ZeRO-1 is how a run holds its optimizer state, not what it computes
         "cache_dir",
         "eval_windows",
         "final_eval_windows",

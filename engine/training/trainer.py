@@ -10,8 +10,9 @@ What the caller supplies: ``model`` (any nn.Module: ``GPT1``, or GPT1 + a task h
 What the trainer does: the paper's optimisation (AdamW, warm-up then cosine/linear decay
 set as group["lr"] = lr · Schedule(step) before each update, weight decay on matrices and
 embeddings only, grad-norm clip), gradient accumulation, bf16 autocast on CUDA,
-DistributedDataParallel under torchrun, atomic checkpoints keeping the last K good ones with
-exact resume (falling back from a corrupt newest one), skipping of non-finite updates (no
+DistributedDataParallel under torchrun (optimizer state sharded with --zero1), atomic
+checkpoints keeping the last K good ones with exact resume on any number of processes (one
+whole file; falling back from a corrupt newest one), skipping of non-finite updates (no
 checkpoint or final weights from inside a non-finite streak), SIGINT/SIGTERM handling,
 metrics.jsonl + progress (a tqdm bar on a terminal, plain lines otherwise) + loss.png
 (+ TensorBoard when installed).
@@ -41,7 +42,6 @@ import math
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -62,10 +62,10 @@ from engine.training.checkpoint import (
     set_rng_state,
 )
 from engine.training.config import TrainConfig
-from engine.training.distributed import DistEnv, batch_layout, resolve_device
+from engine.training.distributed import DistEnv, batch_layout, micro_batches, resolve_device
 from engine.training.flops import PEAK_BF16_FLOPS
 from engine.training.metrics_log import MetricsLog
-from engine.training.optim import Schedule, build_optimizer
+from engine.training.optim import Schedule, build_optimizer, load_optimizer_state, optimizer_state, state_bytes
 from engine.training.precision import autocast_dtype
 from engine.training.prefetch import Prefetcher, to_device
 from engine.training.progress import Progress
@@ -158,7 +158,7 @@ class Trainer:
 
         self.model = model.to(self.device)  # the module whose weights are saved
         self.weights = job.weights or default_weights_io(model)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, self.dist.world_size)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.schedule = Schedule(cfg.warmup_steps, cfg.max_steps, cfg.schedule)
         self.autocast = autocast_dtype(cfg, self.device)
@@ -294,11 +294,8 @@ class Trainer:
         """Trains to cfg.max_steps (or until update `stop_at`, saving a checkpoint there as
         an interruption would). SIGINT/SIGTERM finish the current update, save and return."""
         end = self.cfg.max_steps if stop_at is None else min(stop_at, self.cfg.max_steps)
-        jobs = (
-            (s, m, (self.dist.rank * self.accum_steps + m) * self.micro_batch_size, self.micro_batch_size)
-            for s in range(self.step, end)
-            for m in range(self.accum_steps)
-        )
+        slices = micro_batches(self.dist.rank, self.micro_batch_size, self.accum_steps)
+        jobs = ((s, m, start, count) for s in range(self.step, end) for m, (start, count) in enumerate(slices))
         prefetch = Prefetcher(jobs, self.batches, self.cfg.prefetch, pin=self.device.type == "cuda")
         self._progress = Progress(self.cfg.max_steps, self.step, self.progress)
         old_handlers = self._install_signal_handlers()
@@ -318,8 +315,11 @@ class Trainer:
         how it ended ("finished", "stopped", "interrupted" or "diverged")."""
         cfg, due = self.cfg, self._due
         window = _Window(self.step)
+        first = self.step + 1
         while self.step < end:
             out = self.train_step(next(prefetch)[2] for _ in range(self.accum_steps))
+            if self.step == first and self.dist.distributed:
+                self._report_optimizer_state()
             window.add(out.seconds, cfg.batch_size * (self.tokens_per_sample or 0))
             self._progress.advance()
             if self.bad_steps >= cfg.max_bad_steps:
@@ -376,6 +376,18 @@ class Trainer:
         self.log(rec)
         self._progress.show(self.step, rec)
 
+    def _report_optimizer_state(self) -> None:
+        """One line and a metrics record: the optimizer state the most loaded process holds, from
+        the first update on (ZeRO-1: its share; else all of it). Every process must call it."""
+        held = float(state_bytes(self.optimizer))
+        peak, total = (torch.tensor([held], dtype=torch.float64, device=self.device) for _ in range(2))
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(total)
+        mb, n = peak.item() / 2**20, self.dist.world_size
+        how = f"ZeRO-1: {total.item() / 2**20:.2f} MB sharded over {n} processes" if self.cfg.zero1 else "replicated"
+        self.log({"optimizer_state_mb_per_process": mb})
+        self._write(f"optimizer state: {mb:.2f} MB per process at most ({how})")
+
     def _evaluate(self) -> None:
         if self.evaluate is None:
             return
@@ -395,7 +407,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights that continuing exactly needs: step, optimizer, every
         process's RNG state, the non-finite streak, the config and `extra_state()`. Every
-        process must call it (RNG states are gathered)."""
+        process must call it (RNG states and ZeRO-1's optimizer shards are gathered; the
+        optimizer state is rank 0's to save, None on the others)."""
         rng = rng_state()
         rngs: list[Any] = [rng]
         if self.dist.distributed:
@@ -403,9 +416,10 @@ class Trainer:
             torch.distributed.all_gather_object(rngs, rng)
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.optimizer),  # whole, whatever the processes and ZeRO-1
             "rng": rngs,
-            "data": {"next_step": self.step},  # batches are a pure function of (step, slice)
+            # batches are a pure function of (step, sample): windows_consumed = step × batch_size
+            "data": {"next_step": self.step, "windows_consumed": self.step * self.cfg.batch_size},
             "bad_steps": self.bad_steps,
             "world_size": self.dist.world_size,
             "train_config": dataclasses.asdict(self.cfg),
@@ -415,18 +429,16 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from `state_dict()`'s result (the weights are loaded separately). The
         learning rate follows this run's schedule from the restored step on."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
-        else:
-            warnings.warn(
-                f"checkpoint written by {len(rngs)} processes, resumed on {self.dist.world_size}: "
-                "dropout RNG reseeded (data order is unaffected)",
-                RuntimeWarning,
-                stacklevel=3,
+        else:  # each process draws its dropout from its own stream: there is no stream to continue
+            self._write(
+                f"note: checkpoint written by {len(rngs)} process(es), resumed on {self.dist.world_size}: dropout "
+                "reseeded (seed + rank + step); weights, optimizer, schedule and data order continue exactly"
             )
             seed_everything(self.cfg.seed + self.dist.rank + self.step)
         if self.load_extra_state is not None:
