@@ -52,6 +52,7 @@ PARTS = tuple(BUDGETS)
 SMOKE_BUDGET_S = 300  # --smoke: any part (the interpreter's speed depends on the machine's load)
 FAULTS = ("crash", "hang")  # --fault: what tests/bench/test_gpu_check.py injects into one part
 CUDA_FAULT_EXIT = 3  # a part's exit status after a CUDA error (every later CUDA call would fail too)
+NO_GPU_EXIT = 4  # a part's exit status where torch sees no CUDA device: nothing else is tried
 
 
 def part_file(out: Path, part: str) -> Path:
@@ -139,6 +140,9 @@ def _echo_stderr(stream, tail: collections.deque) -> None:
         tail.append(line.rstrip("\n"))
 
 
+NO_GPU = "failed: no CUDA device"
+
+
 def run_part(part: str, budget: float, out: Path, smoke: bool, fault: str | None) -> str:
     """Runs one part in its own process group; returns how it ended, also appended to its file
     when it did not end by itself: finished, failed (rc), crashed (signal), timeout."""
@@ -166,6 +170,8 @@ def run_part(part: str, budget: float, out: Path, smoke: bool, fault: str | None
         how = f"timeout: killed at its budget of {budget:.0f} s"
     elif rc < 0:
         how = f"crashed: {signal.Signals(-rc).name}"
+    elif rc == NO_GPU_EXIT:
+        how = NO_GPU
     elif rc == CUDA_FAULT_EXIT:
         how = "stopped: a CUDA error poisoned the process (the part's file says where)"
     else:
@@ -218,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     budget = sum(args.budgets[p] for p in parts)
     print(f"gpu_check {start}: {', '.join(parts)} → {out} ({budget:.0f} s budget)", flush=True)
     for part in parts:
-        run_part(part, args.budgets[part], out, args.smoke, args.faults.get(part))
+        if run_part(part, args.budgets[part], out, args.smoke, args.faults.get(part)) == NO_GPU:
+            print(
+                "gpu_check.py: error: torch sees no CUDA device here; --smoke runs the parts on the CPU",
+                file=sys.stderr,
+            )
+            return 2
     return print_summary(out, parts)
 
 

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.gpu_check import BUDGETS, CUDA_FAULT_EXIT, FAULTS, Recorder  # noqa: E402
+from bench.gpu_check import BUDGETS, CUDA_FAULT_EXIT, FAULTS, NO_GPU_EXIT, Recorder  # noqa: E402
 from engine import GPT1, GPT1Config, ops  # noqa: E402
 from engine.model import reference  # noqa: E402
 from engine.training.flops import flops_per_token, mfu, peak_bf16_flops  # noqa: E402
@@ -531,6 +531,8 @@ def main() -> int:
     args = p.parse_args()
     import triton
 
+    if not args.smoke and not torch.cuda.is_available():
+        return NO_GPU_EXIT
     rec = Recorder(args.out, args.part, args.fault)
     device = torch.cuda.get_device_name() if not args.smoke else "cpu (Triton interpreter, smoke)"
     rec.header(

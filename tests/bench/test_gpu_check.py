@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import gpu_check
 from bench.gpu_check import PARTS, Recorder, part_file, read_records
@@ -129,3 +130,19 @@ def test_a_cuda_error_stops_its_part_and_other_errors_do_not(tmp_path):
         ("error", "three"),
         ("error", "part"),
     ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the real run is bench/gpu_check.py's job on a GPU")
+def test_without_a_gpu_the_real_run_stops_with_one_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "gpu_check.py: error: torch sees no CUDA device here; --smoke runs the parts on the CPU"
+    )
