@@ -267,6 +267,7 @@ def add_layernorm_jobs() -> list[Job]:
                 dropout_scale=1 / 0.9,
             )
             fwd, bwd = K.fwd_launch(C), K.bwd_launch(N, C)
+            args["blocks_per_group"] = bwd["blocks_per_group"]
             for name, launch in zip(names, (fwd, bwd, fwd)):
                 if name.endswith("mask_kernel") and (not dropout or dtype != "bf16"):
                     continue
@@ -331,6 +332,7 @@ def linear_gelu_jobs() -> list[Job]:
                 )
             )
         fwd, bwd = G.gelu_fwd_launch(), G.gelu_bwd_launch(N)
+        args["blocks_per_group"] = bwd["blocks_per_group"]
         for name, launch in (("_gelu_fwd_kernel", fwd), ("_gelu_bwd_kernel", bwd)):
             blocks = {k: v for k, v in launch.items() if k.isupper()}
             jobs.append(
@@ -412,18 +414,20 @@ def _specialise(value) -> tuple[str, list]:
 
 
 def _signature(fn, job: Job) -> tuple[dict, dict, dict]:
-    """signature, constexprs and attrs of `fn` for `job`; unknown arguments are an error."""
+    """signature, constexprs and attrs of `fn` for `job`; unknown arguments are an error. Arguments
+    in the kernel's do_not_specialize get neither (a launch gives them none)."""
     signature, attrs, constexprs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in job.constexprs:
             constexprs[name] = job.constexprs[name]
         elif name in job.args:
             value = job.args[name]
-            if isinstance(value, int) and not isinstance(value, bool) and value == 1:
+            specialise = not fn.params[i].do_not_specialize
+            if specialise and isinstance(value, int) and not isinstance(value, bool) and value == 1:
                 constexprs[name] = 1  # a launch specialises 1 as a constant
                 continue
             signature[name], attr = _specialise(value)
-            if attr:
+            if attr and specialise:
                 attrs[(i,)] = attr
         else:
             raise ValueError(

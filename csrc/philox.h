@@ -5,7 +5,7 @@
 //
 // A keep decision is a pure function of (seed, element): forward and backward regenerate the
 // same mask, and no mask is ever stored. Key (seed mod 2³², seed >> 32), 7 rounds.
-//   add + LayerNorm (keep_row, as kernels/attention.py's _dropout_draws): counter (i, j >> 3, 0, 0)
+//   add + LayerNorm (keep_row, as kernels/philox.py's draws16): counter (i, j >> 3, 0, 0)
 //     for row i, column j of the (N, C) rows (N ≤ 2³², C ≤ 2³⁵: distinct counters); the four
 //     words are eight 16-bit draws, column j taking half (j & 1) (0 = low) of word (j & 7) >> 1;
 //     keep iff draw ≥ round(p·2¹⁶).

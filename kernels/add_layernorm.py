@@ -23,10 +23,9 @@ in-kernel (no host sync), element (i, j) of the (N, C) rows is kept iff d(i, j) 
 
 and kept elements are scaled by exactly 1/(1-p) (the realised drop rate is round(p·2¹⁶)/2¹⁶). One
 Philox call serves 8 consecutive columns: the ~100 integer operations of a full call per element
-(tl.rand) would make this memory-bound kernel compute-bound. The draw is attention's
-(kernels/attention.py, whose @triton.jit helper _dropout_draws is imported and called with
-counter word 2 = 0) and csrc/philox.h's keep_row: the C++ CPU kernel draws the same mask bit for
-bit. i < 2³² and ⌊j/8⌋ < 2³² (C ≤ 2³⁵) keep counters distinct; larger shapes are refused. Both
+(tl.rand) would make this memory-bound kernel compute-bound. The draw is kernels/philox.py's
+draws16 with counter word 2 = 0, and csrc/philox.h's keep_row: the C++ CPU kernel draws the same
+mask bit for bit. i < 2³² and ⌊j/8⌋ < 2³² (C ≤ 2³⁵) keep counters distinct; larger shapes are refused. Both
 parts start at a multiple of 8 and are ≥ 8 wide, so each covers whole groups of 8 columns; the
 draw depends on (seed, i, j) only, so forward, backward and add_layernorm_dropout_mask (for
 tests) agree bit for bit.
@@ -44,7 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention import _dropout_draws
+from .device import on_tensor_device
+from .philox import draws16
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 4096  # elements per forward program (ROWS · (BLOCK_C + TAIL)) for moderate C
@@ -59,7 +59,7 @@ _MAX_COLS = 2**35
 def _keep(seed, rows, start, drop_thresh, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     """Keep-mask of rows × columns start + [0, WIDTH): 16-bit draw ≥ drop_thresh (module docstring)."""
     # counter word 0 is the row mod 2³² (int32 bits: tl.philox reads them as uint32)
-    return _dropout_draws(seed, 0, rows.to(tl.int32), start, ROWS, WIDTH) >= drop_thresh
+    return draws16(seed, 0, rows.to(tl.int32), start, ROWS, WIDTH) >= drop_thresh
 
 
 @triton.jit
@@ -148,7 +148,8 @@ def _store_dx(dx_ptr, dr_ptr, offs, ok, keep, g, xhat, rstd, mean_g, mean_gx, dr
         tl.store(dr_ptr + offs, tl.where(keep, dx * dropout_scale, 0.0).to(dr_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+# row counts are not specialised: every N (variable-length fine-tuning batches) runs one compile
+@triton.jit(do_not_specialize=["N", "blocks_per_group"])
 def _add_layernorm_bwd_kernel(
     dy_ptr,  # (N, C) upstream gradient ∂L/∂y
     x_ptr,  # (N, C) forward input x
@@ -165,10 +166,8 @@ def _add_layernorm_bwd_kernel(
     C,
     drop_thresh,  # drop when the 16-bit draw < this = round(p·2¹⁶)
     dropout_scale,  # 1 / (1 - p)
+    blocks_per_group,  # row tiles of ROWS rows per program, in order
     HAS_DROPOUT: tl.constexpr,
-    # row tiles of ROWS rows per program, in order. constexpr: Triton 3.6's interpreter cannot
-    # loop to a runtime bound under numpy >= 2.4 (triton-lang/triton#9171); one compile per value
-    BLOCKS_PER_GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,  # columns [0, BLOCK_C): the head part
     TAIL: tl.constexpr,  # columns [BLOCK_C, BLOCK_C + TAIL): the tail part
@@ -180,8 +179,8 @@ def _add_layernorm_bwd_kernel(
     dw1 = tl.zeros([ROWS, TAIL], dtype=tl.float32)
     db1 = tl.zeros([ROWS, TAIL], dtype=tl.float32)
     seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
-    for i in range(0, BLOCKS_PER_GROUP):
-        rows = (group.to(tl.int64) * BLOCKS_PER_GROUP + i) * ROWS + tl.arange(0, ROWS)
+    for i in range(0, blocks_per_group):
+        rows = (group.to(tl.int64) * blocks_per_group + i) * ROWS + tl.arange(0, ROWS)
         row_ok = rows < N
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -263,13 +262,13 @@ def fwd_launch(C: int) -> dict:
 
 def bwd_launch(N: int, C: int) -> dict:
     """Backward tiling: _BWD_ROWS rows per step on _BWD_WARPS warps (the module docstring says why;
-    bench/sm90_report.py shows registers × threads), BLOCKS_PER_GROUP steps per program, n_groups
-    ≤ _MAX_GROUPS programs."""
+    bench/sm90_report.py shows registers × threads), blocks_per_group steps per program (a runtime
+    argument), n_groups ≤ _MAX_GROUPS programs."""
     head, tail = _split(C)
     rows = _floor_pow2(min(_BWD_ROWS, max(1, _TILE // (head + tail))))
     n_blocks = triton.cdiv(N, rows)
     per_group = max(1, triton.cdiv(n_blocks, _MAX_GROUPS))
-    return dict(ROWS=rows, BLOCK_C=head, TAIL=tail, BLOCKS_PER_GROUP=per_group,
+    return dict(ROWS=rows, BLOCK_C=head, TAIL=tail, blocks_per_group=per_group,
                 n_groups=triton.cdiv(n_blocks, per_group), num_warps=_BWD_WARPS)
 
 
@@ -322,6 +321,7 @@ def _check_param(name: str, t: Tensor, x: Tensor) -> None:
         )
 
 
+@on_tensor_device
 def add_layernorm_fwd(
     x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float, dropout_p: float,
     seed: Tensor | None,
@@ -350,6 +350,7 @@ def add_layernorm_fwd(
     return y, mean, rstd
 
 
+@on_tensor_device
 def add_layernorm_bwd(
     grad_y: Tensor, x: Tensor, residual: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
     dropout_p: float, seed: Tensor | None,
@@ -372,19 +373,20 @@ def add_layernorm_bwd(
     grad_x = torch.empty_like(x)
     grad_residual = torch.empty_like(residual) if has_dropout else x.new_empty(0)
     launch = bwd_launch(N, C)
-    n_groups = launch.pop("n_groups")
+    n_groups, per_group = launch.pop("n_groups"), launch.pop("blocks_per_group")
     dw_part = torch.zeros(n_groups, C, dtype=torch.float32, device=x.device)
     db_part = torch.zeros(n_groups, C, dtype=torch.float32, device=x.device)
     if N > 0:
         _add_layernorm_bwd_kernel[(n_groups,)](
             grad_y, x, residual, weight, mean.contiguous(), rstd.contiguous(), seed if has_dropout else x,
             grad_x, grad_residual if has_dropout else grad_x, dw_part, db_part,
-            N, C, thresh, 1.0 / (1.0 - dropout_p), HAS_DROPOUT=has_dropout, **launch,
+            N, C, thresh, 1.0 / (1.0 - dropout_p), per_group, HAS_DROPOUT=has_dropout, **launch,
         )
     # second stage: a fixed-order column sum of the per-group partials (deterministic)
     return grad_x, grad_residual, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
+@on_tensor_device
 def add_layernorm_dropout_mask(seed: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
     """The (rows, cols) bool keep-mask the kernels draw for this seed and p (module docstring)."""
     if rows < 0 or cols < 0:

@@ -20,8 +20,8 @@ below the diagonal. dQ: one program per query block, looping over the key blocks
 diagonal (it recomputes S and dP a second time: the price of determinism). Derivatives:
 dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − delta), dQ = dS K / √D, dK = dSᵀ Q / √D.
 
-Dropout: no mask tensor exists. Keep draws are Philox4x32-7 (_philox: tl.philox with wide
-multiplies) keyed by the seed (an int64 (1,) tensor loaded in-kernel: no host sync); one call
+Dropout: no mask tensor exists. Keep draws are Philox4x32-7 (kernels/philox.py's philox: tl.philox with
+wide multiplies) keyed by the seed (an int64 (1,) tensor loaded in-kernel: no host sync); one call
 yields four 32-bit words = sixteen 8-bit draws (FlashAttention-2's p_dropout_in_uint8_t), for the
 16 score elements one thread of the wgmma accumulator owns: query rows i, i + 8 (i % 16 < 8) ×
 the column pairs 2q + {0, 1} of four consecutive 8-column blocks (see _dropout_keep). So the
@@ -42,7 +42,6 @@ Seven Philox rounds pass BigCrush (Salmon et al., SC'11).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -50,6 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .device import on_tensor_device
+from .philox import philox
 from .pinning import pinned
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,7 +59,6 @@ _MAX_GRID_Y = 65535  # CUDA's limit on grid dimension 1 (and 2), which indexes b
 _DRAW_BITS = 8  # bits per attention dropout draw: 16 draws per Philox4x32 call
 _INTERPRET = triton.knobs.runtime.interpret  # read when the @triton.jit below were created
 
-PHILOX_ROUNDS: tl.constexpr = tl.constexpr(7)
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
@@ -80,61 +80,11 @@ def _dot(a, b, acc, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _dropout_draws(seed, bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """add+LayerNorm's 16-bit dropout draws (int32 in [0, 2¹⁶)) of rows offs_m × columns
-    start_n + [0, BLOCK_N) with counter word 2 = bh. start_n and BLOCK_N are multiples of 8. Draw (i, j) is 16-bit half
-    (j % 8) % 2 (0: low) of word (j % 8) // 2 of Philox4x32-7(key = seed, counter = (i, j // 8, bh, 0))."""
-    GROUPS: tl.constexpr = BLOCK_N // 8
-    zero = tl.zeros((BLOCK_M, GROUPS), dtype=tl.int32)
-    c0 = offs_m[:, None] + zero  # query index i
-    c1 = (start_n // 8 + tl.arange(0, GROUPS))[None, :] + zero  # column group j // 8
-    c2 = bh + zero
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero, PHILOX_ROUNDS)
-    v0 = (r0 & 0xFFFF).to(tl.int32)
-    v1 = (r0 >> 16).to(tl.int32)
-    v2 = (r1 & 0xFFFF).to(tl.int32)
-    v3 = (r1 >> 16).to(tl.int32)
-    v4 = (r2 & 0xFFFF).to(tl.int32)
-    v5 = (r2 >> 16).to(tl.int32)
-    v6 = (r3 & 0xFFFF).to(tl.int32)
-    v7 = (r3 >> 16).to(tl.int32)
-    # Interleave to column 8·g + k, k = 4x + 2y + z: each join appends the next-faster axis.
-    a00 = tl.join(v0, v4)  # (M, G, 2) over x
-    a01 = tl.join(v1, v5)
-    a10 = tl.join(v2, v6)
-    a11 = tl.join(v3, v7)
-    b0 = tl.join(a00, a10)  # (M, G, 2, 2) over x, y
-    b1 = tl.join(a01, a11)
-    return tl.reshape(tl.join(b0, b1), (BLOCK_M, BLOCK_N))  # (M, G, 2, 2, 2) → (M, N)
-
-
-@triton.jit
 def _opaque_zero(x):
     """0.0 the compiler cannot fold (x·0 is not 0 for x = inf or NaN; here x is finite). With a
     literal 0, LLVM moves `where(keep, p, 0)` past p's bf16 conversion and then selects the packed
     bf16 halves one at a time (2 PRMT + 2 SEL more per pair than 2 FSEL on fp32)."""
     return x * 0.0
-
-
-@triton.jit
-def _philox(seed, c0, c1, c2):
-    """tl.philox(seed, c0, c1, c2, 0, PHILOX_ROUNDS) bit for bit, each round's two products taken as
-    32×32 → 64-bit multiplies: one wide multiply (IMAD.WIDE) each instead of a high and a low one."""
-    seed = seed.to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (seed >> 32).to(tl.uint32)
-    c0 = c0.to(tl.uint32, bitcast=True)
-    c1 = c1.to(tl.uint32, bitcast=True)
-    c2 = c2.to(tl.uint32, bitcast=True)
-    c3 = tl.zeros_like(c0)
-    for _ in tl.static_range(PHILOX_ROUNDS):
-        p0 = c0.to(tl.uint64) * 0xD2511F53
-        p2 = c2.to(tl.uint64) * 0xCD9E8D57
-        c0, c2 = (p2 >> 32).to(tl.uint32) ^ c1 ^ k0, (p0 >> 32).to(tl.uint32) ^ c3 ^ k1
-        c1, c3 = p2.to(tl.uint32), p0.to(tl.uint32)
-        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
-        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
-    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -147,7 +97,7 @@ def _dropout_words(seed, bh, start_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: t
     zero = tl.zeros((A, 8, G, 4), dtype=tl.int32)
     c0 = (start_m // 2 + 8 * tl.arange(0, A))[:, None, None, None] + tl.arange(0, 8)[None, :, None, None] + zero
     c1 = (start_n // 8 + 4 * tl.arange(0, G))[None, None, :, None] + tl.arange(0, 4)[None, None, None, :] + zero
-    w0, w1, w2, w3 = _philox(seed, c0, c1, bh + zero)
+    w0, w1, w2, w3 = philox(seed, c0, c1, bh + zero)
     return w0, w1, w2, w3
 
 
@@ -594,17 +544,7 @@ def _autotune(kernel, shapes: list[tuple[int, ...]], fp32_shape: tuple[int, ...]
 _FWD_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 32}
 _DKDV_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 32}
 _DQ_INTERPRET = {"BLOCK_M": 64, "BLOCK_N": 32}
-# fwd 128×64 w8 capped at 128 registers: with dropout it needs 182 (1 CTA of 8 warps per SM);
-# at 128 it runs 2 CTAs per SM without spilling (sm_90a compile: 0 spill bytes, +10 SASS in the
-# inner loop). The autotuner decides whether the occupancy is worth it.
-# Every config here compiles for sm_90a without spilling, in bf16 with and without dropout
-# (bench/sm90_report.py; tests/ops/test_sm90.py gates it). Dropped for spilling: fwd 128×64 w4
-# (20 B with dropout), dK/dV 32×128 w4 (184 B), 64×128 w8 (12 B with dropout), 64×64 w4 (8 B).
-# fp32 spills in every bf16 tile (0.5–161 KB per thread): it gets one small clean tile each
-# (fwd 32×32 w4: 80 / 102 registers without / with dropout; dK/dV 16×32 w4: 128 / 132; dQ 32×32
-# w4: 91 / 236), enough for the exact path it is. Each loop split needs the tile the loop walks
-# to divide the other (static_assert in each kernel): dQ's old fp32 tile, 16×32, ran its
-# unmasked loop into the diagonal (wrong fp32 gradients on CUDA; the interpreter runs 64×32).
+# Why these tiles (sm_90a registers, spills, the configs dropped): bench/results/attention-tiles-sm90a.md
 _fwd_tuned = _autotune(
     _attn_fwd_kernel,
     [(128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
@@ -685,17 +625,13 @@ def _check_dropout(name: str, dropout_p: float, seed: Tensor | None, device: tor
     return True, min(round(dropout_p * 2**_DRAW_BITS), 2**_DRAW_BITS - 1), 1.0 / (1.0 - dropout_p)
 
 
-def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
-    """Launches on t's GPU whatever the current device is (Triton launches on the current one)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _dot_mode(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee"  # fp32 must match the fp32 reference to 1e-5: no TF32
     return "upcast" if dtype == torch.bfloat16 and _INTERPRET else "tf32"
 
 
+@on_tensor_device
 def attention_fwd(qkv: Tensor, n_head: int, dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """qkv (B, T, 3C) → out (B, T, C) in qkv's dtype, lse (B, H, T) float32 (before dropout)."""
     B, T, C, D = _check_qkv("attention_fwd", qkv, n_head)
@@ -704,17 +640,17 @@ def attention_fwd(qkv: Tensor, n_head: int, dropout_p: float, seed: Tensor | Non
     lse = qkv.new_empty(B, n_head, T, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    with _on_device(qkv):
-        _launch(
-            _attn_fwd_kernel, _fwd_tuned, _FWD_INTERPRET, "BLOCK_M", T, B * n_head,
-            qkv, out, lse, seed if has_dropout else lse,  # any pointer stands in for an unused seed
-            qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-            T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
-            triton.next_power_of_2(B * n_head), HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype),
-        )
+    _launch(
+        _attn_fwd_kernel, _fwd_tuned, _FWD_INTERPRET, "BLOCK_M", T, B * n_head,
+        qkv, out, lse, seed if has_dropout else lse,  # any pointer stands in for an unused seed
+        qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
+        triton.next_power_of_2(B * n_head), HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype),
+    )
     return out, lse
 
 
+@on_tensor_device
 def attention_bwd(
     grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_head: int, dropout_p: float, seed: Tensor | None
 ) -> Tensor:
@@ -743,20 +679,19 @@ def attention_bwd(
         return grad_qkv
     delta = torch.empty_like(lse)
     bh = B * n_head
-    with _on_device(qkv):
-        _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK), bh)](
-            out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-            T, n_head, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK,
-        )
-        args = (
-            qkv, grad_out, lse, delta, seed if has_dropout else lse, grad_qkv,
-            qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
-            T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
-            triton.next_power_of_2(bh),
-        )
-        meta = dict(HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype))
-        _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_INTERPRET, "BLOCK_N", T, bh, *args, **meta)
-        _launch(_attn_bwd_dq_kernel, _dq_tuned, _DQ_INTERPRET, "BLOCK_M", T, bh, *args, **meta)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK), bh)](
+        out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        T, n_head, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK,
+    )
+    args = (
+        qkv, grad_out, lse, delta, seed if has_dropout else lse, grad_qkv,
+        qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
+        T, n_head, C, 1.0 / math.sqrt(D), thresh, drop_scale, triton.next_power_of_2(T),
+        triton.next_power_of_2(bh),
+    )
+    meta = dict(HEAD_DIM=D, HAS_DROPOUT=has_dropout, DOT_MODE=_dot_mode(qkv.dtype))
+    _launch(_attn_bwd_dkdv_kernel, _dkdv_tuned, _DKDV_INTERPRET, "BLOCK_N", T, bh, *args, **meta)
+    _launch(_attn_bwd_dq_kernel, _dq_tuned, _DQ_INTERPRET, "BLOCK_M", T, bh, *args, **meta)
     return grad_qkv
 
 
@@ -783,11 +718,11 @@ def _dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p
     if keep.numel():
         block_m, block_n = blocks
         grid = (triton.cdiv(seq_len, block_m), triton.cdiv(seq_len, block_n), batch * n_head)
-        with _on_device(seed):
-            _attn_dropout_mask_kernel[grid](seed, keep, seq_len, thresh, BLOCK_M=block_m, BLOCK_N=block_n)
+        _attn_dropout_mask_kernel[grid](seed, keep, seq_len, thresh, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep.view(torch.bool)
 
 
+@on_tensor_device
 def attention_dropout_mask(seed: Tensor, batch: int, n_head: int, seq_len: int, dropout_p: float) -> Tensor:
     """The keep-mask (B, H, T, T) bool that attention_fwd/bwd apply for this seed and p."""
     return _dropout_mask(seed, batch, n_head, seq_len, dropout_p, _MASK_BLOCKS)

@@ -21,6 +21,13 @@ scales them by the upstream gradient (engine.ops). d loss / d z_ij = (p_ij - [j 
 for a kept row i, p = softmax(z_i). G is stored unscaled (|G| ≤ 1) and 1/n_valid is applied in
 fp32 after the GEMMs: stored already divided by n_valid (~16K rows), fp16's G would underflow.
 
+The low-precision GEMMs with a float32 output need torch's out_dtype (torch >= 2.8, CUDA only),
+and accumulating into a float32 acc in place needs a torch from after pytorch#167931 (Nov 2025;
+before it CUDA refused "self and mat2 must have the same dtype"). fp32_output probes, once per
+device type and dtype, what this torch runs correctly, and the GEMMs take the best of: in place
+into acc; through one unrounded float32 (V_pad, C) temporary; the product rounded once per chunk
+to the compute dtype (torch < 2.8, and CPU tensors, whose builds have no out_dtype kernels).
+
 The vocabulary is padded inside the op to V_pad = a multiple of PAD (64) with zero rows of W:
 V = 40478 ≡ 6 (mod 8) would make the logits' leading dimension misaligned for all three GEMMs,
 which takes cuBLAS off its fastest kernels. The kernel reads only the V real columns of a row of
@@ -36,10 +43,15 @@ target-logit read, so a bad target can never read out of bounds.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .device import on_tensor_device
 
 CHUNK_BYTES = 256 * 2**20  # logits of one chunk at most (GPT-1 bf16: ~3300 rows of 40512)
 PAD = 64  # the padded vocabulary is a multiple of this (16-byte aligned rows in any dtype)
@@ -83,6 +95,8 @@ def _cross_entropy_chunk_kernel(
     tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
 
     if WRITE_GRAD:
+        # every thread has read logits[target] before any warp overwrites it with p - 1 below
+        tl.debug_barrier()
         # pass 2, in place: n_valid · ∂(mean loss)/∂z_j = softmax_j - [j = target], 0 if ignored
         # or in the padding (the launcher applies 1/n_valid in fp32 after the GEMMs)
         for start in range(0, LD, BLOCK_V):
@@ -137,20 +151,61 @@ def _check_targets(targets: Tensor, V: int, ignore_index: int) -> None:
         )
 
 
+class Fp32Output(NamedTuple):
+    """Which float32-output GEMMs on low-precision operands this torch runs on a device."""
+
+    addmm: bool  # torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc), acc float32: in place
+    mm: bool  # torch.mm(a, b, out_dtype=torch.float32): the product unrounded, in float32
+
+
+def _runs(gemm) -> bool:
+    """gemm() returns True; False where this torch refuses the call (no such argument, no kernel)."""
+    try:
+        return bool(gemm())
+    except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        return False
+
+
+@functools.cache
+def fp32_output(device_type: str, dtype: torch.dtype) -> Fp32Output:
+    """Probes, on 2×2 tensors of `dtype` on `device_type`, each call and its exact result."""
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype, device=device_type)
+    b = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=dtype, device=device_type)
+    want = a.float() @ b.float()
+
+    def addmm() -> bool:
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device_type)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return torch.equal(acc, want + 1)
+
+    def mm() -> bool:
+        out = torch.mm(a, b, out_dtype=torch.float32)
+        return out.dtype == torch.float32 and torch.equal(out, want)
+
+    return Fp32Output(addmm=_runs(addmm), mm=_runs(mm))
+
+
 def _grad_hidden(out: Tensor, g: Tensor, w: Tensor, inv_n: Tensor) -> None:
     """out = (g w) · inv_n, the scale applied in fp32 after the GEMM (g unscaled: no underflow)."""
-    prod = torch.mm(g, w, out_dtype=torch.float32) if g.is_cuda and g.dtype != torch.float32 else torch.mm(g, w)
+    if g.dtype != torch.float32 and fp32_output(g.device.type, g.dtype).mm:
+        prod = torch.mm(g, w, out_dtype=torch.float32)
+    else:  # float32, or no float32-output mm here: the product rounded once to g's dtype
+        prod = torch.mm(g, w)
     out.copy_(prod.float().mul_(inv_n))
 
 
 def _add_grad_weight(acc: Tensor, g: Tensor, h: Tensor) -> None:
-    """acc (V_pad, C) float32 += gᵀ h, g and h in the compute dtype, without a (V_pad, C) temporary
-    on CUDA (cuBLAS accumulates into acc with beta = 1)."""
+    """acc (V_pad, C) float32 += gᵀ h, g and h in the compute dtype, by the best GEMM this torch has
+    (module docstring): in place, else through an unrounded temporary, else rounded per chunk."""
     if g.dtype == torch.float32:
         acc.addmm_(g.t(), h)
-    elif g.is_cuda:
+        return
+    can = fp32_output(g.device.type, g.dtype)
+    if can.addmm:
         torch.addmm(acc, g.t(), h, out_dtype=torch.float32, out=acc)
-    else:  # no fp32-output low-precision mm on CPU (tests only): one rounding per chunk
+    elif can.mm:
+        acc.add_(torch.mm(g.t(), h, out_dtype=torch.float32))
+    else:
         acc.add_(torch.mm(g.t(), h))
 
 
@@ -163,6 +218,7 @@ def _pad_rows(weight: Tensor, rows: int) -> Tensor:
     return padded
 
 
+@on_tensor_device
 def linear_cross_entropy_fwd(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, compute_grad: bool,
     *, chunk_rows: int | None = None,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .device import on_tensor_device
 from .pinning import pinned
 
 DEFAULT_IMPL = "cublas"  # "cublas" or "triton": see the module docstring
@@ -175,7 +176,8 @@ def _gelu_fwd_kernel(
     tl.store(y_ptr + offs, _gelu(z, APPROX_TANH).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+# the row count is not specialised: every M (variable-length fine-tuning batches) runs one compile
+@triton.jit(do_not_specialize=["M", "blocks_per_group"])
 def _gelu_bwd_kernel(
     dy_ptr,  # (M, N) upstream gradient ∂L/∂y
     pre_ptr,  # (M, N) saved pre-activation z
@@ -183,8 +185,8 @@ def _gelu_bwd_kernel(
     db_part_ptr,  # (n_groups, N) float32 partial column sums of ∂L/∂z (→ grad_bias)
     M,
     N,
+    blocks_per_group,  # row tiles per program, in order
     APPROX_TANH: tl.constexpr,
-    BLOCKS_PER_GROUP: tl.constexpr,  # row tiles per program, in order (constexpr: see K above)
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -192,8 +194,8 @@ def _gelu_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for i in range(0, BLOCKS_PER_GROUP):
-        rows = (group * BLOCKS_PER_GROUP + i) * ROWS + tl.arange(0, ROWS)
+    for i in range(0, blocks_per_group):
+        rows = (group * blocks_per_group + i) * ROWS + tl.arange(0, ROWS)
         ok = (rows < M)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -229,6 +231,7 @@ def _check_bias(bias: Tensor, x: Tensor, F: int) -> None:
         )
 
 
+@on_tensor_device
 def linear_gelu_fwd_triton_matmul(x: Tensor, weight: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
     """(y, pre) with pre = x Wᵀ + b by a Triton matmul whose epilogue applies bias and GELU."""
     _check(x, weight, approximate)
@@ -267,10 +270,11 @@ def gelu_fwd_launch() -> dict:
 
 
 def gelu_bwd_launch(M: int) -> dict:
-    """The dGELU pass: ROWS × BLOCK_N tiles, BLOCKS_PER_GROUP row tiles per program (n_groups of them)."""
+    """The dGELU pass: ROWS × BLOCK_N tiles, blocks_per_group row tiles per program (a runtime
+    argument), n_groups programs."""
     n_tiles = triton.cdiv(M, _BWD_ROWS)
     per_group = max(1, triton.cdiv(n_tiles, _MAX_GROUPS))
-    return dict(ROWS=_BWD_ROWS, BLOCK_N=_BWD_BLOCK_N, BLOCKS_PER_GROUP=per_group,
+    return dict(ROWS=_BWD_ROWS, BLOCK_N=_BWD_BLOCK_N, blocks_per_group=per_group,
                 n_groups=triton.cdiv(n_tiles, per_group), num_warps=8)
 
 
@@ -284,6 +288,7 @@ def _gelu_elementwise(pre: Tensor, approximate: str) -> Tensor:
     return y
 
 
+@on_tensor_device
 def linear_gelu_fwd_cublas(x: Tensor, weight: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
     """(y, pre) with pre = torch.addmm(b, x, Wᵀ) (cuBLAS), then one fused Triton GELU pass."""
     _check(x, weight, approximate)
@@ -295,6 +300,7 @@ def linear_gelu_fwd_cublas(x: Tensor, weight: Tensor, bias: Tensor, approximate:
 CANDIDATES = {"cublas": linear_gelu_fwd_cublas, "triton": linear_gelu_fwd_triton_matmul}
 
 
+@on_tensor_device
 def linear_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
     """(y, pre): y = GELU(x Wᵀ + b), pre saved for backward; by CANDIDATES[DEFAULT_IMPL]."""
     if DEFAULT_IMPL not in CANDIDATES:
@@ -303,6 +309,7 @@ def linear_gelu_fwd(x: Tensor, weight: Tensor, bias: Tensor, approximate: str) -
     return CANDIDATES[DEFAULT_IMPL](x, weight, bias, approximate)
 
 
+@on_tensor_device
 def linear_gelu_bwd(
     grad_y: Tensor, x: Tensor, weight: Tensor, pre: Tensor, approximate: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -318,11 +325,11 @@ def linear_gelu_bwd(
     grad_y, pre = grad_y.contiguous(), pre.contiguous()
     dpre = torch.empty_like(pre)
     launch = gelu_bwd_launch(M)
-    n_groups = launch.pop("n_groups")
+    n_groups, per_group = launch.pop("n_groups"), launch.pop("blocks_per_group")
     db_part = torch.zeros(n_groups, F, dtype=torch.float32, device=x.device)
     if M and F:
         _gelu_bwd_kernel[(n_groups, triton.cdiv(F, launch["BLOCK_N"]))](
-            grad_y, pre, dpre, db_part, M, F, APPROX_TANH=approximate == "tanh", **launch,
+            grad_y, pre, dpre, db_part, M, F, per_group, APPROX_TANH=approximate == "tanh", **launch,
         )
     grad_x = dpre @ weight  # (N, F) @ (F, C)
     grad_weight = dpre.t() @ x  # (F, N) @ (N, C)

@@ -162,9 +162,8 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.schedule = Schedule(cfg.warmup_steps, cfg.max_steps, cfg.schedule)
         self.autocast = autocast_dtype(cfg, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if self.device.type == "cuda":  # fp32 is IEEE fp32 in cuBLAS as in the Triton kernels: no TF32
+            torch.set_float32_matmul_precision("highest")
         self.step = 0
         self.bad_steps = 0
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main)

@@ -154,6 +154,7 @@ def test_dropout_through_engine_ops_follows_torch_manual_seed(backend):
     assert_close(y1.cpu(), expected.float(), "y")
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keep_rate_and_scaling(backend, p):
     rows, cols = 256, 1000
@@ -176,6 +177,7 @@ def test_dropout_mask_without_dropout_keeps_everything(backend):
     assert mask_of(backend, 1, 3, 5, 0.0).all()
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("rows,cols", [(70, 7), (3, 1), (5, 100), (2, 257), (9, 64)])
 def test_dropout_mask_is_the_documented_philox_draw(backend, rows, cols):
     """keep(i, j) is tests/philox_ref.py's keep_mask with stream 0, bit for bit, at widths not a
@@ -186,6 +188,7 @@ def test_dropout_mask_is_the_documented_philox_draw(backend, rows, cols):
     assert np.array_equal(mask_of(backend, seed, rows, cols, p).numpy(), expected)
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("tile", [8, 64])  # 8: one row per program
 def test_triton_mask_does_not_depend_on_its_tiles(monkeypatch, tile):
     pytest.importorskip("triton")
@@ -197,6 +200,7 @@ def test_triton_mask_does_not_depend_on_its_tiles(monkeypatch, tile):
     assert torch.equal(kernel.add_layernorm_dropout_mask(seed, 70, 100, 0.35), default)
 
 
+@pytest.mark.cpp
 def test_dropout_masks_of_both_backends_are_bit_identical():
     """The cross-backend contract: the C++ and the Triton kernels drop the same elements."""
     pytest.importorskip("triton")

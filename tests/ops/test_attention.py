@@ -24,8 +24,6 @@ from helpers import attention_reference_lse as reference_lse
 from philox_ref import attention_keep_mask
 
 gpt1 = torch.ops.gpt1
-# triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def make_inputs(B, T, H, D, dtype=torch.float32, seed=0):
@@ -109,6 +107,7 @@ def _tuned_configs() -> list:
     ]
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("kernel,index,p", _tuned_configs())
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_every_tuned_config_matches_reference(backend, kernel, index, p):
@@ -153,6 +152,7 @@ def test_every_tuned_config_matches_reference(backend, kernel, index, p):
         assert_fa_rule(leaf.grad.cpu(), grad_ref, grad_low, "grad_qkv")
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_cuda_delta_block(backend, monkeypatch):
     """The GPU's rowsum(dO ∘ O) block (64 rows), which the interpreter never takes by itself
@@ -178,6 +178,7 @@ def test_pinned_config_refuses_a_foreign_config():
 DROPOUT_CASES = [(2, 33, 2, 16, 0.2), (1, 64, 1, 64, 0.5), (1, 7, 1, 16, 0.9), (1, 1, 1, 16, 0.3)]
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize(
     "backend,case",
     cases(DROPOUT_CASES, cpp=[(2, 37, 3, 20, 0.3)], compiled=[(1, 300, 2, 64, 0.3)]),
@@ -223,6 +224,7 @@ def test_dropout_through_engine_ops_follows_torch_manual_seed(backend):
     assert_close(y1.cpu(), expected.float(), "out")
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_keep_rate_and_scaling(backend, p):
     B, H, T = 2, 4, 128
@@ -251,6 +253,7 @@ def test_dropout_mask_without_dropout_keeps_everything(backend):
     assert mask_of(backend, 5, 1, 2, 9, 0.0).all()
 
 
+@pytest.mark.gpu_first
 def test_dropout_mask_is_the_documented_philox_draw(backend):
     """keep(b, h, i, j) is tests/philox_ref.py's attention_keep_mask (8-bit draws, 16 per
     Philox4x32-7 call, one accumulator thread's elements), bit for bit."""
@@ -262,6 +265,7 @@ def test_dropout_mask_is_the_documented_philox_draw(backend):
     assert np.array_equal(keep[..., tril], expected[..., tril])
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 64), (64, 64)])
 def test_triton_mask_does_not_depend_on_its_tiles(blocks):
     pytest.importorskip("triton")
@@ -273,6 +277,7 @@ def test_triton_mask_does_not_depend_on_its_tiles(blocks):
     assert torch.equal(got, kernel._dropout_mask(seed, 2, 3, 21, 0.35, kernel._MASK_BLOCKS))
 
 
+@pytest.mark.cpp
 def test_dropout_masks_of_both_backends_are_bit_identical():
     """The cross-backend contract: the C++ and the Triton kernels drop the same elements."""
     pytest.importorskip("triton")

@@ -21,6 +21,7 @@ from engine.model import reference
 from helpers import assert_close, assert_fa_rule
 
 BF16 = torch.bfloat16
+pytestmark = pytest.mark.cpp  # the CPU's autocast, served by the C++ kernels
 
 
 def autocast():

@@ -1,5 +1,5 @@
 """Attention dropout's draw scheme, one spec (tests/philox_ref.py's attention_keep_mask) and its
-implementations: kernels/attention.py's _dropout_keep / _philox and csrc/philox.h's
+implementations: kernels/attention.py's _dropout_keep (on kernels/philox.py's philox) and csrc/philox.h's
 attention_keep_row. Plus the property the scheme exists for: each Philox call's 16 draws are
 score elements that one thread of the sm_90 wgmma accumulator holds, so the compiled kernels
 build the mask without a layout conversion (checked on the sm_90a compile, no GPU needed)."""
@@ -15,19 +15,10 @@ import triton
 import triton.language as tl
 
 from backends import TRITON
-from gpt1_kernels.attention import (
-    PHILOX_ROUNDS,
-    _check_dropout,
-    _dropout_keep,
-    _dropout_keep_bits,
-    _dropout_keep_unpack,
-    _philox,
-)
+from gpt1_kernels.attention import _check_dropout, _dropout_keep, _dropout_keep_bits, _dropout_keep_unpack
+from gpt1_kernels.philox import PHILOX_ROUNDS, philox
 from helpers import compile_for_sm90
 from philox_ref import attention_draw, attention_keep_mask, philox4x32
-
-# triton 3.6's interpreter int()s 1-element arrays for loop bounds (numpy < 2.4 only warns)
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def seed_tensor(value: int) -> torch.Tensor:
@@ -60,19 +51,20 @@ def test_each_call_lands_in_one_accumulator_thread(block_m, block_n, warps):
 
 @triton.jit
 def _both_philox(seed_ptr, c_ptr, out_ptr, N: tl.constexpr):
-    """out[0:4] = _philox's four words, out[4:8] = tl.philox's, for N counters (c0, c1, c2, 0)."""
+    """out[0:4] = philox's four words, out[4:8] = tl.philox's, for N counters (c0, c1, c2, 0)."""
     offs = tl.arange(0, N)
     c0, c1, c2 = tl.load(c_ptr + offs), tl.load(c_ptr + N + offs), tl.load(c_ptr + 2 * N + offs)
     seed = tl.load(seed_ptr)
-    ours = _philox(seed, c0, c1, c2)
+    ours = philox(seed, c0, c1, c2)
     theirs = tl.philox(seed, c0, c1, c2, tl.zeros_like(c0), PHILOX_ROUNDS)
     for w in tl.static_range(4):
         tl.store(out_ptr + w * N + offs, ours[w].to(tl.int32, bitcast=True))
         tl.store(out_ptr + (4 + w) * N + offs, theirs[w].to(tl.int32, bitcast=True))
 
 
+@pytest.mark.gpu_first
 def test_philox_matches_tl_philox_and_numpy():
-    """_philox (wide multiplies) is Philox4x32-7 bit for bit: tl.philox and the numpy reference,
+    """philox (wide multiplies) is Philox4x32-7 bit for bit: tl.philox and the numpy reference,
     on counters with the top bit set (uint32 handling) and a seed above 2³²."""
     n, seed = 64, 2**47 + 3141592653
     counters = torch.randint(-(2**31), 2**31, (3, n), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
@@ -81,10 +73,11 @@ def test_philox_matches_tl_philox_and_numpy():
     words = out.cpu().numpy().view(np.uint32).astype(np.uint64)
     expected = philox4x32([c.numpy().astype(np.uint32) for c in counters] + [np.zeros(n, np.uint32)], seed)
     for w in range(4):
-        assert np.array_equal(words[w], words[4 + w]), f"word {w}: _philox != tl.philox"
-        assert np.array_equal(words[w], expected[w]), f"word {w}: _philox != numpy"
+        assert np.array_equal(words[w], words[4 + w]), f"word {w}: philox != tl.philox"
+        assert np.array_equal(words[w], expected[w]), f"word {w}: philox != numpy"
 
 
+@pytest.mark.cpp
 @pytest.mark.parametrize("B,H,T,p,seed", [(1, 1, 1, 0.5, 9), (2, 3, 37, 0.1, 2**62 - 1), (1, 2, 70, 0.9, 2**33 + 5)])
 def test_cpu_mask_is_the_numpy_spec(B, H, T, p, seed):
     """csrc/philox.h's attention_keep_row (through gpt1::attention_dropout_mask) draws exactly
@@ -109,6 +102,7 @@ def _both_keeps(seed_ptr, out_ptr, start_m, start_n, drop_thresh, BLOCK_M: tl.co
     tl.store(out_ptr + BLOCK_M * BLOCK_N + offs, _dropout_keep_unpack(bits, BLOCK_M, BLOCK_N).to(tl.int8))
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("thresh", [1, 26, 127, 128, 129, 230, 255])
 def test_packed_keep_bits_are_the_mask(thresh):
     """dK/dV's path (four byte compares per word, 16 keep bits per call, unpacked per element) is
@@ -142,6 +136,7 @@ for name, m, n in (("fwd", 128, 64), ("dq", 128, 32), ("dkdv", 32, 128)):  # the
 DKDV_EXTRA = {"bar": 1, "smem": 6}
 
 
+@pytest.mark.offline
 def test_dropout_needs_no_layout_round_trip_on_sm90():
     """Compiled for sm_90a (bundled ptxas, no GPU): with dropout, the inner loops of fwd and dQ
     have no more bar.sync and no more shared-memory loads/stores than without, and at most 1.5×

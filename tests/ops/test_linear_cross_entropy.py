@@ -7,14 +7,15 @@ register_autograd scales them by the upstream gradient, which the tests check to
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-from backends import cases
+from backends import TRITON, cases
 from engine import ops
 from engine.model import reference
-from helpers import assert_close, assert_fa_rule, autograd_reference, exact_reference
+from helpers import assert_close, assert_fa_rule, autograd_reference, compile_for_sm90, exact_reference
 
 IGNORE = -100
 gpt1 = torch.ops.gpt1
@@ -63,6 +64,7 @@ def test_fp32_loss_and_grads(backend, shape):
     assert_close(grad_w, 2.5 * grad_w_ref, "grad_weight")
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_triton_cuda_block_width(backend, monkeypatch):
     """The GPU's BLOCK_V (4096 columns per step, 8 warps), which the interpreter never takes by
@@ -79,6 +81,7 @@ def test_triton_cuda_block_width(backend, monkeypatch):
     assert_close(grad_w, grad_w_ref, "grad_weight")
 
 
+@pytest.mark.gpu_first
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize(
     "rows,dtype", [(1, torch.float32), (5, torch.float32), (8, torch.bfloat16), (8, torch.float16)]
@@ -250,3 +253,133 @@ def test_bad_inputs_raise_value_error(backend, case):
     args, pattern = BAD[case]
     with pytest.raises(ValueError, match=pattern):
         gpt1.linear_cross_entropy_fwd(*backend.args(args))
+
+
+# ---- the float32-output GEMMs: each path the capability probe may choose ---------------------
+
+REAL_ADDMM, REAL_MM = torch.addmm, torch.mm
+
+
+def _fp32_gemm(real, *args, out_dtype=None, out=None, **kwargs):
+    """What CUDA's out_dtype GEMMs compute, on any device: low-precision products are exact in
+    float32, and the sum is float32."""
+    result = real(*(a.to(out_dtype) for a in args), **kwargs)
+    return result if out is None else out.copy_(result)
+
+
+def _torch_that(accumulates: bool, fp32_mm: bool, ran: list):
+    """torch.addmm and torch.mm of a torch that runs (or refuses, as older ones did) the
+    float32-output calls the LM head makes; each float32-output call that runs is listed in `ran`."""
+
+    def addmm(*args, out_dtype=None, **kwargs):
+        if out_dtype is None:
+            return REAL_ADDMM(*args, **kwargs)
+        if not accumulates:  # CUDA before pytorch#167931, with a float32 self
+            raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+        ran.append("addmm")
+        return _fp32_gemm(REAL_ADDMM, *args, out_dtype=out_dtype, **kwargs)
+
+    def mm(*args, out_dtype=None, **kwargs):
+        if out_dtype is None:
+            return REAL_MM(*args, **kwargs)
+        if not fp32_mm:  # torch < 2.8
+            raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+        ran.append("mm")
+        return _fp32_gemm(REAL_MM, *args, out_dtype=out_dtype, **kwargs)
+
+    return addmm, mm
+
+
+@pytest.fixture
+def probe_afresh():
+    """fp32_output re-probed inside the test and again after it (its answers are cached)."""
+    from gpt1_kernels.linear_cross_entropy import fp32_output
+
+    fp32_output.cache_clear()
+    yield fp32_output
+    fp32_output.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_output_probe_says_what_this_torch_runs(probe_afresh, dtype):
+    """On this torch and device, each call the probe allows runs and gives float32; each it
+    refuses raises (on CPU builds both, which have no out_dtype kernels)."""
+    device = TRITON.device.type
+    a, b = torch.ones(4, 3, dtype=dtype, device=device), torch.ones(3, 5, dtype=dtype, device=device)
+    can = probe_afresh(device, dtype)
+    acc = torch.zeros(4, 5, device=device)
+    for allowed, call in (
+        (can.addmm, lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)),
+        (can.mm, lambda: torch.mm(a, b, out_dtype=torch.float32)),
+    ):
+        if allowed:
+            assert call().dtype == torch.float32
+        else:
+            with pytest.raises((RuntimeError, TypeError)):
+                call()
+
+
+@pytest.mark.gpu_first
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize(
+    "accumulates,fp32_mm", [(True, True), (False, True), (False, False)], ids=["in-place", "temporary", "rounded"]
+)
+def test_every_accumulation_path_meets_the_fa_rule(backend, monkeypatch, probe_afresh, accumulates, fp32_mm):
+    """The LM head on a torch that accumulates into float32 in place (new CUDA), one that refuses a
+    float32 self (CUDA before late 2025: through an unrounded temporary) and one without out_dtype
+    (torch < 2.8, CPU: rounded once per chunk): the probe picks the path, and bf16 gradients over
+    several chunks meet the FlashAttention rule on each."""
+    from gpt1_kernels import linear_cross_entropy as kernel
+
+    ran = []
+    addmm, mm = _torch_that(accumulates, fp32_mm, ran)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(torch, "mm", mm)
+    assert probe_afresh(backend.device.type, torch.bfloat16) == (accumulates, fp32_mm)
+    hidden, weight, targets = make_inputs(29, 48, 257, torch.bfloat16, n_ignored=3)
+    monkeypatch.setattr(kernel, "CHUNK_BYTES", 8 * kernel.chunk_launch(257, False)["LD"] * 2)  # 8 rows: 4 chunks
+    ran.clear()  # the probe's own calls
+    _, grads = run(backend, hidden, weight, targets)
+    # per chunk: grad_W by the chosen path, grad_hidden by mm with or without a float32 output
+    expected = {(True, True): ["mm", "addmm"], (False, True): ["mm", "mm"], (False, False): []}
+    assert ran == expected[accumulates, fp32_mm] * 4
+    _, grads_ref = reference_of(hidden.float(), weight.float(), targets, exact=False, upcast=True)
+    _, grads_low = reference_of(hidden, weight, targets, exact=False)
+    for name, got, want, low in zip(("grad_hidden", "grad_weight"), grads, grads_ref, grads_low):
+        assert_fa_rule(got, want, low, name)
+
+
+# ---- the race between the loss and pass 2 (a GPU-only hazard, checked on the sm_90a compile) ----
+
+_CE_TTGIR = r"""
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton
+from engine._kernels import kernels_package
+kernels_package()
+from gpt1_kernels import linear_cross_entropy as L
+launch = L.chunk_launch(40478, cuda=True)
+signature = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "loss_ptr": "*fp32", "ignore_index": "i32"}
+constexprs = {"V": 40478, "LD": launch["LD"], "WRITE_GRAD": True, "BLOCK_V": launch["BLOCK_V"]}
+compiled = triton.compile(ASTSource(fn=L._cross_entropy_chunk_kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=launch["num_warps"]))
+print(compiled.asm["ttgir"])
+"""
+
+
+@pytest.mark.offline
+def test_the_target_logit_is_read_before_any_warp_overwrites_it():
+    """Pass 2 overwrites the row in place, logits[target] with p - 1, and warps run it
+    independently; the loss reads logits[target] once, after pass 1. The GPU's TTGIR (8 warps at
+    GPT-1's V) must put a CTA barrier between that read and pass 2's first store, or another warp
+    could store first (the interpreter, one block at a time, can never show it)."""
+    lines = compile_for_sm90(_CE_TTGIR).splitlines()
+    scalar_reads = [i for i, line in enumerate(lines) if re.search(r"tt\.load .*: !tt\.ptr<bf16>", line)]
+    row_writes = [i for i, line in enumerate(lines) if re.search(r"tt\.store .*tensor<\d+x!tt\.ptr<bf16>", line)]
+    barriers = [i for i, line in enumerate(lines) if "gpu.barrier" in line]
+    assert len(scalar_reads) == 1 and row_writes, "\n".join(lines)
+    read, first_write = scalar_reads[0], min(row_writes)
+    assert read < first_write
+    assert any(read < b < first_write for b in barriers), (
+        f"no barrier between the target logit's read (TTGIR line {read}) and pass 2's first store ({first_write})"
+    )

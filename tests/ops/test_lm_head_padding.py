@@ -1,12 +1,14 @@
 """The LM head's padded vocabulary and fp16 scaling (kernels/linear_cross_entropy.py), under the
-interpreter at small shapes: V ≡ 6 (mod 8) like GPT-1's 40478, padded inside the op to a multiple
-of PAD; gradients come back with V rows; fp16 gradients of a mean over many rows do not underflow."""
+interpreter (or on the GPU) at small shapes: V ≡ 6 (mod 8) like GPT-1's 40478, padded inside the
+op to a multiple of PAD; gradients come back with V rows; fp16 gradients of a mean over many rows do
+not underflow."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from backends import TRITON
 from engine.model import reference
 from gpt1_kernels import linear_cross_entropy as lce
 from helpers import assert_close
@@ -37,7 +39,8 @@ def test_padded_vocabulary_matches_the_reference(V, chunk_rows):
     assert lce.chunk_launch(V, cuda=False)["LD"] % lce.PAD == 0
     hidden, weight, targets = make_inputs(19, 32, V, torch.float32)
     targets[3] = V - 1  # the last real class, next to the padding
-    loss, grad_h, grad_w = lce.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True, chunk_rows=chunk_rows)
+    args = (TRITON.tensor(t) for t in (hidden, weight, targets))
+    loss, grad_h, grad_w = (t.cpu() for t in lce.linear_cross_entropy_fwd(*args, IGNORE, True, chunk_rows=chunk_rows))
     loss_ref, grad_h_ref, grad_w_ref = exact_reference(hidden, weight, targets)
     assert grad_w.shape == weight.shape, "grad_weight must keep the V rows of the weight"
     assert_close(loss, loss_ref, "loss")
@@ -52,7 +55,8 @@ def test_fp16_gradients_of_a_mean_over_many_rows_do_not_underflow():
     with 1/n_valid applied in fp32 after the GEMMs it keeps fp16's precision (5e-4)."""
     V = 2046
     hidden, weight, targets = make_inputs(300, 16, V, torch.float16, logit_scale=0.5)
-    _, grad_h, grad_w = lce.linear_cross_entropy_fwd(hidden, weight, targets, IGNORE, True, chunk_rows=64)
+    args = (TRITON.tensor(t) for t in (hidden, weight, targets))
+    _, grad_h, grad_w = (t.cpu() for t in lce.linear_cross_entropy_fwd(*args, IGNORE, True, chunk_rows=64))
     _, grad_h_ref, grad_w_ref = exact_reference(hidden, weight, targets)
     free = torch.ones(V, dtype=torch.bool)
     free[targets[targets != IGNORE]] = False

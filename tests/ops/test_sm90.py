@@ -12,6 +12,8 @@ import pytest
 
 from bench import sm90_report as R
 
+pytestmark = pytest.mark.offline
+
 
 @pytest.fixture(scope="module")
 def results() -> list[R.Result]:
