@@ -4,12 +4,14 @@ weights and losses a run leaves. Ports are chosen free at run time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -59,3 +61,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     """The train loss of each update the run logged (the last record of a step wins)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """An in-process run computes with one thread, as the workers do (env(): OMP_NUM_THREADS=1): a
+    GEMM's blocking, and with it its rounding, depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -14,13 +14,20 @@ reseeds; ZeRO-1 runs AdamW foreach, the plain run fused (fp32 rounding, ~1e-8); 
 import pytest
 import torch
 
-from dist_runs import losses, pretrain_args, torchrun, weights
+from dist_runs import losses, one_thread, pretrain_args, torchrun, weights
 from engine import pretrain
 from engine.cli import run_cli
 from engine.training.distributed import micro_batches
 from helpers import assert_close
 
 MICRO = ["--micro-batch-size", "2"]  # the same forward on 1 and 2 processes: 1 x 2 x 2 = 2 x 2 x 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """In-process runs here are compared bit for bit with one-thread workers."""
+    with one_thread():
+        yield
 
 
 def test_every_number_of_processes_reads_the_same_global_batch():
