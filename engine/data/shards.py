@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from engine.data.integrity import DIGEST_BYTES, DamagedShards, FileRecord, check_file
-from engine.fileio import atomic_write_text, fsync_dir
+from engine.fileio import atomic_write_text, fsync_dir, naming
 
 SHARD_VERSION = 1  # unchanged by streaming: the same inputs give the same bytes as before
 MAX_VOCAB = 2**32  # uint32 ids
@@ -288,8 +288,9 @@ def build_shards(
     dtype = token_dtype(tokenizer.vocab_size)
     partial = directory.parent / f".{directory.name}.partial"
     while True:
-        state = _resume_state(partial, source.plan, dtype)
-        _stream(partial, source, tokenizer, dtype, state, progress)
+        with naming(partial):  # the files name themselves; this names what else fails
+            state = _resume_state(partial, source.plan, dtype)
+            _stream(partial, source, tokenizer, dtype, state, progress)
         replacement = source.finish()
         if replacement is None:
             break
@@ -400,7 +401,8 @@ def _write_batch(
         sides[batch[owner][0]].append(ids)
     for is_val, (f, id_lists) in enumerate(zip(files, sides)):
         n = sum(map(len, id_lists))
-        f.write(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype, count=n).tobytes())
+        with naming(f.name):
+            f.write(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype, count=n).tobytes())
         name = "val" if is_val else "train"
         state[f"{name}_tokens"] += n
         state[f"{name}_units"] += sum(1 for v, _ in batch if v == bool(is_val))
@@ -429,8 +431,9 @@ def split_at_lines(text: str, size: int) -> list[str]:
 def _record(partial: Path, state: dict[str, Any], files: tuple[Any, Any]) -> None:
     """Makes the tokens written so far durable, then says so (progress.json)."""
     for f in files:
-        f.flush()
-        os.fsync(f.fileno())
+        with naming(f.name):
+            f.flush()
+            os.fsync(f.fileno())
     atomic_write_text(partial / "progress.json", json.dumps(state) + "\n")
 
 

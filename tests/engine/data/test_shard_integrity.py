@@ -132,3 +132,21 @@ def test_an_out_of_range_id_met_in_training_names_the_file_and_offset(tmp_path, 
     val = np.full(20, tokenizer.vocab_size, dtype=np.uint16)
     with pytest.raises(OSError, match=f"token id {tokenizer.vocab_size} at token 0 "):
         next(eval_batches(val, 9, 2, vocab_size=tokenizer.vocab_size))
+
+
+def test_a_full_disk_names_the_shard_file_and_the_next_build_recovers(tmp_path, tokenizer):
+    """Issue 23, fault 4: the shard writer's failed write() said 'No space left on device'
+    and named no file."""
+    from faults import file_size_limit
+
+    from engine.cli import os_error_line
+
+    clean, _ = build(tmp_path / "clean", tokenizer)
+    with file_size_limit(4096), pytest.raises(OSError) as caught:
+        build(tmp_path, tokenizer, [])
+    e = caught.value
+    partial = tmp_path / "shards" / f".{clean.directory.name}.partial"
+    assert e.errno == errno.EFBIG and e.filename == str(partial / "train.bin")
+    assert os_error_line(e) == f"{partial / 'train.bin'}: File too large"
+    again, built = build(tmp_path, tokenizer)  # space freed: the build completes
+    assert built and again.train.tolist() == clean.train.tolist() and again.meta == clean.meta
