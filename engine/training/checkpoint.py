@@ -28,6 +28,7 @@ from engine.cli import UserError
 from engine.fileio import (
     TMP_SUFFIX,
     atomic_write,
+    atomic_write_stream,
     atomic_write_text,
     fsync_dir,
     make_temp_dir,
@@ -121,7 +122,7 @@ def save_checkpoint(
         raise with_path(e, final) from e
     try:
         write_weights(tmp)
-        atomic_write(tmp / TRAINER_STATE, lambda p: torch.save(state, p))
+        atomic_write_stream(tmp / TRAINER_STATE, lambda f: torch.save(state, f))  # a full disk stays an OSError
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"step": step, "good": good, "bad_steps": int(state.get("bad_steps", 0)), "files": files}
         atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=1) + "\n")
