@@ -39,8 +39,9 @@ ALLOCATOR_SLACK = 1.55
 @dataclass(frozen=True)
 class Step:
     """What one training step's memory depends on: the model, the tokens per sequence, the
-    path (fused kernels or reference ops), bf16 autocast or fp32, the device type and the
-    micro-batches the prefetcher holds ahead."""
+    path (fused kernels or reference ops), bf16 autocast or fp32, the device type, the
+    micro-batches the prefetcher holds ahead and the sequences of one sample (fine-tuning:
+    both orders of a pair, one per choice)."""
 
     config: GPT1Config
     seq_len: int
@@ -48,6 +49,7 @@ class Step:
     bf16: bool
     device: str  # "cpu" or "cuda"
     prefetch: int = 4
+    sequences: int = 1
 
     def saved(self, batch: int) -> int:
         """Bytes autograd saves in the forward of `batch` sequences (what the backward reads)."""
@@ -95,14 +97,14 @@ class Step:
         return (2 * c.num_parameters() if self.bf16 else 0) + dropped
 
     def peak(self, batch: int) -> "StepMemory":
-        """The estimate for micro-batches of `batch` sequences."""
-        p = self.config.num_parameters()
+        """The estimate for micro-batches of `batch` samples."""
+        p, n = self.config.num_parameters(), batch * self.sequences
         return StepMemory(
             weights=4 * p,
             gradients=4 * p,
             optimizer=8 * p,  # Adam's two moments, fp32
-            data=(self.prefetch + 2) * 8 * batch * (self.seq_len + 1),
-            activations=round(ALLOCATOR_SLACK * (self.saved(batch) + self.transient(batch))) + self.fixed(),
+            data=(self.prefetch + 2) * 8 * n * (self.seq_len + 1),
+            activations=round(ALLOCATOR_SLACK * (self.saved(n) + self.transient(n))) + self.fixed(),
             batch=batch,
         )
 
@@ -171,9 +173,10 @@ def size(n: int) -> str:
 
 def refusal(step: Step, need: StepMemory, limit: int, source: str, per_rank: int) -> str:
     """The one line that refuses a step: the estimate, the limit and what fits."""
+    per = f"{step.seq_len} tokens" if step.sequences == 1 else f"{step.sequences} sequences of {step.seq_len} tokens"
     line = (
         f"a training step needs about {size(need.total)} ({size(need.activations)} of activations for "
-        f"{need.batch} sequences of {step.seq_len} tokens per forward, "
+        f"{need.batch} {'sequences' if step.sequences == 1 else 'examples'} of {per} per forward, "
         f"{size(need.weights + need.gradients + need.optimizer)} of weights, gradients and Adam state), "
         f"more than the {size(limit)} available ({source})"
     )
@@ -199,14 +202,16 @@ def preflight(
     return need
 
 
-def check_model(model: torch.nn.Module, cfg: TrainConfig, seq_len: int, dist: DistEnv) -> StepMemory:
-    """The preflight for a GPT1 `model` trained with `cfg` on `seq_len`-token sequences by the
-    job `dist`; every process raises the same UserError (rank 0 says it) when one of them
-    would not fit. CPU processes of a job on one machine (torchrun's LOCAL_WORLD_SIZE) share
-    its memory."""
+def check_model(
+    model: torch.nn.Module, cfg: TrainConfig, seq_len: int, dist: DistEnv, sequences: int = 1
+) -> StepMemory:
+    """The preflight for a GPT1 `model` trained with `cfg` on samples of `sequences` sequences
+    of `seq_len` tokens by the job `dist`; every process raises the same UserError (rank 0 says
+    it) when one of them would not fit. CPU processes of a job on one machine (torchrun's
+    LOCAL_WORLD_SIZE) share its memory."""
     micro, _ = batch_layout(cfg, dist.world_size)
     bf16 = autocast_dtype(cfg, dist.device) is not None
-    step = Step(model.config, seq_len, model.fused, bf16, dist.device.type, cfg.prefetch)
+    step = Step(model.config, seq_len, model.fused, bf16, dist.device.type, cfg.prefetch, sequences)
     on_device = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dist.device.type)
     share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.device.type == "cpu" else 1
     need, problem = step.peak(micro), None

@@ -147,3 +147,12 @@ def test_check_model_reads_the_run_s_settings(monkeypatch, tmp_path):
         UserError, match=rf"MB available \(MemAvailable, shared by 2 processes\); --micro-batch-size {fits} "
     ):
         memory.check_model(model, cfg, 32, DistEnv())
+
+
+def test_a_fine_tuning_sample_counts_each_of_its_sequences(monkeypatch):
+    config = GPT1Config.from_name("gpt1-tiny", vocab_size=256)
+    choices, single = Step(config, 64, True, False, "cpu", sequences=4), Step(config, 64, True, False, "cpu")
+    assert choices.peak(8).total == single.peak(32).total and choices.peak(8).batch == 8
+    monkeypatch.setattr(memory, "available", lambda device: (10**6, "MemAvailable"))
+    with pytest.raises(UserError, match="for 8 examples of 4 sequences of 64 tokens per forward"):
+        memory.preflight(choices, 8, 8, torch.device("cpu"))
