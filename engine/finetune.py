@@ -43,7 +43,7 @@ import torch
 from engine import cli
 from engine.data.records import Example
 from engine.data.tasks import DEFAULT_TASK, TASKS, Task, get_task
-from engine.data.transforms import Encoded, InputTransform, collate
+from engine.data.transforms import Encoded, InputReport, InputTransform, collate
 from engine.fileio import _fsync_dir, atomic_write, atomic_write_text, make_temp_dir
 from engine.inference.metrics import compute
 from engine.model.config import GPT1Config
@@ -489,6 +489,16 @@ def load_splits(task: Task, data_dir: Path | None, split: str, transform: InputT
     return [Split(name, ex, transform(ex)) for name, ex in task.load(data_dir, split).items()]
 
 
+def input_reports(train_split: Split, dev: list[Split], test: list[Split]) -> dict[str, InputReport]:
+    """{"train" / "dev" / "test" (+ " NAME" for a task's named sets): InputReport}."""
+    named = [("train", [train_split]), ("dev", dev), ("test", test)]
+    return {
+        kind if s.name == kind else f"{kind} {s.name}": InputReport.of(s.examples, [e.truncated for e in s.encoded])
+        for kind, splits in named
+        for s in splits
+    }
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -716,6 +726,9 @@ def _finetune(ns: argparse.Namespace, res: Resolved, dist: DistEnv) -> int:
         raise ValueError(f"task {task.name!r}: the training set has unlabelled examples")
     dev = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "dev", transform)
     test = load_splits(task, Path(fcfg.data_dir) if fcfg.data_dir else None, "test", transform)
+    for name, report in input_reports(train_split, dev, test).items():  # what the transformation cut, what is empty
+        if dist.is_main and (note := report.note(f"{name.split()[0]} examples", max_len)):
+            print(f"note: {name}: {note}", file=sys.stderr, flush=True)
     cfg = res.train or _resolve_train_config(fcfg, res.given_train, out, len(train_split.examples), dist.device)
     # Everything is read and checked: only now is the run directory written.
     if dist.is_main:
@@ -861,6 +874,7 @@ def _train(
         "init": source,
         "dev": res["dev"],
         "test": res["test"],
+        "inputs": {k: r.as_dict() for k, r in input_reports(train_split, dev, test).items()},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
