@@ -50,7 +50,7 @@ from engine.model.config import GPT1Config
 from engine.model.gpt1 import GPT1
 from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
 from engine.model.tokenizer import BPETokenizer
-from engine.training import checkpoint, run
+from engine.training import checkpoint, memory, run
 from engine.training import trainer as train
 from engine.training.config import TrainConfig
 from engine.training.distributed import DistEnv, resolve_device
@@ -730,6 +730,7 @@ def _finetune(ns: argparse.Namespace, res: Resolved, dist: DistEnv) -> int:
         if dist.is_main and (note := report.note(f"{name.split()[0]} examples", max_len)):
             print(f"note: {name}: {note}", file=sys.stderr, flush=True)
     cfg = res.train or _resolve_train_config(fcfg, res.given_train, out, len(train_split.examples), dist.device)
+    memory.check_model(body, cfg, max_len, dist, sequences=len(train_split.encoded[0].sequences))
     # Everything is read and checked: only now is the run directory written.
     if dist.is_main:
         _prepare_out(out, ns.overwrite, resume_from is not None, tokenizer)

@@ -38,7 +38,7 @@ from engine.cli import (
 )
 from engine.data.prepare import Corpus as _Corpus  # noqa: F401 (_load_tokenizer: imported from here by callers)
 from engine.data.prepare import prepare
-from engine.training import run
+from engine.training import memory, run
 from engine.training.checkpoint import (
     LOSS_PLOT,
     METRICS,
@@ -362,6 +362,7 @@ def _pretrain(pcfg: PretrainConfig, tcfg: TrainConfig, ns: Any, dist: Any) -> in
     if pcfg.epochs is not None and resume_from is None:
         tcfg = _epoch_steps(pcfg, tcfg, shards, ns.given_train)
     model = _model(pcfg, tcfg, tokenizer, ns.saved_model if resume_from else None)
+    memory.check_model(model, tcfg, pcfg.seq_len, dist)  # a step beyond the device's memory: one line, now
 
     # The run directory is written only now that every input checked out.
     if dist.is_main:

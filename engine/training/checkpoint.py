@@ -43,8 +43,10 @@ _STEP = re.compile(r"step_\d{8,}")
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "train_config.json"
 LOSS_PLOT = "loss.png"
-# Files whose presence means "this directory already holds a run".
-RUN_MARKERS = (RUN_CONFIG, CHECKPOINTS, METRICS, "model.safetensors")
+# Files whose presence means "this directory already holds a run": one that took an update.
+# A run that failed before its first one (out of memory, bad data) wrote only train_config.json
+# and tokenizer.json, nothing to resume or keep: its --out is reused without --overwrite.
+RUN_MARKERS = (CHECKPOINTS, METRICS, "model.safetensors")
 
 
 @dataclass
@@ -325,7 +327,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path |
 def clear_run_dir(out: str | Path) -> None:
     """Removes a previous run's files from `out` (for --overwrite); other files stay."""
     out = Path(out)
-    for name in RUN_MARKERS + (LOSS_PLOT, "config.json", "tokenizer.json", "samples.txt", "tensorboard"):
+    for name in RUN_MARKERS + (RUN_CONFIG, LOSS_PLOT, "config.json", "tokenizer.json", "samples.txt", "tensorboard"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)

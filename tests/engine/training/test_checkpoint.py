@@ -246,3 +246,16 @@ def test_a_full_disk_in_a_library_writer_is_one_line_naming_the_checkpoint(limit
     assert e.errno == errno.EFBIG and e.filename == str(ck.checkpoint_dir(tmp_path, 4))
     assert e.strerror == "File too large (writing checkpoint)" and failing in str(e.__cause__)
     assert names(tmp_path) == ["step_00000002"]  # nothing finished lost, no temporary left
+
+
+def test_a_run_that_never_took_an_update_does_not_hold_out(tmp_path):
+    """Issue 23: what a run writes before its first update (train_config.json, tokenizer.json)
+    is no run to protect: --out is reused without --overwrite; once it logged or saved, it is."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ck.RUN_CONFIG).write_text("{}")
+    (out / "tokenizer.json").write_text("{}")
+    assert ck.prepare_run_dir(out, resume=False, overwrite=False) is None
+    (out / ck.METRICS).write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="already holds a run"):
+        ck.prepare_run_dir(out, resume=False, overwrite=False)
