@@ -485,6 +485,7 @@ def _train(
     from engine.training.trainer import Trainer
 
     out, window = Path(tcfg.out), pcfg.seq_len + 1
+    V = shards.meta["vocab_size"]  # an id at or past it names its shard file (a file changed after opening)
 
     def loss_fn(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return m(batch[:, :-1], targets=batch[:, 1:]).loss
@@ -493,7 +494,13 @@ def _train(
         trainer: Trainer, max_windows: int | None = pcfg.eval_windows, prefix: str = "val"
     ) -> dict[str, float]:
         batches = eval_batches(
-            shards.val, window, micro, rank=dist.rank, world_size=dist.world_size, max_windows=max_windows
+            shards.val,
+            window,
+            micro,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            max_windows=max_windows,
+            vocab_size=V,
         )
         loss = trainer.eval_loss(batches)
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0))}
@@ -503,7 +510,9 @@ def _train(
         model,
         tcfg,
         loss_fn,
-        (EpochWindows if pcfg.epochs is not None else RandomWindows)(shards.train, window, tcfg.batch_size, tcfg.seed),
+        (EpochWindows if pcfg.epochs is not None else RandomWindows)(
+            shards.train, window, tcfg.batch_size, tcfg.seed, V
+        ),
         evaluate=evaluate,
         dist=dist,
         tokens_per_sample=pcfg.seq_len,
