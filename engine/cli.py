@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import sys
 import types
@@ -92,8 +93,8 @@ def dataclass_kwargs(cls: type, namespace: argparse.Namespace) -> dict[str, Any]
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Runs a CLI's main; a user error (bad value, missing file) becomes one line on stderr
     and exit code 2, an environment fault (any other OSError: disk full, read-only file
-    system, no permission) one line naming the file and exit code 1. GPT1_DEBUG=1 shows the
-    traceback instead."""
+    system, no permission; or an allocator's failure) one line naming the file or the
+    allocation and exit code 1. GPT1_DEBUG=1 shows the traceback instead."""
     try:
         return main(argv)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, UserError) as e:
@@ -107,6 +108,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
             raise
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError subclasses
+        line = out_of_memory_line(e)
+        if line is None or os.environ.get("GPT1_DEBUG") == "1":
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns)
         print("error: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -119,6 +126,27 @@ def os_error_line(e: OSError) -> str:
         other = f" -> {e.filename2}" if e.filename2 is not None else ""
         return f"{e.filename}{other}: {reason}"
     return reason
+
+
+def out_of_memory_line(e: BaseException) -> str | None:
+    """'out of memory: <what failed>; <what to do>' for an allocator's failure (torch's CPU
+    allocator, CUDA's, Python's MemoryError), else None."""
+    text = str(e)
+    asked = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if asked is not None:
+        what = f"the CPU allocator could not allocate {int(asked.group(1)) / 1e9:.1f} GB"
+    elif "DefaultCPUAllocator: can't allocate memory" in text:
+        what = "the CPU allocator could not allocate memory"
+    elif text.startswith("CUDA out of memory."):
+        what = ". ".join(text.split(". ")[:2])  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+    elif isinstance(e, MemoryError):
+        what = "MemoryError"
+    else:
+        return None
+    return (
+        f"out of memory: {what}; a smaller batch or model needs less "
+        "(training: --micro-batch-size keeps the batch, accumulating gradients)"
+    )
 
 
 class UserError(Exception):

@@ -3,17 +3,20 @@
 Temporaries are hidden names next to their target (``.NAME.<random>.tmp``, files and
 directories alike), so a killed process leaves only something recognisable as garbage
 (engine.training.checkpoint.clean_run_dir removes them). Files and directories made here honour
-the umask like ``open``/``mkdir`` do, not mkstemp's 0600 / mkdtemp's 0700. An OSError
-(disk full, read-only file system, permissions) propagates with the target's path in it.
+the umask like ``open``/``mkdir`` do, not mkstemp's 0600 / mkdtemp's 0700. A fault of the
+environment (disk full, read-only file system, permissions) propagates as an OSError with the
+target's path in it, also when a library's writer reported it as its own error type
+(safetensors' SafetensorError, torch.save's RuntimeError: see write_error).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 TMP_SUFFIX = ".tmp"
 
@@ -37,6 +40,31 @@ def with_path(error: OSError, path: str | Path) -> OSError:
     if error.filename is not None:
         return error
     return type(error)(error.errno, error.strerror or str(error), str(path))
+
+
+def write_error(error: BaseException, path: str | Path) -> OSError | None:
+    """The environment fault behind a writer's failure, naming `path`: the OSError itself or
+    one it was raised from, or the one a Rust writer (safetensors) names at the end of its
+    message ("... (os error 28)"); None when the failure is not the environment's."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return with_path(cause, path)
+        cause = cause.__cause__ or cause.__context__
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Adds `path` to an OSError raised inside that names no file (as a failed write() does)."""
+    try:
+        yield
+    except OSError as e:
+        raise with_path(e, path) from e
 
 
 def make_temp_dir(target: str | Path) -> Path:
@@ -70,8 +98,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
-    except OSError as e:
-        raise with_path(e, path) from e
+    except Exception as e:
+        fault = write_error(e, path)
+        if fault is None:
+            raise
+        raise fault from e
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -80,6 +111,41 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Calls write(tmp_path), then atomically moves the result to `path`."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def atomic_write_stream(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Calls write(file) on a temporary file open for binary writing, then atomically moves it
+    to `path`. An OSError from the file is what fails, even when the writer caught it and raised
+    its own error instead (torch.save(obj, f) reports a full disk as "unexpected pos")."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        recording = _Recording(f)
+        try:
+            write(recording)
+        except Exception:
+            if recording.error is None:
+                raise
+            raise recording.error from None
+
+
+class _Recording:
+    """A binary file that keeps the first OSError its writes raised."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

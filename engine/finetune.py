@@ -41,7 +41,7 @@ import torch
 from engine import cli
 from engine.data.splits import ExampleBatches, load_splits
 from engine.data.tasks import DEFAULT_TASK, TASKS, Task, get_task
-from engine.data.transforms import InputTransform
+from engine.data.transforms import InputReport, InputTransform
 from engine.fileio import atomic_write_text
 from engine.inference.tasks import METRICS_FILE, RunEvaluation, Scorer, summary
 from engine.model.config import GPT1Config
@@ -57,6 +57,7 @@ from engine.model.finetuned import (
 from engine.model.gpt1 import GPT1, load_pretrained
 from engine.model.heads import GPT1ForTask, TaskHead, add_task_tokens
 from engine.model.tokenizer import BPETokenizer, load_tokenizer
+from engine.training import memory
 from engine.training.checkpoint import LOSS_PLOT, RUN_CONFIG, WeightsIO
 from engine.training.config import TrainConfig
 from engine.training.flops import flops_per_token
@@ -352,6 +353,9 @@ class Finetuning(Recipe):
             raise ValueError(f"--max-len {fcfg.max_len} exceeds the model's n_positions ({body.config.n_positions})")
         self.max_len = fcfg.max_len or body.config.n_positions
         self._data()
+        for name, report in self.input_reports().items():  # what the transformation cut, what is empty
+            if run.dist.is_main and (note := report.note(f"{name.split()[0]} examples", self.max_len)):
+                print(f"note: {name}: {note}", file=sys.stderr, flush=True)
         n_train = len(self.train_split.examples)
         self.train = self.train or _resolve_train_config(fcfg, self.given_train, run.out, n_train, run.dist.device)
         head = TaskHead(
@@ -370,6 +374,20 @@ class Finetuning(Recipe):
             raise ValueError(f"task {self.task.name!r}: the training set has unlabelled examples")
         self.dev = load_splits(self.task, data_dir, "dev", transform)
         self.test = load_splits(self.task, data_dir, "test", transform)
+
+    def input_reports(self) -> dict[str, InputReport]:
+        """{"train" / "dev" / "test" (+ " NAME" for a task's named sets): what the input transformation
+        cut and which examples are empty}."""
+        named = [("train", [self.train_split]), ("dev", self.dev), ("test", self.test)]
+        return {
+            kind if s.name == kind else f"{kind} {s.name}": InputReport.of(s.examples, [e.truncated for e in s.encoded])
+            for kind, splits in named
+            for s in splits
+        }
+
+    def check_memory(self, run: Run) -> None:
+        sequences = len(self.train_split.encoded[0].sequences)  # both orders of a pair, one per choice
+        memory.check_model(self.model.body, self.train, self.max_len, run.dist, sequences)
 
     def _new_body(self) -> GPT1:
         """--init's body (all or --n-transfer of its blocks) or a random one, with its
@@ -542,6 +560,7 @@ class Finetuning(Recipe):
             "init": self.source,
             "dev": res["dev"],
             "test": res["test"],
+            "inputs": {k: r.as_dict() for k, r in self.input_reports().items()},
             "wall_s": round(time.perf_counter() - self.t0, 1),
         }
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")

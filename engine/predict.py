@@ -9,7 +9,8 @@ From Python:
     from engine.predict import Predictor
     predictor = Predictor.from_run("runs/finetune-rte", device="cpu")
     predictor.predict([{"text": "A man sleeps.", "text_pair": "Nobody is asleep."}])
-    # [{"id": "0", "prediction": "not_entailment", "probabilities": {"entailment": 0.2, "not_entailment": 0.8}}]
+    # [{"id": "0", "prediction": "not_entailment", "probabilities": {"entailment": 0.2, "not_entailment": 0.8},
+    #   "truncated_tokens": 0}]
 
 RUN is what `python -m engine.finetune` writes (config.json + model.safetensors +
 head.safetensors + tokenizer.json + task.json). Examples go through the run's own input
@@ -26,9 +27,11 @@ with an optional "id" (echoed; default: the line number, or the index in Python)
 optional "label" (ignored). A .tsv file is read as the test file of the run's GLUE task
 (header row, GLUE's column names; e.g. SST-2's index, sentence).
 
-Output, one JSON object per example: {"id", "prediction", "probabilities"}: the label name and
-{label: p} for classification, entailment and similarity; the choice index and a list of
-probabilities for multiple choice; {"id", "prediction"} with the score for regression.
+Output, one JSON object per example: {"id", "prediction", "probabilities", "truncated_tokens"}:
+the label name and {label: p} for classification, entailment and similarity; the choice index
+and a list of probabilities for multiple choice; no probabilities, the score, for regression.
+truncated_tokens: how many tokens the input lost to max_len (0 when it fit); the CLI also says
+on stderr how many inputs were cut (engine.data.transforms.InputReport).
 
 --export-hf DIR writes the run for transformers (engine.model.hf_export), with the same
 predictions: multiple choice as OpenAIGPTDoubleHeadsModel, the other kinds as
@@ -51,7 +54,7 @@ import torch
 
 from engine.cli import ArgumentParser, run_cli
 from engine.data.records import Example, fail, jsonl_rows
-from engine.data.transforms import Batch, Encoded, InputTransform, collate
+from engine.data.transforms import Batch, Encoded, InputReport, InputTransform, collate
 from engine.inference.runs import add_runtime_args, inference_device, run_dir
 from engine.model.finetuned import load_finetuned
 from engine.model.heads import GPT1ForTask
@@ -198,8 +201,12 @@ class Predictor:
         examples = self.examples(items)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        outs = self.scores(self.encode(examples), batch_size)
-        return [self._result(ex.uid, out) for ex, out in zip(examples, outs)]
+        encoded = self.encode(examples)
+        outs = self.scores(encoded, batch_size)
+        return [
+            {**self._result(ex.uid, out), "truncated_tokens": enc.truncated}
+            for ex, enc, out in zip(examples, encoded, outs)
+        ]
 
     def _result(self, uid: str, out: torch.Tensor) -> dict[str, Any]:
         if self.kind == "regression":
@@ -258,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     predictor = Predictor.from_run(args.run, args.device, args.fused)
     if args.input is not None:
-        results = predictor.predict(read_input(Path(args.input), predictor.kind, predictor.task), args.batch_size)
+        examples = read_input(Path(args.input), predictor.kind, predictor.task)
+        results = predictor.predict(examples, args.batch_size)
         _write_results(results, args.output)
+        note = InputReport.of(examples, [r["truncated_tokens"] for r in results]).note("inputs", predictor.max_len)
+        if note is not None:
+            print(f"note: {note}", file=sys.stderr)
     if args.export_hf is not None:
         name = predictor.export_hf(args.export_hf)
         print(f"wrote {args.export_hf} ({name}; load with transformers.{name}.from_pretrained)", file=sys.stderr)

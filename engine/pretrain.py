@@ -34,6 +34,7 @@ from engine.data.shards import default_cache_dir
 from engine.model.config import GPT1Config
 from engine.model.gpt1 import GPT1, load_pretrained
 from engine.model.tokenizer import BPETokenizer, load_tokenizer
+from engine.training import memory
 from engine.training.checkpoint import LOSS_PLOT, METRICS, RUN_CONFIG
 from engine.training.config import TrainConfig
 from engine.training.distributed import batch_layout, resolve_device
@@ -454,10 +455,19 @@ class Pretraining(Recipe):
 
         cfg, mcfg, seq = self.train, self.model.config, self.config.seq_len
         windows = (EpochWindows if self.config.epochs is not None else RandomWindows)(
-            self.shards.train, seq + 1, cfg.batch_size, cfg.seed
+            self.shards.train, seq + 1, cfg.batch_size, cfg.seed, self.vocab_size
         )
         flops = flops_per_token(_n_params(self.model), mcfg.n_layer, mcfg.n_embd, seq)
         return Job(self.loss, windows, evaluate=self.evaluate, tokens_per_sample=seq, flops_per_token=flops)
+
+    @property
+    def vocab_size(self) -> int:
+        """The shards' vocabulary: a token id at or past it names its shard file and offset (a file
+        changed after it was opened)."""
+        return self.shards.meta["vocab_size"]
+
+    def check_memory(self, run: Run) -> None:
+        memory.check_model(self.model, self.train, self.config.seq_len, run.dist)
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -478,6 +488,7 @@ class Pretraining(Recipe):
             rank=dist.rank,
             world_size=dist.world_size,
             max_windows=max_windows,
+            vocab_size=self.vocab_size,
         )
         loss = trainer.eval_loss(batches)
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0))}

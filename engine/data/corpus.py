@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from engine.data.records import json_problem
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
 
@@ -213,9 +215,9 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
 
 def _jsonl_document(path: Path, n: int, line: str, field: str) -> Document:
     try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip("\r\n"))  # a column past the line's end would point nowhere
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+        raise ValueError(f"{path}:{n} is not valid JSON ({json_problem(e)})") from None
     if not isinstance(record, dict) or field not in record:
         raise ValueError(f"{path}:{n} has no {field!r} field (set --text-field)")
     value = record[field]

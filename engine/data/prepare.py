@@ -133,13 +133,17 @@ class Corpus:
 
     def tokenizer(self, cache: Path, say: Callable[..., None]) -> tuple[Any, str]:
         """(tokenizer, a note on where it came from): --tokenizer, else the cached BPE, else
-        a BPE trained now on the training split and cached."""
+        a BPE trained now on the training split and cached (also in place of a cached one
+        that no longer loads: BPE training is reproducible)."""
         spec = self.pcfg.tokenizer
         if spec is not None:
             return load_tokenizer(spec, self.pcfg.tokenizer_mode, "--tokenizer"), f"loaded from {' + '.join(spec)}"
         path = self.tokenizer_path(cache)
         if path.is_file():
-            return BPETokenizer.load(path), f"BPE trained on the training split (cached: {path})"
+            try:
+                return BPETokenizer.load(path), f"BPE trained on the training split (cached: {path})"
+            except ValueError:  # replaced below, atomically
+                say(f"cached tokenizer {path} is incomplete or damaged: retraining")
         say(f"training a {self.pcfg.vocab_size}-token BPE tokenizer on the training split ...")
         tok = BPETokenizer.train(texts=self.train_texts, vocab_size=self.pcfg.vocab_size)
         tok.save(path)

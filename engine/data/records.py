@@ -147,11 +147,20 @@ def csv_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[str
         raise fail(path, reader.line_num, f"malformed CSV ({e})") from None
 
 
+def json_problem(e: json.JSONDecodeError) -> str:
+    """json's message with its column ("expecting value at column 5"): e.msg alone stops at
+    "... at"; a raw control character gets what to do about it."""
+    text = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+    if e.msg.startswith("Invalid control character"):
+        text += ": a tab, newline or other control character inside a string must be escaped, e.g. \\t"
+    return text[0].lower() + text[1:]
+
+
 def json_file(path: Path) -> object:
     try:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise fail(path, e.lineno, f"not valid JSON ({e.msg})") from None
+        raise fail(path, e.lineno, f"not valid JSON ({json_problem(e)})") from None
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -159,9 +168,9 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.removesuffix("\r"))
         except json.JSONDecodeError as e:
-            raise fail(path, n, f"not a JSON object ({e.msg})") from None
+            raise fail(path, n, f"not a JSON object ({json_problem(e)})") from None
         if not isinstance(row, dict):
             raise fail(path, n, f"expected a JSON object, got {type(row).__name__}")
         yield n, row

@@ -2,7 +2,8 @@
 
     <cache>/shards/<key>/train.bin, val.bin   token ids (uint16, or uint32 past 65,536 tokens),
                                               units back to back in corpus order
-    <cache>/shards/<key>/meta.json            counts, vocabulary size, dtype, unigram statistics
+    <cache>/shards/<key>/meta.json            counts, vocabulary size, dtype, unigram statistics,
+                                              each file's digests and largest token id
 
 The key hashes everything the tokens depend on: each corpus file's path, size and mtime,
 the split, the JSONL text field and the tokenizer itself; a changed file or tokenizer gives
@@ -15,6 +16,10 @@ CHECKPOINT_BYTES of text: a build that is killed continues from its last record 
 call. The finished directory is renamed into place, so a half-built one is never used. One
 build at a time per cache (a lock file), which also makes it safe to remove what killed builds
 of other keys left behind.
+
+Opening an entry checks it whole (engine.data.integrity: sizes, then every byte against the
+digests recorded at build time). One that is incomplete or changed is never used: under the
+lock it is named in one line and rebuilt in its place.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from engine.fileio import atomic_write_text, fsync_dir
+from engine.data.integrity import DIGEST_BYTES, DamagedShards, FileRecord, check_file
+from engine.fileio import atomic_write_text, fsync_dir, naming
 
 SHARD_VERSION = 1  # unchanged by streaming: the same inputs give the same bytes as before
 MAX_VOCAB = 2**32  # uint32 ids
@@ -141,24 +147,53 @@ class TokenShards:
 
 
 def open_shards(directory: Path) -> TokenShards | None:
-    """The shards in `directory`, or None when it is not a complete shard directory."""
+    """The shards in `directory`, their bytes checked against what the build recorded
+    (engine.data.integrity); None when there is no such directory; DamagedShards saying what
+    is wrong when it is incomplete or its content changed."""
+    if not os.path.lexists(directory):
+        return None
+    meta = _read_meta(directory)
+    record = meta.get("integrity")
+    if not isinstance(record, dict) or not isinstance(record.get("block_bytes"), int) or record["block_bytes"] < 1:
+        raise DamagedShards("meta.json records no digests (it was written before they existed)")
+    for split in ("train", "val"):
+        path = directory / f"{split}.bin"
+        n = meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize
+        if not path.is_file():
+            raise DamagedShards(f"{path.name} is missing")
+        if path.stat().st_size != n:
+            raise DamagedShards(f"{path.name} has {path.stat().st_size:,} bytes, meta.json records {n:,}")
+        entry = record.get(path.name)
+        if not isinstance(entry, dict):
+            raise DamagedShards(f"meta.json records no digests of {path.name}")
+        check_file(path, entry, record["block_bytes"], meta["vocab_size"])
+    return _mapped(directory, meta)
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    """meta.json with the fields opening needs, well typed; DamagedShards otherwise."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        dtype = np.dtype(meta.get("dtype", "uint16"))
-    except (json.JSONDecodeError, OSError, TypeError):
-        return None
-    if dtype not in (np.uint16, np.uint32):
-        return None
-    arrays = [_map(directory / f"{split}.bin", dtype, meta.get(f"{split}_tokens")) for split in ("train", "val")]
-    if any(a is None for a in arrays):
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        raise DamagedShards("meta.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DamagedShards("meta.json is not valid JSON") from None
+    ints = ("train_tokens", "val_tokens", "vocab_size")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in ints):
+        raise DamagedShards(f"meta.json lacks one of {', '.join(ints)}")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise DamagedShards(f"meta.json's dtype {meta.get('dtype')!r} is not uint16 or uint32")
+    return meta
+
+
+def _mapped(directory: Path, meta: dict[str, Any]) -> TokenShards:
+    dtype = np.dtype(meta["dtype"])
+    arrays = []
+    for split in ("train", "val"):
+        n = meta[f"{split}_tokens"]
+        path = directory / f"{split}.bin"
+        arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype))
     return TokenShards(directory, arrays[0], arrays[1], meta)
-
-
-def _map(path: Path, dtype: np.dtype, n: Any) -> np.ndarray | None:
-    if not path.is_file() or not isinstance(n, int) or path.stat().st_size != n * dtype.itemsize:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
 
 
 def load_or_build_shards(
@@ -177,11 +212,17 @@ def load_or_build_shards(
     token_dtype(tokenizer.vocab_size)
     key = cache_key({**key_parts, "tokenizer": tokenizer_digest(tokenizer)})
     directory = cache_dir / "shards" / key
-    shards = open_shards(directory)
-    if shards is not None:
-        return shards, False
+    with contextlib.suppress(DamagedShards):  # looked at again under the lock
+        shards = open_shards(directory)
+        if shards is not None:
+            return shards, False
     with _build_lock(directory.parent, say):
-        shards = open_shards(directory)  # built by whoever held the lock before us
+        try:
+            shards = open_shards(directory)  # built (or healed) by whoever held the lock before us
+        except DamagedShards as e:
+            say(f"cached shards in {directory} are incomplete or damaged ({e}): rebuilding")
+            discard(directory)
+            shards = None
         if shards is not None:
             return shards, False
         for p in remove_leftovers(directory.parent, keep=directory.name):
@@ -215,11 +256,23 @@ def _build_lock(shard_root: Path, say: Callable[[str], None]) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def discard(directory: Path) -> None:
+    """Removes a damaged cache entry: renamed to a hidden `.<key>.<random>.tmp` first, so a
+    kill mid-removal leaves only what remove_leftovers clears, never a half-deleted entry."""
+    trash = directory.with_name(f".{directory.name}.{os.urandom(4).hex()}.tmp")
+    os.replace(directory, trash)
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash)
+    else:
+        trash.unlink()
+
+
 def remove_leftovers(shard_root: Path, keep: str) -> list[Path]:
-    """Removes what killed builds left: `.<key>.*.tmp` directories (from before builds were
-    resumable) and the `.<key>.partial` ones of keys other than `keep` (only a build of its
-    own key resumes a partial one; a changed file or tokenizer never does). Call under the
-    build lock, so that none of them is in use. Returns what was removed."""
+    """Removes what killed builds left: `.<key>.*.tmp` directories (damaged entries being
+    discarded, or builds from before they were resumable) and the `.<key>.partial` ones of
+    keys other than `keep` (only a build of its own key resumes a partial one; a changed
+    file or tokenizer never does). Call under the build lock, so that none of them is in
+    use. Returns what was removed."""
     removed = []
     for p in shard_root.glob(".*"):
         if p.is_dir() and (p.name.endswith(".tmp") or (p.name.endswith(".partial") and p.name != f".{keep}.partial")):
@@ -235,8 +288,9 @@ def build_shards(
     dtype = token_dtype(tokenizer.vocab_size)
     partial = directory.parent / f".{directory.name}.partial"
     while True:
-        state = _resume_state(partial, source.plan, dtype)
-        _stream(partial, source, tokenizer, dtype, state, progress)
+        with naming(partial):  # the files name themselves; this names what else fails
+            state = _resume_state(partial, source.plan, dtype)
+            _stream(partial, source, tokenizer, dtype, state, progress)
         replacement = source.finish()
         if replacement is None:
             break
@@ -248,9 +302,7 @@ def build_shards(
     fsync_dir(partial)
     os.replace(partial, directory)
     fsync_dir(directory.parent)
-    shards = open_shards(directory)
-    assert shards is not None, f"shards at {directory} unreadable right after writing"
-    return shards
+    return _mapped(directory, meta)
 
 
 def _resume_state(partial: Path, plan: str, dtype: np.dtype) -> dict[str, Any]:
@@ -349,7 +401,8 @@ def _write_batch(
         sides[batch[owner][0]].append(ids)
     for is_val, (f, id_lists) in enumerate(zip(files, sides)):
         n = sum(map(len, id_lists))
-        f.write(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype, count=n).tobytes())
+        with naming(f.name):
+            f.write(np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype, count=n).tobytes())
         name = "val" if is_val else "train"
         state[f"{name}_tokens"] += n
         state[f"{name}_units"] += sum(1 for v, _ in batch if v == bool(is_val))
@@ -378,25 +431,31 @@ def split_at_lines(text: str, size: int) -> list[str]:
 def _record(partial: Path, state: dict[str, Any], files: tuple[Any, Any]) -> None:
     """Makes the tokens written so far durable, then says so (progress.json)."""
     for f in files:
-        f.flush()
-        os.fsync(f.fileno())
+        with naming(f.name):
+            f.flush()
+            os.fsync(f.fileno())
     atomic_write_text(partial / "progress.json", json.dumps(state) + "\n")
 
 
 def _meta(
     partial: Path, state: dict[str, Any], vocab_size: int, dtype: np.dtype, source: dict[str, Any]
 ) -> dict[str, Any]:
-    """meta.json's content: counts and the unigram statistics, read back from the files."""
+    """meta.json's content: counts, the unigram statistics and each file's integrity record
+    (engine.data.integrity), read back from the files in one pass each."""
     n_train, n_val = state["train_tokens"], state["val_tokens"]
     if n_train == 0:
         raise ValueError("the training split holds no tokens after tokenisation")
+    records = {name: FileRecord(DIGEST_BYTES) for name in ("train.bin", "val.bin")}
     counts = np.zeros(vocab_size, dtype=np.int64)
     for chunk in _chunks(partial / "train.bin", dtype):
+        records["train.bin"].add(chunk)
         counts += np.bincount(chunk, minlength=vocab_size)
     p = counts[counts > 0] / n_train
     q = (counts + 1) / (n_train + vocab_size)
-    # One chunk sums exactly as numpy's mean of the whole did before the stream.
-    log_q = sum(float(np.log(q[chunk]).sum()) for chunk in _chunks(partial / "val.bin", dtype))
+    log_q = 0.0  # one chunk sums exactly as numpy's mean of the whole did before the stream
+    for chunk in _chunks(partial / "val.bin", dtype):
+        records["val.bin"].add(chunk)
+        log_q += float(np.log(q[chunk]).sum())
     return {
         "version": SHARD_VERSION,
         "train_tokens": n_train,
@@ -408,6 +467,7 @@ def _meta(
         "unigram_entropy": float(-(p * np.log(p)).sum()),
         "val_unigram_cross_entropy": -log_q / n_val if n_val else math.nan,
         "source": source,
+        "integrity": {"block_bytes": DIGEST_BYTES, **{name: r.result() for name, r in records.items()}},
     }
 
 

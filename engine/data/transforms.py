@@ -10,8 +10,11 @@ the extract token, whose final hidden state the task head reads.
 
 Too long for the context: tokens come off the end of the longest segment, one at a time (on a
 tie, the earlier segment loses first) until the sequence fits; the special tokens are never
-dropped. Sequences are right-padded with the pad token: under causal attention a pad after
-the extract token cannot change it, and pads get LM label -100, so no attention mask is needed.
+dropped. Each encoded example says how many tokens it lost (``Encoded.truncated``), and
+``InputReport`` sums that up with the examples whose text is empty (kept: they are read from
+the special tokens alone) into the note the CLIs print. Sequences are right-padded with the
+pad token: under causal attention a pad after the extract token cannot change it, and pads get
+LM label -100, so no attention mask is needed.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def truncate_longest_first(segments: Sequence[Sequence[int]], budget: int) -> li
     return [list(s[: keep.get(i, len(s))]) for i, s in enumerate(segments)]
 
 
+def n_specials(kind: str) -> int:
+    """Special tokens in each sequence of `kind`: start, [delimiter,] extract."""
+    return 2 if kind == "classification" else 3
+
+
 def transform(
     kind: str,
     segments: Sequence[Sequence[int]],
@@ -75,7 +83,7 @@ def transform(
         raise ValueError(
             f"a {kind} example has {want} text segment(s) and no choices, got {len(segments)} and {len(choices)}"
         )
-    specials = 2 if single else 3  # start, [delim,] extract
+    specials = n_specials(kind)
     if max_len < specials + 1:
         raise ValueError(f"max_len {max_len} leaves no room for text after {specials} special tokens")
     budget = max_len - specials
@@ -99,10 +107,12 @@ def transform(
 
 @dataclass(frozen=True)
 class Encoded:
-    """One example after the transformation: S sequences (1, the 2 orders, or one per choice)."""
+    """One example after the transformation: S sequences (1, the 2 orders, or one per choice);
+    `truncated`: tokens cut to fit max_len (the most any of its sequences lost)."""
 
     sequences: tuple[tuple[int, ...], ...]
     label: int | float | None
+    truncated: int = 0
 
 
 class InputTransform:
@@ -118,18 +128,61 @@ class InputTransform:
     def __call__(self, examples: Sequence[Example]) -> list[Encoded]:
         texts = sorted({t for ex in examples for t in (*ex.segments, *ex.choices)})
         ids = dict(zip(texts, self.tokenizer.encode_batch(texts)))  # each distinct text once (RACE articles repeat)
-        return [
-            Encoded(
-                tuple(
-                    tuple(s)
-                    for s in transform(
-                        self.kind, [ids[t] for t in ex.segments], [ids[t] for t in ex.choices], self.sp, self.max_len
-                    )
-                ),
-                ex.label,
+        return [self._encode([ids[t] for t in ex.segments], [ids[t] for t in ex.choices], ex.label) for ex in examples]
+
+    def _encode(self, segments: list[list[int]], choices: list[list[int]], label: int | float | None) -> Encoded:
+        sequences = transform(self.kind, segments, choices, self.sp, self.max_len)
+        text = sum(map(len, segments))
+        wanted = [text + len(c) for c in choices] if choices else [text] * len(sequences)
+        cut = max(w + n_specials(self.kind) - len(s) for w, s in zip(wanted, sequences))
+        return Encoded(tuple(tuple(s) for s in sequences), label, cut)
+
+
+@dataclass(frozen=True)
+class InputReport:
+    """What the transformation did to a set of examples: how many were cut to max_len and by
+    how much, and which have an empty text (a segment or choice of whitespace only), which are
+    counted and kept, not refused (a GLUE test set needs a prediction for every id)."""
+
+    examples: int
+    truncated: int  # examples cut
+    tokens_cut: int  # in all
+    most_cut: int  # from one example
+    empty: tuple[str, ...]  # uids
+
+    @classmethod
+    def of(cls, examples: Sequence[Example], cut: Sequence[int]) -> "InputReport":
+        """`cut`: tokens cut from each example (Encoded.truncated)."""
+        empty = tuple(ex.uid for ex in examples if not all(t.strip() for t in (*ex.segments, *ex.choices)))
+        return cls(len(examples), sum(c > 0 for c in cut), sum(cut), max(cut, default=0), empty)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "examples": self.examples,
+            "truncated": self.truncated,
+            "tokens_cut": self.tokens_cut,
+            "most_cut": self.most_cut,
+            "empty": len(self.empty),
+        }
+
+    def note(self, what: str, max_len: int) -> str | None:
+        """One line for stderr ("2 of 9 inputs are longer ..."), or None when nothing happened."""
+        parts = []
+        if self.truncated:
+            are = "is" if self.truncated == 1 else "are"
+            parts.append(
+                f"{self.truncated:,} of {self.examples:,} {what} {are} longer than max_len {max_len} and "
+                f"{'was' if are == 'is' else 'were'} cut to it (by up to {self.most_cut:,} tokens, "
+                f"{self.tokens_cut:,} in all; the end of the longest text goes first)"
             )
-            for ex in examples
-        ]
+        if self.empty:
+            shown = ", ".join(self.empty[:3]) + (", ..." if len(self.empty) > 3 else "")
+            has = "has" if len(self.empty) == 1 else "have"
+            parts.append(
+                f"{len(self.empty):,} of {self.examples:,} {what} {has} an empty text ({shown}): "
+                "kept, read from the special tokens alone"
+            )
+        return "; ".join(parts) or None
 
 
 @dataclass

@@ -9,6 +9,7 @@ interrupted one would have.
 
 from __future__ import annotations
 
+import errno
 from typing import Iterator
 
 import numpy as np
@@ -24,10 +25,22 @@ def check_length(tokens: np.ndarray, window: int, split: str) -> None:
         )
 
 
-def gather(tokens: np.ndarray, starts: np.ndarray, window: int) -> Tensor:
-    """(len(starts), window) int64 tensor of tokens[s : s + window] for each start."""
+def gather(tokens: np.ndarray, starts: np.ndarray, window: int, vocab_size: int | None = None) -> Tensor:
+    """(len(starts), window) int64 tensor of tokens[s : s + window] for each start. An id of
+    `vocab_size` or more is an OSError naming the shard file and offset: the file changed after
+    it was opened (opening a cache entry checks its bytes, engine.data.integrity)."""
     idx = starts[:, None] + np.arange(window)[None, :]
-    return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    batch = np.asarray(tokens[idx], dtype=np.int64)
+    if vocab_size is not None and batch.size and batch.max() >= vocab_size:
+        at = int(idx.flat[np.argmax(batch >= vocab_size)])
+        raise OSError(
+            errno.EIO,
+            f"token id {int(tokens[at])} at token {at:,} (byte {at * tokens.itemsize:,}) is outside the "
+            f"vocabulary of {vocab_size}: the file changed after the run opened it; rerun the command "
+            "(opening the cache checks every shard and rebuilds a damaged one)",
+            str(tokens.filename) if getattr(tokens, "filename", None) else None,
+        )
+    return torch.from_numpy(batch)
 
 
 class RandomWindows:
@@ -35,11 +48,13 @@ class RandomWindows:
     drawn uniformly from [0, len - window] by PCG64 seeded with (seed, step).
 
     Called as ``windows(step, start, count)`` (engine.training.trainer's BatchFn): samples
-    [start, start + count) of that update, shape (count, window)."""
+    [start, start + count) of that update, shape (count, window). `vocab_size`: ids at or past
+    it are an error naming the file (see gather)."""
 
-    def __init__(self, tokens: np.ndarray, window: int, batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, window: int, batch_size: int, seed: int, vocab_size: int | None = None):
         check_length(tokens, window, "training")
         self.tokens, self.window, self.batch_size, self.seed = tokens, window, batch_size, seed
+        self.vocab_size = vocab_size
 
     def offsets(self, step: int) -> np.ndarray:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step])))
@@ -48,7 +63,7 @@ class RandomWindows:
     def __call__(self, step: int, start: int, count: int) -> Tensor:
         if start < 0 or count < 0 or start + count > self.batch_size:
             raise ValueError(f"samples [{start}, {start + count}) outside the batch of {self.batch_size}")
-        return gather(self.tokens, self.offsets(step)[start : start + count], self.window)
+        return gather(self.tokens, self.offsets(step)[start : start + count], self.window, self.vocab_size)
 
 
 class EpochWindows:
@@ -58,9 +73,10 @@ class EpochWindows:
     (update i // batch_size) is window perm_e[i mod n] of epoch e = i // n: a pure function of
     (step, sample), so resuming mid-epoch reads exactly what the interrupted run would have."""
 
-    def __init__(self, tokens: np.ndarray, window: int, batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, window: int, batch_size: int, seed: int, vocab_size: int | None = None):
         check_length(tokens, window, "training")
         self.tokens, self.window, self.batch_size, self.seed = tokens, window, batch_size, seed
+        self.vocab_size = vocab_size
         self.starts = eval_starts(len(tokens), window)
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -87,7 +103,7 @@ class EpochWindows:
         for epoch in np.unique(idx // n):
             here = idx // n == epoch
             picked[here] = self.starts[self.order(int(epoch))[idx[here] % n]]
-        return gather(self.tokens, picked, self.window)
+        return gather(self.tokens, picked, self.window, self.vocab_size)
 
 
 def eval_starts(n_tokens: int, window: int, max_windows: int | None = None) -> np.ndarray:
@@ -107,10 +123,11 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     max_windows: int | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[Tensor]:
     """Validation batches (batch_size, window): process `rank` takes every world_size-th
     window of `eval_starts`, so processes together cover each window once."""
     check_length(tokens, window, "validation")
     starts = eval_starts(len(tokens), window, max_windows)[rank::world_size]
     for i in range(0, len(starts), batch_size):
-        yield gather(tokens, starts[i : i + batch_size], window)
+        yield gather(tokens, starts[i : i + batch_size], window, vocab_size)

@@ -28,6 +28,7 @@ from engine.cli import UserError
 from engine.fileio import (
     TMP_SUFFIX,
     atomic_write,
+    atomic_write_stream,
     atomic_write_text,
     fsync_dir,
     make_temp_dir,
@@ -42,8 +43,10 @@ _STEP = re.compile(r"step_\d{8,}")
 METRICS = "metrics.jsonl"
 RUN_CONFIG = "train_config.json"
 LOSS_PLOT = "loss.png"
-# Files whose presence means "this directory already holds a run".
-RUN_MARKERS = (RUN_CONFIG, CHECKPOINTS, METRICS, "model.safetensors")
+# Files whose presence means "this directory already holds a run": one that took an update.
+# A run that failed before its first one (out of memory, bad data) wrote only train_config.json
+# and tokenizer.json, nothing to resume or keep: its --out is reused without --overwrite.
+RUN_MARKERS = (CHECKPOINTS, METRICS, "model.safetensors")
 
 
 @dataclass
@@ -121,7 +124,7 @@ def save_checkpoint(
         raise with_path(e, final) from e
     try:
         write_weights(tmp)
-        atomic_write(tmp / TRAINER_STATE, lambda p: torch.save(state, p))
+        atomic_write_stream(tmp / TRAINER_STATE, lambda f: torch.save(state, f))  # a full disk stays an OSError
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"step": step, "good": good, "bad_steps": int(state.get("bad_steps", 0)), "files": files}
         atomic_write_text(tmp / CHECKPOINT_META, json.dumps(meta, indent=1) + "\n")
@@ -324,7 +327,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path |
 def clear_run_dir(out: str | Path) -> None:
     """Removes a previous run's files from `out` (for --overwrite); other files stay."""
     out = Path(out)
-    for name in RUN_MARKERS + (LOSS_PLOT, "config.json", "tokenizer.json", "samples.txt", "tensorboard"):
+    for name in RUN_MARKERS + (RUN_CONFIG, LOSS_PLOT, "config.json", "tokenizer.json", "samples.txt", "tensorboard"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)

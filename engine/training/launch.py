@@ -152,6 +152,11 @@ class Recipe(abc.ABC):
         """The header's rows about the model and the data: (name, text)."""
 
     @abc.abstractmethod
+    def check_memory(self, run: Run) -> None:
+        """Every rank, after build() and before anything is written: refuse, in one line, a training
+        step beyond the device's memory (engine.training.memory.check_model with the sample's shape)."""
+
+    @abc.abstractmethod
     def job(self, run: Run) -> Job:
         """The loss, the batches and the evaluation the Trainer runs."""
 
@@ -180,7 +185,7 @@ def _launch(recipe: Recipe, run: Run) -> int:
     check_fused(recipe.fused, run.dist.device)
     recipe.build(run)
     layout, job = batch_layout(recipe.train, run.dist.world_size), recipe.job(run)
-    # Model, batch layout and job are known and nothing is written yet: the place for checks of the whole run.
+    recipe.check_memory(run)  # model, batch layout and job are known, nothing is written yet
     if run.dist.is_main:
         _write_run_dir(recipe, run)
     run.dist.barrier()

@@ -59,3 +59,35 @@ def test_a_read_only_file_system_at_the_rename_leaves_no_temp(tmp_path, monkeypa
     with pytest.raises(OSError, match="Read-only file system.*x.json"):
         fileio.atomic_write_text(tmp_path / "x.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_a_library_writer_that_hides_the_os_error_still_names_the_file(writer, tmp_path):
+    """Issue 23, fault 4: safetensors reports a full disk as SafetensorError and torch.save as
+    RuntimeError('unexpected pos ...'): a traceback instead of one line naming the file."""
+    from faults import file_size_limit
+    from safetensors.torch import save_file
+
+    target = tmp_path / "big.bin"
+    tensors = {"x": torch.zeros(64 << 10)}  # 256 KiB
+    with file_size_limit(64 << 10), pytest.raises(OSError) as caught:
+        if writer == "safetensors":
+            fileio.atomic_write(target, lambda tmp: save_file(tensors, str(tmp)))
+        else:
+            fileio.atomic_write_stream(target, lambda f: torch.save(tensors, f))
+    assert caught.value.errno == errno.EFBIG and caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []  # no temporary left
+    fileio.atomic_write_stream(target, lambda f: torch.save(tensors, f))  # the limit lifted
+    assert torch.equal(torch.load(target, weights_only=True)["x"], tensors["x"])
+
+
+def test_a_writer_s_own_mistakes_are_not_made_environment_faults(tmp_path):
+    def mistaken(f):
+        f.write(b"half")
+        raise TypeError("the writer's own")
+
+    with pytest.raises(TypeError, match="the writer's own"):
+        fileio.atomic_write_stream(tmp_path / "x.pt", mistaken)
+    with pytest.raises(ZeroDivisionError):
+        fileio.atomic_write(tmp_path / "y.bin", lambda tmp: 1 / 0)
+    assert list(tmp_path.iterdir()) == []

@@ -420,3 +420,31 @@ def test_default_lr_is_the_papers_on_cuda_and_cpu_lr_on_cpu(tmp_path, device, gi
     cfg = _resolve_train_config(FinetuneConfig(), given, tmp_path, 6000, torch.device(device))
     assert cfg.lr == lr
     assert cfg.batch_size == PAPER_TRAIN["batch_size"] and cfg.max_steps == 563  # 3 epochs: ceil(3 · 6000 / 32)
+
+
+def test_empty_and_cut_examples_are_counted_in_a_note_and_in_metrics(pretrained, tmp_path, capsys):
+    """Issue 23, item 5: an empty SST-2 sentence trained silently as an example with no text,
+    and examples longer than max_len were cut silently."""
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    for name in ("dev.tsv", "test.tsv"):
+        (data / name).write_text((GLUE / "SST-2" / name).read_text())
+    rows = (GLUE / "SST-2" / "train.tsv").read_text().splitlines()
+    long = " ".join(["a gorgeous , witty film"] * 30)
+    (data / "train.tsv").write_text("\n".join([*rows, " \t1", f"{long}\t0"]) + "\n")
+    out = tmp_path / "run"
+    assert (
+        finetune(
+            ["--task", "sst2", "--data-dir", str(data), "--init", str(pretrained), "--out", str(out)]
+            + ["--max-steps", "1", "--max-len", "64"]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    n = len(rows)  # the header's line number is the last old row's: the new ones are n + 1, n + 2
+    (note,) = [line for line in err.splitlines() if line.startswith("note: train:")]
+    assert f"1 of {n + 1} train examples is longer than max_len 64 and was cut to it" in note
+    assert f"1 of {n + 1} train examples has an empty text (train.tsv:{n + 1}): kept" in note
+    inputs = json.loads((out / "metrics.json").read_text())["inputs"]
+    assert inputs["train"]["truncated"] == 1 and inputs["train"]["empty"] == 1 and inputs["train"]["tokens_cut"] > 100
+    assert set(inputs) == {"train", "dev", "test"} and inputs["dev"]["examples"] == 2

@@ -241,3 +241,23 @@ def test_transformers_pipeline_gives_the_same_predictions(runs, tmp_path, kind):
             torch.tensor(list(ours["probabilities"].values())),
             "probabilities",
         )
+
+
+@pytest.mark.parametrize("kind", ["classification", "multiple_choice"])
+def test_truncated_inputs_are_counted_in_a_note_and_a_field(kind, runs, tmp_path, capsys):
+    """Issue 23, item 5: a 100,000-character input was cut to max_len with no note anywhere
+    (for multiple choice: the end of the context)."""
+    predictor = Predictor.from_run(runs[kind], device="cpu", fused=False)
+    long = "to be, or not to be " * 5000
+    big = {"text": long} if kind == "classification" else {"context": long, "choices": ["yes", "no"]}
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps(e) + "\n" for e in [EXAMPLES[kind][0], big]))
+    assert cli([str(runs[kind]), "--input", str(f), "--no-fused", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(x) for x in captured.out.splitlines()]
+    (encoded,) = predictor.encode([big])
+    assert [r["truncated_tokens"] for r in rows] == [0, encoded.truncated] and encoded.truncated > 10_000
+    assert captured.err == (
+        f"note: 1 of 2 inputs is longer than max_len {predictor.max_len} and was cut to it (by up to "
+        f"{encoded.truncated:,} tokens, {encoded.truncated:,} in all; the end of the longest text goes first)\n"
+    )

@@ -187,3 +187,17 @@ def test_jsonl_is_read_line_by_line(tmp_path):
     (tmp_path / "blank.jsonl").write_text('\n{"text": "  "}\n')
     with pytest.raises(ValueError, match="corpus is empty"):
         count_documents([tmp_path / "blank.jsonl"])
+
+
+def test_a_malformed_jsonl_line_is_said_whole(tmp_path):
+    """Issue 23: the message ended at 'Invalid control character at' (json's msg without its position)."""
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{"text": "a\tb"}\n')
+    with pytest.raises(ValueError) as e:
+        read_documents([tmp_path / "c.jsonl"])
+    assert str(e.value) == (
+        f"{tmp_path / 'c.jsonl'}:2 is not valid JSON (invalid control character at column 12: "
+        "a tab, newline or other control character inside a string must be escaped, e.g. \\t)"
+    )
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1 is not valid JSON \(expecting ',' delimiter at column 14\)$"):
+        read_documents([tmp_path / "d.jsonl"])

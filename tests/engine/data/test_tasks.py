@@ -329,3 +329,15 @@ def test_embedded_order_task_reorders_the_true_line():
         # first and last word stay put: a capitalised opening or closing punctuation in the
         # middle would give the distractor away without any knowledge of word order
         assert (true[0], true[-1]) == (wrong[0], wrong[-1])
+
+
+def test_malformed_json_task_files_are_said_whole(tmp_path):
+    """Issue 23: json's own message (e.msg) stops at 'at' without the position."""
+    from engine.data.records import json_file, jsonl_rows
+
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n{"x": "\x01"}\n')
+    with pytest.raises(TaskDataError, match=r"a\.jsonl:2: not a JSON object \(invalid control character at column 8: "):
+        list(jsonl_rows(tmp_path / "a.jsonl"))
+    (tmp_path / "r.txt").write_text('{"article": "x",\n "questions": [}')
+    with pytest.raises(TaskDataError, match=r"r\.txt:2: not valid JSON \(expecting value at column 16\)$"):
+        json_file(tmp_path / "r.txt")

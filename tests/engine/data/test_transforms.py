@@ -7,6 +7,7 @@ import torch
 
 from engine.data.records import Example
 from engine.data.transforms import (
+    InputReport,
     InputTransform,
     collate,
     transform,
@@ -143,3 +144,50 @@ def test_collate_pads_right_and_masks_lm_labels():
     assert collate([Encoded(((S, E),), None)], SP.pad).labels is None
     with pytest.raises(ValueError, match="same number of sequences"):
         collate([Encoded(((S, E),), 0), Encoded(((S, E), (S, E)), 0)], SP.pad)
+
+
+def test_each_encoded_example_says_how_many_tokens_were_cut(tokenizer):
+    """Issue 23, item 5: truncation to max_len was silent."""
+    long_text = " ".join(["the cat sat on the mat"] * 20)
+    n = len(tokenizer.encode(long_text))
+    examples = [Example("short", ("the cat",), label=0), Example("long", (long_text,), label=1)]
+    short, cut = InputTransform(tokenizer, "classification", 16)(examples)
+    assert short.truncated == 0 and cut.truncated == n - (16 - 2) and len(cut.sequences[0]) == 16
+    # similarity: both orders lose the same tokens; multiple choice: the most any choice lost
+    (pair,) = InputTransform(tokenizer, "similarity", 16)([Example("p", (long_text, "a dog"))])
+    assert pair.truncated == n + len(tokenizer.encode("a dog")) - (16 - 3)
+    mc = Example("m", (long_text,), ("so", "far away"), 0)
+    (enc,) = InputTransform(tokenizer, "multiple_choice", 16)([mc])
+    assert enc.truncated == n + len(tokenizer.encode("far away")) - (16 - 3)
+
+
+def test_the_input_report_counts_cut_and_empty_examples(tokenizer):
+    long_text = " ".join(["the cat sat on the mat"] * 20)
+    examples = [
+        Example("train.tsv:2", ("the cat",), label=0),
+        Example("train.tsv:3", (long_text,), label=1),
+        Example("train.tsv:4", ("  ",), label=0),
+        Example("train.tsv:5", (long_text + " so",), label=1),
+    ]
+    encoded = InputTransform(tokenizer, "classification", 16)(examples)
+    report = InputReport.of(examples, [e.truncated for e in encoded])
+    cut = [e.truncated for e in encoded]
+    assert report.as_dict() == {
+        "examples": 4,
+        "truncated": 2,
+        "tokens_cut": cut[1] + cut[3],
+        "most_cut": cut[3],
+        "empty": 1,
+    }
+    assert report.note("train examples", 16) == (
+        f"2 of 4 train examples are longer than max_len 16 and were cut to it (by up to {cut[3]:,} tokens, "
+        f"{cut[1] + cut[3]:,} in all; the end of the longest text goes first); "
+        "1 of 4 train examples has an empty text (train.tsv:4): kept, read from the special tokens alone"
+    )
+    assert InputReport.of(examples[:1], [0]).note("inputs", 16) is None
+    many = [Example(f"f:{i}", ("",), ("a", " ")) for i in range(5)]  # an empty choice counts too
+    assert (
+        InputReport.of(many, [0] * 5)
+        .note("inputs", 16)
+        .endswith("(f:0, f:1, f:2, ...): kept, read from the special tokens alone")
+    )

@@ -228,3 +228,34 @@ def test_a_checkpoint_of_the_same_step_is_replaced(tmp_path):
     state.write_bytes(b"\0" * state.stat().st_size)  # garbage its record cannot see
     save(tmp_path, 2)
     assert ck.load_trainer_state(half)["step"] == 2 and names(tmp_path) == ["step_00000002"]
+
+
+@pytest.mark.parametrize("limit, failing", [(8 << 10, "model.safetensors"), (256 << 10, ck.TRAINER_STATE)])
+def test_a_full_disk_in_a_library_writer_is_one_line_naming_the_checkpoint(limit, failing, tmp_path):
+    """Issue 23, fault 4: torch.save reported a full disk as RuntimeError('unexpected pos') and
+    safetensors as SafetensorError: a traceback, no path. (A file-size limit makes the kernel
+    fail write(2) as a full disk does, inside each library's own writer.)"""
+    from faults import file_size_limit
+
+    model = torch.nn.Linear(64, 64)  # 16 KiB of weights
+    state = {"step": 4, "optimizer": {"m": torch.zeros(128 << 10)}}  # 512 KiB
+    save(tmp_path, 2)
+    with file_size_limit(limit), pytest.raises(OSError) as caught:
+        ck.save_checkpoint(tmp_path, 4, state, lambda d: ck.STATE_DICT_WEIGHTS.save(model, d), good=True, keep=3)
+    e = caught.value
+    assert e.errno == errno.EFBIG and e.filename == str(ck.checkpoint_dir(tmp_path, 4))
+    assert e.strerror == "File too large (writing checkpoint)" and failing in str(e.__cause__)
+    assert names(tmp_path) == ["step_00000002"]  # nothing finished lost, no temporary left
+
+
+def test_a_run_that_never_took_an_update_does_not_hold_out(tmp_path):
+    """Issue 23: what a run writes before its first update (train_config.json, tokenizer.json)
+    is no run to protect: --out is reused without --overwrite; once it logged or saved, it is."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ck.RUN_CONFIG).write_text("{}")
+    (out / "tokenizer.json").write_text("{}")
+    assert ck.prepare_run_dir(out, resume=False, overwrite=False) is None
+    (out / ck.METRICS).write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="already holds a run"):
+        ck.prepare_run_dir(out, resume=False, overwrite=False)
