@@ -25,7 +25,7 @@ from engine.model.gpt1 import GPT1
 from engine.training.config import TrainConfig
 from engine.training.memory import Step
 from engine.training.precision import autocast_dtype
-from engine.training.trainer import Trainer
+from engine.training.trainer import Job, Trainer
 
 
 def _status_kb(field: str) -> int:
@@ -39,7 +39,8 @@ def _status_kb(field: str) -> int:
 def _steps(config: GPT1Config, cfg: TrainConfig, batch: torch.Tensor, updates: int) -> None:
     torch.manual_seed(0)
     model = GPT1(config, fused=cfg.fused)
-    trainer = Trainer(model, cfg, lambda m, b: m(b[:, :-1], targets=b[:, 1:]).loss, lambda *a: batch, progress=False)
+    job = Job(lambda m, b: m(b[:, :-1], targets=b[:, 1:]).loss, lambda *a: batch)
+    trainer = Trainer(model, cfg, job, progress=False)
     for _ in range(updates):
         trainer.train_step([batch])
 
