@@ -31,6 +31,7 @@ class Shapes:
     C: int = int(os.environ.get("BENCH_C", 256))
     H: int = int(os.environ.get("BENCH_H", 4))
     V: int = int(os.environ.get("BENCH_V", 8192))
+    preset: str = os.environ.get("BENCH_PRESET", "gpt1-small")  # the training step's layer count (bench/step.py)
 
     @property
     def F(self) -> int:
@@ -103,3 +104,24 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for fast, base in _RATIOS:
             if fast in rows and base in rows:
                 tr.write_line(f"  {fast} vs {base:<12} {speed_text(rows[base]['seconds'], rows[fast]['seconds'])}")
+    for line in roofline_lines(_RESULTS):
+        tr.write_line(line)
+
+
+def roofline_lines(results: dict[str, dict[str, dict]]) -> list[str]:
+    """Each training-step provider's GFLOP/s and its fraction of this machine's GEMM rate in its dtype
+    (bench/roofline.py), when both the step and the GEMM rate were measured."""
+    steps = next((rows for group, rows in results.items() if group.startswith("training step")), {})
+    gemm = next((rows for group, rows in results.items() if group.startswith("GEMM rate")), {})
+    lines = []
+    for provider, r in steps.items():
+        dtype = "bf16" if provider.endswith("-bf16") else "fp32"
+        if "gflop" not in r or dtype not in gemm:
+            continue
+        achieved = r["gflop"] / r["seconds"]
+        limit = gemm[dtype]["work"] / gemm[dtype]["seconds"]
+        lines.append(
+            f"  {provider:<12} {achieved:8.1f} GFLOP/s = {100 * achieved / limit:5.1f}% of the {dtype} "
+            f"GEMM rate ({limit:,.1f} GFLOP/s)"
+        )
+    return ["", "roofline: the training step against torch's GEMMs at its own shapes", *lines] if lines else []

@@ -28,7 +28,7 @@ def split_provider(provider: str) -> tuple[str, bool]:
 
 def step_config() -> GPT1Config:
     return GPT1Config.from_name(
-        "gpt1-small", n_embd=SHAPES.C, n_head=SHAPES.H, n_positions=max(SHAPES.T, 256), vocab_size=SHAPES.V
+        SHAPES.preset, n_embd=SHAPES.C, n_head=SHAPES.H, n_positions=max(SHAPES.T, 256), vocab_size=SHAPES.V
     )
 
 
