@@ -18,6 +18,18 @@ from bench.gpu_tests import outcomes
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def documented_command() -> list[str]:
+    """The first GPU call as the docs give it (docs/kernels.md, "The first GPU call"; the README names it)."""
+    section = (ROOT / "docs" / "kernels.md").read_text().split("## The first GPU call", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0].split()
+
+
+def test_the_documented_gpu_command_is_the_one_tested():
+    command = documented_command()
+    assert command == ["python3", "bench/gpu_check.py"], command  # the smoke run below adds only --smoke etc.
+    assert " ".join(command) in (ROOT / "README.md").read_text()
+
+
 def kinds(records: list[dict]) -> list[str]:
     return [r["type"] for r in records]
 
@@ -29,7 +41,7 @@ def test_smoke_runs_every_part_in_its_own_process_and_a_fault_costs_only_its_par
     were printed as they came and the summary table last."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)  # --out, not a lease's $OUT
-    cmd = [sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path)]
+    cmd = [sys.executable, *documented_command()[1:], "--smoke", "--out", str(tmp_path)]
     cmd += ["--fault", "model=crash", "ffn=hang", "--budget", "ffn=20"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
