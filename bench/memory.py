@@ -17,7 +17,7 @@ import sys
 from .step import build_step
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -28,12 +28,12 @@ def _status_kb(field: str) -> int:
 def main(provider: str) -> None:
     step = build_step(provider)
     step()
-    baseline = _status_kb("VmRSS")
+    baseline = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
     for _ in range(2):
         step()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     print(json.dumps({"provider": provider, "peak_step_mb": round((peak - baseline) / 1024, 1)}))
 
 

@@ -27,13 +27,7 @@ from engine.training.memory import Step
 from engine.training.precision import autocast_dtype
 from engine.training.trainer import Job, Trainer
 
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from .memory import status_kb
 
 
 def _steps(config: GPT1Config, cfg: TrainConfig, batch: torch.Tensor, updates: int) -> None:
@@ -52,11 +46,11 @@ def measure(config: GPT1Config, seq_len: int, micro: int, fused: bool, precision
         _steps(tiny, TrainConfig(**{**cfg.__dict__, "batch_size": 2}), torch.randint(0, 64, (2, 9)), 1)  # warm-up
         gc.collect()
         batch = torch.randint(0, config.vocab_size, (micro, seq_len + 1))
-        baseline = _status_kb("VmRSS")
+        baseline = status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
         _steps(config, cfg, batch, 2)
-        peak = _status_kb("VmHWM")
+        peak = status_kb("VmHWM")
     bf16 = autocast_dtype(cfg, torch.device("cpu")) is not None
     est = Step(config, seq_len, fused, bf16, "cpu").peak(micro)
     return {
