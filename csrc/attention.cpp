@@ -8,15 +8,15 @@
 // Forward: one task per (b, h, block of kBlockQ queries), run in parallel (at::parallel_for).
 // A task streams key blocks of kBlockK up to its last query (blocks above the diagonal are never
 // touched) with an online softmax: S = Q Kᵀ and O += (P ∘ Z) V are small GEMMs on the tiles
-// (ATen → MKL, single-threaded inside the parallel region); the row max/exp/sum/rescale sweeps
-// are vectorised (GPT1_SIMD). Only a kBlockQ × kBlockK score tile exists per task, never T × T.
+// (tile_gemm, single-threaded inside the parallel region); the row max/exp/sum/rescale sweeps are
+// vectorised (GPT1_SIMD). Only a kBlockQ × kBlockK score tile exists per task, never T × T.
 // lse is saved (fp32), so backward recomputes P exactly.
 //
 // Backward: delta_i = Σ_d dO_id O_id, then per block j of kBlockKb keys and each strip i of up
 // to kBlockQb queries from the diagonal down (tall tiles: few GEMM calls, little masked work):
 //   P = exp(S − lse),  dV_j += (P ∘ Z)ᵀ dO_i,  dP = (dO_i V_jᵀ) ∘ Z,  dS = P ∘ (dP − delta_i),
 //   dK_j += scale·dSᵀ Q_i,  dQ_i += scale·dS K_j
-// written straight into the packed grad_qkv (B, T, 3C). One task per (b, h) owns all of that
+// accumulated straight into the packed grad_qkv (B, T, 3C). One task per (b, h) owns all of that
 // head's dQ, dK, dV: no two tasks write the same element, and each is summed in a fixed order
 // (deterministic, no atomics).
 //
@@ -24,15 +24,12 @@
 // kernel draws it (philox.h) — regenerated in backward and by attention_dropout_mask; no mask
 // is stored.
 //
-// bfloat16: the GEMMs that consume P or dS (O += P V; dV += (P∘Z)ᵀ dO, dK += dSᵀ Q, dQ += dS K)
-// run on bf16 operands (ATen → oneDNN/AMX, fp32 accumulation inside), P and dS rounded to bf16
-// once as operands (as PyTorch's own bf16 attention rounds them); each GEMM's bf16 result tile is
-// added to a float32 accumulator, so O, dQ, dK, dV never re-round across tiles. The two GEMMs
-// whose outputs feed exp() and the dP − delta cancellation, S = Q Kᵀ and dP' = dO Vᵀ, stay
-// float32 (on a float32 copy of qkv and dO): ATen has no bf16 × bf16 → fp32 GEMM on CPU, and a
-// bf16-rounded S or dP' costs more than PyTorch's own bf16 error on peaked rows (a row with one
-// key has dS = 0 exactly; rounding dP' alone leaves 2^-9·|dP'|). Softmax, lse and delta are float32.
-// float16 runs through the float32 kernel.
+// float32: the tiles' GEMMs are ATen's mm (MKL) on views, transposes included. bfloat16: every
+// GEMM reads bf16 operands (qkv and dO as given; P and dS rounded to bf16 once as operands, as
+// PyTorch's own bf16 attention rounds them) and accumulates into float32 in place (ATen's brgemm,
+// bf16 × bf16 → fp32, with a transposed operand copied out first): S = Q Kᵀ and dP' = dO Vᵀ, which
+// feed exp() and the dP − delta cancellation, are exact float32 sums, and O, dQ, dK, dV never
+// round across tiles. Softmax, lse and delta are float32. float16 runs through the float32 kernel.
 #include <vector>
 
 #include "common.h"
@@ -61,19 +58,19 @@ struct Dropout {
   scalar_t scale;         // 1 / (1 − p)
 };
 
-// Scratch of one thread, sized for the largest tile: float tiles in acc_t<T>; with T = bfloat16
-// also `operand` (a float tile rounded to bf16 for the next GEMM) and `result` (a GEMM's bf16
-// output before it is added in float; see gemm_acc).
+// Scratch of one thread, sized for the largest tile (rows × cols scores, head size D): float
+// tiles in acc_t<T>; with T = bfloat16 also `operand` (a float tile rounded to bf16 for the next
+// GEMM) and `transposed` (tile_gemm's copy of a transposed operand).
 template <typename T>
 struct Scratch {
   using acc = acc_t<T>;
   static constexpr bool kLowp = !std::is_same_v<T, acc>;
   std::vector<acc> s, o, z, row_max, row_sum, keep;
-  std::vector<T> operand, result;
+  std::vector<T> operand, transposed;
   std::vector<uint8_t> draws;
   Scratch(int64_t rows, int64_t cols, int64_t D, bool dropout)
       : s(rows * cols), o(rows * std::max(D, cols)), z(dropout ? rows * cols : 0), row_max(rows), row_sum(rows),
-        keep(cols), operand(kLowp ? rows * cols : 0), result(kLowp ? std::max(rows, cols) * std::max(cols, D) : 0),
+        keep(cols), operand(kLowp ? rows * cols : 0), transposed(kLowp ? std::max(rows, D) * cols : 0),
         draws(32 * (cols / 32 + 2)) {}
   // The float tile t (n elements) as a GEMM operand in T: t itself, or rounded into `operand`.
   const T* as_operand(const acc* t, int64_t n) {
@@ -83,6 +80,10 @@ struct Scratch {
     } else {
       return t;
     }
+  }
+  // C (+)= op(A)·op(B) on this thread's scratch (see tile_gemm).
+  void gemm(int64_t m, int64_t n, int64_t k, Tile<T> a, Tile<T> b, bool accumulate, acc* c, int64_t ldc) {
+    tile_gemm<T>(m, n, k, a, b, accumulate, c, ldc, transposed.data());
   }
 };
 
@@ -96,14 +97,15 @@ GPT1_INLINE void dropout_row(const Dropout<scalar_t>& d, uint32_t bh, int64_t i,
   for (int64_t j = 0; j < n; ++j) keep[j] *= scale;
 }
 
-// Forward online-softmax update of the score tile s (m × n, ld n) of queries i0 + r, keys j0 + j:
-//   m' = max(m, max_j s_j),  p_j = e^(s_j − m'),  l' = l·e^(m − m') + Σ_j p_j,  O_r ← O_r·e^(m − m')
+// Forward online-softmax update of the tile s = Q Kᵀ (m × n, ld n) of queries i0 + r, keys j0 + j,
+// with x_j = scale·s_j:
+//   m' = max(m, max_j x_j),  p_j = e^(x_j − m'),  l' = l·e^(m − m') + Σ_j p_j,  O_r ← O_r·e^(m − m')
 // then p ← p ∘ Z. Masked keys (j0 + j > i0 + r) get p = 0. `first`: no previous block (O unset).
 template <typename scalar_t>
 GPT1_SIMD void fwd_softmax_tile(scalar_t* __restrict s, int64_t m, int64_t n, int64_t i0, int64_t j0, bool first,
-                                scalar_t* __restrict row_max, scalar_t* __restrict row_sum, scalar_t* __restrict o,
-                                int64_t D, const Dropout<scalar_t>& drop, uint32_t bh, scalar_t* __restrict keep,
-                                uint8_t* draws) {
+                                scalar_t scale, scalar_t* __restrict row_max, scalar_t* __restrict row_sum,
+                                scalar_t* __restrict o, int64_t D, const Dropout<scalar_t>& drop, uint32_t bh,
+                                scalar_t* __restrict keep, uint8_t* draws) {
   for (int64_t r = 0; r < m; ++r) {
     scalar_t* __restrict row = s + r * n;
     const int64_t nv = std::min(n, i0 + r - j0 + 1);  // keys j0 .. i of this row
@@ -116,11 +118,12 @@ GPT1_SIMD void fwd_softmax_tile(scalar_t* __restrict s, int64_t m, int64_t n, in
     scalar_t mx = row[0];
 #pragma omp simd reduction(max : mx)
     for (int64_t j = 0; j < n; ++j) mx = std::max(mx, j < nv ? row[j] : row[0]);
+    mx *= scale;  // scale > 0: the max of the scaled row, rounded alike
     const scalar_t m_new = first ? mx : std::max(row_max[r], mx);
     scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
-      row[j] = j < nv ? exp_fast(row[j] - m_new) : scalar_t(0);
+      row[j] = j < nv ? exp_fast(row[j] * scale - m_new) : scalar_t(0);
       sum += row[j];
     }
     if (first) {
@@ -157,10 +160,9 @@ GPT1_SIMD void fwd_finish(const acc_t<T>* __restrict o, const acc_t<T>* __restri
   }
 }
 
-// qkv_f: qkv in acc_t<T> (the same buffer when T is float), for the float32 S = Q Kᵀ.
 template <typename T>
-void fwd_task(const Geometry& g, int64_t task, const T* qkv, const acc_t<T>* qkv_f, T* out, float* lse,
-              const Dropout<acc_t<T>>& drop, Scratch<T>& sc) {
+void fwd_task(const Geometry& g, int64_t task, const T* qkv, T* out, float* lse, const Dropout<acc_t<T>>& drop,
+              Scratch<T>& sc) {
   using acc = acc_t<T>;
   const int64_t n_qblocks = (g.T + kBlockQ - 1) / kBlockQ;
   const int64_t bh = task / n_qblocks, b = bh / g.H, h = bh % g.H;
@@ -168,16 +170,15 @@ void fwd_task(const Geometry& g, int64_t task, const T* qkv, const acc_t<T>* qkv
   const int64_t ld = g.qkv_row();
   const acc scale = acc(1) / std::sqrt(acc(g.D));
   const int64_t q_at = (b * g.T + i0) * ld + h * g.D;
-  T* tile = sc.result.data();
   for (int64_t j0 = 0; j0 < i1; j0 += kBlockK) {  // key blocks up to the diagonal
     const int64_t n = std::min(i1, j0 + kBlockK) - j0;
     const int64_t k_at = (b * g.T + j0) * ld + g.C + h * g.D;
     const T* v = qkv + k_at + g.C;
-    gemm<acc>(false, true, m, n, g.D, scale, qkv_f + q_at, ld, qkv_f + k_at, ld, 0, sc.s.data(), n);  // S = scale·Q Kᵀ
-    fwd_softmax_tile<acc>(sc.s.data(), m, n, i0, j0, j0 == 0, sc.row_max.data(), sc.row_sum.data(),
+    sc.gemm(m, n, g.D, {qkv + q_at, ld}, {qkv + k_at, ld, true}, false, sc.s.data(), n);  // S = Q Kᵀ
+    fwd_softmax_tile<acc>(sc.s.data(), m, n, i0, j0, j0 == 0, scale, sc.row_max.data(), sc.row_sum.data(),
                           sc.o.data(), g.D, drop, uint32_t(bh), sc.keep.data(), sc.draws.data());
     const T* p = sc.as_operand(sc.s.data(), m * n);
-    gemm_acc<T>(false, false, m, g.D, n, 1, p, n, v, ld, j0 == 0 ? 0 : 1, sc.o.data(), g.D, tile);  // O += P V
+    sc.gemm(m, g.D, n, {p, n}, {v, ld}, j0 != 0, sc.o.data(), g.D);  // O (+)= P V
   }
   fwd_finish<T>(sc.o.data(), sc.row_max.data(), sc.row_sum.data(), m, g.D, out + (b * g.T + i0) * g.C + h * g.D,
                 g.C, lse + bh * g.T + i0);
@@ -195,10 +196,10 @@ GPT1_SIMD void bwd_delta(const T* __restrict dout, const T* __restrict out, int6
   }
 }
 
-// P = exp(S − lse) on the tile s (m × n, ld n) of queries i0 + r, keys j0 + j (0 above the
-// diagonal); with dropout also z = Z (the scaled keep mask) and pz = P ∘ Z.
+// P = exp(scale·S − lse) on the tile s = Q Kᵀ (m × n, ld n) of queries i0 + r, keys j0 + j (0 above
+// the diagonal); with dropout also z = Z (the scaled keep mask) and pz = P ∘ Z.
 template <typename scalar_t>
-GPT1_SIMD void bwd_probs_tile(scalar_t* __restrict s, int64_t m, int64_t n, int64_t i0, int64_t j0,
+GPT1_SIMD void bwd_probs_tile(scalar_t* __restrict s, int64_t m, int64_t n, int64_t i0, int64_t j0, scalar_t scale,
                               const float* __restrict lse, const Dropout<scalar_t>& drop, uint32_t bh,
                               scalar_t* __restrict z, scalar_t* __restrict pz, uint8_t* draws) {
   for (int64_t r = 0; r < m; ++r) {
@@ -206,7 +207,7 @@ GPT1_SIMD void bwd_probs_tile(scalar_t* __restrict s, int64_t m, int64_t n, int6
     const int64_t nv = std::max<int64_t>(0, std::min(n, i0 + r - j0 + 1));
     const scalar_t l = scalar_t(lse[r]);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] = j < nv ? exp_fast(row[j] - l) : scalar_t(0);
+    for (int64_t j = 0; j < n; ++j) row[j] = j < nv ? exp_fast(row[j] * scale - l) : scalar_t(0);
     if (drop.on) {
       scalar_t* __restrict zr = z + r * n;
       scalar_t* __restrict pzr = pz + r * n;
@@ -217,10 +218,11 @@ GPT1_SIMD void bwd_probs_tile(scalar_t* __restrict s, int64_t m, int64_t n, int6
   }
 }
 
-// dS = P ∘ (dP' ∘ Z − delta) in place of dp (= dP' = dO Vᵀ on entry), tiles m × n, ld n.
+// scale·dS = scale·P ∘ (dP' ∘ Z − delta) in place of dp (= dP' = dO Vᵀ on entry), tiles m × n, ld n:
+// the gradient of S = Q Kᵀ itself, so dK and dQ need no further scaling.
 template <typename scalar_t>
 GPT1_SIMD void bwd_dscores_tile(const scalar_t* __restrict p, scalar_t* __restrict dp, const scalar_t* __restrict z,
-                                const scalar_t* __restrict delta, int64_t m, int64_t n) {
+                                const scalar_t* __restrict delta, scalar_t scale, int64_t m, int64_t n) {
   for (int64_t r = 0; r < m; ++r) {
     const scalar_t dr = delta[r];
     const scalar_t* __restrict prow = p + r * n;
@@ -228,20 +230,19 @@ GPT1_SIMD void bwd_dscores_tile(const scalar_t* __restrict p, scalar_t* __restri
     if (z) {
       const scalar_t* __restrict zr = z + r * n;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] = prow[j] * (row[j] * zr[j] - dr);
+      for (int64_t j = 0; j < n; ++j) row[j] = scale * prow[j] * (row[j] * zr[j] - dr);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] = prow[j] * (row[j] - dr);
+      for (int64_t j = 0; j < n; ++j) row[j] = scale * prow[j] * (row[j] - dr);
     }
   }
 }
 
-// dout_f, qkv_f: dout and qkv in acc_t<T> (the same buffers when T is float), for the float32
-// GEMMs S and dP'; dqkv: the (B, T, 3C) gradient in acc_t<T> (float32 accumulators for bf16).
+// One head's dQ, dK, dV into dqkv, the (B, T, 3C) gradient in acc_t<T> (float32 accumulators for bf16).
 template <typename T>
-void bwd_head(const Geometry& g, int64_t bh, const T* dout, const acc_t<T>* dout_f, const T* qkv,
-              const acc_t<T>* qkv_f, const T* out, const float* lse, acc_t<T>* dqkv, const Dropout<acc_t<T>>& drop,
-              Scratch<T>& sc, std::vector<acc_t<T>>& delta, std::vector<acc_t<T>>& dp) {
+void bwd_head(const Geometry& g, int64_t bh, const T* dout, const T* qkv, const T* out, const float* lse,
+              acc_t<T>* dqkv, const Dropout<acc_t<T>>& drop, Scratch<T>& sc, std::vector<acc_t<T>>& delta,
+              std::vector<acc_t<T>>& dp) {
   using acc = acc_t<T>;
   const int64_t b = bh / g.H, h = bh % g.H, ld = g.qkv_row(), D = g.D, C = g.C;
   const acc scale = acc(1) / std::sqrt(acc(D));
@@ -252,7 +253,6 @@ void bwd_head(const Geometry& g, int64_t bh, const T* dout, const acc_t<T>* dout
   acc* dq_h = dqkv + q_at;
   for (int64_t t = 0; t < g.T; ++t) std::fill(dq_h + t * ld, dq_h + t * ld + D, acc(0));
   const float* lse_h = lse + bh * g.T;
-  T* tile = sc.result.data();
   for (int64_t j0 = 0; j0 < g.T; j0 += kBlockKb) {
     const int64_t n = std::min(g.T, j0 + kBlockKb) - j0;
     const T* k = q_h + j0 * ld + C;
@@ -260,19 +260,18 @@ void bwd_head(const Geometry& g, int64_t bh, const T* dout, const acc_t<T>* dout
     acc* dv = dk + C;
     for (int64_t i0 = j0; i0 < g.T; i0 += kBlockQb) {  // queries at and below the diagonal
       const int64_t m = std::min(g.T, i0 + kBlockQb) - i0;
-      const acc beta = i0 == j0 ? 0 : 1;  // the first strip of a key block writes dK, dV
+      const bool add = i0 != j0;  // the first strip of a key block writes dK, dV
       const T* q = q_h + i0 * ld;
       const T* dout_i = dout_h + i0 * C;
-      const acc *q_f = qkv_f + q_at + i0 * ld, *k_f = qkv_f + q_at + j0 * ld + C, *v_f = k_f + C;
       acc *s = sc.s.data(), *pz = drop.on ? sc.o.data() : s, *z = drop.on ? sc.z.data() : nullptr;
-      gemm<acc>(false, true, m, n, D, scale, q_f, ld, k_f, ld, 0, s, n);  // S = scale·Q Kᵀ
-      bwd_probs_tile<acc>(s, m, n, i0, j0, lse_h + i0, drop, uint32_t(bh), z, pz, sc.draws.data());
-      gemm_acc<T>(true, false, n, D, m, 1, sc.as_operand(pz, m * n), n, dout_i, C, beta, dv, ld, tile);  // dV += (P∘Z)ᵀ dO
-      gemm<acc>(false, true, m, n, D, 1, dout_f + dout_at + i0 * C, C, v_f, ld, 0, dp.data(), n);        // dP' = dO Vᵀ
-      bwd_dscores_tile<acc>(s, dp.data(), z, delta.data() + i0, m, n);                                   // dS
+      sc.gemm(m, n, D, {q, ld}, {k, ld, true}, false, s, n);  // S = Q Kᵀ
+      bwd_probs_tile<acc>(s, m, n, i0, j0, scale, lse_h + i0, drop, uint32_t(bh), z, pz, sc.draws.data());
+      sc.gemm(n, D, m, {sc.as_operand(pz, m * n), n, true}, {dout_i, C}, add, dv, ld);  // dV += (P∘Z)ᵀ dO
+      sc.gemm(m, n, D, {dout_i, C}, {k + C, ld, true}, false, dp.data(), n);             // dP' = dO Vᵀ
+      bwd_dscores_tile<acc>(s, dp.data(), z, delta.data() + i0, scale, m, n);            // scale·dS
       const T* ds = sc.as_operand(dp.data(), m * n);
-      gemm_acc<T>(true, false, n, D, m, scale, ds, n, q, ld, beta, dk, ld, tile);             // dK += scale·dSᵀ Q
-      gemm_acc<T>(false, false, m, D, n, scale, ds, n, k, ld, 1, dq_h + i0 * ld, ld, tile);  // dQ += scale·dS K
+      sc.gemm(n, D, m, {ds, n, true}, {q, ld}, add, dk, ld);                  // dK += scale·dSᵀ Q
+      sc.gemm(m, D, n, {ds, n}, {k, ld}, true, dq_h + i0 * ld, ld);           // dQ += scale·dS K
     }
   }
 }
@@ -307,14 +306,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& qkv_, int64_t
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cdtype, "attention_fwd", [&] {
     const auto drop = make_dropout<acc_t<scalar_t>>(dropout_p, seed);
     const scalar_t* q = qkv.data_ptr<scalar_t>();
-    const auto qkv_f = qkv.to(acc_dtype(cdtype));  // qkv itself unless bf16
-    const acc_t<scalar_t>* q_f = qkv_f.data_ptr<acc_t<scalar_t>>();
     scalar_t* o = out.data_ptr<scalar_t>();
     float* l = lse.data_ptr<float>();
     const int64_t n_tasks = g.B * g.H * ((g.T + kBlockQ - 1) / kBlockQ);
     at::parallel_for(0, n_tasks, grain_for(kBlockQ * g.T * g.D), [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> sc(kBlockQ, kBlockK, g.D, drop.on);
-      for (int64_t task = begin; task < end; ++task) fwd_task<scalar_t>(g, task, q, q_f, o, l, drop, sc);
+      for (int64_t task = begin; task < end; ++task) fwd_task<scalar_t>(g, task, q, o, l, drop, sc);
     });
   });
   return {out.to(dtype), lse};
@@ -334,14 +331,12 @@ at::Tensor attention_bwd(const at::Tensor& grad_out_, const at::Tensor& qkv_, co
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, cdtype, "attention_bwd", [&] {
     using acc = acc_t<scalar_t>;
     const auto drop = make_dropout<acc>(dropout_p, seed);
-    const auto qkv_f = qkv.to(grad_qkv.scalar_type()), grad_out_f = grad_out.to(grad_qkv.scalar_type());
     at::parallel_for(0, g.B * g.H, grain_for(g.T * g.T * g.D), [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> sc(kBlockQb, kBlockKb, g.D, drop.on);
       std::vector<acc> delta(g.T), dp(kBlockQb * kBlockKb);
       for (int64_t bh = begin; bh < end; ++bh) {
-        bwd_head<scalar_t>(g, bh, grad_out.data_ptr<scalar_t>(), grad_out_f.data_ptr<acc>(), qkv.data_ptr<scalar_t>(),
-                           qkv_f.data_ptr<acc>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
-                           grad_qkv.data_ptr<acc>(), drop, sc, delta, dp);
+        bwd_head<scalar_t>(g, bh, grad_out.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                           lse.data_ptr<float>(), grad_qkv.data_ptr<acc>(), drop, sc, delta, dp);
       }
     });
   });

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/types.h>
 
@@ -133,7 +134,7 @@ inline uint64_t read_seed(const char* op, double dropout_p, const std::optional<
 }
 
 // The dtype a kernel computes in. bfloat16 stays bfloat16: its GEMMs run on bf16 operands
-// (ATen → oneDNN, AMX where the CPU has it, fp32 accumulation), while every elementwise sweep,
+// (ATen → oneDNN, AMX where the CPU has it; fp32 accumulation), while every elementwise sweep,
 // softmax, statistic and reduction runs in float32 (acc_t). float16 runs through the float32
 // kernel (upcast on entry, results cast back on exit): few CPUs have fast fp16 GEMMs.
 inline at::ScalarType compute_dtype(at::ScalarType d) {
@@ -147,61 +148,67 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-// C = tile (+ C when accumulate) for an m×n tile (ld n) into the float accumulator C (ld ldc).
+// ---- tile GEMM --------------------------------------------------------------------------
+
+// A GEMM operand: a row-major tile at p with leading dimension ld, used transposed when `trans`.
 template <typename T>
-GPT1_SIMD void add_tile(const T* __restrict tile, int64_t m, int64_t n, bool accumulate, acc_t<T>* __restrict c,
-                        int64_t ldc) {
-  for (int64_t r = 0; r < m; ++r) {
-    const T* __restrict src = tile + r * n;
-    acc_t<T>* __restrict dst = c + r * ldc;
-    if (accumulate) {
+struct Tile {
+  const T* p;
+  int64_t ld;
+  bool trans = false;
+};
+
+// dst (cols × rows, ld rows) = srcᵀ rounded to T, for a rows × cols tile src (ld ld_src): the
+// transposed operand a row-major GEMM needs (brgemm has no transposes).
+template <typename S, typename T>
+GPT1_SIMD void transpose_tile(const S* __restrict src, int64_t ld_src, int64_t rows, int64_t cols, T* __restrict dst) {
+  for (int64_t c = 0; c < cols; ++c) {
+    T* __restrict out = dst + c * rows;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] += load(src, j);
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) dst[j] = load(src, j);
+    for (int64_t r = 0; r < rows; ++r) store(out, r, load(src, r * ld_src + c));
+  }
+}
+
+// C = op(A)·op(B), or C += when accumulate: op(A) m×k, op(B) k×n in T; C m×n (ld ldc) in acc_t<T>.
+// float, double: ATen's mm on views of the tiles (MKL; transposes free, fp32 rounding as before).
+// bfloat16: ATen's batch-reduce GEMM (cpublas::brgemm), bf16 operands accumulated into the float C
+// in place (never rounded in between), no dispatcher per tile; it has no transposes, so a
+// transposed operand is first copied out into `buf` (room for m·k or k·n elements).
+// Callable inside at::parallel_for: each call runs on the calling thread.
+template <typename T>
+void tile_gemm(int64_t m, int64_t n, int64_t k, Tile<T> a, Tile<T> b, bool accumulate, acc_t<T>* c, int64_t ldc,
+               T* buf) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    TORCH_INTERNAL_ASSERT(!(a.trans && b.trans), "tile_gemm: at most one transposed operand");
+    if (a.trans) {
+      transpose_tile<T, T>(a.p, a.ld, k, m, buf);
+      a = {buf, k};
     }
+    if (b.trans) {
+      transpose_tile<T, T>(b.p, b.ld, n, k, buf);
+      b = {buf, n};
+    }
+    at::native::cpublas::brgemm(m, n, k, a.ld, b.ld, ldc, accumulate, a.p, b.p, c, /*is_vnni=*/false);
+    return;
   }
-}
-
-// ---- GEMM -------------------------------------------------------------------------------
-
-// C = alpha · op(A) · op(B) + beta · C on row-major buffers with leading dimensions lda/ldb/ldc
-// (elements), op(X) = Xᵀ when trans_X; A is m×k and B k×n after op. Runs ATen's mm (MKL or
-// OpenBLAS) on views of the buffers, so tiles are read in place (e.g. Q straight out of the
-// packed QKV rows, ld = 3C) with no copy; inside at::parallel_for the BLAS runs on the calling
-// thread only. beta = 0 ignores C's previous contents (NaNs included).
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t<T> alpha, const T* a, int64_t lda,
-          const T* b, int64_t ldb, acc_t<T> beta, T* c, int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    auto t = at::from_blob(const_cast<T*>(p), trans ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
-                           {ld, 1}, opts);
-    return trans ? t.t() : t;
-  };
-  auto A = view(a, m, k, lda, trans_a), B = view(b, k, n, ldb, trans_b);
-  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  if (beta == 0 && alpha == 1) {
-    at::mm_out(C, A, B);
-  } else {
-    at::addmm_out(C, C, A, B, beta, alpha);
-  }
-}
-
-// C = alpha · op(A) · op(B) + beta · C with A, B in T and C in acc_t<T> (beta 0 or 1): the
-// accumulating GEMM of a tiled kernel. T = float/double: one GEMM in place. T = bfloat16: the
-// GEMM writes its m×n result to `tile` (bf16, fp32 accumulation inside, one rounding), which is
-// then added to C in float32, so sums over many tiles never round in bf16.
-template <typename T>
-void gemm_acc(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t<T> alpha, const T* a, int64_t lda,
-              const T* b, int64_t ldb, acc_t<T> beta, acc_t<T>* c, int64_t ldc, T* tile) {
+#endif
   using acc = acc_t<T>;
-  if constexpr (std::is_same_v<T, acc>) {
-    gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  auto view = [](Tile<T> t, int64_t rows, int64_t cols) {  // op(t) as a rows × cols tensor in acc
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    auto v = t.trans ? at::from_blob(const_cast<T*>(t.p), {cols, rows}, {t.ld, 1}, opts).t()
+                     : at::from_blob(const_cast<T*>(t.p), {rows, cols}, {t.ld, 1}, opts);
+    if constexpr (std::is_same_v<T, acc>) {
+      return v;
+    } else {
+      return v.to(c10::CppTypeToScalarType<acc>::value);  // bf16 on a torch without brgemm
+    }
+  };
+  auto C = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+  if (accumulate) {
+    C.addmm_(view(a, m, k), view(b, k, n));
   } else {
-    gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, 0, tile, n);
-    add_tile<T>(tile, m, n, beta != 0, c, ldc);
+    at::mm_out(C, view(a, m, k), view(b, k, n));
   }
 }
 

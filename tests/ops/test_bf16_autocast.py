@@ -106,18 +106,22 @@ def test_add_layernorm_stays_fp32_and_reads_the_bf16_residual(N, C):
     assert_fa_rule(grads[1], grads_ref[1], grads_low[1], "grad_residual")
 
 
-def gemm_input_dtypes(fn, tmp_path) -> Counter:
-    """Counts of (first, second) input dtypes of the ATen GEMMs (mm, addmm) that fn() runs,
-    the kernels' own included, from the profiler's trace."""
+def aten_events(fn, tmp_path) -> list[dict]:
+    """The ATen events fn() runs on the calling thread, with input dtypes, from the profiler's trace."""
     with torch.profiler.profile(record_shapes=True) as prof:
         fn()
     trace = tmp_path / "trace.json"
     prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
+    return [e for e in json.loads(trace.read_text())["traceEvents"] if str(e.get("name", "")).startswith("aten::")]
+
+
+def gemm_input_dtypes(fn, tmp_path) -> Counter:
+    """Counts of (first, second) input dtypes of the ATen GEMMs (mm, addmm) that fn() runs,
+    the kernels' own included."""
     return Counter(
         tuple(e["args"]["Input type"][:2])
-        for e in events
-        if e.get("name") in ("aten::mm", "aten::addmm") and "Input type" in e.get("args", {})
+        for e in aten_events(fn, tmp_path)
+        if e["name"] in ("aten::mm", "aten::addmm") and "Input type" in e.get("args", {})
     )
 
 
@@ -130,7 +134,7 @@ def fwd_bwd(fn, *leaves):
     return run
 
 
-BF16_PAIR, FP32_PAIR = ("c10::BFloat16", "c10::BFloat16"), ("float", "float")
+BF16_PAIR = ("c10::BFloat16", "c10::BFloat16")
 
 
 @pytest.fixture
@@ -153,12 +157,25 @@ def test_the_gemms_run_on_bf16_operands(tmp_path, one_thread):
     )
     t = torch.randint(0, 3000, (600,), generator=g)
     assert gemm_input_dtypes(fwd_bwd(ops.linear_cross_entropy, h, wv, t), tmp_path) == Counter({BF16_PAIR: 3})
-    # attention, one query block per head (T < 64): per head P V, dV, dK, dQ in bf16; S (forward
-    # and backward) and dP' in fp32, as csrc/attention.cpp says
-    B, H = 2, 2
-    qkv = torch.randn(B, 37, 3 * H * 16, generator=g).to(BF16).requires_grad_()
-    counts = gemm_input_dtypes(fwd_bwd(ops.causal_attention, qkv, H), tmp_path)
-    assert counts == Counter({BF16_PAIR: 4 * B * H, FP32_PAIR: 3 * B * H})
+
+
+def test_attention_gemms_read_bf16_as_given(tmp_path, one_thread):
+    """Attention's GEMMs are brgemm calls on the bf16 qkv and dO themselves (csrc/attention.cpp): no ATen
+    GEMM, and no bf16 tensor widened to fp32 on the way (the fp32 copies of qkv and dO it once made)."""
+    qkv = torch.randn(2, 37, 3 * 2 * 16, generator=torch.Generator().manual_seed(4)).to(BF16).requires_grad_()
+
+    def run():
+        with autocast():
+            out = ops.causal_attention(qkv, 2)
+        out.sum().backward()  # in bf16: the test itself widens nothing
+
+    events = aten_events(run, tmp_path)
+    assert qkv.grad is not None and qkv.grad.dtype == BF16
+    assert [e for e in events if e["name"] in ("aten::mm", "aten::addmm", "aten::bmm")] == []
+    widened = [
+        e for e in events if e["name"] == "aten::copy_" and e["args"]["Input type"][:2] == ["float", "c10::BFloat16"]
+    ]
+    assert widened == []
 
 
 CFG = dict(
